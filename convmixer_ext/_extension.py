@@ -1,0 +1,59 @@
+"""Loading the compiled extensions (``_C``: CUDA kernels; ``_C_emu``: the same kernel source
+built for the host emulator). A missing or mismatched extension never breaks import: it
+only makes its backend unavailable, with the reason recorded.
+
+The kernel-level op schemas are defined here, once, before any library is loaded; the
+C++ side only registers implementations (``TORCH_LIBRARY_IMPL``): CUDA for ``_C``,
+CPU for ``_C_emu``.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+NAMESPACE = "convmixer_ext"
+
+KERNEL_SCHEMAS = {
+    "k_stats": "k_stats(Tensor x, Tensor weight, Tensor bias, int act) -> (Tensor, Tensor, Tensor)",
+    "k_apply": ("k_apply(Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
+                "Tensor gamma, Tensor beta, int act) -> Tensor"),
+    "k_bwd_reduce": ("k_bwd_reduce(Tensor dout, Tensor x, Tensor weight, Tensor bias, "
+                     "Tensor mean, Tensor rstd, int act) -> (Tensor, Tensor)"),
+    "k_bwd_main": ("k_bwd_main(Tensor dout, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
+                   "Tensor rstd, Tensor gamma, Tensor dbeta, Tensor dgamma, bool batch_stats, "
+                   "int act) -> (Tensor, Tensor, Tensor)"),
+}
+
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+for _schema in KERNEL_SCHEMAS.values():
+    _lib.define(_schema)
+
+try:  # written by setup.py
+    from . import _build_info as _info  # type: ignore
+except ImportError:  # pragma: no cover - source checkout without a build
+    _info = None
+
+
+def _load(module: str):
+    """Return (True, None) or (False, reason) for ``convmixer_ext.<module>``."""
+    spec = importlib.util.find_spec(f"convmixer_ext.{module}")
+    if spec is None or spec.origin is None:
+        why = "was not built"
+        if _info is not None and module in getattr(_info, "SKIPPED", {}):
+            why += f" ({_info.SKIPPED[module]})"
+        return False, f"extension convmixer_ext.{module} {why}; see README 'Install'"
+    built_for = getattr(_info, "TORCH_VERSION", None)
+    if built_for is not None and built_for != torch.__version__:
+        return False, (f"extension convmixer_ext.{module} was built for torch {built_for} but "
+                       f"torch {torch.__version__} is running; reinstall convmixer-ext "
+                       "(pip install --no-build-isolation .) to rebuild it")
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as e:  # undefined symbols from another torch build, etc.
+        return False, f"extension convmixer_ext.{module} failed to load: {e}"
+    return True, None
+
+
+CUDA_OK, CUDA_REASON = _load("_C")
+EMU_OK, EMU_REASON = _load("_C_emu")

@@ -1,0 +1,114 @@
+"""Drop-in modules: :class:`ConvMixerLayer`, :class:`ConvMixer` and :func:`convert`.
+
+A :class:`ConvMixerLayer` has exactly the children of a reference (or timm) layer —
+``0.fn.0`` depthwise conv, ``0.fn.1`` activation, ``0.fn.2`` BN1, ``1`` pointwise conv,
+``2`` activation, ``3`` BN2 — so parameters, buffers and ``state_dict`` keys are the
+same; only ``forward`` differs: the depthwise block runs as one fused op.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import _check_name
+from .ops import fused_dwconv_block
+from .reference import ConvMixer as _ReferenceConvMixer, conv_mixer_layer
+from .semantics import activation_name, check_activation
+
+
+def _check_fusable(dw: nn.Module, bn: nn.Module) -> None:
+    if not isinstance(dw, nn.Conv2d) or dw.groups != dw.in_channels or \
+            dw.out_channels != dw.in_channels or dw.kernel_size[0] != dw.kernel_size[1]:
+        raise ValueError(f"expected a square depthwise nn.Conv2d(dim, dim, k, groups=dim), "
+                         f"got {dw}")
+    k = dw.kernel_size[0]
+    same = dw.padding == "same" or (k % 2 == 1 and tuple(dw.padding) == (k // 2, k // 2))
+    if not same or tuple(dw.stride) != (1, 1) or tuple(dw.dilation) != (1, 1) \
+            or dw.padding_mode != "zeros" or dw.bias is None:
+        raise ValueError(f"the fused block needs stride 1, dilation 1, zero 'same' padding "
+                         f"and a bias; got {dw}")
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise ValueError(f"expected nn.BatchNorm2d after the activation, got {type(bn).__name__}")
+
+
+class ConvMixerLayer(nn.Sequential):
+    """One ConvMixer layer with the depthwise block (dwconv + act + BN + residual) fused.
+
+    Args:
+        dim: channels. kernel_size: depthwise kernel size (any k >= 1; padding "same",
+        even k padded like PyTorch). activation: "gelu", "gelu_tanh" or "relu".
+        eps, momentum: BatchNorm settings for both BNs. backend: see
+        :mod:`convmixer_ext.backends` ("auto" by default).
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
+                 eps: float = 1e-5, momentum=0.1, backend: str = "auto"):
+        check_activation(activation)
+        _check_name(backend)
+        if not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+        super().__init__(*conv_mixer_layer(dim, kernel_size, activation, eps, momentum))
+        self.activation = activation
+        self.backend = backend
+
+    @classmethod
+    def from_reference(cls, layer: nn.Sequential, backend: str = "auto") -> "ConvMixerLayer":
+        """Wrap an existing reference/timm layer, sharing its modules (weights are not copied)."""
+        _check_name(backend)
+        dw, act, bn = layer[0].fn[0], layer[0].fn[1], layer[0].fn[2]
+        _check_fusable(dw, bn)
+        self = cls.__new__(cls)
+        nn.Sequential.__init__(self, *layer)
+        self.activation = activation_name(act)
+        self.backend = backend
+        return self
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, backend={self.backend!r}"
+
+    def forward_dw(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused depthwise block: ``x + BN1(act(dwconv(x)))``."""
+        dw, bn = self[0].fn[0], self[0].fn[2]
+        if bn.affine:
+            gamma, beta = bn.weight, bn.bias
+        else:  # affine=False: identity scale and shift
+            gamma = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
+            beta = torch.zeros_like(gamma)
+        return fused_dwconv_block(
+            x, dw.weight, dw.bias, gamma, beta, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, training=self.training, momentum=bn.momentum, eps=bn.eps,
+            activation=self.activation, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.forward_dw(x)
+        return self[3](self[2](self[1](y)))
+
+
+class ConvMixer(_ReferenceConvMixer):
+    """The whole ConvMixer with fused layers; ``state_dict``-compatible with the reference
+    model and with timm's ``ConvMixer``."""
+
+    def __init__(self, dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7,
+                 num_classes: int = 1000, in_chans: int = 3, activation: str = "gelu",
+                 backend: str = "auto"):
+        super().__init__(dim, depth, kernel_size, patch_size, num_classes, in_chans, activation)
+        convert(self, backend=backend)
+
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Swap fused layers into a reference or timm ConvMixer in place, keeping its weights and
+    buffers (the modules themselves are reused). Returns ``model``."""
+    _check_name(backend)
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise TypeError(f"convert() expects a ConvMixer with a 'blocks' nn.Sequential, got "
+                        f"{type(model).__name__}")
+    for i, layer in enumerate(blocks):
+        if isinstance(layer, ConvMixerLayer):
+            layer.backend = backend
+        else:
+            blocks[i] = ConvMixerLayer.from_reference(layer, backend)
+    return model
+
+
+__all__ = ["ConvMixerLayer", "ConvMixer", "convert"]

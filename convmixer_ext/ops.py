@@ -1,0 +1,171 @@
+"""The fused depthwise block as ``torch.library`` custom ops, and its functional form.
+
+``convmixer_ext::dw_block_fwd`` and ``convmixer_ext::dw_block_bwd`` are functional (they
+mutate nothing), have fake implementations (so ``torch.compile(fullgraph=True)`` traces
+them) and the forward has its autograd formula registered with the op. The forward
+returns ``out`` plus the per-channel ``mean`` and biased ``var`` it normalised with;
+running buffers are updated from those by :func:`fused_dwconv_block`, outside the op.
+
+Saved for backward: ``x``, the conv weight and bias, gamma, and the per-channel
+mean/var — never the conv output, the activation or the normalised tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import get_impl, resolve_backend
+from .semantics import (check_activation, rstd_from_var, stats_dtype, update_running_stats,
+                        uses_batch_stats)
+
+
+def _same_layout(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with exactly ``like``'s strides (kernels index both with one set of strides)."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
+@torch.library.custom_op("convmixer_ext::dw_block_fwd", mutates_args=())
+def dw_block_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
+                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 batch_stats: bool, eps: float, activation: str,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = get_impl(backend)
+    sd = stats_dtype(x.dtype)
+    if batch_stats:
+        mean, var = impl.stats(x, weight, bias, activation)
+    else:
+        mean = running_mean.to(sd, copy=True)
+        var = running_var.to(sd, copy=True)
+    out = impl.apply(x, weight, bias, mean, rstd_from_var(var, eps), gamma.to(sd),
+                     beta.to(sd), activation)
+    return out, mean, var
+
+
+@dw_block_fwd.register_fake
+def _(x, weight, bias, gamma, beta, running_mean, running_var, batch_stats, eps, activation,
+      backend):
+    sd = stats_dtype(x.dtype)
+    C = x.shape[1]
+    return torch.empty_like(x), x.new_empty((C,), dtype=sd), x.new_empty((C,), dtype=sd)
+
+
+@torch.library.custom_op("convmixer_ext::dw_block_bwd", mutates_args=())
+def dw_block_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
+                 mean: Tensor, var: Tensor, batch_stats: bool, eps: float, activation: str,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = get_impl(backend)
+    dout = _same_layout(dout, x)
+    sd = stats_dtype(x.dtype)
+    rstd = rstd_from_var(var, eps)
+    g32 = gamma.to(sd)
+    dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation)
+    dx, dw, db = impl.bwd_main(dout, x, weight, bias, mean, rstd, g32, dbeta, dgamma,
+                               batch_stats, activation)
+    return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
+            dbeta.to(gamma.dtype))
+
+
+@dw_block_bwd.register_fake
+def _(dout, x, weight, bias, gamma, mean, var, batch_stats, eps, activation, backend):
+    return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias),
+            torch.empty_like(gamma), torch.empty_like(gamma))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gamma, beta, _rm, _rv, batch_stats, eps, activation, backend = inputs
+    _out, mean, var = output
+    ctx.save_for_backward(x, weight, bias, gamma, mean, var)
+    ctx.flags = (batch_stats, eps, activation, backend)
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _backward(ctx, dout, _dmean, _dvar):
+    x, weight, bias, gamma, mean, var = ctx.saved_tensors
+    dx, dw, db, dgamma, dbeta = dw_block_bwd(dout, x, weight, bias, gamma, mean, var,
+                                             *ctx.flags)
+    return dx, dw, db, dgamma, dbeta, None, None, None, None, None, None
+
+
+torch.library.register_autograd("convmixer_ext::dw_block_fwd", _backward,
+                                setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- validation
+def _check_param(name: str, t, C: int, x: Tensor, dtypes) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must "
+                         "be on the same device")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {' or '.join(map(str, dtypes))} "
+                        f"(x is {x.dtype}), got {t.dtype}")
+    if tuple(t.shape) != (C,):
+        raise ValueError(f"{name} must have shape ({C},) for x with {C} channels, "
+                         f"got {tuple(t.shape)}")
+
+
+def check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var) -> int:
+    """Validate the fused block's tensors; return the kernel size."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    C = x.shape[1]
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 \
+            or weight.shape[2] != weight.shape[3] or weight.shape[2] < 1:
+        raise ValueError(f"weight must be a depthwise kernel of shape ({C}, 1, k, k) for x "
+                         f"with {C} channels, got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}; all tensors "
+                         "must be on the same device")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
+    _check_param("bias", bias, C, x, (x.dtype,))
+    bn_dtypes = tuple({x.dtype, torch.float32})
+    for name, t in (("gamma", gamma), ("beta", beta)):
+        _check_param(name, t, C, x, bn_dtypes)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if running_mean is not None:
+        _check_param("running_mean", running_mean, C, x, bn_dtypes)
+        _check_param("running_var", running_var, C, x, bn_dtypes)
+    return weight.shape[-1]
+
+
+def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
+                       running_mean: Optional[Tensor] = None,
+                       running_var: Optional[Tensor] = None,
+                       num_batches_tracked: Optional[Tensor] = None, training: bool = True,
+                       momentum: Optional[float] = 0.1, eps: float = 1e-5,
+                       activation: str = "gelu", backend: str = "auto") -> Tensor:
+    """``x + BN(act(dwconv_k(x) + bias))`` in one fused op (DESIGN.md §2).
+
+    BatchNorm follows ``nn.BatchNorm2d`` exactly: batch statistics when ``training`` or
+    when no running buffers are given, otherwise the running statistics; in training the
+    running buffers (and ``num_batches_tracked``) are updated in place, with
+    ``momentum=None`` meaning the cumulative average.
+    """
+    k = check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var)
+    check_activation(activation)
+    name = resolve_backend(backend, x.device, x.dtype, k)
+    batch_stats = uses_batch_stats(training, running_mean)
+    N, C, H, W = x.shape
+    n = N * H * W
+    if batch_stats and n <= 1:
+        raise ValueError(f"expected more than 1 value per channel when using batch "
+                         f"statistics, got x of shape {tuple(x.shape)}")
+    out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean, running_var,
+                                  batch_stats, float(eps), activation, name)
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
+                             mean, var, n)
+    return out

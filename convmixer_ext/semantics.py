@@ -1,0 +1,120 @@
+"""The one place for the facts every backend shares.
+
+- activations: names, the integer ids the kernels take, the reference modules,
+  the function and its derivative (used by the torch twin);
+- the "same" padding rule for odd and even kernel sizes;
+- exact ``nn.BatchNorm2d`` semantics for batch statistics and running buffers;
+- the accumulation dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------- activations
+#: activation name -> integer id used by every kernel (Triton constexpr, CUDA switch).
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+GELU_TANH_COEF = 0.044715
+
+
+def check_activation(activation: str) -> int:
+    """Return the kernel id of ``activation`` or raise a ValueError naming the choices."""
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def activation_module(activation: str) -> nn.Module:
+    """The reference (timm-style) module for an activation name."""
+    check_activation(activation)
+    if activation == "gelu":
+        return nn.GELU()
+    if activation == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    return nn.ReLU()
+
+
+def activation_name(module: nn.Module) -> str:
+    """Inverse of :func:`activation_module`; raises for activations the kernels do not fuse."""
+    if type(module) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}[module.approximate]
+    if type(module) is nn.ReLU:
+        return "relu"
+    raise ValueError(
+        f"cannot fuse activation module {type(module).__name__}; supported: nn.GELU "
+        "(approximate='none' or 'tanh') and nn.ReLU")
+
+
+def act_fwd(u: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return 0.5 * u * (1.0 + torch.erf(u * _INV_SQRT_2))
+    if activation == "gelu_tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u))
+        return 0.5 * u * (1.0 + t)
+    return torch.clamp_min(u, 0.0)
+
+
+def act_grad(u: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act / du, matching PyTorch's backward (ReLU: 0 at u == 0)."""
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(u * _INV_SQRT_2))
+        pdf = torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
+        return cdf + u * pdf
+    if activation == "gelu_tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u))
+        dt = _SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * u * u)
+        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * dt
+    return (u > 0).to(u.dtype)
+
+
+# --------------------------------------------------------------------------- padding
+MAX_KERNEL_SIZE = 31  # largest k the Triton and CUDA kernels are built and tested for
+
+
+def pad_before(kernel_size: int) -> int:
+    """PyTorch ``padding="same"``: (k-1)//2 before, k//2 after (even k: extra on the right/bottom)."""
+    return (kernel_size - 1) // 2
+
+
+# --------------------------------------------------------------------------- dtypes
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and reductions: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- BatchNorm
+def rstd_from_var(var: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(var + eps)
+
+
+def uses_batch_stats(training: bool, running_mean) -> bool:
+    """nn.BatchNorm2d: batch statistics in training, or always without running buffers."""
+    return training or running_mean is None
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
+                         batch_mean, batch_var, n: int) -> None:
+    """Exactly nn.BatchNorm2d's update: unbiased variance, ``momentum=None`` = cumulative average."""
+    if running_mean is None:
+        return
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        factor = 1.0 / num_batches_tracked.to(torch.float64)
+        factor = factor.to(running_mean.dtype)
+    else:
+        factor = momentum
+    unbiased = batch_var * (n / (n - 1))
+    running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype) * factor)
+    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype) * factor)

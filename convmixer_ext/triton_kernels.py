@@ -1,0 +1,327 @@
+"""The "triton" backend: fused depthwise block kernels (DESIGN.md §2-3) in Triton.
+
+One tile shape serves every kernel: a program owns ``BLOCK_C`` channels of one image
+and a ``TH x TW`` spatial tile, flattened to ``BLOCK_S`` lanes. All tensors are indexed
+through their own strides (64-bit), so NCHW-contiguous, channels_last and other strided
+layouts are read natively — the tile shape is picked per layout (one channel and a
+whole plane for NCHW; many channels and a small spatial tile for channels_last).
+
+Kernels (all recompute ``u = dwconv(x) + b`` instead of storing it):
+- ``_stats_kernel``   F1: per-tile mean and centred M2 of ``g = act(u)`` per channel;
+- ``_apply_kernel``   F2 / eval: ``out = x + gamma*(g-mean)*rstd + beta``;
+- ``_bwd_reduce_kernel`` B1: per-tile ``sum(dout)``, ``sum(dout*xhat)``;
+- ``_bwd_du_kernel``  B2a: ``du = dg * act'(u)`` (fp32 scratch);
+- ``_bwd_dx_kernel``  B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db``, ``dW``.
+Triton has no addressable shared memory, so the transposed convolution reads ``du`` from
+an fp32 scratch tensor rather than recomputing it on the halo (the CUDA kernels keep it
+in shared memory). Per-tile partials are reduced in a fixed order by ``_partials``:
+no float atomics, deterministic.
+
+With ``TRITON_INTERPRET=1`` set before triton is imported, the same kernels run on CPU
+tensors in Triton's interpreter (how CI proves them).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._partials import KernelBackend
+from .backends import triton_interpreter
+from .semantics import GELU_TANH_COEF, pad_before
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------- device helpers
+@triton.jit
+def _tanh(z):
+    # tanh through exp (portable to every Triton version and the interpreter).
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def _act(u, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * u * (1.0 + tl.math.erf(u * _INV_SQRT_2))
+    elif ACT == 1:
+        return 0.5 * u * (1.0 + _tanh(_SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u)))
+    else:
+        return tl.maximum(u, 0.0)
+
+
+@triton.jit
+def _act_grad(u, ACT: tl.constexpr):
+    if ACT == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(u * _INV_SQRT_2))
+        return cdf + u * tl.exp(-0.5 * u * u) * _INV_SQRT_2PI
+    elif ACT == 1:
+        t = _tanh(_SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u))
+        dt = _SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * u * u)
+        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * dt
+    else:
+        return tl.where(u > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def _tile(C, H, W, tiles_w, tiles_per_img, sN, TH: tl.constexpr, TW: tl.constexpr,
+          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's image base offset (int64), channels, tile rows/cols and masks."""
+    pid = tl.program_id(0)
+    n = pid // tiles_per_img
+    t = pid % tiles_per_img
+    h0 = (t // tiles_w) * TH
+    w0 = (t % tiles_w) * TW
+    s = tl.arange(0, BLOCK_S)
+    h = h0 + s // TW
+    w = w0 + s % TW
+    valid = (s < TH * TW) & (h < H) & (w < W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    base = n.to(tl.int64) * sN
+    return pid, base, c, cmask, h, w, valid
+
+
+@triton.jit
+def _offs(c, h, w, sC, sH, sW):
+    """[BLOCK_C, BLOCK_S] element offsets (64-bit) of channels c at positions (h, w)."""
+    return (c.to(tl.int64) * sC)[:, None] + (h.to(tl.int64) * sH + w.to(tl.int64) * sW)[None, :]
+
+
+@triton.jit
+def _conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
+          K: tl.constexpr, PB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """u = dwconv_K(x) + b at (c, h, w) in fp32, zero padding, "same" alignment PB."""
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for i in range(K):
+        hh = h + (i - PB)
+        hok = valid & (hh >= 0) & (hh < H)
+        for j in tl.static_range(K):
+            ww = w + (j - PB)
+            m = hok & (ww >= 0) & (ww < W)
+            xv = tl.load(x_ptr + base + _offs(c, hh, ww, sC, sH, sW),
+                         mask=cmask[:, None] & m[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[:, None]
+    bv = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    return acc + bv[:, None]
+
+
+@triton.jit
+def _load_c(ptr, c, cmask):
+    return tl.load(ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _stats_kernel(x_ptr, w_ptr, b_ptr, mean_p, m2_p, C, H, W, sN, sC, sH, sW,
+                  tiles_w, tiles_per_img, K: tl.constexpr, PB: tl.constexpr,
+                  ACT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
+                                             BLOCK_C, BLOCK_S)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
+                   K, PB, BLOCK_C, BLOCK_S), ACT)
+    vm = valid[None, :]
+    cnt = tl.sum(valid.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
+    d = tl.where(vm, g - mean[:, None], 0.0)
+    m2 = tl.sum(d * d, axis=1)
+    row = pid.to(tl.int64) * C + c
+    tl.store(mean_p + row, mean, mask=cmask)
+    tl.store(m2_p + row, m2, mask=cmask)
+
+
+@triton.jit
+def _apply_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, out_ptr,
+                  C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, K: tl.constexpr,
+                  PB: tl.constexpr, ACT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
+                                             BLOCK_C, BLOCK_S)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
+                   K, PB, BLOCK_C, BLOCK_S), ACT)
+    a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
+    shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
+    offs = base + _offs(c, h, w, sC, sH, sW)
+    m = cmask[:, None] & valid[None, :]
+    xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (xv + a * g + shift).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dbeta_p, dgamma_p,
+                       C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, K: tl.constexpr,
+                       PB: tl.constexpr, ACT: tl.constexpr, TH: tl.constexpr,
+                       TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
+                                             BLOCK_C, BLOCK_S)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
+                   K, PB, BLOCK_C, BLOCK_S), ACT)
+    xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
+    m = cmask[:, None] & valid[None, :]
+    d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
+    d = d.to(tl.float32)
+    row = pid.to(tl.int64) * C + c
+    tl.store(dbeta_p + row, tl.sum(d, axis=1), mask=cmask)
+    tl.store(dgamma_p + row, tl.sum(tl.where(m, d * xh, 0.0), axis=1), mask=cmask)
+
+
+@triton.jit
+def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gamma_ptr, dbeta_ptr,
+                   dgamma_ptr, du_ptr, inv_n, C, H, W, sN, sC, sH, sW, tiles_w,
+                   tiles_per_img, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
+                   BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
+                                             BLOCK_C, BLOCK_S)
+    u = _conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
+              K, PB, BLOCK_C, BLOCK_S)
+    offs = base + _offs(c, h, w, sC, sH, sW)
+    m = cmask[:, None] & valid[None, :]
+    d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    rstd = _load_c(rstd_ptr, c, cmask)
+    scale = _load_c(gamma_ptr, c, cmask) * rstd
+    if BATCH_STATS:
+        xh = (_act(u, ACT) - _load_c(mean_ptr, c, cmask)) * rstd
+        d = d - _load_c(dbeta_ptr, c, cmask) * inv_n - xh * (_load_c(dgamma_ptr, c, cmask) * inv_n)
+    du = scale * d * _act_grad(u, ACT)
+    tl.store(du_ptr + offs, du, mask=m)
+
+
+@triton.jit
+def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, du_ptr, dx_ptr, dw_p, db_p, C, H, W, sN, sC, sH,
+                   sW, tiles_w, tiles_per_img, K: tl.constexpr, PB: tl.constexpr,
+                   TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
+                                             BLOCK_C, BLOCK_S)
+    offs = base + _offs(c, h, w, sC, sH, sW)
+    m = cmask[:, None] & valid[None, :]
+    du = tl.load(du_ptr + offs, mask=m, other=0.0)
+    row = pid.to(tl.int64) * C + c
+    tl.store(db_p + row, tl.sum(du, axis=1), mask=cmask)
+    acc = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    for i in range(K):
+        # dx[q] += du[q + PB - i] * w[i]   (transposed conv);  dW[i] += du[q] * x[q + i - PB]
+        hd = h + (PB - i)
+        hx = h + (i - PB)
+        hd_ok = valid & (hd >= 0) & (hd < H)
+        hx_ok = valid & (hx >= 0) & (hx < H)
+        for j in tl.static_range(K):
+            wd = w + (PB - j)
+            wx = w + (j - PB)
+            md = cmask[:, None] & (hd_ok & (wd >= 0) & (wd < W))[None, :]
+            mx = cmask[:, None] & (hx_ok & (wx >= 0) & (wx < W))[None, :]
+            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
+            dus = tl.load(du_ptr + base + _offs(c, hd, wd, sC, sH, sW), mask=md, other=0.0)
+            acc += dus * wv.to(tl.float32)[:, None]
+            xs = tl.load(x_ptr + base + _offs(c, hx, wx, sC, sH, sW), mask=mx, other=0.0)
+            tl.store(dw_p + row * (K * K) + (i * K + j), tl.sum(du * xs.to(tl.float32), axis=1),
+                     mask=cmask)
+    tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- launchers
+def _geometry(x: torch.Tensor):
+    """Tile shape for x's layout: (TH, TW, BLOCK_C, BLOCK_S, num_warps).
+
+    NCHW (W fastest): one channel, a spatial tile of up to 1024 lanes (a whole 32x32
+    plane). channels_last (C fastest): 32 channels x 32 positions, coalesced along C.
+    """
+    N, C, H, W = x.shape
+    if x.stride(1) == 1 and C > 1:  # channels_last-like: vectorise over channels
+        block_c = min(32, triton.next_power_of_2(C))
+        tw = min(8, W)
+        th = min(4, H)
+    else:
+        block_c = 1
+        tw = min(W, 64)
+        th = min(H, max(1, 1024 // triton.next_power_of_2(tw)))
+    block_s = triton.next_power_of_2(th * tw)
+    num_warps = 8 if block_c * block_s >= 1024 else 4
+    return th, tw, block_c, block_s, num_warps
+
+
+def _launch(kernel, x, args, extra_constexpr, **fixed):
+    """Launch ``kernel`` over x's tiles with the common shape/stride arguments."""
+    N, C, H, W = x.shape
+    th, tw, block_c, block_s, num_warps = _geometry(x)
+    tiles_w = triton.cdiv(W, tw)
+    tiles_per_img = triton.cdiv(H, th) * tiles_w
+    grid = (N * tiles_per_img, triton.cdiv(C, block_c))
+    if not triton_interpreter() and x.is_cuda:
+        torch.cuda.set_device(x.device)
+    kernel[grid](*args, C, H, W, *x.stride(), tiles_w, tiles_per_img, **extra_constexpr,
+                 TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps, **fixed)
+    return grid[0]
+
+
+def _num_tiles(x):
+    N, C, H, W = x.shape
+    th, tw = _geometry(x)[:2]
+    return N * triton.cdiv(H, th) * triton.cdiv(W, tw)
+
+
+def _tile_counts(x):
+    """Valid positions per tile row of the partials (same order as the kernels' pid)."""
+    N, C, H, W = x.shape
+    th, tw = _geometry(x)[:2]
+    hs = torch.arange(0, H, th)
+    ws = torch.arange(0, W, tw)
+    per = (torch.clamp(H - hs, max=th)[:, None] * torch.clamp(W - ws, max=tw)[None, :])
+    return per.flatten().repeat(N).to(device=x.device, dtype=torch.float32)
+
+
+def _kc(weight):
+    k = weight.shape[-1]
+    return dict(K=k, PB=pad_before(k))
+
+
+def k_stats(x, weight, bias, act):
+    T, C = _num_tiles(x), x.shape[1]
+    mean_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
+    m2_p = torch.empty_like(mean_p)
+    _launch(_stats_kernel, x, (x, weight.contiguous(), bias, mean_p, m2_p),
+            dict(_kc(weight), ACT=act))
+    return mean_p, m2_p, _tile_counts(x)
+
+
+def k_apply(x, weight, bias, mean, rstd, gamma, beta, act):
+    out = torch.empty_like(x)
+    _launch(_apply_kernel, x, (x, weight.contiguous(), bias, mean, rstd, gamma, beta, out),
+            dict(_kc(weight), ACT=act))
+    return out
+
+
+def k_bwd_reduce(dout, x, weight, bias, mean, rstd, act):
+    T, C = _num_tiles(x), x.shape[1]
+    dbeta_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
+    dgamma_p = torch.empty_like(dbeta_p)
+    _launch(_bwd_reduce_kernel, x,
+            (dout, x, weight.contiguous(), bias, mean, rstd, dbeta_p, dgamma_p),
+            dict(_kc(weight), ACT=act))
+    return dbeta_p, dgamma_p
+
+
+def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, act):
+    N, C, H, W = x.shape
+    k = weight.shape[-1]
+    w = weight.contiguous()
+    du = torch.empty_like(x, dtype=torch.float32)
+    _launch(_bwd_du_kernel, x,
+            (dout, x, w, bias, mean, rstd, gamma, dbeta, dgamma, du, 1.0 / (N * H * W)),
+            dict(_kc(weight), ACT=act, BATCH_STATS=bool(batch_stats)))
+    T = _num_tiles(x)
+    dx = torch.empty_like(x)
+    dw_p = torch.empty((T, C, k * k), device=x.device, dtype=torch.float32)
+    db_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
+    _launch(_bwd_dx_kernel, x, (dout, x, w, du, dx, dw_p, db_p), _kc(weight))
+    return dx, dw_p, db_p
+
+
+BACKEND = KernelBackend(k_stats, k_apply, k_bwd_reduce, k_bwd_main)

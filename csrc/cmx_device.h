@@ -1,0 +1,108 @@
+// Portability layer: the same kernel source compiles with nvcc (real CUDA) and with a host
+// C++20 compiler (CMX_HOST_EMULATION), where it runs on the CPU under a small emulator:
+//
+//  - every CUDA thread of a block is a std::thread; the grid's blocks run one after another
+//    on the same set of threads (a pool kept for the whole launch);
+//  - __syncthreads() is a std::barrier among the block's threads;
+//  - __shared__ variables are function-local statics (one block at a time, so one copy is
+//    enough); dynamic shared memory is a buffer owned by the launcher;
+//  - launches are serialised by a mutex (statics are process-wide).
+//
+// What emulation proves: arithmetic, indexing, shared-memory use and barrier placement (a
+// missing barrier shows up as wrong results, a barrier not reached by every thread as a
+// hang). What it cannot: timing, the GPU memory model (races that a barrier-per-phase
+// schedule hides), warp-level divergence effects.
+#pragma once
+
+#include <cstdint>
+
+#ifdef CMX_HOST_EMULATION
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using cudaStream_t = void*;
+
+using std::max;
+using std::min;
+
+inline thread_local dim3 threadIdx;
+inline thread_local dim3 blockIdx;
+inline dim3 blockDim;  // written by the launcher before any thread starts
+inline dim3 gridDim;
+
+namespace cmx_emu {
+inline std::barrier<>* g_barrier = nullptr;
+inline std::vector<float> g_dyn_smem;
+inline std::mutex g_launch_mutex;
+}  // namespace cmx_emu
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+#define CMX_UNROLL
+
+inline void __syncthreads() { cmx_emu::g_barrier->arrive_and_wait(); }
+
+#define CMX_DYN_SMEM(name) float* name = cmx_emu::g_dyn_smem.data()
+
+// Runs kernel(args...) over the grid: one host thread per CUDA thread, blocks in order,
+// a barrier after each block so no thread starts the next block while another is
+// still in this one (shared memory is reused).
+template <class Kernel, class... Args>
+void cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
+                Args... args) {
+  std::lock_guard<std::mutex> lock(cmx_emu::g_launch_mutex);
+  const unsigned nthreads = block.x * block.y * block.z;
+  blockDim = block;
+  gridDim = grid;
+  cmx_emu::g_dyn_smem.assign(smem_bytes / sizeof(float) + 1, 0.f);
+  std::barrier<> bar(nthreads);
+  cmx_emu::g_barrier = &bar;
+  std::vector<std::thread> pool;
+  pool.reserve(nthreads);
+  for (unsigned t = 0; t < nthreads; ++t) {
+    pool.emplace_back([&, t] {
+      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {
+            blockIdx = dim3(x, y, z);
+            kernel(args...);
+            bar.arrive_and_wait();
+          }
+    });
+  }
+  for (auto& th : pool) th.join();
+  cmx_emu::g_barrier = nullptr;
+}
+
+#else  // real CUDA
+
+#include <cuda_runtime.h>
+#include <c10/cuda/CUDAException.h>
+
+#define CMX_UNROLL _Pragma("unroll")
+#define CMX_DYN_SMEM(name)                                   \
+  extern __shared__ __align__(16) float cmx_dyn_smem_raw[]; \
+  float* name = cmx_dyn_smem_raw
+
+template <class Kernel, class... Args>
+void cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                Args... args) {
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#endif
