@@ -98,10 +98,10 @@ def _extensions():
     return exts, ({"build_ext": BuildExtension} if exts else {}), info
 
 
-ext_modules, cmdclass, build_info = _extensions()
-with open(os.path.join(HERE, "convmixer_ext", "_build_info.py"), "w") as f:
-    f.write("# Written by setup.py at build time.\n")
-    for k, v in build_info.items():
-        f.write(f"{k} = {v!r}\n")
-
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # (tests import _find_cuda_home from here)
+    ext_modules, cmdclass, build_info = _extensions()
+    with open(os.path.join(HERE, "convmixer_ext", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        for k, v in build_info.items():
+            f.write(f"{k} = {v!r}\n")
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

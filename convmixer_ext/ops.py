@@ -28,12 +28,25 @@ def _same_layout(t: Tensor, like: Tensor) -> Tensor:
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
+def _for_size(backend: str, x: Tensor) -> str:
+    """Empty tensors need no kernel launch: the twin handles them (empty in, empty out)."""
+    return "torch" if x.numel() == 0 else backend
+
+
+def _dense(x: Tensor) -> Tensor:
+    """Kernels read NCHW-contiguous and channels_last natively; any other layout (slices,
+    expanded/broadcast views, permutations) is copied once to contiguous."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
 @torch.library.custom_op("convmixer_ext::dw_block_fwd", mutates_args=())
 def dw_block_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
                  batch_stats: bool, eps: float, activation: str,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = get_impl(backend)
+    impl = get_impl(_for_size(backend, x))
     sd = stats_dtype(x.dtype)
     if batch_stats:
         mean, var = impl.stats(x, weight, bias, activation)
@@ -57,7 +70,7 @@ def _(x, weight, bias, gamma, beta, running_mean, running_var, batch_stats, eps,
 def dw_block_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
                  mean: Tensor, var: Tensor, batch_stats: bool, eps: float, activation: str,
                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = get_impl(backend)
+    impl = get_impl(_for_size(backend, x))
     dout = _same_layout(dout, x)
     sd = stats_dtype(x.dtype)
     rstd = rstd_from_var(var, eps)
@@ -163,6 +176,7 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     if batch_stats and n <= 1:
         raise ValueError(f"expected more than 1 value per channel when using batch "
                          f"statistics, got x of shape {tuple(x.shape)}")
+    x = _dense(x)
     out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean, running_var,
                                   batch_stats, float(eps), activation, name)
     if training and running_mean is not None:

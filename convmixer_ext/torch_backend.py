@@ -16,10 +16,17 @@ def _c(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(stats_dtype(like.dtype))
 
 
+def _pads(k):
+    """(before, after) zero padding of PyTorch's "same" for kernel size k."""
+    pb = pad_before(k)
+    return pb, k - 1 - pb
+
+
 def conv_u(x, weight, bias):
     """u = dwconv_k(x) + b with PyTorch's "same" padding, in the statistics dtype."""
-    xc = _c(x, x)
-    return F.conv2d(xc, _c(weight, x), _c(bias, x), padding="same", groups=x.shape[1])
+    pb, pa = _pads(weight.shape[-1])
+    xpad = F.pad(_c(x, x), (pb, pa, pb, pa))
+    return F.conv2d(xpad, _c(weight, x), _c(bias, x), groups=x.shape[1])
 
 
 def _bcast(v):
@@ -61,8 +68,7 @@ def bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stat
     else:
         dg = _bcast(gamma * rstd) * d
     du = dg * act_grad(u, activation)
-    pb = pad_before(k)
-    pa = k - 1 - pb
+    pb, pa = _pads(k)
     wc = _c(weight, x)
     # dx[q] = sum_i du[q - i + pb] * w[i]: correlation of du (padded pa before, pb after)
     # with the flipped kernel.

@@ -23,6 +23,7 @@ tensors in Triton's interpreter (how CI proves them).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -247,18 +248,39 @@ def _geometry(x: torch.Tensor):
     return th, tw, block_c, block_s, num_warps
 
 
-def _launch(kernel, x, args, extra_constexpr, **fixed):
+# Opt-in autotuning over warps and pipelining depth (Hopper-oriented, bounded list), keyed
+# on shape, layout and k. The tile shape stays fixed by _geometry: it sets the number of
+# partial rows, which must be known before the launch. Off by default until it has been
+# validated on a GPU; the default is the _geometry heuristic.
+AUTOTUNE = os.environ.get("CONVMIXER_EXT_TRITON_AUTOTUNE", "0") == "1"
+_TUNE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s)
+                 for w, s in ((4, 1), (8, 1), (4, 2), (8, 2), (16, 1))]
+_tuned = {}
+
+
+def _runner(kernel, on_gpu):
+    if not (AUTOTUNE and on_gpu):
+        return kernel, True
+    if kernel not in _tuned:
+        _tuned[kernel] = triton.autotune(configs=_TUNE_CONFIGS,
+                                         key=["C", "H", "W", "sC", "sW", "K"])(kernel)
+    return _tuned[kernel], False
+
+
+def _launch(kernel, x, args, extra_constexpr):
     """Launch ``kernel`` over x's tiles with the common shape/stride arguments."""
     N, C, H, W = x.shape
     th, tw, block_c, block_s, num_warps = _geometry(x)
     tiles_w = triton.cdiv(W, tw)
     tiles_per_img = triton.cdiv(H, th) * tiles_w
     grid = (N * tiles_per_img, triton.cdiv(C, block_c))
-    if not triton_interpreter() and x.is_cuda:
+    on_gpu = x.is_cuda and not triton_interpreter()
+    if on_gpu:
         torch.cuda.set_device(x.device)
-    kernel[grid](*args, C, H, W, *x.stride(), tiles_w, tiles_per_img, **extra_constexpr,
-                 TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps, **fixed)
-    return grid[0]
+    run, pass_warps = _runner(kernel, on_gpu)
+    launch_opts = dict(num_warps=num_warps) if pass_warps else {}
+    run[grid](*args, C, H, W, *x.stride(), tiles_w, tiles_per_img, **extra_constexpr,
+              TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, **launch_opts)
 
 
 def _num_tiles(x):

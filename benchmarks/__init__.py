@@ -1,0 +1,1 @@
+"""Benchmarks of convmixer-ext (see benchmarks/README.md)."""

@@ -1,0 +1,472 @@
+"""Kernel-size benchmark of the fused depthwise block (DESIGN.md §7).
+
+    python -m benchmarks [--shapes ...] [--ks 3 7 9] [--sweep] [--dtypes ...] [--layouts ...]
+                         [--modes ...] [--providers ...] [--model] [--out DIR]
+
+Every case first checks its output against the eager reference block; a wrong result is
+recorded as an error, never as a time. Results are written after every case (an
+interrupted run keeps what it measured): ``<out>/<device>-<date>.json`` (schema in
+benchmarks/README.md), a Markdown table (also printed) and a PNG plot of time vs k.
+
+Without a GPU it runs the honest CPU subset (torch twin vs eager reference, small
+shapes), labelled CPU; GPU figures live in benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import convmixer_ext
+from convmixer_ext import fused_dwconv_block
+from convmixer_ext.reference import Residual
+from convmixer_ext.semantics import activation_module
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name -> (N, C, H, W): ConvMixer block shapes (tokens after the patch stem)
+GPU_SHAPES = {
+    "cm1536": (64, 1536, 32, 32),   # ConvMixer-1536/20, 224px / patch 7
+    "cm768": (64, 768, 32, 32),     # ConvMixer-768/32
+    "cifar256": (128, 256, 16, 16),  # CIFAR ConvMixer-256/8, patch 2
+    "cifar256-32": (128, 256, 32, 32),  # CIFAR ConvMixer-256/8, patch 1
+}
+CPU_SHAPES = {"cpu-small": (8, 128, 32, 32)}
+MODES = ("eval", "train_fwd", "train_fwdbwd")
+# Minimum HBM traffic in units of |x| (DESIGN.md §2-3) and conv passes (k*k FMAs/element).
+TRAFFIC = {"eval": 2, "train_fwd": 3, "train_fwdbwd": 8}
+CONV_PASSES = {"eval": 1, "train_fwd": 2, "train_fwdbwd": 6}
+# FP32 CUDA-core peak (FLOP/s) of known parts; an FMA is 2 FLOPs.
+PEAK_FP32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L40S": 91.6e12}
+
+
+# --------------------------------------------------------------------------- providers
+def reference_block(C, k, activation="gelu"):
+    return Residual(nn.Sequential(nn.Conv2d(C, C, k, groups=C, padding="same"),
+                                  activation_module(activation), nn.BatchNorm2d(C)))
+
+
+class FusedBlock(nn.Module):
+    """The fused op around a reference block's parameters and buffers."""
+
+    def __init__(self, ref: Residual, backend: str):
+        super().__init__()
+        self.ref, self.backend = ref, backend
+
+    def forward(self, x):
+        dw, bn = self.ref.fn[0], self.ref.fn[2]
+        return fused_dwconv_block(x, dw.weight, dw.bias, bn.weight, bn.bias, bn.running_mean,
+                                  bn.running_var, bn.num_batches_tracked, self.training,
+                                  bn.momentum, bn.eps, "gelu", self.backend)
+
+
+def make_provider(name, ref):
+    if name == "eager":
+        return ref
+    if name in ("compile", "compile-max"):
+        mode = "max-autotune" if name == "compile-max" else None
+        return torch.compile(ref, mode=mode)
+    return FusedBlock(ref, name)
+
+
+def providers_available(device):
+    av = convmixer_ext.available_backends()
+    names = ["eager"]
+    if device == "cuda":
+        names += ["compile", "compile-max"]
+        names += [b for b in ("cuda", "triton") if av[b] is True]
+    names.append("torch")
+    return names
+
+
+# --------------------------------------------------------------------------- timing
+def _timer(fn, device, reps):
+    """(median, p20, p80) in ms. GPU: triton.testing.do_bench (warm-up, L2 flush)."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        q = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(v) for v in q)
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    ts.sort()
+    pick = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))]  # noqa: E731
+    return statistics.median(ts), pick(0.2), pick(0.8)
+
+
+def copy_bandwidth(device):
+    """Bytes/s of a large device copy, measured in this run (roofline denominator)."""
+    n = (1 << 28) if device == "cuda" else (1 << 24)
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    med, _, _ = _timer(lambda: b.copy_(a), device, 10)
+    return 2 * a.numel() * 4 / (med / 1e3)
+
+
+def peak_fma_rate(device):
+    """FMAs/s of the FP32 CUDA cores (None on the CPU)."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for key, flops in PEAK_FP32.items():
+        if key in name:
+            return flops / 2
+    props = torch.cuda.get_device_properties(0)
+    return props.multi_processor_count * 128 * 1.7e9  # 128 FP32 lanes/SM, ~1.7 GHz
+
+
+def saved_bytes(fn):
+    """Bytes of distinct tensors autograd saves during fn()."""
+    seen = {}
+
+    def pack(t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        except Exception:  # noqa: BLE001 - fake / wrapper tensors
+            key = (id(t), t.numel() * t.element_size())
+        seen[key] = key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+# --------------------------------------------------------------------------- one case
+def run_case(case, device, reps, bw, fma_rate, check_tol):
+    N, C, H, W = case["shape"]
+    k, dtype, layout, mode, prov = (case["k"], getattr(torch, case["dtype"]), case["layout"],
+                                    case["mode"], case["provider"])
+    rec = dict(case, shape=list(case["shape"]), device=device)
+    torch.manual_seed(0)
+    ref = reference_block(C, k).to(device=device, dtype=dtype)
+    golden = reference_block(C, k).to(device=device, dtype=torch.float32)
+    golden.load_state_dict(ref.state_dict())
+    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    ref = ref.to(memory_format=mf)
+    x = torch.randn(N, C, H, W, device=device, dtype=dtype).to(memory_format=mf)
+    module = make_provider(prov, ref)
+    train = mode != "eval"
+    module.train(train)
+    golden.train(train)
+    probe = torch.randn_like(x)
+
+    # correctness first (one step, fp32 golden reference on the same inputs)
+    xr = x.detach().clone().requires_grad_(mode == "train_fwdbwd")
+    out = module(xr)
+    gx = golden(x.float().detach().clone())
+    scale = gx.abs().max().item()
+    err = (out.float() - gx).abs().max().item()
+    if not math.isfinite(err) or err > check_tol[case["dtype"]] * max(scale, 1.0):
+        rec["error"] = f"output mismatch vs eager reference: max abs err {err:.3g}"
+        return rec
+
+    def step():
+        xi = x.detach().requires_grad_(mode == "train_fwdbwd")
+        if mode == "eval":
+            with torch.no_grad():
+                return module(xi)
+        o = module(xi)
+        if mode == "train_fwdbwd":
+            o.backward(probe)
+        return o
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    med, p20, p80 = _timer(step, device, reps)
+    numel = x.numel()
+    bytes_min = TRAFFIC[mode] * numel * x.element_size()
+    fmas = CONV_PASSES[mode] * numel * k * k
+    t_bytes = bytes_min / bw
+    t_fma = fmas / fma_rate if fma_rate else 0.0
+    rec.update(ms=med, ms_p20=p20, ms_p80=p80, bytes_min=bytes_min, fmas=fmas,
+               gbps=bytes_min / (med / 1e3) / 1e9,
+               roofline_ms=max(t_bytes, t_fma) * 1e3,
+               pct_roofline=100 * max(t_bytes, t_fma) / (med / 1e3))
+    if mode == "train_fwdbwd":
+        rec["saved_bytes"] = saved_bytes(lambda: module(x.detach().requires_grad_()))
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            rec["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
+    return rec
+
+
+# --------------------------------------------------------------------------- whole model
+def run_model(device, dtype, ks, reps, quick):
+    """Images/s of a training step (fwd + bwd + SGD step) and of inference, per provider."""
+    from convmixer_ext import ConvMixer, convert
+    from convmixer_ext.reference import ConvMixer as RefConvMixer
+    if device == "cuda":
+        configs = {"ConvMixer-1536/20": (1536, 20, 7, 224, 64),
+                   "ConvMixer-256/8 CIFAR": (256, 8, 2, 32, 128)}
+    else:
+        configs = {"ConvMixer-64/2 (CPU, tiny)": (64, 2, 2, 32, 8)}
+    if quick:
+        configs = dict(list(configs.items())[-1:])
+    recs = []
+    for name, (dim, depth, patch, img, batch) in configs.items():
+        for k in ks:
+            torch.manual_seed(0)
+            ref = RefConvMixer(dim, depth, k, patch, 1000).to(device=device, dtype=dtype)
+            provs = {"eager": ref}
+            if device == "cuda":
+                provs["compile"] = torch.compile(ref)
+            fused_backends = ["auto"] if device == "cuda" else ["torch"]
+            for b in fused_backends:
+                m = convert(RefConvMixer(dim, depth, k, patch, 1000), backend=b)
+                m.load_state_dict(ref.state_dict())
+                provs[f"fused-{b}"] = m.to(device=device, dtype=dtype)
+            x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
+            y = torch.randint(0, 1000, (batch,), device=device)
+            for pname, model in provs.items():
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+                def train_step():
+                    model.train()
+                    opt.zero_grad(set_to_none=True)
+                    nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+
+                def infer():
+                    model.eval()
+                    with torch.no_grad():
+                        model(x)
+
+                t_train = _timer(train_step, device, reps)[0]
+                t_inf = _timer(infer, device, reps)[0]
+                recs.append(dict(kind="model", model=name, k=k, provider=pname, batch=batch,
+                                 dtype=str(dtype)[6:], device=device,
+                                 train_img_s=batch / (t_train / 1e3),
+                                 infer_img_s=batch / (t_inf / 1e3)))
+                print(f"  {name} k={k} {pname}: train {recs[-1]['train_img_s']:.1f} img/s, "
+                      f"infer {recs[-1]['infer_img_s']:.1f} img/s", flush=True)
+    return recs
+
+
+# --------------------------------------------------------------------------- output
+def environment(device):
+    env = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               device=device, torch=torch.__version__, cuda=torch.version.cuda,
+               python=platform.python_version(), host=platform.node(),
+               convmixer_ext=convmixer_ext.__version__,
+               backends={k: (v if v is True else str(v)) for k, v in
+                         convmixer_ext.available_backends().items()})
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        env["triton"] = None
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE,
+                                           capture_output=True, text=True).stdout.strip()
+    except OSError:
+        env["git_commit"] = None
+    if device == "cuda":
+        env["device_name"] = torch.cuda.get_device_name()
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True).stdout.strip()
+        except OSError:
+            env["driver"] = None
+    else:
+        env["device_name"] = f"CPU ({platform.processor() or platform.machine()}, " \
+                             f"{os.cpu_count()} cores)"
+    return env
+
+
+def markdown(env, records):
+    lines = [f"# Fused depthwise block — {env['device_name']}",
+             "", f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+             f"commit {str(env.get('git_commit'))[:10]}, {env['date']}"]
+    if env["device"] != "cuda":
+        lines += ["", "**CPU figures** (no GPU here): the torch twin vs the eager reference "
+                  "on small shapes; they say nothing about GPU kernel speed. GPU results: "
+                  "benchmarks/results/."]
+    lines += ["", "| shape | dtype | layout | mode | k | provider | ms (p20-p80) | GB/s | "
+              "% roofline | vs eager | vs compile | saved for bwd | peak mem |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in records:
+        if r.get("kind") == "block" and "ms" in r:
+            base[(r["shape_name"], r["dtype"], r["layout"], r["mode"], r["k"], r["provider"])] = r["ms"]
+    mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else ""  # noqa: E731
+    for r in records:
+        if r.get("kind") != "block":
+            continue
+        key = (r["shape_name"], r["dtype"], r["layout"], r["mode"], r["k"])
+        head = f"| {r['shape_name']} | {r['dtype']} | {r['layout']} | {r['mode']} | {r['k']} | {r['provider']} |"
+        if "error" in r:
+            lines.append(head + f" ERROR: {r['error']} |||||||")
+            continue
+        e, c = base.get(key + ("eager",)), base.get(key + ("compile",))
+        ratio = lambda b: f"{b / r['ms']:.2f}x" if b else "—"  # noqa: E731
+        roof = f"{r['pct_roofline']:.0f}%" if env["device"] == "cuda" else "—"
+        lines.append(head + f" {r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f}) | "
+                     f"{r['gbps']:.0f} | {roof} | {ratio(e)} | {ratio(c)} | "
+                     f"{mib(r.get('saved_bytes'))} | {mib(r.get('peak_mem_bytes'))} |")
+    models = [r for r in records if r.get("kind") == "model"]
+    if models:
+        lines += ["", "| model | k | provider | batch | train img/s | inference img/s |",
+                  "|---|---|---|---|---|---|"]
+        for r in models:
+            lines.append(f"| {r['model']} | {r['k']} | {r['provider']} | {r['batch']} | "
+                         f"{r['train_img_s']:.1f} | {r['infer_img_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(env, records, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    groups = {}
+    for r in records:
+        if r.get("kind") == "block" and "ms" in r:
+            groups.setdefault((r["shape_name"], r["dtype"], r["layout"], r["mode"]), []).append(r)
+    if not groups:
+        return
+    n = len(groups)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (key, rs) in zip(axes.flat, sorted(groups.items())):
+        for prov in sorted({r["provider"] for r in rs}):
+            pts = sorted((r["k"], r["ms"]) for r in rs if r["provider"] == prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        roof = sorted({(r["k"], r["roofline_ms"]) for r in rs})
+        if env["device"] == "cuda":
+            ax.plot([p[0] for p in roof], [p[1] for p in roof], "k--", label="roofline")
+        ax.set_title(" ".join(map(str, key)), fontsize=9)
+        ax.set_xlabel("kernel size k")
+        ax.set_ylabel("ms")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"fused depthwise block: time vs kernel size — {env['device_name']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="+", help="shape names (%s) or NxCxHxW" %
+                   ", ".join(list(GPU_SHAPES) + list(CPU_SHAPES)))
+    p.add_argument("--ks", nargs="+", type=int, default=[3, 7, 9])
+    p.add_argument("--sweep", action="store_true", help="add k = 3, 5, ..., 31")
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"])
+    p.add_argument("--modes", nargs="+", choices=MODES)
+    p.add_argument("--providers", nargs="+",
+                   help="eager, compile, compile-max, cuda, triton, torch (default: available)")
+    p.add_argument("--model", action="store_true", help="also time whole-model steps")
+    p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
+    p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")
+    p.add_argument("--quick", action="store_true", help="smallest set (CI smoke run)")
+    p.add_argument("--out", default=os.path.join(HERE, "out"))
+    return p.parse_args(argv)
+
+
+def _shape(s):
+    table = {**GPU_SHAPES, **CPU_SHAPES}
+    if s in table:
+        return s, table[s]
+    dims = tuple(int(v) for v in s.lower().split("x"))
+    if len(dims) != 4:
+        raise SystemExit(f"--shapes: {s!r} is neither a known name nor NxCxHxW")
+    return s, dims
+
+
+def main(argv=None):
+    a = parse(argv)
+    dev = a.device
+    gpu = dev == "cuda"
+    if not gpu:
+        print("No GPU: running the honest CPU subset (torch twin vs eager reference, small "
+              "shapes). These are CPU figures; GPU results are committed under "
+              "benchmarks/results/.", flush=True)
+    shapes = [_shape(s) for s in (a.shapes or (list(GPU_SHAPES)[:3] if gpu else list(CPU_SHAPES)))]
+    if a.quick and not a.shapes:
+        shapes = [("tiny", (2, 8, 8, 8))]
+    ks = sorted(set(a.ks + (list(range(3, 32, 2)) if a.sweep else [])))
+    dtypes = a.dtypes or (["float32", "bfloat16"] if gpu else ["float32"])
+    layouts = a.layouts or (["nchw", "channels_last"] if gpu else ["nchw"])
+    modes = a.modes or (list(MODES) if gpu else ["eval", "train_fwdbwd"])
+    provs = a.providers or providers_available(dev)
+    reps = a.reps or (3 if a.quick else 10)
+    check_tol = {"float32": 1e-3, "bfloat16": 6e-2, "float16": 1e-2}
+
+    os.makedirs(a.out, exist_ok=True)
+    env = environment(dev)
+    tag = env["device_name"].split("(")[0].strip().replace(" ", "_") or dev
+    stem = os.path.join(a.out, f"{tag}-{_dt.date.today().isoformat()}")
+    env["copy_GBps"] = copy_bandwidth(dev) / 1e9
+    fma_rate = peak_fma_rate(dev)
+    env["peak_fma_per_s"] = fma_rate
+    records = []
+
+    def save():
+        with open(stem + ".json", "w") as f:
+            json.dump({"schema": 1, "environment": env, "records": records}, f, indent=1)
+
+    cases = [dict(kind="block", shape_name=sn, shape=shp, k=k, dtype=dt, layout=lay, mode=m,
+                  provider=p)
+             for sn, shp in shapes for dt in dtypes for lay in layouts for m in modes
+             for k in ks for p in provs] if not a.no_blocks else []
+    try:
+        from tqdm import tqdm
+        it = tqdm(cases, desc="cases", file=sys.stdout, mininterval=2)
+    except ImportError:
+        it = cases
+    try:
+        for c in it:
+            try:
+                records.append(run_case(c, dev, reps, env["copy_GBps"] * 1e9, fma_rate,
+                                        check_tol))
+            except Exception as e:  # noqa: BLE001 - reported per case, the run goes on
+                records.append(dict(c, shape=list(c["shape"]), device=dev,
+                                    error=f"{type(e).__name__}: {str(e)[:300]}"))
+            save()
+        if a.model:
+            records.extend(run_model(dev, getattr(torch, dtypes[0]), ks if not a.quick else ks[:1],
+                                     reps, a.quick or not gpu))
+            save()
+    except KeyboardInterrupt:
+        print("\ninterrupted: keeping the cases measured so far", flush=True)
+    save()
+    md = markdown(env, records)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    plot(env, records, stem + ".png")
+    print(md)
+    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    if not gpu:
+        print("GPU results: see benchmarks/results/ (and the README's headline table).")
+    errors = [r for r in records if "error" in r]
+    return 1 if errors else 0

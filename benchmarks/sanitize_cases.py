@@ -1,0 +1,29 @@
+"""Exercise every CUDA kernel (forward train/eval, backward; templated and generic k;
+fp32/bf16; NCHW and channels_last; ragged tiles) — run under compute-sanitizer by
+benchmarks/gpu_run.sh."""
+import torch
+
+from convmixer_ext import fused_dwconv_block
+
+assert torch.cuda.is_available(), "needs a GPU"
+dev = "cuda"
+for k in (3, 5, 7, 9, 4, 13, 17):
+    for dtype in (torch.float32, torch.bfloat16):
+        for cl in (False, True):
+            for training in (True, False):
+                torch.manual_seed(k)
+                C = 5
+                x = torch.randn(2, C, 37, 35, device=dev, dtype=dtype)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_()
+                w = torch.randn(C, 1, k, k, device=dev, dtype=dtype, requires_grad=True)
+                b = torch.randn(C, device=dev, dtype=dtype, requires_grad=True)
+                g = torch.ones(C, device=dev, requires_grad=True)
+                be = torch.zeros(C, device=dev, requires_grad=True)
+                rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+                out = fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=training,
+                                         backend="cuda")
+                out.backward(torch.randn_like(out))
+torch.cuda.synchronize()
+print("sanitize cases done")

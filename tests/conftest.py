@@ -1,0 +1,45 @@
+"""Test configuration.
+
+Without a GPU, Triton kernels run in Triton's interpreter: TRITON_INTERPRET must be set
+before triton is first imported, so it is set here, at collection time.
+
+``CONVMIXER_EXT_REQUIRE_BACKENDS`` (``make test`` sets ``all-kernels``: the kernel
+backends of this device) names backends that must be available: a missing one fails the
+session instead of silently skipping its tests.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import convmixer_ext  # noqa: E402
+from convmixer_ext.backends import _reason  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def kernel_backends():
+    """Backends (other than the torch twin) that can run on DEVICE here."""
+    names = ("cuda", "triton") if DEVICE == "cuda" else ("triton", "cuda_emu")
+    return [n for n in names if _reason(n, DEVICE) is None]
+
+
+def all_backends():
+    return ["torch"] + kernel_backends()
+
+
+def pytest_sessionstart(session):
+    required = [b for b in os.environ.get("CONVMIXER_EXT_REQUIRE_BACKENDS", "").split(",") if b]
+    if required == ["all-kernels"]:  # every kernel backend of this device
+        required = ["cuda", "triton"] if DEVICE == "cuda" else ["triton", "cuda_emu"]
+    missing = {b: _reason(b, DEVICE) for b in required if _reason(b, DEVICE) is not None}
+    if missing:
+        raise pytest.UsageError(f"required backends unavailable on {DEVICE}: {missing}")
+
+
+def pytest_report_header(config):
+    return [f"convmixer_ext device={DEVICE} backends={convmixer_ext.available_backends()}"]

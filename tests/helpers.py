@@ -1,0 +1,90 @@
+"""Shared test helpers: tolerances (one place), model pairs, comparisons."""
+import copy
+
+import torch
+
+from convmixer_ext import ConvMixerLayer
+from convmixer_ext.reference import conv_mixer_layer
+
+# Tolerance per dtype, relative to the largest magnitude of the expected tensor.
+# float64: the twin and the reference differ only by summation order.
+# float32: fp32 accumulation of k*k taps and N*H*W-long reductions (observed <1e-5).
+# bfloat16 / float16: inputs and outputs rounded to 8 / 11 mantissa bits, plus the
+# unfused pointwise half running in that dtype.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def assert_close(actual, expected, dtype, what=""):
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{what}: finiteness"
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-3)
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= TOL[dtype] * scale, (
+        f"{what}: max abs err {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g} ({dtype})")
+
+
+def randomize_bn(module, seed=0):
+    """Non-trivial BN affine parameters and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                C = m.num_features
+                if m.affine:
+                    m.weight.copy_(1 + 0.5 * torch.randn(C, generator=g))
+                    m.bias.copy_(0.5 * torch.randn(C, generator=g))
+                if m.track_running_stats:
+                    m.running_mean.copy_(0.3 * torch.randn(C, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(C, generator=g))
+
+
+def layer_pair(C, k, activation="gelu", backend="torch", dtype=torch.float32, device="cpu",
+               momentum=0.1, seed=0):
+    """(reference layer in float64, fused layer in ``dtype``) with identical weights."""
+    torch.manual_seed(seed)
+    ref = conv_mixer_layer(C, k, activation, momentum=momentum)
+    randomize_bn(ref, seed)
+    fused = ConvMixerLayer(C, k, activation, momentum=momentum, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    fused = fused.to(device=device, dtype=dtype)
+    # the reference gets the fused model's (possibly rounded) values, in float64
+    ref = copy.deepcopy(ref)
+    ref.load_state_dict({n: t.to(torch.float64) if t.is_floating_point() else t
+                         for n, t in fused.state_dict().items()})
+    ref = ref.double()
+    return ref, fused
+
+
+def run_step(model, x, probe, train=True):
+    """One forward/backward with a fixed upstream gradient; returns (out, x.grad)."""
+    model.train(train)
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    out.backward(probe.to(out.dtype))
+    return out, x.grad
+
+
+def compare_models(ref, fused, x, dtype, train=True, steps=1, seed=1, check_grads=True):
+    """Run both models ``steps`` times; compare outputs, input and parameter gradients
+    and all buffers (running statistics, num_batches_tracked)."""
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        probe = torch.randn(x.shape, generator=g).to(x.device)
+        ref.zero_grad()
+        fused.zero_grad()
+        out_r, dx_r = run_step(ref, x.to(torch.float64), probe.double(), train)
+        out_f, dx_f = run_step(fused, x, probe, train)
+        assert out_f.dtype == x.dtype
+        assert_close(out_f, out_r, dtype, f"step {step} out")
+        if check_grads:
+            assert_close(dx_f, dx_r, dtype, f"step {step} x.grad")
+            for (name, p_r), (_, p_f) in zip(ref.named_parameters(), fused.named_parameters()):
+                assert p_f.grad is not None, f"no gradient for {name}"
+                assert_close(p_f.grad, p_r.grad, dtype, f"step {step} {name}.grad")
+    for (name, b_r), (_, b_f) in zip(ref.named_buffers(), fused.named_buffers()):
+        if b_r.is_floating_point():
+            assert_close(b_f, b_r, dtype, name)
+        else:
+            assert torch.equal(b_f.cpu(), b_r.cpu()), name

@@ -1,0 +1,167 @@
+"""The public surface: gradcheck, opcheck, torch.compile, state_dict compatibility with the
+reference and with timm, convert(), ConvMixer."""
+import copy
+
+import pytest
+import timm.models.convmixer as timm_convmixer
+import torch
+
+import convmixer_ext
+from conftest import DEVICE, all_backends
+from convmixer_ext import ConvMixer, ConvMixerLayer, convert, fused_dwconv_block
+from convmixer_ext.reference import ConvMixer as RefConvMixer, conv_mixer_layer
+from helpers import TOL, assert_close, compare_models, layer_pair, randomize_bn
+
+
+def _block_args(C=3, k=3, N=2, H=5, W=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return (r(N, C, H, W), r(C, 1, k, k) / k, 0.1 * r(C), 1 + 0.2 * r(C), 0.1 * r(C))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("k", [3, 4])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(activation, k, training):
+    x, w, b, gamma, beta = [t.requires_grad_() for t in _block_args(k=k)]
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+
+    def f(x, w, b, gamma, beta):
+        return fused_dwconv_block(x, w, b, gamma, beta, rm.clone(), rv.clone(), None,
+                                  training=training, activation=activation, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_opcheck(batch_stats):
+    x, w, b, gamma, beta = _block_args(dtype=torch.float32)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for t in (x, w, b, gamma, beta):
+        t.requires_grad_()
+    args = (x, w, b, gamma, beta, rm, rv, batch_stats, 1e-5, "gelu", "torch")
+    torch.library.opcheck(torch.ops.convmixer_ext.dw_block_fwd.default, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    ref, fused = layer_pair(4, 5, "gelu", "torch", torch.float32, DEVICE)
+    eager = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g).to(DEVICE)
+    for train in (True, False, True):
+        eager.train(train)
+        fused.train(train)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        oe, oc = eager(xe), compiled(xc)
+        assert_close(oc, oe, torch.float32, "compiled out")
+        probe = torch.randn(oe.shape, generator=g).to(DEVICE)  # sum() would give ~0 in train
+        oe.backward(probe)
+        oc.backward(probe)
+        assert_close(xc.grad, xe.grad, torch.float32, "compiled x.grad")
+    for (n, be), (_, bc) in zip(eager.named_buffers(), fused.named_buffers()):
+        assert torch.allclose(be.float(), bc.float(), rtol=1e-5, atol=1e-6), n
+
+
+def test_layer_state_dict_keys_and_round_trip():
+    ref = conv_mixer_layer(6, 7, "relu")
+    fused = ConvMixerLayer(6, 7, "relu")
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    for k in ("0.fn.0.weight", "0.fn.2.running_var", "1.weight", "3.bias"):
+        assert k in fused.state_dict()
+    randomize_bn(ref, 4)
+    fused.load_state_dict(ref.state_dict())
+    ref2 = conv_mixer_layer(6, 7, "relu")
+    ref2.load_state_dict(fused.state_dict())
+    for (n, a), (_, b) in zip(ref.state_dict().items(), ref2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def _timm(dim=16, depth=2, k=5, patch=2, act=torch.nn.GELU, num_classes=10):
+    torch.manual_seed(0)
+    m = timm_convmixer.ConvMixer(dim=dim, depth=depth, kernel_size=k, patch_size=patch,
+                                 num_classes=num_classes, act_layer=act)
+    randomize_bn(m, 1)
+    return m
+
+
+def _compare_whole(ref, fused, x, train):
+    ref.zero_grad(set_to_none=True)
+    fused.zero_grad(set_to_none=True)
+    ref.train(train)
+    fused.train(train)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fused(xf)
+    assert_close(out_f, out_r, torch.float64, "logits")
+    out_r.square().sum().backward()
+    out_f.square().sum().backward()
+    assert_close(xf.grad, xr.grad, torch.float64, "x.grad")
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert_close(pf.grad, pr.grad, torch.float64, n + ".grad")
+    for (n, br), (_, bf) in zip(ref.named_buffers(), fused.named_buffers()):
+        assert torch.allclose(bf.double(), br.double(), rtol=1e-9, atol=1e-12), n
+
+
+# timm architectures at reduced width/depth: convmixer_1536_20 (GELU, k9 p7),
+# convmixer_768_32 (ReLU, k7 p7), convmixer_1024_20_ks9_p14 (GELU, k9 p14)
+TIMM_ARCHS = [dict(k=9, patch=7, act=torch.nn.GELU), dict(k=7, patch=7, act=torch.nn.ReLU),
+              dict(k=9, patch=14, act=torch.nn.GELU)]
+
+
+@pytest.mark.parametrize("arch", TIMM_ARCHS, ids=["1536_20", "768_32", "1024_20_ks9_p14"])
+@pytest.mark.parametrize("train", [True, False])
+def test_convert_timm_model(arch, train):
+    ref = _timm(**arch).double()
+    fused = convert(copy.deepcopy(ref), backend="torch")
+    assert all(isinstance(b, ConvMixerLayer) for b in fused.blocks)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    _compare_whole(ref, fused, x, train)
+
+
+def test_convert_reference_model_and_convmixer_state_dict():
+    torch.manual_seed(0)
+    ref = RefConvMixer(12, 2, kernel_size=5, patch_size=2, num_classes=7,
+                       activation="gelu_tanh").double()
+    randomize_bn(ref, 2)
+    fused = ConvMixer(12, 2, kernel_size=5, patch_size=2, num_classes=7,
+                      activation="gelu_tanh", backend="torch").double()
+    fused.load_state_dict(ref.state_dict())
+    timm_sd_keys = set(_timm(dim=12, k=5).state_dict())
+    assert set(fused.state_dict()) == timm_sd_keys
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64)
+    _compare_whole(ref, fused, x, train=True)
+    converted = convert(copy.deepcopy(ref), backend="torch")
+    _compare_whole(ref, converted, x, train=False)
+
+
+def test_convmixer_loads_timm_state_dict():
+    t = _timm(dim=16, k=5)
+    fused = ConvMixer(16, 2, kernel_size=5, patch_size=2, num_classes=10)
+    fused.load_state_dict(t.state_dict())
+    t.load_state_dict(fused.state_dict())
+
+
+@pytest.mark.parametrize("backend", all_backends())
+def test_whole_model_every_backend(backend):
+    """A small ConvMixer on each backend vs the float64 reference, a training step."""
+    torch.manual_seed(0)
+    ref = RefConvMixer(8, 2, kernel_size=3, patch_size=2, num_classes=5)
+    randomize_bn(ref, 3)
+    fused = convert(copy.deepcopy(ref), backend=backend).to(DEVICE)
+    ref = ref.double()
+    x = torch.randn(2, 3, 8, 10).to(DEVICE)
+    fused.train()
+    ref.train()
+    out_f = fused(x)
+    out_r = ref(x.double().cpu())
+    assert_close(out_f, out_r, torch.float32, "logits")
+
+
+def test_available_backends_reports_each():
+    av = convmixer_ext.available_backends()
+    assert set(av) == {"cuda", "triton", "cuda_emu", "torch"}
+    assert av["torch"] is True
+    for name, v in av.items():
+        assert v is True or (isinstance(v, str) and v), name

@@ -1,0 +1,125 @@
+"""Bad input gets a clear Python exception naming the argument and what was expected."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convmixer_ext
+from convmixer_ext import BackendUnavailableError, ConvMixerLayer, fused_dwconv_block
+from convmixer_ext import _extension
+
+
+def _args(C=3, k=3, dtype=torch.float32):
+    return dict(x=torch.randn(2, C, 5, 5, dtype=dtype), weight=torch.randn(C, 1, k, k, dtype=dtype),
+                bias=torch.randn(C, dtype=dtype), gamma=torch.ones(C), beta=torch.zeros(C))
+
+
+def _call(**over):
+    a = _args()
+    a.update(over)
+    return fused_dwconv_block(a.pop("x"), a.pop("weight"), a.pop("bias"), a.pop("gamma"),
+                              a.pop("beta"), backend=a.pop("backend", "torch"), **a)
+
+
+@pytest.mark.parametrize("over, exc, words", [
+    (dict(x=torch.randn(3, 5, 5)), ValueError, ["x", "4-D"]),
+    (dict(x=torch.randn(2, 3, 5, 5).int()), TypeError, ["x", "float"]),
+    (dict(x=[1.0]), TypeError, ["x", "Tensor"]),
+    (dict(weight=torch.randn(3, 1, 3, 2)), ValueError, ["weight", "(3, 1, k, k)"]),
+    (dict(weight=torch.randn(4, 1, 3, 3)), ValueError, ["weight", "3 channels"]),
+    (dict(weight=torch.randn(3, 1, 3, 3).double()), TypeError, ["weight", "dtype"]),
+    (dict(bias=torch.randn(4)), ValueError, ["bias", "(3,)"]),
+    (dict(gamma=torch.ones(2)), ValueError, ["gamma", "(3,)"]),
+    (dict(beta=torch.zeros(3).half()), TypeError, ["beta", "dtype"]),
+    (dict(running_mean=torch.zeros(3)), ValueError, ["running_mean", "running_var"]),
+    (dict(running_mean=torch.zeros(4), running_var=torch.ones(4)), ValueError,
+     ["running_mean", "(3,)"]),
+    (dict(activation="swish"), ValueError, ["activation", "gelu"]),
+    (dict(backend="cudnn"), ValueError, ["backend", "torch"]),
+    (dict(x=torch.randn(1, 3, 1, 1), weight=torch.randn(3, 1, 1, 1)), ValueError,
+     ["more than 1 value"]),
+])
+def test_bad_inputs_raise_clear_errors(over, exc, words):
+    with pytest.raises(exc) as e:
+        _call(**over)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_wrong_device_is_named():
+    meta = torch.randn(3, 1, 3, 3, device="meta")
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        _call(weight=meta)
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu", "triton"])
+def test_kernel_backends_refuse_float64_and_huge_k(backend):
+    if convmixer_ext.available_backends()[backend] is not True:
+        pytest.skip(f"{backend} unavailable here: {convmixer_ext.available_backends()[backend]}")
+    with pytest.raises(TypeError, match="float64"):
+        _call(backend=backend, **{k: v for k, v in _args(dtype=torch.float64).items()
+                                  if k != "gamma" and k != "beta"})
+    with pytest.raises(ValueError, match="kernel_size up to 31"):
+        _call(backend=backend, weight=torch.randn(3, 1, 33, 33))
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is not available"):
+        _call(backend="cuda")
+
+
+def test_env_override_of_auto(monkeypatch):
+    monkeypatch.setenv("CONVMIXER_EXT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="CONVMIXER_EXT_BACKEND"):
+        _call(backend="auto")
+    monkeypatch.setenv("CONVMIXER_EXT_BACKEND", "torch")
+    assert _call(backend="auto").shape == (2, 3, 5, 5)
+
+
+def test_module_constructor_checks():
+    with pytest.raises(ValueError, match="activation"):
+        ConvMixerLayer(4, 3, activation="tanh")
+    with pytest.raises(ValueError, match="backend"):
+        ConvMixerLayer(4, 3, backend="fast")
+    with pytest.raises(ValueError, match="kernel_size"):
+        ConvMixerLayer(4, 0)
+    with pytest.raises(TypeError, match="blocks"):
+        convmixer_ext.convert(torch.nn.Linear(2, 2))
+
+
+def test_convert_refuses_unfusable_layer():
+    from convmixer_ext.reference import conv_mixer_layer
+    layer = conv_mixer_layer(4, 3)
+    layer[0].fn[1] = torch.nn.SiLU()
+    model = torch.nn.Module()
+    model.blocks = torch.nn.Sequential(layer)
+    with pytest.raises(ValueError, match="cannot fuse activation"):
+        convmixer_ext.convert(model)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused():
+    code = ("import torch, convmixer_ext as cx\n"
+            "x = torch.randn(1, 2, 4, 4)\n"
+            "try:\n"
+            "    cx.fused_dwconv_block(x, torch.randn(2,1,3,3), torch.randn(2), torch.ones(2),"
+            " torch.zeros(2), backend='triton')\n"
+            "except cx.BackendUnavailableError as e:\n"
+            "    print('REFUSED', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert "REFUSED" in r.stdout and "TRITON_INTERPRET=1" in r.stdout, r.stdout + r.stderr
+
+
+def test_extension_built_for_other_torch_is_not_used(monkeypatch):
+    class Info:
+        TORCH_VERSION = "0.0.0-other"
+        SKIPPED = {}
+    monkeypatch.setattr(_extension, "_info", Info)
+    ok, why = _extension._load("_C_emu")
+    assert not ok and "built for torch 0.0.0-other" in why and "reinstall" in why
+    ok, why = _extension._load("_C_missing_module")
+    assert not ok and "was not built" in why
