@@ -23,6 +23,9 @@ KERNEL_SCHEMAS = {
     "k_bwd_main": ("k_bwd_main(Tensor dout, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
                    "Tensor rstd, Tensor gamma, Tensor dbeta, Tensor dgamma, bool batch_stats, "
                    "int act) -> (Tensor, Tensor, Tensor)"),
+    # test hook, implemented by the emulation build only: element offset through the
+    # kernels' 64-bit index helpers
+    "k_index_probe": "k_index_probe(int[] strides, int n, int c, int h, int w) -> int",
 }
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")

@@ -107,6 +107,17 @@ torch.library.register_autograd("convmixer_ext::dw_block_fwd", _backward,
                                 setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "double backward (gradients of gradients) through the fused depthwise block is not "
+        "supported; use the reference model (convmixer_ext.reference) for higher-order "
+        "gradients")
+
+
+torch.library.register_autograd("convmixer_ext::dw_block_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 # --------------------------------------------------------------------------- validation
 def _check_param(name: str, t, C: int, x: Tensor, dtypes) -> None:
     if not isinstance(t, Tensor):

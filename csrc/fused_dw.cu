@@ -249,6 +249,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_bwd_main(
   return {dx, dw_p, db_p};
 }
 
+#ifdef CMX_HOST_EMULATION
+// Test hook (emulation build only): the kernels' offset of element (n, c, h, w) for the given
+// strides, through the very helpers the kernels use.
+int64_t k_index_probe(at::IntArrayRef strides, int64_t n, int64_t c, int64_t h, int64_t w) {
+  TORCH_CHECK(strides.size() == 4, "k_index_probe: 4 strides expected");
+  Geom g{};
+  g.sN = strides[0];
+  g.sC = strides[1];
+  g.sH = strides[2];
+  g.sW = strides[3];
+  return offset_of(g, plane_base(g, static_cast<int>(n), static_cast<int>(c)),
+                   static_cast<int>(h), static_cast<int>(w));
+}
+#endif
+
 }  // namespace
 }  // namespace cmx
 
@@ -258,3 +273,9 @@ TORCH_LIBRARY_IMPL(convmixer_ext, CMX_DISPATCH_KEY, m) {
   m.impl("k_bwd_reduce", &cmx::k_bwd_reduce);
   m.impl("k_bwd_main", &cmx::k_bwd_main);
 }
+
+#ifdef CMX_HOST_EMULATION
+TORCH_LIBRARY_IMPL(convmixer_ext, CompositeExplicitAutograd, m) {
+  m.impl("k_index_probe", &cmx::k_index_probe);
+}
+#endif

@@ -58,6 +58,17 @@ __device__ __forceinline__ float ld(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
+// ---------------------------------------------------------------- index helpers (64-bit)
+// The only places element offsets are formed; unit-tested beyond 2^31 through the
+// emulation build's k_index_probe.
+__host__ __device__ __forceinline__ int64_t plane_base(const Geom& g, int n, int c) {
+  return static_cast<int64_t>(n) * g.sN + static_cast<int64_t>(c) * g.sC;
+}
+
+__host__ __device__ __forceinline__ int64_t offset_of(const Geom& g, int64_t base, int h, int w) {
+  return base + static_cast<int64_t>(h) * g.sH + static_cast<int64_t>(w) * g.sW;
+}
+
 // ---------------------------------------------------------------- block helpers
 struct Tile {
   int n, c, h0, w0, th, tw;  // th, tw: valid extent of this (possibly edge) tile
@@ -73,7 +84,7 @@ __device__ __forceinline__ Tile tile_of(const Geom& g) {
   t.w0 = (ti % g.tiles_w) * g.TW;
   t.th = min(g.TH, g.H - t.h0);
   t.tw = min(g.TW, g.W - t.w0);
-  t.base = static_cast<int64_t>(t.n) * g.sN + static_cast<int64_t>(t.c) * g.sC;
+  t.base = plane_base(g, t.n, t.c);
   t.row = static_cast<int64_t>(t.n) * g.tiles_per_img + ti;
   return t;
 }
@@ -98,7 +109,7 @@ __device__ void load_rect(float* s, const T* __restrict__ x, int64_t base, const
   for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
     const int h = r0 + i / S, w = c0 + i % S;
     s[i] = (h >= 0 && h < g.H && w >= 0 && w < g.W)
-               ? ld(x, base + static_cast<int64_t>(h) * g.sH + static_cast<int64_t>(w) * g.sW)
+               ? ld(x, offset_of(g, base, h, w))
                : 0.f;
   }
 }
@@ -225,8 +236,7 @@ __global__ void __launch_bounds__(kThreads)
   for_each_conv<KT>(sx, L.S, sw, K, t.th, L.TWp, ld(b, t.c), [&](int r, int c, auto& acc) {
     for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
       const float xv = sx[(r + g.PB) * L.S + c + o + g.PB];
-      const int64_t off = t.base + static_cast<int64_t>(t.h0 + r) * g.sH +
-                          static_cast<int64_t>(t.w0 + c + o) * g.sW;
+      const int64_t off = offset_of(g, t.base, t.h0 + r, t.w0 + c + o);
       out[off] = static_cast<T>(xv + a * act_fwd(acc[o], g.act) + shift);
     }
   });
@@ -251,8 +261,7 @@ __global__ void __launch_bounds__(kThreads)
   float s1 = 0.f, s2 = 0.f;
   for_each_conv<KT>(sx, L.S, sw, K, t.th, L.TWp, ld(b, t.c), [&](int r, int c, auto& acc) {
     for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const int64_t off = t.base + static_cast<int64_t>(t.h0 + r) * g.sH +
-                          static_cast<int64_t>(t.w0 + c + o) * g.sW;
+      const int64_t off = offset_of(g, t.base, t.h0 + r, t.w0 + c + o);
       const float d = ld(dout, off);
       s1 += d;
       s2 += d * (act_fwd(acc[o], g.act) - m) * rs;
@@ -321,8 +330,7 @@ __global__ void __launch_bounds__(kThreads)
       float du = 0.f;
       if (c + o < L.EWs && h >= 0 && h < g.H && wc >= 0 && wc < g.W) {
         const float u = acc[o];
-        float d = ld(dout, t.base + static_cast<int64_t>(h) * g.sH +
-                               static_cast<int64_t>(wc) * g.sW);
+        float d = ld(dout, offset_of(g, t.base, h, wc));
         if (batch_stats) d = d - mb - (act_fwd(u, g.act) - m) * rs * mg;
         du = scale * d * act_grad(u, g.act);
       }
@@ -333,8 +341,7 @@ __global__ void __launch_bounds__(kThreads)
   // 2) dx = dout + correlation of du with the flipped kernel.
   for_each_conv<KT>(sdu, L.EWs, swf, K, t.th, L.TWp, 0.f, [&](int r, int c, auto& acc) {
     for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const int64_t off = t.base + static_cast<int64_t>(t.h0 + r) * g.sH +
-                          static_cast<int64_t>(t.w0 + c + o) * g.sW;
+      const int64_t off = offset_of(g, t.base, t.h0 + r, t.w0 + c + o);
       dx[off] = static_cast<T>(ld(dout, off) + acc[o]);
     }
   });

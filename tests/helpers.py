@@ -14,15 +14,25 @@ from convmixer_ext.reference import conv_mixer_layer
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def assert_close(actual, expected, dtype, what=""):
+def _maxerr(a, b):
+    a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
+    return (a - b).abs().max().item() if b.numel() else 0.0
+
+
+def assert_close(actual, expected, dtype, what="", slack=None):
+    """max|actual - expected| <= TOL[dtype] * scale (+ 4 * slack: the error of the reference
+    model itself run in ``dtype``, when given — "as accurate as PyTorch in that dtype")."""
     actual = actual.detach().to(torch.float64).cpu()
     expected = expected.detach().to(torch.float64).cpu()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{what}: finiteness"
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-3)
+    # floor: quantities that cancel to ~0 by construction (e.g. the conv-bias gradient under
+    # batch statistics) are held to an absolute error of TOL * 1e-2, not relative to ~0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-2)
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= TOL[dtype] * scale, (
-        f"{what}: max abs err {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g} ({dtype})")
+    bound = TOL[dtype] * scale + (4 * slack if slack is not None else 0.0)
+    assert err <= bound, (f"{what}: max abs err {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
+                          f" + 4 * {slack} ({dtype})")
 
 
 def randomize_bn(module, seed=0):
@@ -66,9 +76,11 @@ def run_step(model, x, probe, train=True):
     return out, x.grad
 
 
-def compare_models(ref, fused, x, dtype, train=True, steps=1, seed=1, check_grads=True):
+def compare_models(ref, fused, x, dtype, train=True, steps=1, seed=1, check_grads=True,
+                   ref_lowp=None):
     """Run both models ``steps`` times; compare outputs, input and parameter gradients
-    and all buffers (running statistics, num_batches_tracked)."""
+    and all buffers (running statistics, num_batches_tracked). ``ref_lowp``: the reference
+    in ``dtype`` on the CPU; its own error widens the bound (see assert_close)."""
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         probe = torch.randn(x.shape, generator=g).to(x.device)
@@ -76,13 +88,21 @@ def compare_models(ref, fused, x, dtype, train=True, steps=1, seed=1, check_grad
         fused.zero_grad()
         out_r, dx_r = run_step(ref, x.to(torch.float64), probe.double(), train)
         out_f, dx_f = run_step(fused, x, probe, train)
+        slack = {}
+        if ref_lowp is not None:
+            ref_lowp.zero_grad()
+            out_l, dx_l = run_step(ref_lowp, x.cpu(), probe.cpu(), train)
+            slack = {"out": _maxerr(out_l, out_r), "x.grad": _maxerr(dx_l, dx_r)}
+            for (name, p_r), (_, p_l) in zip(ref.named_parameters(), ref_lowp.named_parameters()):
+                slack[name] = _maxerr(p_l.grad, p_r.grad)
         assert out_f.dtype == x.dtype
-        assert_close(out_f, out_r, dtype, f"step {step} out")
+        assert_close(out_f, out_r, dtype, f"step {step} out", slack.get("out"))
         if check_grads:
-            assert_close(dx_f, dx_r, dtype, f"step {step} x.grad")
+            assert_close(dx_f, dx_r, dtype, f"step {step} x.grad", slack.get("x.grad"))
             for (name, p_r), (_, p_f) in zip(ref.named_parameters(), fused.named_parameters()):
                 assert p_f.grad is not None, f"no gradient for {name}"
-                assert_close(p_f.grad, p_r.grad, dtype, f"step {step} {name}.grad")
+                assert_close(p_f.grad, p_r.grad, dtype, f"step {step} {name}.grad",
+                             slack.get(name))
     for (name, b_r), (_, b_f) in zip(ref.named_buffers(), fused.named_buffers()):
         if b_r.is_floating_point():
             assert_close(b_f, b_r, dtype, name)

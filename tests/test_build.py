@@ -49,3 +49,55 @@ def test_emulation_build_is_the_same_source():
     # one launch helper for every kernel: no raw <<<...>>> outside cmx_device.h
     for name in ("fused_dw.cu", "fused_dw_kernels.cuh"):
         assert "<<<" not in open(os.path.join(ROOT, "csrc", name)).read(), name
+
+
+# --------------------------------------------------------------------------- build decisions
+import setup as _setup  # noqa: E402
+
+
+def _ext_names(exts):
+    return sorted(e.name for e in exts)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in ("CONVMIXER_EXT_BUILD_CUDA", "CONVMIXER_EXT_BUILD_EMU", "TORCH_CUDA_ARCH_LIST",
+              "CONVMIXER_EXT_EMU_SANITIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", ""))  # restored afterwards
+    return monkeypatch
+
+
+def test_build_without_nvcc_installs_pure_python(clean_env):
+    clean_env.setattr(_setup, "_find_cuda_home", lambda: None)
+    exts, cmdclass, info = _setup._extensions()
+    assert exts == [] and "nvcc" in info["SKIPPED"]["_C"]
+    clean_env.setenv("CONVMIXER_EXT_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        _setup._extensions()
+
+
+def test_build_without_torch_installs_pure_python(clean_env):
+    clean_env.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    exts, cmdclass, info = _setup._extensions()
+    assert exts == [] and cmdclass == {} and info["TORCH_VERSION"] is None
+
+
+def test_build_switches_and_arch_list(clean_env):
+    import torch
+    clean_env.setattr(_setup, "_find_cuda_home", lambda: "/usr/local/cuda")
+    clean_env.setenv("CONVMIXER_EXT_BUILD_CUDA", "0")
+    clean_env.setenv("CONVMIXER_EXT_BUILD_EMU", "1")
+    exts, _, info = _setup._extensions()
+    assert _ext_names(exts) == ["convmixer_ext._C_emu"] and "disabled" in info["SKIPPED"]["_C"]
+    if torch.version.cuda is None:
+        pytest.skip("CPU-only torch: no CUDA extension to configure")
+    clean_env.delenv("CONVMIXER_EXT_BUILD_CUDA")
+    clean_env.delenv("CONVMIXER_EXT_BUILD_EMU")
+    clean_env.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    exts, _, info = _setup._extensions()
+    assert _ext_names(exts) == ["convmixer_ext._C"] and info["CUDA_ARCHS"] == "9.0"
+    assert info["TORCH_VERSION"] == torch.__version__
+    clean_env.delenv("TORCH_CUDA_ARCH_LIST")
+    _, _, info = _setup._extensions()
+    assert info["CUDA_ARCHS"] == "8.0;9.0"

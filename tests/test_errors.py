@@ -123,3 +123,10 @@ def test_extension_built_for_other_torch_is_not_used(monkeypatch):
     assert not ok and "built for torch 0.0.0-other" in why and "reinstall" in why
     ok, why = _extension._load("_C_missing_module")
     assert not ok and "was not built" in why
+
+
+def test_zero_and_huge_kernel_sizes():
+    with pytest.raises(ValueError, match=r"weight must be a depthwise kernel of shape \(3, 1, k, k\)"):
+        _call(weight=torch.randn(3, 1, 0, 0))
+    with pytest.raises(ValueError, match="kernel_size must be a positive int"):
+        ConvMixerLayer(3, -1)

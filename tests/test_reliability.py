@@ -98,3 +98,116 @@ def test_empty_batch_eval(backend):
     assert out.shape == x.shape
     with pytest.raises(ValueError, match="more than 1 value"):
         fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=True, backend=backend)
+
+
+def test_double_backward_is_a_clear_error():
+    w, b, g, be = _block()
+    x = torch.randn(2, 3, 5, 5).to(DEVICE).requires_grad_()
+    out = fused_dwconv_block(x, w.requires_grad_(), b, g, be, backend="torch")
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("backend", all_backends())
+def test_deterministic_algorithms_mode_is_respected(backend):
+    """torch.use_deterministic_algorithms(True): the op runs (no nondeterministic path is
+    taken, so nothing raises) and results are bitwise reproducible."""
+    w, b, g, be = _block()
+    x = torch.randn(2, 3, 6, 5).to(DEVICE)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = []
+        for _ in range(2):
+            xi = x.clone().requires_grad_()
+            out = fused_dwconv_block(xi, w, b, g, be, backend=backend)
+            out.backward(torch.ones_like(out))
+            outs.append((out.detach(), xi.grad))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("backend", all_backends())
+def test_float16_range(backend):
+    """fp16 inputs up to |x| ~ 1e3 with k = 9: every intermediate is fp32, so u (here up
+    to ~1e4) and the statistics cannot overflow; results match float64 within fp16
+    tolerance. (Outputs beyond 65504 would be inf, as any fp16 tensor.)"""
+    ref, fused = layer_pair(3, 9, "gelu", backend, torch.float16, DEVICE)
+    x = (300 * torch.randn(2, 3, 7, 6)).to(DEVICE, torch.float16)
+    compare_models(ref, fused, x, torch.float16, train=True, steps=1, check_grads=False)
+
+
+def _triton_offset_probe():
+    """A one-program kernel storing the Triton kernels' offsets (_offs) of channels x
+    positions (defined at module level: the interpreter resolves globals there)."""
+    import triton
+    import triton.language as tl
+    global _offs
+    from convmixer_ext.triton_kernels import _offs
+
+    @triton.jit
+    def probe(out_ptr, c_ptr, h_ptr, w_ptr, base, sC, sH, sW):
+        c = tl.load(c_ptr + tl.arange(0, 4))
+        h = tl.load(h_ptr + tl.arange(0, 4))
+        w = tl.load(w_ptr + tl.arange(0, 4))
+        o = base + _offs(c, h, w, sC, sH, sW)  # [4, 4]: every channel x position pair
+        tl.store(out_ptr + tl.arange(0, 4)[:, None] * 4 + tl.arange(0, 4)[None, :], o)
+
+    return probe
+
+
+def test_index_helpers_beyond_2_31():
+    """The CUDA kernels' offset helpers (through the emulation build) and the Triton
+    kernels' offsets give exact 64-bit element offsets past 2^31 elements."""
+    from convmixer_ext.backends import _reason
+    strides = [3 * 2**30, 2**30, 2**16, 1]          # a [4, 3, 16384, 65536]-like layout
+    idx = [(3, 2, 16383, 65535), (1, 0, 5, 7), (2, 1, 65535, 1)]
+    expect = [sum(i * s for i, s in zip(ix, strides)) for ix in idx]
+    assert max(expect) > 2**33
+    checked = 0
+    if _reason("cuda_emu", "cpu") is None:
+        got = [torch.ops.convmixer_ext.k_index_probe(strides, *ix) for ix in idx]
+        assert got == expect
+        checked += 1
+    if _reason("triton", DEVICE) is None:
+        pad = idx + [(0, 0, 0, 0)]
+        cs, hs, ws = (torch.tensor([p[j] for p in pad], dtype=torch.int32, device=DEVICE)
+                      for j in (1, 2, 3))
+        out = torch.empty(4, 4, dtype=torch.int64, device=DEVICE)
+        n = 3
+        _triton_offset_probe()[(1,)](out, cs, hs, ws, n * strides[0], *strides[1:])
+        for a in range(4):
+            for p in range(4):
+                assert out[a, p].item() == (n * strides[0] + pad[a][1] * strides[1]
+                                            + pad[p][2] * strides[2] + pad[p][3] * strides[3])
+        checked += 1
+    assert checked, "no kernel backend available to check"
+
+
+def test_no_memory_growth_over_repeated_steps():
+    """200 forward/backward steps after warm-up: resident memory must not grow by more
+    than a few activations (a leaked saved tensor per step would add ~200 MB)."""
+    import gc
+
+    from helpers import layer_pair as _lp
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    _, fused = _lp(16, 5, "gelu", "torch", torch.float32, "cpu")
+    x = torch.randn(4, 16, 64, 64)  # 1 MiB
+    probe = torch.randn_like(x)
+
+    def steps(n):
+        for _ in range(n):
+            xi = x.clone().requires_grad_()
+            fused(xi).backward(probe)
+        gc.collect()
+
+    steps(20)
+    before = rss()
+    steps(200)
+    assert rss() - before < 40 * 2**20
