@@ -78,15 +78,18 @@ def test_constant_channel_zero_variance(backend):
 
 
 @pytest.mark.parametrize("backend", all_backends())
-def test_nan_propagates_like_reference(backend):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_inf_propagate_like_reference(backend, bad):
     ref, fused = layer_pair(2, 3, "gelu", backend, torch.float32, DEVICE)
     x = torch.randn(2, 2, 5, 5).to(DEVICE)
-    x[0, 1, 2, 2] = float("nan")
+    x[0, 1, 2, 2] = bad
     for m in (ref, fused):
         m.eval()
-    o_r = ref(x.double().cpu())
-    o_f = fused(x).cpu()
+    o_r = ref[0](x.double().cpu())   # the depthwise block: conv, act, BN1, residual
+    o_f = fused.forward_dw(x).cpu()
     assert torch.equal(torch.isnan(o_f), torch.isnan(o_r))
+    assert torch.equal(torch.isposinf(o_f), torch.isposinf(o_r))
+    assert torch.equal(torch.isneginf(o_f), torch.isneginf(o_r))
 
 
 @pytest.mark.parametrize("backend", all_backends())
