@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy pytest hypothesis timm ninja matplotlib tqdm pytest-benchmark
+DEPS := numpy pytest hypothesis timm ninja matplotlib tqdm pytest-benchmark scikit-learn
 # nvcc on PATH may be a wrapper script: point torch at the real toolkit root.
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME

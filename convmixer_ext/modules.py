@@ -50,6 +50,7 @@ class ConvMixerLayer(nn.Sequential):
         super().__init__(*conv_mixer_layer(dim, kernel_size, activation, eps, momentum))
         self.activation = activation
         self.backend = backend
+        self.process_group = None  # set by convert(..., sync_bn=True)
 
     @classmethod
     def from_reference(cls, layer: nn.Sequential, backend: str = "auto") -> "ConvMixerLayer":
@@ -61,6 +62,7 @@ class ConvMixerLayer(nn.Sequential):
         nn.Sequential.__init__(self, *layer)
         self.activation = activation_name(act)
         self.backend = backend
+        self.process_group = None
         return self
 
     def extra_repr(self) -> str:
@@ -77,7 +79,7 @@ class ConvMixerLayer(nn.Sequential):
         return fused_dwconv_block(
             x, dw.weight, dw.bias, gamma, beta, bn.running_mean, bn.running_var,
             bn.num_batches_tracked, training=self.training, momentum=bn.momentum, eps=bn.eps,
-            activation=self.activation, backend=self.backend)
+            activation=self.activation, backend=self.backend, process_group=self.process_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.forward_dw(x)
@@ -95,9 +97,15 @@ class ConvMixer(_ReferenceConvMixer):
         convert(self, backend=backend)
 
 
-def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
+            process_group=None) -> nn.Module:
     """Swap fused layers into a reference or timm ConvMixer in place, keeping its weights and
-    buffers (the modules themselves are reused). Returns ``model``."""
+    buffers (the modules themselves are reused). Returns ``model``.
+
+    ``sync_bn=True`` (distributed training): the fused blocks compute batch statistics over
+    ``process_group`` (default: the whole world), and every other ``nn.BatchNorm2d`` of the
+    model becomes an ``nn.SyncBatchNorm`` over the same group (which PyTorch runs on GPUs).
+    """
     _check_name(backend)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
@@ -108,6 +116,16 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
             layer.backend = backend
         else:
             blocks[i] = ConvMixerLayer.from_reference(layer, backend)
+    if sync_bn:
+        import torch.distributed as dist
+        group = process_group if process_group is not None else dist.group.WORLD
+        for layer in blocks:
+            layer.process_group = group
+            for j in (1, 2, 3):  # the pointwise half
+                layer[j] = nn.SyncBatchNorm.convert_sync_batchnorm(layer[j], group)
+        for name, child in list(model.named_children()):
+            if name != "blocks":
+                setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child, group))
     return model
 
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._partials import merge_stats
 from .backends import get_impl, resolve_backend
 from .semantics import (check_activation, rstd_from_var, stats_dtype, update_running_stats,
                         uses_batch_stats)
@@ -165,32 +166,110 @@ def check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var) 
     return weight.shape[-1]
 
 
+# --------------------------------------------------------------------------- SyncBatchNorm
+class _SyncBlock(torch.autograd.Function):
+    """Batch statistics over every rank of ``group`` (``nn.SyncBatchNorm`` semantics).
+
+    Forward: F1 on the local batch -> all-gather of per-rank (mean, var, count) -> Chan
+    merge (the same merge as the per-tile partials) -> F2 with the global statistics.
+    Backward: B1 locally -> all-reduce of (dbeta, dgamma) -> B2 with the global sums.
+    dgamma/dbeta/dW/db returned are this rank's contributions (DDP reduces them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, beta, eps, activation, backend, group):
+        import torch.distributed as dist
+        impl = get_impl(backend)
+        sd = stats_dtype(x.dtype)
+        N, C, H, W = x.shape
+        mean_l, var_l = impl.stats(x, weight, bias, activation)
+        mine = torch.cat([mean_l, var_l, mean_l.new_tensor([float(N * H * W)])])
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, mine, group=group)
+        allp = torch.stack(parts)
+        cnt = allp[:, 2 * C]
+        mean, var = merge_stats(allp[:, :C], allp[:, C:2 * C] * cnt[:, None], cnt)
+        rstd = rstd_from_var(var, eps)
+        out = impl.apply(x, weight, bias, mean, rstd, gamma.to(sd), beta.to(sd), activation)
+        ctx.save_for_backward(x, weight, bias, gamma, mean, rstd)
+        ctx.cfg = (activation, backend, group, N * H * W / cnt.sum().item())
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var, int(cnt.sum().item())
+
+    @staticmethod
+    def backward(ctx, dout, _dmean, _dvar, _dn):
+        import torch.distributed as dist
+        x, weight, bias, gamma, mean, rstd = ctx.saved_tensors
+        activation, backend, group, local_share = ctx.cfg
+        impl = get_impl(backend)
+        dout = _same_layout(dout, x)
+        dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation)
+        glob = torch.cat([dbeta, dgamma])
+        dist.all_reduce(glob, group=group)
+        C = dbeta.numel()
+        # B2 divides the sums by the local count; scaling by local/global count makes that
+        # the division by the global count that SyncBatchNorm's gradient needs.
+        dx, dw, db = impl.bwd_main(dout, x, weight, bias, mean, rstd,
+                                   gamma.to(mean.dtype), glob[:C] * local_share,
+                                   glob[C:] * local_share, True, activation)
+        return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
+                dbeta.to(gamma.dtype), None, None, None, None)
+
+
+def _sync_group(process_group):
+    """The group to synchronise statistics over, or None for local statistics."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group was given but torch.distributed is not initialised")
+    return process_group if dist.get_world_size(process_group) > 1 else None
+
+
 def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
                        running_mean: Optional[Tensor] = None,
                        running_var: Optional[Tensor] = None,
                        num_batches_tracked: Optional[Tensor] = None, training: bool = True,
                        momentum: Optional[float] = 0.1, eps: float = 1e-5,
-                       activation: str = "gelu", backend: str = "auto") -> Tensor:
+                       activation: str = "gelu", backend: str = "auto",
+                       process_group=None) -> Tensor:
     """``x + BN(act(dwconv_k(x) + bias))`` in one fused op (DESIGN.md §2).
 
     BatchNorm follows ``nn.BatchNorm2d`` exactly: batch statistics when ``training`` or
     when no running buffers are given, otherwise the running statistics; in training the
     running buffers (and ``num_batches_tracked``) are updated in place, with
-    ``momentum=None`` meaning the cumulative average.
+    ``momentum=None`` meaning the cumulative average. With ``process_group`` (e.g.
+    ``torch.distributed.group.WORLD``), batch statistics are those of the whole group's
+    batch, as ``nn.SyncBatchNorm`` computes them.
+
+    Under ``torch.autocast``, x, weight and bias are cast to the autocast dtype as
+    ``nn.Conv2d`` would be (statistics stay fp32); the output has the dtype the reference
+    block's residual add would give.
     """
+    out_dtype = None
+    if torch.is_autocast_enabled(x.device.type) and isinstance(x, Tensor) \
+            and x.is_floating_point():
+        dt = torch.get_autocast_dtype(x.device.type)
+        out_dtype = torch.promote_types(dt, x.dtype)
+        x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
     k = check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var)
     check_activation(activation)
     name = resolve_backend(backend, x.device, x.dtype, k)
     batch_stats = uses_batch_stats(training, running_mean)
     N, C, H, W = x.shape
     n = N * H * W
-    if batch_stats and n <= 1:
+    group = _sync_group(process_group) if batch_stats else None
+    if batch_stats and n <= 1 and group is None:
         raise ValueError(f"expected more than 1 value per channel when using batch "
                          f"statistics, got x of shape {tuple(x.shape)}")
     x = _dense(x)
-    out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean, running_var,
-                                  batch_stats, float(eps), activation, name)
+    if group is not None:
+        out, mean, var, n = _SyncBlock.apply(x, weight, bias, gamma, beta, float(eps),
+                                             activation, name, group)
+    else:
+        out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean,
+                                      running_var, batch_stats, float(eps), activation, name)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
                              mean, var, n)
-    return out
+    return out if out_dtype is None else out.to(out_dtype)

@@ -1,0 +1,79 @@
+"""SyncBatchNorm semantics of the fused block under torch.distributed (gloo, 2 CPU
+processes), against the reference block run in one process on the whole global batch —
+which is what nn.SyncBatchNorm computes (nn.SyncBatchNorm itself does not run on CPU)."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import all_backends
+
+WORLD = 2
+
+
+def _setup():
+    torch.manual_seed(0)
+    from convmixer_ext.reference import conv_mixer_layer
+    from helpers import randomize_bn
+    ref = conv_mixer_layer(3, 5, "gelu").double()
+    randomize_bn(ref, 0)
+    ref[3] = torch.nn.Identity()  # BN2 is PyTorch's (SyncBatchNorm needs a GPU)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * WORLD, 3, 6, 7, generator=g, dtype=torch.float64)
+    probe = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return ref, x.float(), probe.float()
+
+
+def _worker(rank, init_file, backend):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        from convmixer_ext import ConvMixerLayer
+        from helpers import assert_close
+        ref, x, probe = _setup()
+        sl = slice(2 * rank, 2 * rank + 2)
+        fused = ConvMixerLayer.from_reference(copy.deepcopy(ref).float(), backend)
+        fused.process_group = dist.group.WORLD
+        ddp = torch.nn.parallel.DistributedDataParallel(fused)
+        for step in range(2):
+            ddp.zero_grad()
+            xl = x[sl].clone().requires_grad_()
+            out = ddp(xl)
+            out.backward(probe[sl])
+            # ground truth: one process, whole batch; DDP averages gradients over ranks
+            ref.zero_grad()
+            xr = x.double().clone().requires_grad_()
+            out_r = ref.train()(xr)
+            out_r.backward(probe.double())
+            f32 = torch.float32
+            assert_close(out, out_r[sl], f32, f"rank {rank} step {step} out")
+            assert_close(xl.grad, xr.grad[sl], f32, f"rank {rank} x.grad")
+            for (n, p_r), (_, p_f) in zip(ref.named_parameters(), fused.named_parameters()):
+                assert_close(p_f.grad, p_r.grad / WORLD, f32, f"rank {rank} {n}.grad")
+            for (n, b_r), (_, b_f) in zip(ref.named_buffers(), fused.named_buffers()):
+                assert torch.allclose(b_f.double(), b_r.double(), rtol=1e-5, atol=1e-6), n
+            with torch.no_grad():  # keep both models' weights in step
+                for p_r, p_f in zip(ref.parameters(), fused.parameters()):
+                    p_f.sub_(0.1 * p_f.grad)
+                    p_r.sub_(0.1 * p_r.grad / WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", [b for b in all_backends() if b != "cuda"])
+def test_sync_bn_under_ddp_gloo(backend, tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed not built")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    mp.spawn(_worker, args=(str(tmp_path / "init"), backend), nprocs=WORLD, join=True)
+
+
+def test_process_group_without_init_is_a_clear_error():
+    from convmixer_ext import fused_dwconv_block
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fused_dwconv_block(torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3), torch.randn(3),
+                           torch.ones(3), torch.zeros(3), backend="torch",
+                           process_group=object())
