@@ -12,7 +12,7 @@ export CUDA_HOME
 # Kernel backends whose absence fails `make test` instead of skipping their tests.
 REQUIRE ?= all-kernels
 
-.PHONY: setup build test bench clean
+.PHONY: setup build test test-asan bench clean
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ build: setup
 
 test: build
 	CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The CUDA kernels' host-emulation build under AddressSanitizer + UBSan (memory safety of
+# global and shared-memory accesses without a GPU).
+test-asan: build
+	bash tests/asan.sh $(VPY)
 
 bench: build
 	$(VPY) -m benchmarks $(BENCH_ARGS)

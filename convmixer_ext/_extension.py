@@ -9,6 +9,7 @@ CPU for ``_C_emu``.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -38,8 +39,15 @@ except ImportError:  # pragma: no cover - source checkout without a build
     _info = None
 
 
-def _load(module: str):
-    """Return (True, None) or (False, reason) for ``convmixer_ext.<module>``."""
+def _load(module: str, override_env: str | None = None):
+    """Return (True, None) or (False, reason) for ``convmixer_ext.<module>``.
+
+    ``override_env`` names an environment variable that may point to another build of the
+    same library (tests load the AddressSanitizer build of ``_C_emu`` this way)."""
+    override = os.environ.get(override_env) if override_env else None
+    if override:
+        torch.ops.load_library(override)
+        return True, None
     spec = importlib.util.find_spec(f"convmixer_ext.{module}")
     if spec is None or spec.origin is None:
         why = "was not built"
@@ -59,4 +67,4 @@ def _load(module: str):
 
 
 CUDA_OK, CUDA_REASON = _load("_C")
-EMU_OK, EMU_REASON = _load("_C_emu")
+EMU_OK, EMU_REASON = _load("_C_emu", "CONVMIXER_EXT_EMU_LIB")

@@ -6,6 +6,9 @@
 - ``"torch"``: the PyTorch twin (any device, any float dtype);
 - ``"auto"``: the fastest available for the tensor's device and dtype. The environment
   variable ``CONVMIXER_EXT_BACKEND`` overrides what ``"auto"`` picks.
+
+``CONVMIXER_EXT_NO_TRITON=1`` makes the Triton backend unavailable without importing
+triton (for environments where importing it is broken or unwanted).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def triton_interpreter() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_error():
+    if os.environ.get("CONVMIXER_EXT_NO_TRITON", "0") == "1":  # never import triton
+        return "disabled by CONVMIXER_EXT_NO_TRITON=1"
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
