@@ -12,6 +12,7 @@ from torch import nn
 
 from .backends import _check_name
 from .ops import fused_dwconv_block
+from .pointwise import PW_BACKENDS, fused_pointwise_block
 from .reference import ConvMixer as _ReferenceConvMixer, conv_mixer_layer
 from .semantics import activation_name, check_activation
 
@@ -31,6 +32,12 @@ def _check_fusable(dw: nn.Module, bn: nn.Module) -> None:
         raise ValueError(f"expected nn.BatchNorm2d after the activation, got {type(bn).__name__}")
 
 
+def _check_pointwise(pointwise: str) -> None:
+    if pointwise != "unfused" and pointwise not in ("auto",) + PW_BACKENDS:
+        raise ValueError(f"pointwise must be 'unfused', 'auto' or one of {list(PW_BACKENDS)}, "
+                         f"got {pointwise!r}")
+
+
 class ConvMixerLayer(nn.Sequential):
     """One ConvMixer layer with the depthwise block (dwconv + act + BN + residual) fused.
 
@@ -39,34 +46,44 @@ class ConvMixerLayer(nn.Sequential):
         even k padded like PyTorch). activation: "gelu", "gelu_tanh" or "relu".
         eps, momentum: BatchNorm settings for both BNs. backend: see
         :mod:`convmixer_ext.backends` ("auto" by default).
+        pointwise: the 1x1 conv + act + BN2 half: "unfused" (PyTorch modules, the
+        default), or the fused pointwise op ("auto", "triton", "torch"; see
+        :mod:`convmixer_ext.pointwise`).
     """
 
     def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
-                 eps: float = 1e-5, momentum=0.1, backend: str = "auto"):
+                 eps: float = 1e-5, momentum=0.1, backend: str = "auto",
+                 pointwise: str = "unfused"):
         check_activation(activation)
         _check_name(backend)
+        _check_pointwise(pointwise)
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
         super().__init__(*conv_mixer_layer(dim, kernel_size, activation, eps, momentum))
         self.activation = activation
         self.backend = backend
+        self.pointwise = pointwise
         self.process_group = None  # set by convert(..., sync_bn=True)
 
     @classmethod
-    def from_reference(cls, layer: nn.Sequential, backend: str = "auto") -> "ConvMixerLayer":
+    def from_reference(cls, layer: nn.Sequential, backend: str = "auto",
+                       pointwise: str = "unfused") -> "ConvMixerLayer":
         """Wrap an existing reference/timm layer, sharing its modules (weights are not copied)."""
         _check_name(backend)
+        _check_pointwise(pointwise)
         dw, act, bn = layer[0].fn[0], layer[0].fn[1], layer[0].fn[2]
         _check_fusable(dw, bn)
         self = cls.__new__(cls)
         nn.Sequential.__init__(self, *layer)
         self.activation = activation_name(act)
         self.backend = backend
+        self.pointwise = pointwise
         self.process_group = None
         return self
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, backend={self.backend!r}"
+        return (f"activation={self.activation!r}, backend={self.backend!r}, "
+                f"pointwise={self.pointwise!r}")
 
     def forward_dw(self, x: torch.Tensor) -> torch.Tensor:
         """The fused depthwise block: ``x + BN1(act(dwconv(x)))``."""
@@ -83,7 +100,12 @@ class ConvMixerLayer(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.forward_dw(x)
-        return self[3](self[2](self[1](y)))
+        # nn.SyncBatchNorm (convert(sync_bn=True)) keeps the pointwise half unfused
+        if self.pointwise == "unfused" or not isinstance(self[3], nn.BatchNorm2d) \
+                or isinstance(self[3], nn.SyncBatchNorm):
+            return self[3](self[2](self[1](y)))
+        return fused_pointwise_block(y, self[1], self[3], self.training,
+                                     activation_name(self[2]), self.pointwise)
 
 
 class ConvMixer(_ReferenceConvMixer):
@@ -92,19 +114,21 @@ class ConvMixer(_ReferenceConvMixer):
 
     def __init__(self, dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7,
                  num_classes: int = 1000, in_chans: int = 3, activation: str = "gelu",
-                 backend: str = "auto"):
+                 backend: str = "auto", pointwise: str = "unfused"):
         super().__init__(dim, depth, kernel_size, patch_size, num_classes, in_chans, activation)
-        convert(self, backend=backend)
+        convert(self, backend=backend, pointwise=pointwise)
 
 
 def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
-            process_group=None) -> nn.Module:
+            process_group=None, pointwise: str = "unfused") -> nn.Module:
     """Swap fused layers into a reference or timm ConvMixer in place, keeping its weights and
     buffers (the modules themselves are reused). Returns ``model``.
 
+    ``pointwise``: see :class:`ConvMixerLayer`.
     ``sync_bn=True`` (distributed training): the fused blocks compute batch statistics over
     ``process_group`` (default: the whole world), and every other ``nn.BatchNorm2d`` of the
-    model becomes an ``nn.SyncBatchNorm`` over the same group (which PyTorch runs on GPUs).
+    model becomes an ``nn.SyncBatchNorm`` over the same group (which PyTorch runs on GPUs);
+    the pointwise half then runs unfused.
     """
     _check_name(backend)
     blocks = getattr(model, "blocks", None)
@@ -113,9 +137,10 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
                         f"{type(model).__name__}")
     for i, layer in enumerate(blocks):
         if isinstance(layer, ConvMixerLayer):
-            layer.backend = backend
+            _check_pointwise(pointwise)
+            layer.backend, layer.pointwise = backend, pointwise
         else:
-            blocks[i] = ConvMixerLayer.from_reference(layer, backend)
+            blocks[i] = ConvMixerLayer.from_reference(layer, backend, pointwise)
     if sync_bn:
         import torch.distributed as dist
         group = process_group if process_group is not None else dist.group.WORLD

@@ -247,8 +247,8 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     block's residual add would give.
     """
     out_dtype = None
-    if torch.is_autocast_enabled(x.device.type) and isinstance(x, Tensor) \
-            and x.is_floating_point():
+    if isinstance(x, Tensor) and x.is_floating_point() \
+            and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         out_dtype = torch.promote_types(dt, x.dtype)
         x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)

@@ -347,3 +347,67 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
 
 
 BACKEND = KernelBackend(k_stats, k_apply, k_bwd_reduce, k_bwd_main)
+
+
+# --------------------------------------------------------------------------- pointwise GEMM
+@triton.jit
+def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, P, CI, CO, HW, W, sN, sC, sH,
+                    sW, ACT: tl.constexpr, IEEE: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """g[p, o] = act(sum_i y[p, i] w[o, i] + b[o]) over positions p = (n, h, w), with the
+    per-(row tile, channel) mean and centred M2 of g (BN2 statistics) in the epilogue."""
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rmask = rows < P
+    n = rows // HW
+    hw = rows % HW
+    rbase = n.to(tl.int64) * sN + (hw // W).to(tl.int64) * sH + (hw % W).to(tl.int64) * sW
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < CO
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, CI, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < CI
+        a = tl.load(y_ptr + rbase[:, None] + ks.to(tl.int64)[None, :] * sC,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        bt = tl.load(w_ptr + cols.to(tl.int64)[None, :] * CI + ks[:, None],
+                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if IEEE:  # full fp32 products, as the reference conv computes in fp32
+            acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, bt)
+    u = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    g = _act(u, ACT)
+    m = rmask[:, None] & cmask[None, :]
+    tl.store(g_ptr + rows.to(tl.int64)[:, None] * CO + cols[None, :], g, mask=m)
+    cnt = tl.sum(rmask.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(m, g, 0.0), axis=0) / cnt
+    d = tl.where(m, g - mean[None, :], 0.0)
+    row = pid_p.to(tl.int64) * CO + cols
+    tl.store(mean_p + row, mean, mask=cmask)
+    tl.store(m2_p + row, tl.sum(d * d, axis=0), mask=cmask)
+
+
+def pw_gemm_act_stats(y, w2, bias, act, block_p=64, block_n=64, block_k=32):
+    """(g [P, Co] fp32, mean_p [T, Co], m2_p [T, Co], count_p [T]) for y [N, Ci, H, W]
+    (any strides), w2 [Co, Ci]."""
+    N, CI, H, W = y.shape
+    CO = w2.shape[0]
+    P = N * H * W
+    T = triton.cdiv(P, block_p)
+    g = torch.empty((P, CO), device=y.device, dtype=torch.float32)
+    mean_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
+    m2_p = torch.empty_like(mean_p)
+    if y.is_cuda and not triton_interpreter():
+        torch.cuda.set_device(y.device)
+    grid = (T, triton.cdiv(CO, block_n))
+    # fp32: IEEE products (no TF32). The interpreter's dot mishandles bf16/fp16 operands,
+    # so there they are upcast first (bf16/fp16 products are exact in fp32: same result).
+    ieee = y.dtype == torch.float32 or triton_interpreter()
+    _pw_gemm_kernel[grid](y, w2.contiguous(), bias, g, mean_p, m2_p, P, CI, CO, H * W, W,
+                          *y.stride(), ACT=act, IEEE=ieee,
+                          BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    starts = torch.arange(0, P, block_p)
+    cnt = torch.clamp(P - starts, max=block_p).to(device=y.device, dtype=torch.float32)
+    return g, mean_p, m2_p, cnt
