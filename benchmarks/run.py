@@ -211,7 +211,7 @@ def run_case(case, device, reps, bw, fma_rate, check_tol):
 # --------------------------------------------------------------------------- whole model
 def run_model(device, dtype, ks, reps, quick):
     """Images/s of a training step (fwd + bwd + SGD step) and of inference, per provider."""
-    from convmixer_ext import ConvMixer, convert
+    from convmixer_ext import convert
     from convmixer_ext.reference import ConvMixer as RefConvMixer
     if device == "cuda":
         configs = {"ConvMixer-1536/20": (1536, 20, 7, 224, 64),
@@ -228,11 +228,12 @@ def run_model(device, dtype, ks, reps, quick):
             provs = {"eager": ref}
             if device == "cuda":
                 provs["compile"] = torch.compile(ref)
-            fused_backends = ["auto"] if device == "cuda" else ["torch"]
-            for b in fused_backends:
-                m = convert(RefConvMixer(dim, depth, k, patch, 1000), backend=b)
+            b = "auto" if device == "cuda" else "torch"
+            for pw in ("unfused", "auto"):  # depthwise fused; pointwise unfused / fused too
+                m = convert(RefConvMixer(dim, depth, k, patch, 1000), backend=b, pointwise=pw)
                 m.load_state_dict(ref.state_dict())
-                provs[f"fused-{b}"] = m.to(device=device, dtype=dtype)
+                provs[f"fused-{b}" + ("+pw" if pw != "unfused" else "")] = \
+                    m.to(device=device, dtype=dtype)
             x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
             y = torch.randint(0, 1000, (batch,), device=device)
             for pname, model in provs.items():

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ._partials import merge_stats
 from .backends import BackendUnavailableError, _reason
-from .semantics import (ACTIVATIONS, act_fwd, act_grad, check_activation, rstd_from_var,
-                        stats_dtype, update_running_stats, uses_batch_stats)
+from .semantics import (ACTIVATIONS, act_fwd, act_grad, bn_affine, bn_grad, check_activation,
+                        rstd_from_var, stats_dtype, update_running_stats, uses_batch_stats)
 
 PW_BACKENDS = ("triton", "torch")
 
@@ -73,9 +73,8 @@ def pw_block_fwd(y: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: T
     g, mean, var = _GEMM[backend](y, weight, bias, activation, batch_stats)
     if not batch_stats:
         mean, var = running_mean.to(sd, copy=True), running_var.to(sd, copy=True)
-    a = rstd_from_var(var, eps) * gamma.to(sd)
-    out = g * a + (beta.to(sd) - a * mean)
-    return _unrows(out.to(y.dtype), y), mean, var
+    a, c = bn_affine(mean, rstd_from_var(var, eps), gamma.to(sd), beta.to(sd))
+    return _unrows((g * a + c).to(y.dtype), y), mean, var
 
 
 @pw_block_fwd.register_fake
@@ -100,12 +99,7 @@ def pw_block_bwd(dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, gamma: T
     xh = (act_fwd(u, activation) - mean) * rstd
     d = _rows(dout).to(sd)
     dbeta, dgamma = d.sum(0), (d * xh).sum(0)
-    scale = gamma.to(sd) * rstd
-    if batch_stats:
-        n = d.shape[0]
-        dg = scale * (d - dbeta / n - xh * (dgamma / n))
-    else:
-        dg = scale * d
+    dg = bn_grad(d, xh, gamma.to(sd) * rstd, dbeta, dgamma, d.shape[0], batch_stats)
     du = dg * act_grad(u, activation)
     dy = _unrows((du @ w2).to(y.dtype), y)
     dw = (du.t() @ yr).reshape(weight.shape)

@@ -97,6 +97,21 @@ def rstd_from_var(var: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(var + eps)
 
 
+def bn_affine(mean, rstd, gamma, beta):
+    """BN as a per-channel affine: ``BN(g) = a*g + c`` (the kernels use the same form)."""
+    a = gamma * rstd
+    return a, beta - a * mean
+
+
+def bn_grad(d, xhat, scale, dbeta, dgamma, n: int, batch_stats: bool):
+    """dL/dg of ``gamma*xhat + beta`` given dL/dout ``d`` (``scale = gamma*rstd``,
+    ``dbeta = sum(d)``, ``dgamma = sum(d*xhat)`` per channel): batch statistics add the
+    paths through the mean and the variance (DESIGN.md §3)."""
+    if not batch_stats:
+        return scale * d
+    return scale * (d - dbeta / n - xhat * (dgamma / n))
+
+
 def uses_batch_stats(training: bool, running_mean) -> bool:
     """nn.BatchNorm2d: batch statistics in training, or always without running buffers."""
     return training or running_mean is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .semantics import act_fwd, act_grad, pad_before, stats_dtype
+from .semantics import act_fwd, act_grad, bn_affine, bn_grad, pad_before, stats_dtype
 
 
 def _c(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -43,8 +43,8 @@ def stats(x, weight, bias, activation):
 def apply(x, weight, bias, mean, rstd, gamma, beta, activation):
     """Pass F2 (and the whole eval forward): out = x + gamma*(g-mean)*rstd + beta."""
     g = act_fwd(conv_u(x, weight, bias), activation)
-    out = _c(x, x) + (g - _bcast(mean)) * _bcast(rstd * gamma) + _bcast(beta)
-    return out.to(x.dtype)
+    a, c = bn_affine(mean, rstd, gamma, beta)
+    return (_c(x, x) + g * _bcast(a) + _bcast(c)).to(x.dtype)
 
 
 def bwd_reduce(dout, x, weight, bias, mean, rstd, activation):
@@ -61,12 +61,9 @@ def bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stat
     k = weight.shape[-1]
     u = conv_u(x, weight, bias)
     d = _c(dout, x)
-    if batch_stats:
-        n = N * H * W
-        xh = (act_fwd(u, activation) - _bcast(mean)) * _bcast(rstd)
-        dg = _bcast(gamma * rstd) * (d - _bcast(dbeta / n) - xh * _bcast(dgamma / n))
-    else:
-        dg = _bcast(gamma * rstd) * d
+    xh = (act_fwd(u, activation) - _bcast(mean)) * _bcast(rstd) if batch_stats else None
+    dg = bn_grad(d, xh, _bcast(gamma * rstd), _bcast(dbeta), _bcast(dgamma), N * H * W,
+                 batch_stats)
     du = dg * act_grad(u, activation)
     pb, pa = _pads(k)
     wc = _c(weight, x)

@@ -11,7 +11,9 @@ Kernels (all recompute ``u = dwconv(x) + b`` instead of storing it):
 - ``_apply_kernel``   F2 / eval: ``out = x + gamma*(g-mean)*rstd + beta``;
 - ``_bwd_reduce_kernel`` B1: per-tile ``sum(dout)``, ``sum(dout*xhat)``;
 - ``_bwd_du_kernel``  B2a: ``du = dg * act'(u)`` (fp32 scratch);
-- ``_bwd_dx_kernel``  B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db``, ``dW``.
+- ``_bwd_dx_kernel``  B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db``, ``dW``;
+- ``_pw_gemm_kernel`` the pointwise block's GEMM with bias/activation/BN2-statistics
+  epilogue (:mod:`convmixer_ext.pointwise`).
 Triton has no addressable shared memory, so the transposed convolution reads ``du`` from
 an fp32 scratch tensor rather than recomputing it on the halo (the CUDA kernels keep it
 in shared memory). Per-tile partials are reduced in a fixed order by ``_partials``:
