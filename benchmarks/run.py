@@ -164,15 +164,22 @@ def run_case(case, device, reps, bw, fma_rate, check_tol):
     golden.train(train)
     probe = torch.randn_like(x)
 
-    # correctness first (one step, fp32 golden reference on the same inputs)
-    xr = x.detach().clone().requires_grad_(mode == "train_fwdbwd")
-    out = module(xr)
-    gx = golden(x.float().detach().clone())
-    scale = gx.abs().max().item()
-    err = (out.float() - gx).abs().max().item()
-    if not math.isfinite(err) or err > check_tol[case["dtype"]] * max(scale, 1.0):
-        rec["error"] = f"output mismatch vs eager reference: max abs err {err:.3g}"
-        return rec
+    # correctness first (one step, fp32 golden reference on the same inputs): the output,
+    # and for fwd+bwd the input gradient too
+    grads = mode == "train_fwdbwd"
+    xr = x.detach().clone().requires_grad_(grads)
+    xg = x.float().detach().clone().requires_grad_(grads)
+    out, gx = module(xr), golden(xg)
+    checks = [("output", out, gx)]
+    if grads:
+        out.backward(probe)
+        gx.backward(probe.float())
+        checks.append(("x.grad", xr.grad, xg.grad))
+    for what, got, want in checks:
+        err = (got.float() - want).abs().max().item()
+        if not math.isfinite(err) or err > check_tol[case["dtype"]] * max(want.abs().max().item(), 1.0):
+            rec["error"] = f"{what} mismatch vs eager reference: max abs err {err:.3g}"
+            return rec
 
     def step():
         xi = x.detach().requires_grad_(mode == "train_fwdbwd")

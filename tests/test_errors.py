@@ -130,3 +130,25 @@ def test_zero_and_huge_kernel_sizes():
         _call(weight=torch.randn(3, 1, 0, 0))
     with pytest.raises(ValueError, match="kernel_size must be a positive int"):
         ConvMixerLayer(3, -1)
+
+
+def test_compiled_ops_check_their_inputs():
+    """The C++ side (TORCH_CHECK) refuses what the Python layer would never pass, with a
+    message naming the problem, instead of reading memory wrongly."""
+    if convmixer_ext.available_backends()["cuda_emu"] is not True:
+        pytest.skip("the emulation build is not available here")
+    ops = torch.ops.convmixer_ext
+    x, w, b = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), torch.randn(3)
+    with pytest.raises(RuntimeError, match="contiguous NCHW or channels_last"):
+        ops.k_stats(x[:, :, :, ::2], w, b, 0)
+    with pytest.raises(RuntimeError, match="kernel size must be in"):
+        ops.k_stats(x, torch.randn(3, 1, 33, 33), b, 0)
+    with pytest.raises(RuntimeError, match="dtype of x"):
+        ops.k_stats(x, w.double(), b, 0)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        ops.k_stats(x, w, b, 7)
+    with pytest.raises(RuntimeError, match="dout must have the shape, strides"):
+        ops.k_bwd_reduce(x.contiguous(memory_format=torch.channels_last), x, w, b,
+                         torch.zeros(3), torch.ones(3), 0)
+    with pytest.raises(RuntimeError, match="mean must be a contiguous float32 vector"):
+        ops.k_apply(x, w, b, torch.zeros(4), torch.ones(3), torch.ones(3), torch.zeros(3), 0)
