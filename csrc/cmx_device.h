@@ -6,6 +6,9 @@
 //  - __syncthreads() is a std::barrier among the block's threads;
 //  - __shared__ variables are function-local statics (one block at a time, so one copy is
 //    enough); dynamic shared memory is a buffer owned by the launcher;
+//  - __shfl_xor_sync is an exchange through a per-block buffer between two block-wide
+//    barriers, so every thread of the block must reach it together (true where the
+//    kernels use it: block-level reductions called by all threads);
 //  - launches are serialised by a mutex (statics are process-wide).
 //
 // What emulation proves: arithmetic, indexing, shared-memory use and barrier placement (a
@@ -42,6 +45,7 @@ inline dim3 gridDim;
 namespace cmx_emu {
 inline std::barrier<>* g_barrier = nullptr;
 inline std::vector<float> g_dyn_smem;
+inline std::vector<float> g_shfl;  // one slot per thread of the block
 inline std::mutex g_launch_mutex;
 }  // namespace cmx_emu
 
@@ -54,6 +58,22 @@ inline std::mutex g_launch_mutex;
 #define CMX_UNROLL
 
 inline void __syncthreads() { cmx_emu::g_barrier->arrive_and_wait(); }
+
+inline unsigned cmx_linear_tid() {
+  return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+
+// v of lane (lane ^ lane_mask) of the same 32-thread warp.
+inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask, int width = 32) {
+  const unsigned t = cmx_linear_tid();
+  cmx_emu::g_shfl[t] = v;
+  __syncthreads();
+  const unsigned src = (t & ~static_cast<unsigned>(width - 1)) |
+                       ((t & static_cast<unsigned>(width - 1)) ^ static_cast<unsigned>(lane_mask));
+  const float r = cmx_emu::g_shfl[src];
+  __syncthreads();
+  return r;
+}
 
 #define CMX_DYN_SMEM(name) float* name = cmx_emu::g_dyn_smem.data()
 
@@ -68,6 +88,7 @@ void cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStr
   blockDim = block;
   gridDim = grid;
   cmx_emu::g_dyn_smem.assign(smem_bytes / sizeof(float), 0.f);  // exact: ASan sees overflows
+  cmx_emu::g_shfl.assign(nthreads, 0.f);
   std::barrier<> bar(nthreads);
   cmx_emu::g_barrier = &bar;
   std::vector<std::thread> pool;

@@ -89,15 +89,27 @@ __device__ __forceinline__ Tile tile_of(const Geom& g) {
   return t;
 }
 
-// Sum over the block; every thread must call it; result broadcast to all. Fixed order.
+// Sum over the block; every thread must call it; result broadcast to all. Fixed order
+// (deterministic): a shuffle tree within each warp, then warp 0 over the warp sums.
+// blockDim.x must be a multiple of 32 and at most 32*32.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
 __device__ __forceinline__ float block_sum(float v, float* red) {
-  red[threadIdx.x] = v;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (static_cast<int>(threadIdx.x) < s) red[threadIdx.x] += red[threadIdx.x + s];
-    __syncthreads();
-  }
-  const float r = red[0];
+  // every warp runs the second shuffle tree (the emulated shuffle needs all threads of
+  // the block); only warp 0 holds the warp sums, the others add zeros
+  float r = (warp == 0 && lane < nwarps) ? red[lane] : 0.f;
+  r = warp_sum(r);
+  if (threadIdx.x == 0) red[32] = r;
+  __syncthreads();
+  r = red[32];
   __syncthreads();
   return r;
 }
