@@ -89,34 +89,36 @@ def _(dout, x, weight, bias, gamma, mean, var, batch_stats, eps, activation, bac
             torch.empty_like(gamma), torch.empty_like(gamma))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, gamma, beta, _rm, _rv, batch_stats, eps, activation, backend = inputs
-    _out, mean, var = output
-    ctx.save_for_backward(x, weight, bias, gamma, mean, var)
-    ctx.flags = (batch_stats, eps, activation, backend)
-    ctx.mark_non_differentiable(mean, var)
+def register_block_autograd(fwd_name: str, bwd_op, with_backend: bool) -> None:
+    """Autograd for a block op with the signature of ``dw_block_fwd`` (input, weight, bias,
+    gamma, beta, running_mean, running_var, batch_stats, eps, activation, backend) ->
+    (out, mean, var), whose backward op takes (dout, input, weight, bias, gamma, mean, var,
+    batch_stats, eps, activation[, backend]) and returns the five gradients. The backward
+    op itself refuses double backward with a clear error."""
 
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, gamma, _beta, _rm, _rv, batch_stats, eps, activation, backend = inputs
+        ctx.save_for_backward(x, weight, bias, gamma, output[1], output[2])
+        ctx.flags = (batch_stats, eps, activation) + ((backend,) if with_backend else ())
+        ctx.mark_non_differentiable(output[1], output[2])
 
-def _backward(ctx, dout, _dmean, _dvar):
-    x, weight, bias, gamma, mean, var = ctx.saved_tensors
-    dx, dw, db, dgamma, dbeta = dw_block_bwd(dout, x, weight, bias, gamma, mean, var,
-                                             *ctx.flags)
-    return dx, dw, db, dgamma, dbeta, None, None, None, None, None, None
+    def backward(ctx, dout, _dmean, _dvar):
+        grads = bwd_op(dout, *ctx.saved_tensors, *ctx.flags)
+        return (*grads, None, None, None, None, None, None)
 
-
-torch.library.register_autograd("convmixer_ext::dw_block_fwd", _backward,
-                                setup_context=_setup_context)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(bwd_op, _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError(
-        "double backward (gradients of gradients) through the fused depthwise block is not "
+        "double backward (gradients of gradients) through the fused ConvMixer blocks is not "
         "supported; use the reference model (convmixer_ext.reference) for higher-order "
         "gradients")
 
 
-torch.library.register_autograd("convmixer_ext::dw_block_bwd", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+register_block_autograd("convmixer_ext::dw_block_fwd", dw_block_bwd, with_backend=True)
 
 
 # --------------------------------------------------------------------------- validation

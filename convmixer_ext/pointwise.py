@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._partials import merge_stats
 from .backends import BackendUnavailableError, _reason
+from .ops import register_block_autograd
 from .semantics import (ACTIVATIONS, act_fwd, act_grad, bn_affine, bn_grad, check_activation,
                         rstd_from_var, stats_dtype, update_running_stats, uses_batch_stats)
 
@@ -113,22 +114,7 @@ def _(dout, y, weight, bias, gamma, mean, var, batch_stats, eps, activation):
             torch.empty_like(gamma), torch.empty_like(gamma))
 
 
-def _setup_context(ctx, inputs, output):
-    y, weight, bias, gamma, _beta, _rm, _rv, batch_stats, eps, activation, _backend = inputs
-    ctx.save_for_backward(y, weight, bias, gamma, output[1], output[2])
-    ctx.flags = (batch_stats, eps, activation)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward(ctx, dout, _dmean, _dvar):
-    y, weight, bias, gamma, mean, var = ctx.saved_tensors
-    dy, dw, db, dgamma, dbeta = pw_block_bwd(dout, y, weight, bias, gamma, mean, var,
-                                             *ctx.flags)
-    return dy, dw, db, dgamma, dbeta, None, None, None, None, None, None
-
-
-torch.library.register_autograd("convmixer_ext::pw_block_fwd", _backward,
-                                setup_context=_setup_context)
+register_block_autograd("convmixer_ext::pw_block_fwd", pw_block_bwd, with_backend=False)
 
 
 def resolve_pw_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
