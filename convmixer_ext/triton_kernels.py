@@ -24,6 +24,7 @@ tensors in Triton's interpreter (how CI proves them).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -277,12 +278,18 @@ def _launch(kernel, x, args, extra_constexpr):
     tiles_per_img = triton.cdiv(H, th) * tiles_w
     grid = (N * tiles_per_img, triton.cdiv(C, block_c))
     on_gpu = x.is_cuda and not triton_interpreter()
-    if on_gpu:
-        torch.cuda.set_device(x.device)
     run, pass_warps = _runner(kernel, on_gpu)
     launch_opts = dict(num_warps=num_warps) if pass_warps else {}
-    run[grid](*args, C, H, W, *x.stride(), tiles_w, tiles_per_img, **extra_constexpr,
-              TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, **launch_opts)
+    with _device_of(x):
+        run[grid](*args, C, H, W, *x.stride(), tiles_w, tiles_per_img, **extra_constexpr,
+                  TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, **launch_opts)
+
+
+def _device_of(x):
+    """Launch on x's GPU without changing the caller's current device."""
+    if x.is_cuda and not triton_interpreter():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def _num_tiles(x):
@@ -401,15 +408,14 @@ def pw_gemm_act_stats(y, w2, bias, act, block_p=64, block_n=64, block_k=32):
     g = torch.empty((P, CO), device=y.device, dtype=torch.float32)
     mean_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
-    if y.is_cuda and not triton_interpreter():
-        torch.cuda.set_device(y.device)
     grid = (T, triton.cdiv(CO, block_n))
     # fp32: IEEE products (no TF32). The interpreter's dot mishandles bf16/fp16 operands,
     # so there they are upcast first (bf16/fp16 products are exact in fp32: same result).
     ieee = y.dtype == torch.float32 or triton_interpreter()
-    _pw_gemm_kernel[grid](y, w2.contiguous(), bias, g, mean_p, m2_p, P, CI, CO, H * W, W,
-                          *y.stride(), ACT=act, IEEE=ieee,
-                          BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    with _device_of(y):
+        _pw_gemm_kernel[grid](y, w2.contiguous(), bias, g, mean_p, m2_p, P, CI, CO, H * W, W,
+                              *y.stride(), ACT=act, IEEE=ieee,
+                              BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     starts = torch.arange(0, P, block_p)
     cnt = torch.clamp(P - starts, max=block_p).to(device=y.device, dtype=torch.float32)
     return g, mean_p, m2_p, cnt
