@@ -100,9 +100,9 @@ class ConvMixerLayer(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.forward_dw(x)
-        # nn.SyncBatchNorm (convert(sync_bn=True)) keeps the pointwise half unfused
-        if self.pointwise == "unfused" or not isinstance(self[3], nn.BatchNorm2d) \
-                or isinstance(self[3], nn.SyncBatchNorm):
+        # anything but a plain BatchNorm2d as BN2 (e.g. the nn.SyncBatchNorm of
+        # convert(sync_bn=True)) keeps the pointwise half unfused
+        if self.pointwise == "unfused" or not isinstance(self[3], nn.BatchNorm2d):
             return self[3](self[2](self[1](y)))
         return fused_pointwise_block(y, self[1], self[3], self.training,
                                      activation_name(self[2]), self.pointwise)
@@ -131,13 +131,13 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
     the pointwise half then runs unfused.
     """
     _check_name(backend)
+    _check_pointwise(pointwise)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
         raise TypeError(f"convert() expects a ConvMixer with a 'blocks' nn.Sequential, got "
                         f"{type(model).__name__}")
     for i, layer in enumerate(blocks):
         if isinstance(layer, ConvMixerLayer):
-            _check_pointwise(pointwise)
             layer.backend, layer.pointwise = backend, pointwise
         else:
             blocks[i] = ConvMixerLayer.from_reference(layer, backend, pointwise)
@@ -146,8 +146,7 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
         group = process_group if process_group is not None else dist.group.WORLD
         for layer in blocks:
             layer.process_group = group
-            for j in (1, 2, 3):  # the pointwise half
-                layer[j] = nn.SyncBatchNorm.convert_sync_batchnorm(layer[j], group)
+            layer[3] = nn.SyncBatchNorm.convert_sync_batchnorm(layer[3], group)  # BN2
         for name, child in list(model.named_children()):
             if name != "blocks":
                 setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child, group))

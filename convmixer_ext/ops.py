@@ -71,14 +71,20 @@ def _(x, weight, bias, gamma, beta, running_mean, running_var, batch_stats, eps,
 def dw_block_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
                  mean: Tensor, var: Tensor, batch_stats: bool, eps: float, activation: str,
                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = get_impl(_for_size(backend, x))
+    return _backward_passes(get_impl(_for_size(backend, x)), dout, x, weight, bias, gamma,
+                            mean, rstd_from_var(var, eps), batch_stats, activation)
+
+
+def _backward_passes(impl, dout, x, weight, bias, gamma, mean, rstd, batch_stats, activation,
+                     globalize=None):
+    """B1 then B2 (DESIGN.md §3); returns (dx, dW, db, dgamma, dbeta) in the parameters'
+    dtypes. ``globalize(dbeta, dgamma)`` (SyncBatchNorm) maps this rank's B1 sums to the
+    ones B2 must use; the returned dgamma/dbeta stay this rank's own."""
     dout = _same_layout(dout, x)
-    sd = stats_dtype(x.dtype)
-    rstd = rstd_from_var(var, eps)
-    g32 = gamma.to(sd)
     dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation)
-    dx, dw, db = impl.bwd_main(dout, x, weight, bias, mean, rstd, g32, dbeta, dgamma,
-                               batch_stats, activation)
+    b2_dbeta, b2_dgamma = (dbeta, dgamma) if globalize is None else globalize(dbeta, dgamma)
+    dx, dw, db = impl.bwd_main(dout, x, weight, bias, mean, rstd, gamma.to(mean.dtype),
+                               b2_dbeta, b2_dgamma, batch_stats, activation)
     return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
             dbeta.to(gamma.dtype))
 
@@ -193,29 +199,28 @@ class _SyncBlock(torch.autograd.Function):
         mean, var = merge_stats(allp[:, :C], allp[:, C:2 * C] * cnt[:, None], cnt)
         rstd = rstd_from_var(var, eps)
         out = impl.apply(x, weight, bias, mean, rstd, gamma.to(sd), beta.to(sd), activation)
+        n_global = int(cnt.sum().item())
         ctx.save_for_backward(x, weight, bias, gamma, mean, rstd)
-        ctx.cfg = (activation, backend, group, N * H * W / cnt.sum().item())
+        ctx.cfg = (activation, backend, group, N * H * W / n_global)
         ctx.mark_non_differentiable(mean, var)
-        return out, mean, var, int(cnt.sum().item())
+        return out, mean, var, n_global
 
     @staticmethod
     def backward(ctx, dout, _dmean, _dvar, _dn):
         import torch.distributed as dist
         x, weight, bias, gamma, mean, rstd = ctx.saved_tensors
         activation, backend, group, local_share = ctx.cfg
-        impl = get_impl(backend)
-        dout = _same_layout(dout, x)
-        dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation)
-        glob = torch.cat([dbeta, dgamma])
-        dist.all_reduce(glob, group=group)
-        C = dbeta.numel()
-        # B2 divides the sums by the local count; scaling by local/global count makes that
-        # the division by the global count that SyncBatchNorm's gradient needs.
-        dx, dw, db = impl.bwd_main(dout, x, weight, bias, mean, rstd,
-                                   gamma.to(mean.dtype), glob[:C] * local_share,
-                                   glob[C:] * local_share, True, activation)
-        return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
-                dbeta.to(gamma.dtype), None, None, None, None)
+
+        def globalize(dbeta, dgamma):
+            glob = torch.cat([dbeta, dgamma])
+            dist.all_reduce(glob, group=group)
+            # B2 divides the sums by the local count; scaling by local/global count makes
+            # that the division by the global count that SyncBatchNorm's gradient needs.
+            return (glob * local_share).split(dbeta.numel())
+
+        grads = _backward_passes(get_impl(backend), dout, x, weight, bias, gamma, mean, rstd,
+                                 True, activation, globalize)
+        return (*grads, None, None, None, None)
 
 
 def _sync_group(process_group):

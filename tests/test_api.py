@@ -10,7 +10,7 @@ import convmixer_ext
 from conftest import DEVICE, all_backends
 from convmixer_ext import ConvMixer, ConvMixerLayer, convert, fused_dwconv_block
 from convmixer_ext.reference import ConvMixer as RefConvMixer, conv_mixer_layer
-from helpers import TOL, assert_close, compare_models, layer_pair, randomize_bn
+from helpers import assert_close, layer_pair, randomize_bn
 
 
 def _block_args(C=3, k=3, N=2, H=5, W=4, dtype=torch.float64, seed=0):

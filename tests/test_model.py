@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, all_backends
 from convmixer_ext import convert
 from convmixer_ext.reference import ConvMixer as RefConvMixer
-from helpers import TOL, assert_close, randomize_bn
+from helpers import assert_close, randomize_bn
 
 
 def _pair(backend, dim=8, depth=2, k=5, activation="gelu"):
