@@ -15,15 +15,19 @@ import torch
 
 NAMESPACE = "convmixer_ext"
 
+# pre_a, pre_c: the previous layer's BN2 folded into the block input (a*x + c per channel)
 KERNEL_SCHEMAS = {
-    "k_stats": "k_stats(Tensor x, Tensor weight, Tensor bias, int act) -> (Tensor, Tensor, Tensor)",
+    "k_stats": ("k_stats(Tensor x, Tensor weight, Tensor bias, Tensor? pre_a, Tensor? pre_c, "
+                "int act) -> (Tensor, Tensor, Tensor)"),
     "k_apply": ("k_apply(Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
-                "Tensor gamma, Tensor beta, int act) -> Tensor"),
+                "Tensor gamma, Tensor beta, Tensor? pre_a, Tensor? pre_c, int act) -> Tensor"),
     "k_bwd_reduce": ("k_bwd_reduce(Tensor dout, Tensor x, Tensor weight, Tensor bias, "
-                     "Tensor mean, Tensor rstd, int act) -> (Tensor, Tensor)"),
+                     "Tensor mean, Tensor rstd, Tensor? pre_a, Tensor? pre_c, int act) "
+                     "-> (Tensor, Tensor)"),
     "k_bwd_main": ("k_bwd_main(Tensor dout, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
                    "Tensor rstd, Tensor gamma, Tensor dbeta, Tensor dgamma, bool batch_stats, "
-                   "int act) -> (Tensor, Tensor, Tensor)"),
+                   "Tensor? pre_a, Tensor? pre_c, int act) "
+                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"),
     # test hook, implemented by the emulation build only: element offset through the
     # kernels' 64-bit index helpers
     "k_index_probe": "k_index_probe(int[] strides, int n, int c, int h, int w) -> int",

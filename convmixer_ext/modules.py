@@ -4,6 +4,13 @@ A :class:`ConvMixerLayer` has exactly the children of a reference (or timm) laye
 ``0.fn.0`` depthwise conv, ``0.fn.1`` activation, ``0.fn.2`` BN1, ``1`` pointwise conv,
 ``2`` activation, ``3`` BN2 — so parameters, buffers and ``state_dict`` keys are the
 same; only ``forward`` differs: the depthwise block runs as one fused op.
+
+With a fused pointwise half (``pointwise != "unfused"``), consecutive layers hand BN2 to
+each other as a per-channel affine: layer i returns the raw activation ``g`` and
+``(a, c)``, and layer i+1's depthwise kernels apply ``a*g + c`` as they load (DESIGN.md
+§4), so BN2 never makes its own pass over memory. :class:`FusedBlocks` (the ``blocks`` of
+:class:`ConvMixer` and of converted models) runs that chain and applies the last layer's
+affine once at the end; a lone :class:`ConvMixerLayer` applies its own.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from torch import nn
 
 from .backends import _check_name
 from .ops import fused_dwconv_block
-from .pointwise import PW_BACKENDS, fused_pointwise_block
+from .pointwise import PW_BACKENDS, apply_affine, pointwise_folded
 from .reference import ConvMixer as _ReferenceConvMixer, conv_mixer_layer
 from .semantics import activation_name, check_activation
 
@@ -85,8 +92,9 @@ class ConvMixerLayer(nn.Sequential):
         return (f"activation={self.activation!r}, backend={self.backend!r}, "
                 f"pointwise={self.pointwise!r}")
 
-    def forward_dw(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused depthwise block: ``x + BN1(act(dwconv(x)))``."""
+    def forward_dw(self, x: torch.Tensor, pre=None) -> torch.Tensor:
+        """The fused depthwise block: ``x + BN1(act(dwconv(x)))``, with the block input
+        ``a*x + c`` when ``pre=(a, c)`` is given."""
         dw, bn = self[0].fn[0], self[0].fn[2]
         if bn.affine:
             gamma, beta = bn.weight, bn.bias
@@ -96,16 +104,43 @@ class ConvMixerLayer(nn.Sequential):
         return fused_dwconv_block(
             x, dw.weight, dw.bias, gamma, beta, bn.running_mean, bn.running_var,
             bn.num_batches_tracked, training=self.training, momentum=bn.momentum, eps=bn.eps,
-            activation=self.activation, backend=self.backend, process_group=self.process_group)
+            activation=self.activation, backend=self.backend, process_group=self.process_group,
+            pre=pre)
+
+    def folds_bn2(self) -> bool:
+        """Whether this layer leaves its BN2 as an affine for the next one (fused pointwise
+        half over a plain BatchNorm2d; e.g. the nn.SyncBatchNorm of convert(sync_bn=True)
+        keeps the pointwise half unfused)."""
+        return self.pointwise != "unfused" and type(self[3]) is nn.BatchNorm2d
+
+    def forward_folded(self, x: torch.Tensor, pre=None):
+        """``(g, (a, c))`` where this layer's output is ``a*g + c`` per channel, or
+        ``(out, None)`` when the layer does not fold its BN2 (see :meth:`folds_bn2`).
+        ``pre``: the previous layer's affine, applied to ``x`` as the kernels load it."""
+        y = self.forward_dw(x, pre)
+        if not self.folds_bn2():
+            return self[3](self[2](self[1](y))), None
+        return pointwise_folded(y, self[1], self[3], self.training, activation_name(self[2]),
+                                self.pointwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.forward_dw(x)
-        # anything but a plain BatchNorm2d as BN2 (e.g. the nn.SyncBatchNorm of
-        # convert(sync_bn=True)) keeps the pointwise half unfused
-        if self.pointwise == "unfused" or not isinstance(self[3], nn.BatchNorm2d):
-            return self[3](self[2](self[1](y)))
-        return fused_pointwise_block(y, self[1], self[3], self.training,
-                                     activation_name(self[2]), self.pointwise)
+        h, pre = self.forward_folded(x)
+        return h if pre is None else apply_affine(h, pre)
+
+
+class FusedBlocks(nn.Sequential):
+    """The layer stack of a ConvMixer (same children and ``state_dict`` keys as the
+    ``nn.Sequential`` it replaces) running the BN2-folding chain between
+    :class:`ConvMixerLayer` s; any other module gets materialised input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = None
+        for layer in self:
+            if isinstance(layer, ConvMixerLayer):
+                x, pre = layer.forward_folded(x, pre)
+            else:
+                x, pre = layer(x if pre is None else apply_affine(x, pre)), None
+        return x if pre is None else apply_affine(x, pre)
 
 
 class ConvMixer(_ReferenceConvMixer):
@@ -124,7 +159,9 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
     """Swap fused layers into a reference or timm ConvMixer in place, keeping its weights and
     buffers (the modules themselves are reused). Returns ``model``.
 
-    ``pointwise``: see :class:`ConvMixerLayer`.
+    ``pointwise``: see :class:`ConvMixerLayer`; fused, consecutive layers fold BN2 into the
+    next layer's depthwise load (``model.blocks`` becomes a :class:`FusedBlocks`, same
+    ``state_dict`` keys).
     ``sync_bn=True`` (distributed training): the fused blocks compute batch statistics over
     ``process_group`` (default: the whole world), and every other ``nn.BatchNorm2d`` of the
     model becomes an ``nn.SyncBatchNorm`` over the same group (which PyTorch runs on GPUs);
@@ -141,6 +178,8 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
             layer.backend, layer.pointwise = backend, pointwise
         else:
             blocks[i] = ConvMixerLayer.from_reference(layer, backend, pointwise)
+    if not isinstance(blocks, FusedBlocks):
+        model.blocks = blocks = FusedBlocks(*blocks)
     if sync_bn:
         import torch.distributed as dist
         group = process_group if process_group is not None else dist.group.WORLD
@@ -153,4 +192,4 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
     return model
 
 
-__all__ = ["ConvMixerLayer", "ConvMixer", "convert"]
+__all__ = ["ConvMixerLayer", "ConvMixer", "FusedBlocks", "convert"]

@@ -42,26 +42,32 @@ def _dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def _pre_of(pre_scale, pre_shift):
+    return None if pre_scale is None else (pre_scale, pre_shift)
+
+
 @torch.library.custom_op("convmixer_ext::dw_block_fwd", mutates_args=())
 def dw_block_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 pre_scale: Optional[Tensor], pre_shift: Optional[Tensor],
                  batch_stats: bool, eps: float, activation: str,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = get_impl(_for_size(backend, x))
     sd = stats_dtype(x.dtype)
+    pre = _pre_of(pre_scale, pre_shift)
     if batch_stats:
-        mean, var = impl.stats(x, weight, bias, activation)
+        mean, var = impl.stats(x, weight, bias, activation, pre)
     else:
         mean = running_mean.to(sd, copy=True)
         var = running_var.to(sd, copy=True)
     out = impl.apply(x, weight, bias, mean, rstd_from_var(var, eps), gamma.to(sd),
-                     beta.to(sd), activation)
+                     beta.to(sd), activation, pre)
     return out, mean, var
 
 
 @dw_block_fwd.register_fake
-def _(x, weight, bias, gamma, beta, running_mean, running_var, batch_stats, eps, activation,
-      backend):
+def _(x, weight, bias, gamma, beta, running_mean, running_var, pre_scale, pre_shift,
+      batch_stats, eps, activation, backend):
     sd = stats_dtype(x.dtype)
     C = x.shape[1]
     return torch.empty_like(x), x.new_empty((C,), dtype=sd), x.new_empty((C,), dtype=sd)
@@ -69,50 +75,61 @@ def _(x, weight, bias, gamma, beta, running_mean, running_var, batch_stats, eps,
 
 @torch.library.custom_op("convmixer_ext::dw_block_bwd", mutates_args=())
 def dw_block_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
-                 mean: Tensor, var: Tensor, batch_stats: bool, eps: float, activation: str,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward_passes(get_impl(_for_size(backend, x)), dout, x, weight, bias, gamma,
-                            mean, rstd_from_var(var, eps), batch_stats, activation)
+                 mean: Tensor, var: Tensor, pre_scale: Optional[Tensor],
+                 pre_shift: Optional[Tensor], batch_stats: bool, eps: float, activation: str,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The five gradients, then those of pre_scale/pre_shift (empty without them)."""
+    pre = _pre_of(pre_scale, pre_shift)
+    *grads, dpre = _backward_passes(get_impl(_for_size(backend, x)), dout, x, weight, bias,
+                                    gamma, mean, rstd_from_var(var, eps), batch_stats,
+                                    activation, pre=pre)
+    if dpre is None:
+        dpre = (mean.new_empty((0,)), mean.new_empty((0,)))
+    return (*grads, dpre[0].to(pre_scale.dtype if pre else mean.dtype),
+            dpre[1].to(pre_shift.dtype if pre else mean.dtype))
 
 
 def _backward_passes(impl, dout, x, weight, bias, gamma, mean, rstd, batch_stats, activation,
-                     globalize=None):
+                     globalize=None, pre=None):
     """B1 then B2 (DESIGN.md §3); returns (dx, dW, db, dgamma, dbeta) in the parameters'
-    dtypes. ``globalize(dbeta, dgamma)`` (SyncBatchNorm) maps this rank's B1 sums to the
-    ones B2 must use; the returned dgamma/dbeta stay this rank's own."""
+    dtypes, then dpre (see torch_backend.bwd_main). ``globalize(dbeta, dgamma)``
+    (SyncBatchNorm) maps this rank's B1 sums to the ones B2 must use; the returned
+    dgamma/dbeta stay this rank's own."""
     dout = _same_layout(dout, x)
-    dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation)
+    dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation, pre)
     b2_dbeta, b2_dgamma = (dbeta, dgamma) if globalize is None else globalize(dbeta, dgamma)
-    dx, dw, db = impl.bwd_main(dout, x, weight, bias, mean, rstd, gamma.to(mean.dtype),
-                               b2_dbeta, b2_dgamma, batch_stats, activation)
+    dx, dw, db, dpre = impl.bwd_main(dout, x, weight, bias, mean, rstd, gamma.to(mean.dtype),
+                                     b2_dbeta, b2_dgamma, batch_stats, activation, pre)
     return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
-            dbeta.to(gamma.dtype))
+            dbeta.to(gamma.dtype), dpre)
 
 
 @dw_block_bwd.register_fake
-def _(dout, x, weight, bias, gamma, mean, var, batch_stats, eps, activation, backend):
+def _(dout, x, weight, bias, gamma, mean, var, pre_scale, pre_shift, batch_stats, eps,
+      activation, backend):
+    n = 0 if pre_scale is None else x.shape[1]
     return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias),
-            torch.empty_like(gamma), torch.empty_like(gamma))
+            torch.empty_like(gamma), torch.empty_like(gamma), mean.new_empty((n,)),
+            mean.new_empty((n,)))
 
 
-def register_block_autograd(fwd_name: str, bwd_op, with_backend: bool) -> None:
-    """Autograd for a block op with the signature of ``dw_block_fwd`` (input, weight, bias,
-    gamma, beta, running_mean, running_var, batch_stats, eps, activation, backend) ->
-    (out, mean, var), whose backward op takes (dout, input, weight, bias, gamma, mean, var,
-    batch_stats, eps, activation[, backend]) and returns the five gradients. The backward
-    op itself refuses double backward with a clear error."""
+def _dw_setup_context(ctx, inputs, output):
+    (x, weight, bias, gamma, _beta, _rm, _rv, pre_scale, pre_shift, batch_stats, eps,
+     activation, backend) = inputs
+    ctx.save_for_backward(x, weight, bias, gamma, output[1], output[2], pre_scale, pre_shift)
+    ctx.flags = (batch_stats, eps, activation, backend)
+    ctx.mark_non_differentiable(output[1], output[2])
 
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, gamma, _beta, _rm, _rv, batch_stats, eps, activation, backend = inputs
-        ctx.save_for_backward(x, weight, bias, gamma, output[1], output[2])
-        ctx.flags = (batch_stats, eps, activation) + ((backend,) if with_backend else ())
-        ctx.mark_non_differentiable(output[1], output[2])
 
-    def backward(ctx, dout, _dmean, _dvar):
-        grads = bwd_op(dout, *ctx.saved_tensors, *ctx.flags)
-        return (*grads, None, None, None, None, None, None)
+def _dw_backward(ctx, dout, _dmean, _dvar):
+    *grads, dpa, dpc = dw_block_bwd(dout, *ctx.saved_tensors, *ctx.flags)
+    if ctx.saved_tensors[6] is None:
+        dpa = dpc = None
+    return (*grads, None, None, dpa, dpc, None, None, None, None)
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+def refuse_double_backward(bwd_op) -> None:
+    """Make ``bwd_op`` (a block's backward op) refuse to be differentiated, clearly."""
     torch.library.register_autograd(bwd_op, _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
@@ -124,7 +141,9 @@ def _no_double_backward(ctx, *grads):
         "gradients")
 
 
-register_block_autograd("convmixer_ext::dw_block_fwd", dw_block_bwd, with_backend=True)
+torch.library.register_autograd("convmixer_ext::dw_block_fwd", _dw_backward,
+                                setup_context=_dw_setup_context)
+refuse_double_backward(dw_block_bwd)
 
 
 # --------------------------------------------------------------------------- validation
@@ -174,6 +193,19 @@ def check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var) 
     return weight.shape[-1]
 
 
+def _check_pre(pre, x: Tensor):
+    """(scale, shift) or (None, None); validated against x."""
+    if pre is None:
+        return None, None
+    if not isinstance(pre, (tuple, list)) or len(pre) != 2:
+        raise TypeError(f"pre must be None or a (scale, shift) pair of tensors, got "
+                        f"{type(pre).__name__}")
+    sd = stats_dtype(x.dtype)
+    for name, t in zip(("pre scale", "pre shift"), pre):
+        _check_param(name, t, x.shape[1], x, (sd,))
+    return pre[0].contiguous(), pre[1].contiguous()
+
+
 # --------------------------------------------------------------------------- SyncBatchNorm
 class _SyncBlock(torch.autograd.Function):
     """Batch statistics over every rank of ``group`` (``nn.SyncBatchNorm`` semantics).
@@ -218,8 +250,8 @@ class _SyncBlock(torch.autograd.Function):
             # that the division by the global count that SyncBatchNorm's gradient needs.
             return (glob * local_share).split(dbeta.numel())
 
-        grads = _backward_passes(get_impl(backend), dout, x, weight, bias, gamma, mean, rstd,
-                                 True, activation, globalize)
+        *grads, _ = _backward_passes(get_impl(backend), dout, x, weight, bias, gamma, mean,
+                                     rstd, True, activation, globalize)
         return (*grads, None, None, None, None)
 
 
@@ -239,8 +271,13 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
                        num_batches_tracked: Optional[Tensor] = None, training: bool = True,
                        momentum: Optional[float] = 0.1, eps: float = 1e-5,
                        activation: str = "gelu", backend: str = "auto",
-                       process_group=None) -> Tensor:
+                       process_group=None, pre=None) -> Tensor:
     """``x + BN(act(dwconv_k(x) + bias))`` in one fused op (DESIGN.md §2).
+
+    ``pre=(scale, shift)`` (per-channel vectors in the statistics dtype: float32, float64
+    for float64 x) folds a per-channel affine into the load: the block's input is then
+    ``scale*x + shift`` (zero padding unchanged) — how the previous layer's BN2 reaches
+    this block without its own pass over memory. Gradients flow to scale and shift.
 
     BatchNorm follows ``nn.BatchNorm2d`` exactly: batch statistics when ``training`` or
     when no running buffers are given, otherwise the running statistics; in training the
@@ -261,6 +298,7 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
         x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
     k = check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var)
     check_activation(activation)
+    pre_scale, pre_shift = _check_pre(pre, x)
     name = resolve_backend(backend, x.device, x.dtype, k)
     batch_stats = uses_batch_stats(training, running_mean)
     N, C, H, W = x.shape
@@ -271,11 +309,15 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
                          f"statistics, got x of shape {tuple(x.shape)}")
     x = _dense(x)
     if group is not None:
+        if pre is not None:
+            raise ValueError("pre (a folded affine) is not supported with process_group; "
+                             "SyncBatchNorm layers keep their BN2 unfolded")
         out, mean, var, n = _SyncBlock.apply(x, weight, bias, gamma, beta, float(eps),
                                              activation, name, group)
     else:
         out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean,
-                                      running_var, batch_stats, float(eps), activation, name)
+                                      running_var, pre_scale, pre_shift, batch_stats,
+                                      float(eps), activation, name)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
                              mean, var, n)

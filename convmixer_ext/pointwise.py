@@ -1,15 +1,24 @@
-"""The pointwise block ``z = BN2(act(conv1x1(y) + b2))`` as one op (DESIGN.md §4), first step.
+"""The pointwise block ``z = BN2(act(conv1x1(y) + b2))`` (DESIGN.md §4).
 
-Forward: one GEMM over positions (rows = N*H*W positions, columns = output channels)
-whose epilogue adds the bias, applies the activation, stores ``g = act(u)`` and emits
-BN2's per-channel partial statistics (mean and centred M2 per row tile), merged like the
-depthwise block's (``_partials.merge_stats``); then BN2's normalize + affine.
-Backward: explicit (BN2 backward from the saved statistics, ``u`` recomputed by a GEMM,
-``dy = du W``, ``dW = du^T y``) in PyTorch ops for every backend.
+One op, ``convmixer_ext::pw_act_fwd``: a GEMM over positions (rows = N*H*W positions,
+columns = output channels) whose epilogue adds the bias, applies the activation, stores
+``g = act(u)`` (dtype and memory format of ``y``) and emits BN2's per-channel partial
+statistics, merged like the depthwise block's (``_partials.merge_stats``). It returns
+``(g, mean, var)``, all three differentiable.
 
-Backends: ``"triton"`` (the GEMM kernel; CUDA tensors, or CPU under TRITON_INTERPRET=1)
-and ``"torch"`` (the twin). Not yet done: folding BN2's affine into the next layer's
-depthwise load, and a fused backward.
+BN2 itself is then a per-channel affine ``z = a*g + c`` (``a = gamma*rstd``,
+``c = beta - a*mean``: semantics.bn_affine) computed by autograd-tracked per-channel
+ops. Inside a stack of fused layers that affine is never applied as its own pass: it is
+handed to the next layer's depthwise block, whose kernels apply it on load
+(``fused_dwconv_block(..., pre=(a, c))``) and return the gradients of ``g``, ``a`` and
+``c``; autograd turns those into the gradients of ``mean``/``var`` and ``gamma``/``beta``.
+
+Backward (``convmixer_ext::pw_act_bwd``): ``u`` is recomputed by the same GEMM, whose
+epilogue forms ``du = (dg + dmean/M + dvar*2(g-mean)/M) * act'(u)`` and the partial
+sums of ``db`` (Triton: one kernel; torch: the same formula in PyTorch ops); then
+``dy = du W`` and ``dW = du^T y`` are two library GEMMs in the dtype of ``y``.
+
+Backends: ``"triton"`` (CUDA tensors, or CPU under TRITON_INTERPRET=1) and ``"torch"``.
 """
 from __future__ import annotations
 
@@ -18,10 +27,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._partials import merge_stats
+from ._partials import merge_stats, sum_partials
 from .backends import BackendUnavailableError, _reason
-from .ops import register_block_autograd
-from .semantics import (ACTIVATIONS, act_fwd, act_grad, bn_affine, bn_grad, check_activation,
+from .ops import refuse_double_backward
+from .semantics import (ACTIVATIONS, act_fwd, act_grad, bn_affine, check_activation,
                         rstd_from_var, stats_dtype, update_running_stats, uses_batch_stats)
 
 PW_BACKENDS = ("triton", "torch")
@@ -32,90 +41,127 @@ def _rows(y: Tensor) -> Tensor:
     return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
 
+def _channels_last(like: Tensor) -> bool:
+    return like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+
+
 def _unrows(m: Tensor, like: Tensor) -> Tensor:
+    """[N*H*W, C'] -> [N, C', H, W] in ``like``'s memory format."""
     N, _, H, W = like.shape
     out = m.reshape(N, H, W, -1).permute(0, 3, 1, 2)
-    return out.contiguous(memory_format=torch.channels_last) \
-        if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous() \
+    return out.contiguous(memory_format=torch.channels_last) if _channels_last(like) \
         else out.contiguous()
 
 
-# --------------------------------------------------------------------------- forward passes
-def _gemm_act_stats_torch(y, weight, bias, activation, need_stats):
+def out_like(y: Tensor, channels: int, dtype=None) -> Tensor:
+    """An empty [N, channels, H, W] tensor in y's memory format."""
+    N, _, H, W = y.shape
+    fmt = torch.channels_last if _channels_last(y) else torch.contiguous_format
+    return torch.empty((N, channels, H, W), device=y.device, dtype=dtype or y.dtype,
+                       memory_format=fmt)
+
+
+def _bcast(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _recompute_u(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     sd = stats_dtype(y.dtype)
-    u = _rows(y).to(sd) @ weight.reshape(weight.shape[0], -1).to(sd).t() + bias.to(sd)
-    g = act_fwd(u, activation)
-    if not need_stats:
-        return g, None, None
+    return _rows(y).to(sd) @ weight.reshape(weight.shape[0], -1).to(sd).t() + bias.to(sd)
+
+
+# --------------------------------------------------------------------------- forward
+def _fwd_torch(y, weight, bias, activation):
+    g = act_fwd(_recompute_u(y, weight, bias), activation)
     var, mean = torch.var_mean(g, dim=0, correction=0)
-    return g, mean, var
+    return _unrows(g.to(y.dtype), y), mean, var
 
 
-def _gemm_act_stats_triton(y, weight, bias, activation, need_stats):
+def _fwd_triton(y, weight, bias, activation):
     from .triton_kernels import pw_gemm_act_stats
-    g, mean_p, m2_p, cnt = pw_gemm_act_stats(y, weight.reshape(weight.shape[0], -1), bias,
-                                             ACTIVATIONS[activation])
-    if not need_stats:
-        return g, None, None
+    g = out_like(y, weight.shape[0])
+    mean_p, m2_p, cnt = pw_gemm_act_stats(y, weight.reshape(weight.shape[0], -1), bias, g,
+                                          ACTIVATIONS[activation])
     mean, var = merge_stats(mean_p, m2_p, cnt)
     return g, mean, var
 
 
-_GEMM = {"torch": _gemm_act_stats_torch, "triton": _gemm_act_stats_triton}
+# --------------------------------------------------------------------------- backward
+def _du_torch(dg, dmean, dvar, y, weight, bias, mean, activation):
+    """(du rows [P, Co] in y's dtype, db) from the formula in the module docstring."""
+    u = _recompute_u(y, weight, bias)
+    M = u.shape[0]
+    d = _rows(dg).to(u.dtype) + dmean / M + (act_fwd(u, activation) - mean) * (2.0 / M * dvar)
+    du = d * act_grad(u, activation)
+    return du.to(y.dtype), du.sum(0)
 
 
-@torch.library.custom_op("convmixer_ext::pw_block_fwd", mutates_args=())
-def pw_block_fwd(y: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
-                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                 batch_stats: bool, eps: float, activation: str,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    sd = stats_dtype(y.dtype)
-    g, mean, var = _GEMM[backend](y, weight, bias, activation, batch_stats)
-    if not batch_stats:
-        mean, var = running_mean.to(sd, copy=True), running_var.to(sd, copy=True)
-    a, c = bn_affine(mean, rstd_from_var(var, eps), gamma.to(sd), beta.to(sd))
-    return _unrows((g * a + c).to(y.dtype), y), mean, var
+def _du_triton(dg, dmean, dvar, y, weight, bias, mean, activation):
+    from .triton_kernels import pw_bwd_du
+    du, db_p = pw_bwd_du(dg, dmean, dvar, y, weight.reshape(weight.shape[0], -1), bias, mean,
+                         ACTIVATIONS[activation])
+    return du, sum_partials(db_p)
 
 
-@pw_block_fwd.register_fake
-def _(y, weight, bias, gamma, beta, running_mean, running_var, batch_stats, eps, activation,
-      backend):
+_IMPL = {"torch": (_fwd_torch, _du_torch), "triton": (_fwd_triton, _du_triton)}
+
+
+@torch.library.custom_op("convmixer_ext::pw_act_fwd", mutates_args=())
+def pw_act_fwd(y: Tensor, weight: Tensor, bias: Tensor, activation: str,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(g = act(conv1x1(y) + b), per-channel mean, biased var of g)."""
+    if y.numel() == 0:
+        backend = "torch"
+    return _IMPL[backend][0](y, weight, bias, activation)
+
+
+@pw_act_fwd.register_fake
+def _(y, weight, bias, activation, backend):
     sd = stats_dtype(y.dtype)
     Co = weight.shape[0]
-    N, _, H, W = y.shape
-    return (y.new_empty((N, Co, H, W)), y.new_empty((Co,), dtype=sd),
-            y.new_empty((Co,), dtype=sd))
+    return out_like(y, Co), y.new_empty((Co,), dtype=sd), y.new_empty((Co,), dtype=sd)
 
 
-@torch.library.custom_op("convmixer_ext::pw_block_bwd", mutates_args=())
-def pw_block_bwd(dout: Tensor, y: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
-                 mean: Tensor, var: Tensor, batch_stats: bool, eps: float,
-                 activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    sd = stats_dtype(y.dtype)
-    yr = _rows(y).to(sd)
-    w2 = weight.reshape(weight.shape[0], -1).to(sd)
-    u = yr @ w2.t() + bias.to(sd)                       # recomputed, never stored
-    rstd = rstd_from_var(var, eps)
-    xh = (act_fwd(u, activation) - mean) * rstd
-    d = _rows(dout).to(sd)
-    dbeta, dgamma = d.sum(0), (d * xh).sum(0)
-    dg = bn_grad(d, xh, gamma.to(sd) * rstd, dbeta, dgamma, d.shape[0], batch_stats)
-    du = dg * act_grad(u, activation)
-    dy = _unrows((du @ w2).to(y.dtype), y)
-    dw = (du.t() @ yr).reshape(weight.shape)
-    return (dy, dw.to(weight.dtype), du.sum(0).to(bias.dtype), dgamma.to(gamma.dtype),
-            dbeta.to(gamma.dtype))
+@torch.library.custom_op("convmixer_ext::pw_act_bwd", mutates_args=())
+def pw_act_bwd(dg: Tensor, dmean: Tensor, dvar: Tensor, y: Tensor, weight: Tensor,
+               bias: Tensor, mean: Tensor, activation: str,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dy, dW, db) of pw_act_fwd given the gradients of its three outputs."""
+    if y.numel() == 0:
+        backend = "torch"
+    du, db = _IMPL[backend][1](dg, dmean, dvar, y, weight, bias, mean, activation)
+    w2 = weight.reshape(weight.shape[0], -1).to(y.dtype)
+    dy = _unrows(du @ w2, y)
+    dw = (du.t() @ _rows(y)).reshape(weight.shape)
+    return dy, dw.to(weight.dtype), db.to(bias.dtype)
 
 
-@pw_block_bwd.register_fake
-def _(dout, y, weight, bias, gamma, mean, var, batch_stats, eps, activation):
-    return (torch.empty_like(y), torch.empty_like(weight), torch.empty_like(bias),
-            torch.empty_like(gamma), torch.empty_like(gamma))
+@pw_act_bwd.register_fake
+def _(dg, dmean, dvar, y, weight, bias, mean, activation, backend):
+    return torch.empty_like(y), torch.empty_like(weight), torch.empty_like(bias)
 
 
-register_block_autograd("convmixer_ext::pw_block_fwd", pw_block_bwd, with_backend=False)
+def _pw_setup_context(ctx, inputs, output):
+    y, weight, bias, activation, backend = inputs
+    ctx.save_for_backward(y, weight, bias, output[1])
+    ctx.flags = (activation, backend)
 
 
+def _pw_backward(ctx, dg, dmean, dvar):
+    y, weight, bias, mean = ctx.saved_tensors
+    zeros = torch.zeros_like(mean)
+    dg = torch.zeros_like(out_like(y, weight.shape[0])) if dg is None else dg
+    grads = pw_act_bwd(dg, zeros if dmean is None else dmean, zeros if dvar is None else dvar,
+                       y, weight, bias, mean, *ctx.flags)
+    return (*grads, None, None)
+
+
+torch.library.register_autograd("convmixer_ext::pw_act_fwd", _pw_backward,
+                                setup_context=_pw_setup_context)
+refuse_double_backward(pw_act_bwd)
+
+
+# --------------------------------------------------------------------------- user functions
 def resolve_pw_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """"auto": the Triton GEMM on CUDA tensors (fp16/bf16/fp32) when Triton runs, else torch."""
     if backend not in ("auto",) + PW_BACKENDS:
@@ -135,11 +181,14 @@ def resolve_pw_backend(backend: str, device: torch.device, dtype: torch.dtype) -
     return backend
 
 
-def fused_pointwise_block(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
-                          training: bool, activation: str = "gelu",
-                          backend: str = "auto") -> Tensor:
-    """``BN2(act(conv1x1(y)))`` with ``nn.BatchNorm2d`` semantics (running buffers updated in
-    training), taking the parameters of the reference modules."""
+def pointwise_folded(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
+                     training: bool, activation: str = "gelu",
+                     backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``(g, (a, c))`` with ``BN2(act(conv1x1(y))) == a*g + c`` per channel (``nn.BatchNorm2d``
+    semantics; running buffers updated in training). ``a``, ``c`` are in the statistics
+    dtype and carry autograd to gamma, beta and, with batch statistics, through the batch
+    mean/var to ``y`` and the conv parameters. Under ``torch.autocast``, y and the conv
+    parameters are cast to the autocast dtype as ``nn.Conv2d`` would be."""
     check_activation(activation)
     if not isinstance(y, Tensor) or y.dim() != 4:
         raise ValueError(f"y must be a 4-D tensor [N, C, H, W], got {getattr(y, 'shape', y)}")
@@ -147,20 +196,41 @@ def fused_pointwise_block(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNo
     if tuple(w.shape[1:]) != (y.shape[1], 1, 1) or b is None:
         raise ValueError(f"the pointwise conv must be a 1x1 conv with bias on {y.shape[1]} "
                          f"channels, got weight {tuple(w.shape)}")
+    if y.is_floating_point() and torch.is_autocast_enabled(y.device.type):
+        dt = torch.get_autocast_dtype(y.device.type)
+        y, w, b = y.to(dt), w.to(dt), b.to(dt)
     if w.dtype != y.dtype:
         raise TypeError(f"pointwise weight must have the dtype of y ({y.dtype}), got {w.dtype}")
     Co = w.shape[0]
-    gamma = bn.weight if bn.affine else torch.ones(Co, device=y.device, dtype=y.dtype)
-    beta = bn.bias if bn.affine else torch.zeros_like(gamma)
+    sd = stats_dtype(y.dtype)
+    gamma = bn.weight if bn.affine else torch.ones(Co, device=y.device, dtype=sd)
+    beta = bn.bias if bn.affine else torch.zeros(Co, device=y.device, dtype=sd)
     name = resolve_pw_backend(backend, y.device, y.dtype)
     batch_stats = uses_batch_stats(training, bn.running_mean)
     N, _, H, W = y.shape
     if batch_stats and N * H * W <= 1:
         raise ValueError(f"expected more than 1 value per channel when using batch "
                          f"statistics, got y of shape {tuple(y.shape)}")
-    out, mean, var = pw_block_fwd(y, w, b, gamma, beta, bn.running_mean, bn.running_var,
-                                  batch_stats, float(bn.eps), activation, name)
+    g, mean, var = pw_act_fwd(y, w, b, activation, name)
     if training and bn.running_mean is not None:
         update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                             bn.momentum, mean, var, N * H * W)
-    return out
+                             bn.momentum, mean.detach(), var.detach(), N * H * W)
+    if not batch_stats:
+        mean, var = bn.running_mean.to(sd), bn.running_var.to(sd)
+    a, c = bn_affine(mean, rstd_from_var(var, bn.eps), gamma.to(sd), beta.to(sd))
+    return g, (a, c)
+
+
+def apply_affine(g: Tensor, pre: tuple[Tensor, Tensor]) -> Tensor:
+    """``a*g + c`` per channel (computed in the statistics dtype, stored in g's dtype)."""
+    a, c = pre
+    return (g.to(a.dtype) * _bcast(a) + _bcast(c)).to(g.dtype)
+
+
+def fused_pointwise_block(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
+                          training: bool, activation: str = "gelu",
+                          backend: str = "auto") -> Tensor:
+    """``BN2(act(conv1x1(y)))`` with ``nn.BatchNorm2d`` semantics (running buffers updated in
+    training), taking the parameters of the reference modules."""
+    g, pre = pointwise_folded(y, conv, bn, training, activation, backend)
+    return apply_affine(g, pre)

@@ -97,9 +97,25 @@ def _offs(c, h, w, sC, sH, sW):
 
 
 @triton.jit
-def _conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
-          K: tl.constexpr, PB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """u = dwconv_K(x) + b at (c, h, w) in fp32, zero padding, "same" alignment PB."""
+def _load_c(ptr, c, cmask):
+    return tl.load(ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _load_in(x_ptr, offs, m, pa_ptr, pc_ptr, c, cmask, PRE: tl.constexpr):
+    """The block input at offs in fp32, 0 where masked (the zero padding): x, or with a
+    folded affine (PRE) a*x + c per channel."""
+    v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if PRE:
+        v = tl.where(m, v * _load_c(pa_ptr, c, cmask) + _load_c(pc_ptr, c, cmask), 0.0)
+    return v
+
+
+@triton.jit
+def _conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W, sC, sH,
+          sW, K: tl.constexpr, PB: tl.constexpr, PRE: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_S: tl.constexpr):
+    """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB."""
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -107,29 +123,24 @@ def _conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
         for j in tl.static_range(K):
             ww = w + (j - PB)
             m = hok & (ww >= 0) & (ww < W)
-            xv = tl.load(x_ptr + base + _offs(c, hh, ww, sC, sH, sW),
-                         mask=cmask[:, None] & m[None, :], other=0.0)
+            xv = _load_in(x_ptr, base + _offs(c, hh, ww, sC, sH, sW),
+                          cmask[:, None] & m[None, :], pa_ptr, pc_ptr, c, cmask, PRE)
             wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[:, None]
+            acc += xv * wv.to(tl.float32)[:, None]
     bv = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     return acc + bv[:, None]
 
 
-@triton.jit
-def _load_c(ptr, c, cmask):
-    return tl.load(ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
-
-
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _stats_kernel(x_ptr, w_ptr, b_ptr, mean_p, m2_p, C, H, W, sN, sC, sH, sW,
+def _stats_kernel(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_p, m2_p, C, H, W, sN, sC, sH, sW,
                   tiles_w, tiles_per_img, K: tl.constexpr, PB: tl.constexpr,
-                  ACT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                  ACT: tl.constexpr, PRE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
                                              BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
-                   K, PB, BLOCK_C, BLOCK_S), ACT)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W,
+                   sC, sH, sW, K, PB, PRE, BLOCK_C, BLOCK_S), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
@@ -141,31 +152,32 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, mean_p, m2_p, C, H, W, sN, sC, sH, sW,
 
 
 @triton.jit
-def _apply_kernel(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, out_ptr,
+def _apply_kernel(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, out_ptr,
                   C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, K: tl.constexpr,
-                  PB: tl.constexpr, ACT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                  PB: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr, TH: tl.constexpr,
+                  TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
                                              BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
-                   K, PB, BLOCK_C, BLOCK_S), ACT)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W,
+                   sC, sH, sW, K, PB, PRE, BLOCK_C, BLOCK_S), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
-    xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    xv = _load_in(x_ptr, offs, m, pa_ptr, pc_ptr, c, cmask, PRE)
     tl.store(out_ptr + offs, (xv + a * g + shift).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dbeta_p, dgamma_p,
+def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_ptr, rstd_ptr, dbeta_p, dgamma_p,
                        C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, K: tl.constexpr,
-                       PB: tl.constexpr, ACT: tl.constexpr, TH: tl.constexpr,
-                       TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                       PB: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
+                       TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_S: tl.constexpr):
     pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
                                              BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
-                   K, PB, BLOCK_C, BLOCK_S), ACT)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W,
+                   sC, sH, sW, K, PB, PRE, BLOCK_C, BLOCK_S), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
@@ -176,15 +188,15 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dbeta_
 
 
 @triton.jit
-def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gamma_ptr, dbeta_ptr,
+def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_ptr, rstd_ptr, gamma_ptr, dbeta_ptr,
                    dgamma_ptr, du_ptr, inv_n, C, H, W, sN, sC, sH, sW, tiles_w,
                    tiles_per_img, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
-                   BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                   PRE: tl.constexpr, BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
                                              BLOCK_C, BLOCK_S)
-    u = _conv(x_ptr, w_ptr, b_ptr, base, c, cmask, h, w, valid, H, W, sC, sH, sW,
-              K, PB, BLOCK_C, BLOCK_S)
+    u = _conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W, sC, sH,
+              sW, K, PB, PRE, BLOCK_C, BLOCK_S)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -198,10 +210,10 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gamma_ptr,
 
 
 @triton.jit
-def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, du_ptr, dx_ptr, dw_p, db_p, C, H, W, sN, sC, sH,
-                   sW, tiles_w, tiles_per_img, K: tl.constexpr, PB: tl.constexpr,
-                   TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr):
+def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, pa_ptr, pc_ptr, du_ptr, dx_ptr, dw_p, db_p, da_p,
+                   dc_p, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, K: tl.constexpr,
+                   PB: tl.constexpr, PRE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
                                              BLOCK_C, BLOCK_S)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -224,9 +236,15 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, du_ptr, dx_ptr, dw_p, db_p, C, H, W, 
             wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
             dus = tl.load(du_ptr + base + _offs(c, hd, wd, sC, sH, sW), mask=md, other=0.0)
             acc += dus * wv.to(tl.float32)[:, None]
-            xs = tl.load(x_ptr + base + _offs(c, hx, wx, sC, sH, sW), mask=mx, other=0.0)
-            tl.store(dw_p + row * (K * K) + (i * K + j), tl.sum(du * xs.to(tl.float32), axis=1),
-                     mask=cmask)
+            xs = _load_in(x_ptr, base + _offs(c, hx, wx, sC, sH, sW), mx, pa_ptr, pc_ptr, c,
+                          cmask, PRE)
+            tl.store(dw_p + row * (K * K) + (i * K + j), tl.sum(du * xs, axis=1), mask=cmask)
+    if PRE:  # acc is dL/d(block input); the stored input's gradient is a * acc
+        xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        accm = tl.where(m, acc, 0.0)
+        tl.store(da_p + row, tl.sum(accm * xv, axis=1), mask=cmask)
+        tl.store(dc_p + row, tl.sum(accm, axis=1), mask=cmask)
+        acc = acc * _load_c(pa_ptr, c, cmask)
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m)
 
 
@@ -308,51 +326,65 @@ def _tile_counts(x):
     return per.flatten().repeat(N).to(device=x.device, dtype=torch.float32)
 
 
-def _kc(weight):
+def _kc(weight, pa):
     k = weight.shape[-1]
-    return dict(K=k, PB=pad_before(k))
+    return dict(K=k, PB=pad_before(k), PRE=pa is not None)
 
 
-def k_stats(x, weight, bias, act):
+def _pp(x, pa, pc):
+    """Pointers for the folded affine; x stands in (never read) when there is none."""
+    return (x, x) if pa is None else (pa, pc)
+
+
+def k_stats(x, weight, bias, pa, pc, act):
     T, C = _num_tiles(x), x.shape[1]
     mean_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
-    _launch(_stats_kernel, x, (x, weight.contiguous(), bias, mean_p, m2_p),
-            dict(_kc(weight), ACT=act))
+    _launch(_stats_kernel, x, (x, weight.contiguous(), bias, *_pp(x, pa, pc), mean_p, m2_p),
+            dict(_kc(weight, pa), ACT=act))
     return mean_p, m2_p, _tile_counts(x)
 
 
-def k_apply(x, weight, bias, mean, rstd, gamma, beta, act):
+def k_apply(x, weight, bias, mean, rstd, gamma, beta, pa, pc, act):
     out = torch.empty_like(x)
-    _launch(_apply_kernel, x, (x, weight.contiguous(), bias, mean, rstd, gamma, beta, out),
-            dict(_kc(weight), ACT=act))
+    _launch(_apply_kernel, x, (x, weight.contiguous(), bias, *_pp(x, pa, pc), mean, rstd,
+                               gamma, beta, out),
+            dict(_kc(weight, pa), ACT=act))
     return out
 
 
-def k_bwd_reduce(dout, x, weight, bias, mean, rstd, act):
+def k_bwd_reduce(dout, x, weight, bias, mean, rstd, pa, pc, act):
     T, C = _num_tiles(x), x.shape[1]
     dbeta_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
     dgamma_p = torch.empty_like(dbeta_p)
     _launch(_bwd_reduce_kernel, x,
-            (dout, x, weight.contiguous(), bias, mean, rstd, dbeta_p, dgamma_p),
-            dict(_kc(weight), ACT=act))
+            (dout, x, weight.contiguous(), bias, *_pp(x, pa, pc), mean, rstd, dbeta_p,
+             dgamma_p),
+            dict(_kc(weight, pa), ACT=act))
     return dbeta_p, dgamma_p
 
 
-def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, act):
+def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, pa, pc,
+               act):
     N, C, H, W = x.shape
     k = weight.shape[-1]
     w = weight.contiguous()
     du = torch.empty_like(x, dtype=torch.float32)
     _launch(_bwd_du_kernel, x,
-            (dout, x, w, bias, mean, rstd, gamma, dbeta, dgamma, du, 1.0 / (N * H * W)),
-            dict(_kc(weight), ACT=act, BATCH_STATS=bool(batch_stats)))
+            (dout, x, w, bias, *_pp(x, pa, pc), mean, rstd, gamma, dbeta, dgamma, du,
+             1.0 / (N * H * W)),
+            dict(_kc(weight, pa), ACT=act, BATCH_STATS=bool(batch_stats)))
     T = _num_tiles(x)
     dx = torch.empty_like(x)
     dw_p = torch.empty((T, C, k * k), device=x.device, dtype=torch.float32)
     db_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
-    _launch(_bwd_dx_kernel, x, (dout, x, w, du, dx, dw_p, db_p), _kc(weight))
-    return dx, dw_p, db_p
+    tp = T if pa is not None else 0
+    da_p = torch.empty((tp, C), device=x.device, dtype=torch.float32)
+    dc_p = torch.empty_like(da_p)
+    _launch(_bwd_dx_kernel, x,
+            (dout, x, w, *_pp(x, pa, pc), du, dx, dw_p, db_p, *_pp(db_p, da_p, dc_p)),
+            _kc(weight, pa))
+    return dx, dw_p, db_p, da_p, dc_p
 
 
 BACKEND = KernelBackend(k_stats, k_apply, k_bwd_reduce, k_bwd_main)
@@ -360,13 +392,11 @@ BACKEND = KernelBackend(k_stats, k_apply, k_bwd_reduce, k_bwd_main)
 
 # --------------------------------------------------------------------------- pointwise GEMM
 @triton.jit
-def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, P, CI, CO, HW, W, sN, sC, sH,
-                    sW, ACT: tl.constexpr, IEEE: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """g[p, o] = act(sum_i y[p, i] w[o, i] + b[o]) over positions p = (n, h, w), with the
-    per-(row tile, channel) mean and centred M2 of g (BN2 statistics) in the epilogue."""
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
+def _pw_u(y_ptr, w_ptr, b_ptr, pid_p, pid_n, P, CI, CO, HW, W, sN, sC, sH, sW,
+          IEEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    """u[p, o] = sum_i y[p, i] w[o, i] + b[o] (fp32) on one [BLOCK_P, BLOCK_N] tile, where
+    p = (n, h, w) are positions of y [N, CI, H, W] read through its strides."""
     rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     rmask = rows < P
     n = rows // HW
@@ -387,9 +417,30 @@ def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, P, CI, CO, HW, W, 
         else:
             acc += tl.dot(a, bt)
     u = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return u, rows, rmask, n, hw, cols, cmask
+
+
+@triton.jit
+def _pos_offs(n, hw, W, cols, oN, oC, oH, oW):
+    """[BLOCK_P, BLOCK_N] offsets of positions (n, hw) and channels cols in a 4-D tensor."""
+    return (n.to(tl.int64) * oN + (hw // W).to(tl.int64) * oH
+            + (hw % W).to(tl.int64) * oW)[:, None] + cols.to(tl.int64)[None, :] * oC
+
+
+@triton.jit
+def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, P, CI, CO, HW, W, sN, sC, sH,
+                    sW, oN, oC, oH, oW, ACT: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """g = act(u) stored through g's strides (o*), with the per-(row tile, channel) mean and
+    centred M2 of g (BN2 statistics, from the fp32 values) in the epilogue."""
+    pid_p = tl.program_id(0)
+    u, rows, rmask, n, hw, cols, cmask = _pw_u(y_ptr, w_ptr, b_ptr, pid_p, tl.program_id(1),
+                                               P, CI, CO, HW, W, sN, sC, sH, sW, IEEE,
+                                               BLOCK_P, BLOCK_N, BLOCK_K)
     g = _act(u, ACT)
     m = rmask[:, None] & cmask[None, :]
-    tl.store(g_ptr + rows.to(tl.int64)[:, None] * CO + cols[None, :], g, mask=m)
+    tl.store(g_ptr + _pos_offs(n, hw, W, cols, oN, oC, oH, oW),
+             g.to(g_ptr.dtype.element_ty), mask=m)
     cnt = tl.sum(rmask.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(m, g, 0.0), axis=0) / cnt
     d = tl.where(m, g - mean[None, :], 0.0)
@@ -398,24 +449,73 @@ def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, P, CI, CO, HW, W, 
     tl.store(m2_p + row, tl.sum(d * d, axis=0), mask=cmask)
 
 
-def pw_gemm_act_stats(y, w2, bias, act, block_p=64, block_n=64, block_k=32):
-    """(g [P, Co] fp32, mean_p [T, Co], m2_p [T, Co], count_p [T]) for y [N, Ci, H, W]
-    (any strides), w2 [Co, Ci]."""
+@triton.jit
+def _pw_bwd_du_kernel(y_ptr, w_ptr, b_ptr, dg_ptr, dmean_ptr, dvar_ptr, mean_ptr, du_ptr, db_p,
+                      inv_p, P, CI, CO, HW, W, sN, sC, sH, sW, dN, dC, dH, dW, ACT: tl.constexpr,
+                      IEEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """du = (dg + dmean/P + dvar*2(g-mean)/P) * act'(u) with u recomputed (never stored in
+    the forward); du stored as rows [P, CO] in du's dtype, per-row-tile db partials."""
+    pid_p = tl.program_id(0)
+    u, rows, rmask, n, hw, cols, cmask = _pw_u(y_ptr, w_ptr, b_ptr, pid_p, tl.program_id(1),
+                                               P, CI, CO, HW, W, sN, sC, sH, sW, IEEE,
+                                               BLOCK_P, BLOCK_N, BLOCK_K)
+    m = rmask[:, None] & cmask[None, :]
+    d = tl.load(dg_ptr + _pos_offs(n, hw, W, cols, dN, dC, dH, dW), mask=m,
+                other=0.0).to(tl.float32)
+    dmean = tl.load(dmean_ptr + cols, mask=cmask, other=0.0)[None, :]
+    dvar = tl.load(dvar_ptr + cols, mask=cmask, other=0.0)[None, :]
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)[None, :]
+    d = d + dmean * inv_p + (_act(u, ACT) - mean) * (2.0 * inv_p * dvar)
+    du = tl.where(m, d * _act_grad(u, ACT), 0.0)
+    tl.store(du_ptr + rows.to(tl.int64)[:, None] * CO + cols[None, :],
+             du.to(du_ptr.dtype.element_ty), mask=m)
+    tl.store(db_p + pid_p.to(tl.int64) * CO + cols, tl.sum(du, axis=0), mask=cmask)
+
+
+_PW_BLOCKS = dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32)
+
+
+def _pw_grid(P, CO):
+    return (triton.cdiv(P, _PW_BLOCKS["BLOCK_P"]), triton.cdiv(CO, _PW_BLOCKS["BLOCK_N"]))
+
+
+def _pw_ieee(y):
+    # fp32: IEEE products (no TF32). The interpreter's dot mishandles bf16/fp16 operands,
+    # so there they are upcast first (bf16/fp16 products are exact in fp32: same result).
+    return y.dtype == torch.float32 or triton_interpreter()
+
+
+def pw_gemm_act_stats(y, w2, bias, g, act):
+    """Fill g [N, Co, H, W] (any strides) with act(conv1x1(y) + b) for y [N, Ci, H, W] (any
+    strides), w2 [Co, Ci]; return (mean_p [T, Co], m2_p [T, Co], count_p [T])."""
     N, CI, H, W = y.shape
     CO = w2.shape[0]
     P = N * H * W
-    T = triton.cdiv(P, block_p)
-    g = torch.empty((P, CO), device=y.device, dtype=torch.float32)
-    mean_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
+    grid = _pw_grid(P, CO)
+    mean_p = torch.empty((grid[0], CO), device=y.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
-    grid = (T, triton.cdiv(CO, block_n))
-    # fp32: IEEE products (no TF32). The interpreter's dot mishandles bf16/fp16 operands,
-    # so there they are upcast first (bf16/fp16 products are exact in fp32: same result).
-    ieee = y.dtype == torch.float32 or triton_interpreter()
     with _device_of(y):
         _pw_gemm_kernel[grid](y, w2.contiguous(), bias, g, mean_p, m2_p, P, CI, CO, H * W, W,
-                              *y.stride(), ACT=act, IEEE=ieee,
-                              BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-    starts = torch.arange(0, P, block_p)
-    cnt = torch.clamp(P - starts, max=block_p).to(device=y.device, dtype=torch.float32)
-    return g, mean_p, m2_p, cnt
+                              *y.stride(), *g.stride(), ACT=act, IEEE=_pw_ieee(y),
+                              **_PW_BLOCKS, num_warps=4)
+    bp = _PW_BLOCKS["BLOCK_P"]
+    starts = torch.arange(0, P, bp)
+    cnt = torch.clamp(P - starts, max=bp).to(device=y.device, dtype=torch.float32)
+    return mean_p, m2_p, cnt
+
+
+def pw_bwd_du(dg, dmean, dvar, y, w2, bias, mean, act):
+    """(du [P, Co] rows in y's dtype, db_p [T, Co]) for the pointwise block's backward."""
+    N, CI, H, W = y.shape
+    CO = w2.shape[0]
+    P = N * H * W
+    grid = _pw_grid(P, CO)
+    du = torch.empty((P, CO), device=y.device, dtype=y.dtype)
+    db_p = torch.empty((grid[0], CO), device=y.device, dtype=torch.float32)
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    with _device_of(y):
+        _pw_bwd_du_kernel[grid](y, w2.contiguous(), bias, dg, f32(dmean), f32(dvar), f32(mean),
+                                du, db_p, 1.0 / P, P, CI, CO, H * W, W, *y.stride(), *dg.stride(),
+                                ACT=act, IEEE=_pw_ieee(y), **_PW_BLOCKS, num_warps=4)
+    return du, db_p

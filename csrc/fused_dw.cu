@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <type_traits>
 
 #ifdef CMX_HOST_EMULATION
@@ -74,6 +75,22 @@ void check_vec(const at::Tensor& t, const at::Tensor& x, const char* name) {
               x.size(1), " on x's device");
 }
 
+using OptTensor = std::optional<at::Tensor>;
+
+// The folded affine (both vectors or neither); da_p/dc_p are set by k_bwd_main.
+Pre make_pre(const OptTensor& pre_a, const OptTensor& pre_c, const at::Tensor& x) {
+  TORCH_CHECK(pre_a.has_value() == pre_c.has_value(),
+              "convmixer_ext: pre_a and pre_c must both be given or both be None");
+  Pre p{nullptr, nullptr, nullptr, nullptr};
+  if (pre_a.has_value()) {
+    check_vec(*pre_a, x, "pre_a");
+    check_vec(*pre_c, x, "pre_c");
+    p.a = pre_a->data_ptr<float>();
+    p.c = pre_c->data_ptr<float>();
+  }
+  return p;
+}
+
 Geom make_geom(const at::Tensor& x, int64_t K, int64_t act) {
   Geom g;
   g.C = static_cast<int>(x.size(1));
@@ -135,8 +152,11 @@ at::Tensor f32(const at::Tensor& x, int64_t rows, int64_t cols) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> k_stats(const at::Tensor& x, const at::Tensor& w,
-                                                       const at::Tensor& b, int64_t act) {
+                                                       const at::Tensor& b,
+                                                       const OptTensor& pre_a,
+                                                       const OptTensor& pre_c, int64_t act) {
   check_x(x, w, b);
+  const Pre pre = make_pre(pre_a, pre_c, x);
   CMX_DEVICE_GUARD(x);
   const int64_t K = w.size(2);
   const Geom g = make_geom(x, K, act);
@@ -158,15 +178,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_stats(const at::Tensor& x, cons
     const size_t smem = checked_smem(FwdSmem(g.K, KT, g.TH, g.TW).total(g.K, g.TH));
     cmx_launch(stats_kernel<T_, KT>, grid_of(x, g), dim3(kThreads), smem, current_stream(),
                x.data_ptr<T_>(), wc.data_ptr<T_>(), b.data_ptr<T_>(), mean_p.data_ptr<float>(),
-               m2_p.data_ptr<float>(), g);
+               m2_p.data_ptr<float>(), pre, g);
   });
   return {mean_p, m2_p, cnt.to(x.device())};
 }
 
 at::Tensor k_apply(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& gamma,
-                   const at::Tensor& beta, int64_t act) {
+                   const at::Tensor& beta, const OptTensor& pre_a, const OptTensor& pre_c,
+                   int64_t act) {
   check_x(x, w, b);
+  const Pre pre = make_pre(pre_a, pre_c, x);
   check_vec(mean, x, "mean");
   check_vec(rstd, x, "rstd");
   check_vec(gamma, x, "gamma");
@@ -184,7 +206,7 @@ at::Tensor k_apply(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
     cmx_launch(apply_kernel<T_, KT>, grid_of(x, g), dim3(kThreads), smem, current_stream(),
                x.data_ptr<T_>(), wc.data_ptr<T_>(), b.data_ptr<T_>(), mean.data_ptr<float>(),
                rstd.data_ptr<float>(), gamma.data_ptr<float>(), beta.data_ptr<float>(),
-               out.data_ptr<T_>(), g);
+               out.data_ptr<T_>(), pre, g);
   });
   return out;
 }
@@ -192,8 +214,10 @@ at::Tensor k_apply(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
 std::tuple<at::Tensor, at::Tensor> k_bwd_reduce(const at::Tensor& dout, const at::Tensor& x,
                                                 const at::Tensor& w, const at::Tensor& b,
                                                 const at::Tensor& mean, const at::Tensor& rstd,
+                                                const OptTensor& pre_a, const OptTensor& pre_c,
                                                 int64_t act) {
   check_x(x, w, b);
+  const Pre pre = make_pre(pre_a, pre_c, x);
   check_same_layout(dout, x, "dout");
   check_vec(mean, x, "mean");
   check_vec(rstd, x, "rstd");
@@ -211,16 +235,18 @@ std::tuple<at::Tensor, at::Tensor> k_bwd_reduce(const at::Tensor& dout, const at
     cmx_launch(bwd_reduce_kernel<T_, KT>, grid_of(x, g), dim3(kThreads), smem,
                current_stream(), dout.data_ptr<T_>(), x.data_ptr<T_>(), wc.data_ptr<T_>(),
                b.data_ptr<T_>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-               dbeta_p.data_ptr<float>(), dgamma_p.data_ptr<float>(), g);
+               dbeta_p.data_ptr<float>(), dgamma_p.data_ptr<float>(), pre, g);
   });
   return {dbeta_p, dgamma_p};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> k_bwd_main(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> k_bwd_main(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& gamma,
-    const at::Tensor& dbeta, const at::Tensor& dgamma, bool batch_stats, int64_t act) {
+    const at::Tensor& dbeta, const at::Tensor& dgamma, bool batch_stats,
+    const OptTensor& pre_a, const OptTensor& pre_c, int64_t act) {
   check_x(x, w, b);
+  Pre pre = make_pre(pre_a, pre_c, x);
   check_same_layout(dout, x, "dout");
   check_vec(mean, x, "mean");
   check_vec(rstd, x, "rstd");
@@ -234,7 +260,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_bwd_main(
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw_p = at::zeros({T, g.C, K * K}, x.options().dtype(at::kFloat));
   at::Tensor db_p = f32(x, T, g.C);
-  if (T == 0) return {dx, dw_p, db_p};
+  at::Tensor da_p = f32(x, pre.a ? T : 0, g.C), dc_p = f32(x, pre.a ? T : 0, g.C);
+  if (pre.a) {
+    pre.da_p = da_p.data_ptr<float>();
+    pre.dc_p = dc_p.data_ptr<float>();
+  }
+  if (T == 0) return {dx, dw_p, db_p, da_p, dc_p};
   const at::Tensor wc = w.contiguous();
   dispatch(x, K, [&](auto tag, auto kc) {
     using T_ = decltype(tag);
@@ -244,9 +275,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_bwd_main(
                dout.data_ptr<T_>(), x.data_ptr<T_>(), wc.data_ptr<T_>(), b.data_ptr<T_>(),
                mean.data_ptr<float>(), rstd.data_ptr<float>(), gamma.data_ptr<float>(),
                dbeta.data_ptr<float>(), dgamma.data_ptr<float>(), batch_stats,
-               dx.data_ptr<T_>(), dw_p.data_ptr<float>(), db_p.data_ptr<float>(), g);
+               dx.data_ptr<T_>(), dw_p.data_ptr<float>(), db_p.data_ptr<float>(), pre, g);
   });
-  return {dx, dw_p, db_p};
+  return {dx, dw_p, db_p, da_p, dc_p};
 }
 
 #ifdef CMX_HOST_EMULATION

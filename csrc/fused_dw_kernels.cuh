@@ -28,6 +28,16 @@ struct Geom {
   int64_t sN, sC, sH, sW;  // strides of x (and of out/dout/dx, which share x's layout)
 };
 
+// The previous layer's BN2 folded into this block's load (DESIGN.md §4): the block input is
+// a[c]*x + c[c] (a == nullptr: the input is x itself). B2 then also returns per-block
+// partials of sum(dL/dinput * x) and sum(dL/dinput), the gradients of a and c.
+struct Pre {
+  const float* a;
+  const float* c;
+  float* da_p;
+  float* dc_p;
+};
+
 // ---------------------------------------------------------------- activations (id: semantics.py)
 __device__ __forceinline__ float tanh_f(float z) { return tanhf(z); }
 
@@ -114,14 +124,24 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return r;
 }
 
-// s[R x S] <- x[r0.., c0..] of this block's (n, c) plane as fp32, zero outside the image.
+// Per-channel scale and shift of the block input (identity without a folded affine:
+// x * 1 + 0 == x exactly).
+struct Affine {
+  float a, c;
+};
+__device__ __forceinline__ Affine affine_of(const Pre& pre, int c) {
+  return pre.a ? Affine{pre.a[c], pre.c[c]} : Affine{1.f, 0.f};
+}
+
+// s[R x S] <- the block input at x[r0.., c0..] of this block's (n, c) plane as fp32, zero
+// outside the image (the padding pads the input, so it stays zero with an affine).
 template <typename T>
 __device__ void load_rect(float* s, const T* __restrict__ x, int64_t base, const Geom& g,
-                          int r0, int c0, int R, int S) {
+                          int r0, int c0, int R, int S, Affine in) {
   for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
     const int h = r0 + i / S, w = c0 + i % S;
     s[i] = (h >= 0 && h < g.H && w >= 0 && w < g.W)
-               ? ld(x, offset_of(g, base, h, w))
+               ? ld(x, offset_of(g, base, h, w)) * in.a + in.c
                : 0.f;
   }
 }
@@ -195,14 +215,14 @@ struct FwdSmem {
 template <typename T, int KT>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                 float* __restrict__ mean_p, float* __restrict__ m2_p, Geom g) {
+                 float* __restrict__ mean_p, float* __restrict__ m2_p, Pre pre, Geom g) {
   CMX_DYN_SMEM(smem);
   const Tile t = tile_of(g);
   const int K = KT > 0 ? KT : g.K;
   const FwdSmem L(K, KT, t.th, t.tw);
   float *sw = smem, *sx = smem + L.x(K), *sg = smem + L.g(K), *red = smem + L.red(K, t.th);
   load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S);
+  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S, affine_of(pre, t.c));
   const float bias = ld(b, t.c);
   __syncthreads();
   float sum = 0.f;
@@ -234,14 +254,14 @@ __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                  const float* __restrict__ mean, const float* __restrict__ rstd,
                  const float* __restrict__ gamma, const float* __restrict__ beta,
-                 T* __restrict__ out, Geom g) {
+                 T* __restrict__ out, Pre pre, Geom g) {
   CMX_DYN_SMEM(smem);
   const Tile t = tile_of(g);
   const int K = KT > 0 ? KT : g.K;
   const FwdSmem L(K, KT, t.th, t.tw);
   float *sw = smem, *sx = smem + L.x(K);
   load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S);
+  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S, affine_of(pre, t.c));
   const float a = gamma[t.c] * rstd[t.c];
   const float shift = beta[t.c] - a * mean[t.c];
   __syncthreads();
@@ -260,14 +280,15 @@ __global__ void __launch_bounds__(kThreads)
     bwd_reduce_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                       const T* __restrict__ w, const T* __restrict__ b,
                       const float* __restrict__ mean, const float* __restrict__ rstd,
-                      float* __restrict__ dbeta_p, float* __restrict__ dgamma_p, Geom g) {
+                      float* __restrict__ dbeta_p, float* __restrict__ dgamma_p, Pre pre,
+                      Geom g) {
   CMX_DYN_SMEM(smem);
   const Tile t = tile_of(g);
   const int K = KT > 0 ? KT : g.K;
   const FwdSmem L(K, KT, t.th, t.tw);
   float *sw = smem, *sx = smem + L.x(K), *red = smem + L.red(K, t.th);
   load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S);
+  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S, affine_of(pre, t.c));
   const float m = mean[t.c], rs = rstd[t.c];
   __syncthreads();
   float s1 = 0.f, s2 = 0.f;
@@ -315,7 +336,7 @@ __global__ void __launch_bounds__(kThreads)
                     const float* __restrict__ mean, const float* __restrict__ rstd,
                     const float* __restrict__ gamma, const float* __restrict__ dbeta,
                     const float* __restrict__ dgamma, bool batch_stats, T* __restrict__ dx,
-                    float* __restrict__ dw_p, float* __restrict__ db_p, Geom g) {
+                    float* __restrict__ dw_p, float* __restrict__ db_p, Pre pre, Geom g) {
   CMX_DYN_SMEM(smem);
   const Tile t = tile_of(g);
   const int K = KT > 0 ? KT : g.K;
@@ -328,7 +349,8 @@ __global__ void __launch_bounds__(kThreads)
   // du is needed on rows/cols [h0 - PA, h0 + th - 1 + PB]; u there needs x a further
   // (PB before, PA after) around it.
   const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;
-  load_rect(sx, x, t.base, g, eh0 - g.PB, ew0 - g.PB, L.XR, L.XS);
+  const Affine in = affine_of(pre, t.c);
+  load_rect(sx, x, t.base, g, eh0 - g.PB, ew0 - g.PB, L.XR, L.XS, in);
   const float rs = rstd[t.c], m = mean[t.c];
   const float scale = gamma[t.c] * rs;
   const float mb = batch_stats ? dbeta[t.c] * g.inv_n : 0.f;
@@ -350,13 +372,28 @@ __global__ void __launch_bounds__(kThreads)
     }
   });
   __syncthreads();
-  // 2) dx = dout + correlation of du with the flipped kernel.
+  // 2) dx = dout + correlation of du with the flipped kernel (the gradient of the block
+  //    input; with a folded affine the stored input's gradient is a * that).
+  float sda = 0.f, sdc = 0.f;
   for_each_conv<KT>(sdu, L.EWs, swf, K, t.th, L.TWp, 0.f, [&](int r, int c, auto& acc) {
     for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
       const int64_t off = offset_of(g, t.base, t.h0 + r, t.w0 + c + o);
-      dx[off] = static_cast<T>(ld(dout, off) + acc[o]);
+      const float din = ld(dout, off) + acc[o];
+      if (pre.a) {
+        sda += din * ld(x, off);
+        sdc += din;
+      }
+      dx[off] = static_cast<T>(din * in.a);
     }
   });
+  if (pre.a) {  // uniform over the grid: every thread of the block takes it
+    sda = block_sum(sda, red);
+    sdc = block_sum(sdc, red);
+    if (threadIdx.x == 0) {
+      pre.da_p[t.row * g.C + t.c] = sda;
+      pre.dc_p[t.row * g.C + t.c] = sdc;
+    }
+  }
   // 3) dW[i][j] = sum_q du[q] x[q + (i, j) - PB] and db = sum_q du[q] over the tile.
   //    Tap KK is db. Threads split into G groups over positions; groups summed in order.
   const int KK = K * K, taps = KK + 1;

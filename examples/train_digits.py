@@ -2,7 +2,11 @@
 from the same initialisation and the same batches: once with the fused layers, once with
 the reference model. Saves both loss curves in one PNG and asserts they agree.
 
-    python examples/train_digits.py [--epochs 4] [--backend auto] [--out digits_loss.png]
+    python examples/train_digits.py [--epochs 4] [--backend auto] [--pointwise auto]
+                                    [--out digits_loss.png]
+
+The fused model folds each layer's BN2 into the next layer's depthwise load unless
+``--pointwise unfused``.
 
 On a GPU it also reports training images/s for both models.
 """
@@ -62,6 +66,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--pointwise", default="auto",
+                   help="'unfused', or the fused pointwise block with BN2 folded into the "
+                        "next layer's load: 'auto', 'triton', 'torch' (default: auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="digits_loss.png")
     p.add_argument("--rtol", type=float, default=0.02,
@@ -71,7 +78,7 @@ def main(argv=None):
     x, y = load_digits(a.device)
     ref = ConvMixer(dim=32, depth=3, kernel_size=5, patch_size=1, num_classes=10,
                     in_chans=1).to(a.device)
-    fused = convert(copy.deepcopy(ref), backend=a.backend)
+    fused = convert(copy.deepcopy(ref), backend=a.backend, pointwise=a.pointwise)
     loss_r, ips_r = train(ref, x, y, a.epochs, a.batch, 1, a.device)
     loss_f, ips_f = train(fused, x, y, a.epochs, a.batch, 1, a.device)
     acc_r, acc_f = accuracy(ref, x, y), accuracy(fused, x, y)
@@ -86,7 +93,7 @@ def main(argv=None):
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(loss_r, label="reference (PyTorch)", lw=2)
-        ax.plot(loss_f, label=f"fused ({a.backend})", lw=1, ls="--")
+        ax.plot(loss_f, label=f"fused ({a.backend}, pointwise {a.pointwise})", lw=1, ls="--")
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy")
         ax.set_title("ConvMixer-32/3 (k=5) on sklearn digits")

@@ -33,7 +33,7 @@ UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$OUTDIR/report" \
 CONVMIXER_EXT_EMU_LIB="$OUTDIR/_C_emu_asan.so" \
 CONVMIXER_EXT_REQUIRE_BACKENDS=cuda_emu CONVMIXER_EXT_NO_TRITON=1 \
   $PY -m pytest -q -p no:cacheprovider tests/test_passes.py tests/test_layer.py \
-  tests/test_reliability.py -k "cuda_emu or index" -x || status=$?
+  tests/test_reliability.py tests/test_pointwise.py -k "cuda_emu or index" -x || status=$?
 if compgen -G "$OUTDIR/report.*" > /dev/null; then
   echo "sanitizer reports:"
   grep -v "^    #[1-9][0-9]" "$OUTDIR"/report.* | head -60

@@ -33,13 +33,30 @@ def test_gradcheck_float64(activation, k, training):
     assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_folded_affine(training):
+    """The block input a*x + c (pre): gradients of x, a and c as well as the parameters."""
+    x, w, b, gamma, beta = [t.requires_grad_() for t in _block_args(k=3)]
+    pa = (1 + 0.3 * torch.randn(3, dtype=torch.float64)).requires_grad_()
+    pc = (0.2 * torch.randn(3, dtype=torch.float64)).requires_grad_()
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+
+    def f(x, w, b, gamma, beta, pa, pc):
+        return fused_dwconv_block(x, w, b, gamma, beta, rm.clone(), rv.clone(), None,
+                                  training=training, backend="torch", pre=(pa, pc))
+
+    assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta, pa, pc))
+
+
 @pytest.mark.parametrize("batch_stats", [True, False])
-def test_opcheck(batch_stats):
+@pytest.mark.parametrize("with_pre", [False, True], ids=["plain", "pre"])
+def test_opcheck(batch_stats, with_pre):
     x, w, b, gamma, beta = _block_args(dtype=torch.float32)
     rm, rv = torch.zeros(3), torch.ones(3)
-    for t in (x, w, b, gamma, beta):
+    pre = (1 + 0.3 * torch.randn(3), 0.2 * torch.randn(3)) if with_pre else (None, None)
+    for t in (x, w, b, gamma, beta) + (pre if with_pre else ()):
         t.requires_grad_()
-    args = (x, w, b, gamma, beta, rm, rv, batch_stats, 1e-5, "gelu", "torch")
+    args = (x, w, b, gamma, beta, rm, rv, *pre, batch_stats, 1e-5, "gelu", "torch")
     torch.library.opcheck(torch.ops.convmixer_ext.dw_block_fwd.default, args)
 
 

@@ -40,6 +40,9 @@ def _call(**over):
     (dict(backend="cudnn"), ValueError, ["backend", "torch"]),
     (dict(x=torch.randn(1, 3, 1, 1), weight=torch.randn(3, 1, 1, 1)), ValueError,
      ["more than 1 value"]),
+    (dict(pre=torch.ones(3)), TypeError, ["pre", "(scale, shift)"]),
+    (dict(pre=(torch.ones(3), torch.zeros(4))), ValueError, ["pre shift", "(3,)"]),
+    (dict(pre=(torch.ones(3).half(), torch.zeros(3))), TypeError, ["pre scale", "float32"]),
 ])
 def test_bad_inputs_raise_clear_errors(over, exc, words):
     with pytest.raises(exc) as e:
@@ -140,15 +143,20 @@ def test_compiled_ops_check_their_inputs():
     ops = torch.ops.convmixer_ext
     x, w, b = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), torch.randn(3)
     with pytest.raises(RuntimeError, match="contiguous NCHW or channels_last"):
-        ops.k_stats(x[:, :, :, ::2], w, b, 0)
+        ops.k_stats(x[:, :, :, ::2], w, b, None, None, 0)
     with pytest.raises(RuntimeError, match="kernel size must be in"):
-        ops.k_stats(x, torch.randn(3, 1, 33, 33), b, 0)
+        ops.k_stats(x, torch.randn(3, 1, 33, 33), b, None, None, 0)
     with pytest.raises(RuntimeError, match="dtype of x"):
-        ops.k_stats(x, w.double(), b, 0)
+        ops.k_stats(x, w.double(), b, None, None, 0)
     with pytest.raises(RuntimeError, match="unknown activation"):
-        ops.k_stats(x, w, b, 7)
+        ops.k_stats(x, w, b, None, None, 7)
     with pytest.raises(RuntimeError, match="dout must have the shape, strides"):
         ops.k_bwd_reduce(x.contiguous(memory_format=torch.channels_last), x, w, b,
-                         torch.zeros(3), torch.ones(3), 0)
+                         torch.zeros(3), torch.ones(3), None, None, 0)
     with pytest.raises(RuntimeError, match="mean must be a contiguous float32 vector"):
-        ops.k_apply(x, w, b, torch.zeros(4), torch.ones(3), torch.ones(3), torch.zeros(3), 0)
+        ops.k_apply(x, w, b, torch.zeros(4), torch.ones(3), torch.ones(3), torch.zeros(3),
+                    None, None, 0)
+    with pytest.raises(RuntimeError, match="pre_a and pre_c must both be given"):
+        ops.k_stats(x, w, b, torch.ones(3), None, 0)
+    with pytest.raises(RuntimeError, match="pre_c must be a contiguous float32 vector"):
+        ops.k_stats(x, w, b, torch.ones(3), torch.zeros(3).double(), 0)

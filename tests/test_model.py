@@ -1,4 +1,5 @@
-"""The whole fused ConvMixer: torch.compile(fullgraph=True), autocast, channels_last."""
+"""The whole fused ConvMixer: torch.compile(fullgraph=True), autocast, channels_last —
+with the pointwise half unfused and fused (BN2 folded into the next layer's load)."""
 import copy
 
 import pytest
@@ -10,18 +11,19 @@ from convmixer_ext.reference import ConvMixer as RefConvMixer
 from helpers import assert_close, randomize_bn
 
 
-def _pair(backend, dim=8, depth=2, k=5, activation="gelu"):
+def _pair(backend, dim=8, depth=2, k=5, activation="gelu", pointwise="unfused"):
     torch.manual_seed(0)
     ref = RefConvMixer(dim, depth, kernel_size=k, patch_size=2, num_classes=6,
                        activation=activation)
     randomize_bn(ref, 1)
-    fused = convert(copy.deepcopy(ref), backend=backend)
+    fused = convert(copy.deepcopy(ref), backend=backend, pointwise=pointwise)
     return ref.to(DEVICE), fused.to(DEVICE)
 
 
-def test_compile_fullgraph_whole_model():
+@pytest.mark.parametrize("pointwise", ["unfused", "torch"])
+def test_compile_fullgraph_whole_model(pointwise):
     torch._dynamo.reset()
-    ref, fused = _pair("torch")
+    ref, fused = _pair("torch", pointwise=pointwise)
     compiled = torch.compile(fused, fullgraph=True)  # fullgraph: a graph break raises
     x = torch.randn(2, 3, 12, 10, device=DEVICE)
     for train in (True, False):
@@ -37,13 +39,14 @@ def test_compile_fullgraph_whole_model():
         assert torch.allclose(bf.double(), br.double(), rtol=1e-5, atol=1e-6), n
 
 
+@pytest.mark.parametrize("pointwise", ["unfused", "torch"])
 @pytest.mark.parametrize("backend", all_backends())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_matches_reference_under_autocast(backend, dtype):
+def test_autocast_matches_reference_under_autocast(backend, dtype, pointwise):
     """Under torch.autocast the fused model casts like the reference (conv inputs to the
     autocast dtype, statistics in fp32): same output dtype, values within that dtype's
     tolerance of the reference under the same autocast, fp32 parameter gradients."""
-    ref, fused = _pair(backend)
+    ref, fused = _pair(backend, pointwise=pointwise)
     x = torch.randn(2, 3, 12, 10, device=DEVICE)
     outs = []
     for m in (ref, fused):
@@ -63,21 +66,23 @@ def test_autocast_matches_reference_under_autocast(backend, dtype):
             assert_close(bf, br, dtype, n)
 
 
+@pytest.mark.parametrize("pointwise", ["unfused", "torch"])
 @pytest.mark.parametrize("backend", all_backends())
-def test_channels_last_end_to_end(backend):
+def test_channels_last_end_to_end(backend, pointwise):
     """channels_last in, channels_last through every block, no layout conversion in the
     fused op (the kernels read it natively), same values as NCHW."""
-    ref, fused = _pair(backend)
+    ref, fused = _pair(backend, pointwise=pointwise)
     fused.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 12, 10, device=DEVICE).to(memory_format=torch.channels_last)
     fused.train()
     feats = fused.stem(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
+    pre = None
     for blk in fused.blocks:
-        y = blk.forward_dw(feats)
+        y = blk.forward_dw(feats, pre)
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert y.stride() == feats.stride()  # same layout as the input, no copy
-        feats = blk(feats)
+        feats, pre = blk.forward_folded(feats, pre)  # g (folded BN2) or the output
         assert feats.is_contiguous(memory_format=torch.channels_last)
     ref.train()
     assert_close(fused(x), ref(x.contiguous()), torch.float32, "channels_last logits")

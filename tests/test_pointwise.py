@@ -1,12 +1,13 @@
 """The fused pointwise block (1x1 conv + act + BN2: GEMM with bias/act/statistics epilogue)
 against the reference modules, and ConvMixerLayer(pointwise=...) against the reference."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import DEVICE
-from convmixer_ext import ConvMixerLayer, convert
+from conftest import DEVICE, all_backends
+from convmixer_ext import ConvMixerLayer, FusedBlocks, convert
 from convmixer_ext.backends import _reason
 from convmixer_ext.pointwise import fused_pointwise_block
 from convmixer_ext.reference import ConvMixer as RefConvMixer
@@ -75,15 +76,36 @@ def test_model_convert_with_fused_pointwise():
     assert_close(fused.train()(x), ref.train()(x), torch.float64, "logits")
 
 
-def test_pointwise_opcheck():
+@pytest.mark.parametrize("backend", PW)
+def test_pointwise_opcheck(backend):
     torch.manual_seed(0)
-    y = torch.randn(2, 4, 3, 5, requires_grad=True)
-    w = torch.randn(6, 4, 1, 1, requires_grad=True)
-    b, g, be = (torch.randn(6, requires_grad=True) for _ in range(3))
-    for batch_stats in (True, False):
-        torch.library.opcheck(torch.ops.convmixer_ext.pw_block_fwd.default,
-                              (y, w, b, g, be, torch.zeros(6), torch.ones(6), batch_stats,
-                               1e-5, "gelu", "torch"))
+    y = torch.randn(2, 4, 3, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, 4, 1, 1, device=DEVICE, requires_grad=True)
+    b = torch.randn(6, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.convmixer_ext.pw_act_fwd.default,
+                          (y, w, b, "gelu", backend))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_pointwise_gradcheck_float64(training):
+    """g, mean and var of the pointwise op all carry gradients (the folded BN2 relies on
+    autograd through mean/var): check them numerically in float64."""
+    torch.manual_seed(0)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    y, w, b = r(2, 4, 3, 3), r(5, 4, 1, 1), r(5)
+    gamma = (1 + 0.3 * torch.randn(5, dtype=torch.float64)).requires_grad_()
+    beta = r(5)
+
+    def f(y, w, b, gamma, beta):
+        # duck-typed modules, so that gradcheck's inputs are the very parameters used
+        conv = SimpleNamespace(weight=w, bias=b)
+        bn = SimpleNamespace(weight=gamma, bias=beta, affine=True, eps=1e-5, momentum=0.1,
+                             running_mean=0.1 * torch.ones(5, dtype=torch.float64),
+                             running_var=torch.full((5,), 1.5, dtype=torch.float64),
+                             num_batches_tracked=torch.tensor(0))
+        return fused_pointwise_block(y, conv, bn, training, "gelu", "torch")
+
+    assert torch.autograd.gradcheck(f, (y, w, b, gamma, beta))
 
 
 def test_pointwise_bad_arguments():
@@ -96,3 +118,66 @@ def test_pointwise_bad_arguments():
         fused_pointwise_block(torch.randn(2, 5, 3, 3), conv, bn, True, "gelu", "torch")
     with pytest.raises(TypeError, match="dtype"):
         fused_pointwise_block(torch.randn(2, 4, 3, 3).double(), conv, bn, True, "gelu", "torch")
+
+
+def _model_pair(backend, pointwise, depth=3, k=5, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    ref = RefConvMixer(6, depth, kernel_size=k, patch_size=2, num_classes=4)
+    randomize_bn(ref, seed + 1)
+    fused = convert(copy.deepcopy(ref), backend=backend, pointwise=pointwise)
+    ref = copy.deepcopy(ref).double()
+    return ref, fused.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("pointwise", PW)
+@pytest.mark.parametrize("backend", all_backends())
+def test_folded_model_matches_reference(backend, pointwise):
+    """BN2 folded into the next layer's depthwise load (FusedBlocks chain): logits, input
+    and every parameter gradient, running statistics after two training steps, then eval."""
+    ref, fused = _model_pair(backend, pointwise)
+    assert isinstance(fused.blocks, FusedBlocks)
+    assert all(layer.folds_bn2() for layer in fused.blocks)
+    x = torch.randn(2, 3, 10, 12, device=DEVICE)
+    compare_models(ref, fused, x, torch.float32, train=True, steps=2)
+    compare_models(ref, fused, x, torch.float32, train=False, steps=1)
+
+
+def test_chain_hands_bn2_to_the_next_layer(monkeypatch):
+    """Inside the stack no BN2 is applied on its own: layers 1.. receive the previous
+    layer's affine (pre) and the affine is materialised once, after the last layer."""
+    import convmixer_ext.modules as modules
+    seen, applied = [], []
+    real_block, real_apply = modules.fused_dwconv_block, modules.apply_affine
+    monkeypatch.setattr(modules, "fused_dwconv_block",
+                        lambda *a, **kw: seen.append(kw["pre"] is not None) or
+                        real_block(*a, **kw))
+    monkeypatch.setattr(modules, "apply_affine",
+                        lambda *a: applied.append(1) or real_apply(*a))
+    _, fused = _model_pair("torch", "torch", depth=4)
+    fused(torch.randn(2, 3, 8, 8, device=DEVICE)).sum().backward()
+    assert seen == [False, True, True, True]
+    assert len(applied) == 1
+
+
+def test_folded_state_dict_and_timm_conversion():
+    """convert(pointwise=...) keeps every state_dict key; a timm ConvMixer converted with
+    the folded chain gives timm's logits and gradients."""
+    import timm.models.convmixer as timm_convmixer
+    torch.manual_seed(0)
+    tm = timm_convmixer.ConvMixer(8, 2, kernel_size=5, patch_size=2, num_classes=5)
+    randomize_bn(tm, 2)
+    keys = list(tm.state_dict())
+    fused = convert(copy.deepcopy(tm), backend="torch", pointwise="torch")
+    assert list(fused.state_dict()) == keys
+    x = torch.randn(2, 3, 8, 10)
+    for train in (True, False):
+        tm.train(train)
+        fused.train(train)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_r, out_f = tm(xr), fused(xf)
+        out_r.square().sum().backward()
+        out_f.square().sum().backward()
+        assert_close(out_f, out_r, torch.float32, f"timm logits train={train}")
+        assert_close(xf.grad, xr.grad, torch.float32, "timm x.grad")
+    for (n, pr), (_, pf) in zip(tm.named_parameters(), fused.named_parameters()):
+        assert_close(pf.grad, pr.grad, torch.float32, n + ".grad")
