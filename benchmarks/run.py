@@ -236,7 +236,9 @@ def run_model(device, dtype, ks, reps, quick):
             if device == "cuda":
                 provs["compile"] = torch.compile(ref)
             b = "auto" if device == "cuda" else "torch"
-            for pw in ("unfused", "auto"):  # depthwise fused; pointwise unfused / fused too
+            # depthwise fused; pointwise unfused / fused too (+pw: BN2 folded into the next
+            # layer's depthwise load)
+            for pw in ("unfused", "auto"):
                 m = convert(RefConvMixer(dim, depth, k, patch, 1000), backend=b, pointwise=pw)
                 m.load_state_dict(ref.state_dict())
                 provs[f"fused-{b}" + ("+pw" if pw != "unfused" else "")] = \
@@ -263,6 +265,13 @@ def run_model(device, dtype, ks, reps, quick):
                                  dtype=str(dtype)[6:], device=device,
                                  train_img_s=batch / (t_train / 1e3),
                                  infer_img_s=batch / (t_inf / 1e3)))
+                if device == "cuda":  # activation memory of one training step
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    train_step()
+                    torch.cuda.synchronize()
+                    recs[-1]["train_peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
                 print(f"  {name} k={k} {pname}: train {recs[-1]['train_img_s']:.1f} img/s, "
                       f"infer {recs[-1]['infer_img_s']:.1f} img/s", flush=True)
     return recs
@@ -332,11 +341,12 @@ def markdown(env, records):
                      f"{mib(r.get('saved_bytes'))} | {mib(r.get('peak_mem_bytes'))} |")
     models = [r for r in records if r.get("kind") == "model"]
     if models:
-        lines += ["", "| model | k | provider | batch | train img/s | inference img/s |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| model | k | provider | batch | train img/s | inference img/s | "
+                  "train step peak memory |", "|---|---|---|---|---|---|---|"]
         for r in models:
             lines.append(f"| {r['model']} | {r['k']} | {r['provider']} | {r['batch']} | "
-                         f"{r['train_img_s']:.1f} | {r['infer_img_s']:.1f} |")
+                         f"{r['train_img_s']:.1f} | {r['infer_img_s']:.1f} | "
+                         f"{mib(r.get('train_peak_mem_bytes'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,3 +34,18 @@ def test_harness_reports_wrong_results_as_errors(tmp_path, monkeypatch):
     data = json.load(open(next(tmp_path.glob("*.json"))))
     assert rc == 1 and "mismatch" in data["records"][0]["error"]
     assert "ms" not in data["records"][0]
+
+
+def test_harness_model_section(tmp_path):
+    """The whole-model section: eager, fused (pointwise unfused) and fused with the pointwise
+    block and BN2 folded (+pw), each with training and inference images/s."""
+    rc = main(["--quick", "--device", "cpu", "--ks", "3", "--no-blocks", "--model",
+               "--reps", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.load(open(next(tmp_path.glob("*.json"))))
+    models = [r for r in data["records"] if r.get("kind") == "model"]
+    assert {r["provider"] for r in models} == {"eager", "fused-torch", "fused-torch+pw"}
+    for r in models:
+        assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "fused-torch+pw" in md
