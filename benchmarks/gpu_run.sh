@@ -4,7 +4,7 @@
 # Output lands in $OUT (the device tool's folder) or benchmarks/results/.
 #
 #   bash benchmarks/gpu_run.sh                  # all stages (may exceed one 10-min call)
-#   bash benchmarks/gpu_run.sh build test       # stages: build test sanitize bench
+#   bash benchmarks/gpu_run.sh build test       # stages: build test sanitize bench model
 #   BENCH_ARGS="--sweep --model" bash benchmarks/gpu_run.sh bench
 #
 # The default benchmark preset is bounded (ConvMixer-1536/20 block, k = 3/7/9, fp32 and
@@ -17,8 +17,11 @@ mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python}
-STAGES=${*:-build test sanitize bench}
+STAGES=${*:-build test sanitize bench model}
 BENCH_ARGS=${BENCH_ARGS:---shapes cm1536 --modes eval train_fwdbwd --providers eager compile cuda triton}
+# whole model: ConvMixer-1536/20 (k=9) and a CIFAR-size one, training step (images/s, peak
+# memory) and inference for eager / compile / fused / fused+pointwise (BN2 folded)
+MODEL_ARGS=${MODEL_ARGS:---no-blocks --model --ks 9 --dtypes bfloat16}
 status=0
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
@@ -48,5 +51,11 @@ if has bench; then
   # shellcheck disable=SC2086
   $PY -m benchmarks --out "$RES" $BENCH_ARGS > "$RES/bench.log" 2>&1 || status=1
   tail -60 "$RES/bench.log"
+fi
+if has model; then
+  echo "== whole-model benchmark: $MODEL_ARGS"
+  # shellcheck disable=SC2086
+  $PY -m benchmarks --out "$RES" $MODEL_ARGS > "$RES/bench-model.log" 2>&1 || status=1
+  tail -20 "$RES/bench-model.log"
 fi
 exit $status

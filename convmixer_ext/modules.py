@@ -10,7 +10,8 @@ each other as a per-channel affine: layer i returns the raw activation ``g`` and
 ``(a, c)``, and layer i+1's depthwise kernels apply ``a*g + c`` as they load (DESIGN.md
 §4), so BN2 never makes its own pass over memory. :class:`FusedBlocks` (the ``blocks`` of
 :class:`ConvMixer` and of converted models) runs that chain and applies the last layer's
-affine once at the end; a lone :class:`ConvMixerLayer` applies its own.
+affine once at the end (:class:`ConvMixer` applies it after the average pooling, to
+[N, C] instead); a lone :class:`ConvMixerLayer` applies its own.
 """
 from __future__ import annotations
 
@@ -133,14 +134,19 @@ class FusedBlocks(nn.Sequential):
     ``nn.Sequential`` it replaces) running the BN2-folding chain between
     :class:`ConvMixerLayer` s; any other module gets materialised input."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_folded(self, x: torch.Tensor):
+        """``(h, pre)``: the stack's output is ``h``, or ``a*h + c`` with ``pre=(a, c)``."""
         pre = None
         for layer in self:
             if isinstance(layer, ConvMixerLayer):
                 x, pre = layer.forward_folded(x, pre)
             else:
                 x, pre = layer(x if pre is None else apply_affine(x, pre)), None
-        return x if pre is None else apply_affine(x, pre)
+        return x, pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, pre = self.forward_folded(x)
+        return h if pre is None else apply_affine(h, pre)
 
 
 class ConvMixer(_ReferenceConvMixer):
@@ -152,6 +158,22 @@ class ConvMixer(_ReferenceConvMixer):
                  backend: str = "auto", pointwise: str = "unfused"):
         super().__init__(dim, depth, kernel_size, patch_size, num_classes, in_chans, activation)
         convert(self, backend=backend, pointwise=pointwise)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the last layer's folded BN2 commutes with the average pooling (both per channel
+        # and linear): pool g, then apply the affine to the [N, C] vector, so it never
+        # touches a full activation
+        h, pre = self.blocks.forward_folded(self.stem(x))
+        if pre is not None and not self._pooling_is_global_average():
+            h, pre = apply_affine(h, pre), None
+        pooled = self.pooling(h)
+        return self.head(pooled if pre is None else apply_affine(pooled, pre))
+
+    def _pooling_is_global_average(self) -> bool:
+        p = self.pooling
+        return (isinstance(p, nn.Sequential) and len(p) == 2
+                and type(p[0]) is nn.AdaptiveAvgPool2d and p[0].output_size in ((1, 1), 1)
+                and type(p[1]) is nn.Flatten)
 
 
 def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,

@@ -222,9 +222,11 @@ def pointwise_folded(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
 
 
 def apply_affine(g: Tensor, pre: tuple[Tensor, Tensor]) -> Tensor:
-    """``a*g + c`` per channel (computed in the statistics dtype, stored in g's dtype)."""
+    """``a*g + c`` per channel (dim 1 of g: [N, C, ...]; computed in the statistics dtype,
+    stored in g's dtype)."""
     a, c = pre
-    return (g.to(a.dtype) * _bcast(a) + _bcast(c)).to(g.dtype)
+    shape = (1, -1) + (1,) * (g.dim() - 2)
+    return (g.to(a.dtype) * a.view(shape) + c.view(shape)).to(g.dtype)
 
 
 def fused_pointwise_block(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, all_backends
-from convmixer_ext import ConvMixerLayer, FusedBlocks, convert
+from convmixer_ext import ConvMixer, ConvMixerLayer, FusedBlocks, convert
 from convmixer_ext.backends import _reason
 from convmixer_ext.pointwise import fused_pointwise_block
 from convmixer_ext.reference import ConvMixer as RefConvMixer
@@ -180,4 +180,35 @@ def test_folded_state_dict_and_timm_conversion():
         assert_close(out_f, out_r, torch.float32, f"timm logits train={train}")
         assert_close(xf.grad, xr.grad, torch.float32, "timm x.grad")
     for (n, pr), (_, pf) in zip(tm.named_parameters(), fused.named_parameters()):
+        assert_close(pf.grad, pr.grad, torch.float32, n + ".grad")
+
+
+@pytest.mark.parametrize("pooling", ["average", "custom"])
+def test_convmixer_folds_last_bn2_into_pooling(monkeypatch, pooling):
+    """ConvMixer applies the last layer's BN2 affine after the average pooling (to [N, C]),
+    with the reference's logits and gradients; a replaced pooling gets the materialised
+    activation instead."""
+    import convmixer_ext.modules as modules
+    applied = []
+    real_apply = modules.apply_affine
+    monkeypatch.setattr(modules, "apply_affine",
+                        lambda g, pre: applied.append(g.dim()) or real_apply(g, pre))
+    torch.manual_seed(0)
+    ref = RefConvMixer(6, 2, kernel_size=3, patch_size=2, num_classes=4)
+    randomize_bn(ref, 4)
+    fused = ConvMixer(6, 2, kernel_size=3, patch_size=2, num_classes=4, backend="torch",
+                      pointwise="torch")
+    fused.load_state_dict(ref.state_dict())
+    if pooling == "custom":  # max pooling does not commute with a negative scale
+        for m in (ref, fused):
+            m.pooling = torch.nn.Sequential(torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(1))
+    x = torch.randn(2, 3, 8, 6)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fused(xf)
+    assert applied == ([2] if pooling == "average" else [4])
+    out_r.square().sum().backward()
+    out_f.square().sum().backward()
+    assert_close(out_f, out_r, torch.float32, "logits")
+    assert_close(xf.grad, xr.grad, torch.float32, "x.grad")
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
         assert_close(pf.grad, pr.grad, torch.float32, n + ".grad")
