@@ -265,6 +265,11 @@ def run_model(device, dtype, ks, reps, quick):
                                  dtype=str(dtype)[6:], device=device,
                                  train_img_s=batch / (t_train / 1e3),
                                  infer_img_s=batch / (t_inf / 1e3)))
+                if pname != "compile":  # what autograd keeps for backward (exact, any device)
+                    def train_forward():
+                        model.train()
+                        model(x)
+                    recs[-1]["train_saved_bytes"] = saved_bytes(train_forward)
                 if device == "cuda":  # activation memory of one training step
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -342,10 +347,12 @@ def markdown(env, records):
     models = [r for r in records if r.get("kind") == "model"]
     if models:
         lines += ["", "| model | k | provider | batch | train img/s | inference img/s | "
-                  "train step peak memory |", "|---|---|---|---|---|---|---|"]
+                  "saved for backward | train step peak memory |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in models:
             lines.append(f"| {r['model']} | {r['k']} | {r['provider']} | {r['batch']} | "
                          f"{r['train_img_s']:.1f} | {r['infer_img_s']:.1f} | "
+                         f"{mib(r.get('train_saved_bytes'))} | "
                          f"{mib(r.get('train_peak_mem_bytes'))} |")
     return "\n".join(lines) + "\n"
 

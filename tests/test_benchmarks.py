@@ -47,5 +47,9 @@ def test_harness_model_section(tmp_path):
     assert {r["provider"] for r in models} == {"eager", "fused-torch", "fused-torch+pw"}
     for r in models:
         assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
+    saved = {r["provider"]: r["train_saved_bytes"] for r in models}
+    # eager keeps ~6 activations per layer, the fused depthwise block 1 (x) plus the
+    # unfused pointwise half's 3, the folded chain 2 (g and y)
+    assert saved["fused-torch+pw"] < saved["fused-torch"] < saved["eager"]
     md = next(tmp_path.glob("*.md")).read_text()
     assert "fused-torch+pw" in md
