@@ -109,10 +109,22 @@ class ConvMixerLayer(nn.Sequential):
             pre=pre)
 
     def folds_bn2(self) -> bool:
-        """Whether this layer leaves its BN2 as an affine for the next one (fused pointwise
-        half over a plain BatchNorm2d; e.g. the nn.SyncBatchNorm of convert(sync_bn=True)
-        keeps the pointwise half unfused)."""
-        return self.pointwise != "unfused" and type(self[3]) is nn.BatchNorm2d
+        """Whether this layer leaves its BN2 as an affine for the next one: a fused pointwise
+        half over an ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm`` (any other BN2 module runs
+        unfused, as itself)."""
+        return self.pointwise != "unfused" and type(self[3]) in (nn.BatchNorm2d,
+                                                                 nn.SyncBatchNorm)
+
+    def _bn2_group(self):
+        """The group an nn.SyncBatchNorm BN2 synchronises over (None: local statistics),
+        decided as nn.SyncBatchNorm decides it."""
+        bn = self[3]
+        if type(bn) is not nn.SyncBatchNorm:
+            return None
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return bn.process_group if bn.process_group is not None else dist.group.WORLD
 
     def forward_folded(self, x: torch.Tensor, pre=None):
         """``(g, (a, c))`` where this layer's output is ``a*g + c`` per channel, or
@@ -122,7 +134,7 @@ class ConvMixerLayer(nn.Sequential):
         if not self.folds_bn2():
             return self[3](self[2](self[1](y))), None
         return pointwise_folded(y, self[1], self[3], self.training, activation_name(self[2]),
-                                self.pointwise)
+                                self.pointwise, self._bn2_group())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, pre = self.forward_folded(x)
@@ -187,7 +199,8 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
     ``sync_bn=True`` (distributed training): the fused blocks compute batch statistics over
     ``process_group`` (default: the whole world), and every other ``nn.BatchNorm2d`` of the
     model becomes an ``nn.SyncBatchNorm`` over the same group (which PyTorch runs on GPUs);
-    the pointwise half then runs unfused.
+    a fused pointwise half synchronises BN2's statistics over that group itself (any
+    device), still folding BN2 into the next layer.
     """
     _check_name(backend)
     _check_pointwise(pointwise)

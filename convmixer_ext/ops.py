@@ -207,32 +207,62 @@ def _check_pre(pre, x: Tensor):
 
 
 # --------------------------------------------------------------------------- SyncBatchNorm
+class _GatherRows(torch.autograd.Function):
+    """all_gather of one row per rank -> [world, len]; backward sums every rank's gradient
+    of the gathered rows and returns this rank's row (each rank's statistics feed every
+    rank's loss: the gradient path of nn.SyncBatchNorm). Uses all_gather and all_reduce
+    only, so it runs on every process-group backend (gloo included)."""
+
+    @staticmethod
+    def forward(ctx, row, group):
+        import torch.distributed as dist
+        row = row.contiguous()
+        parts = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, row, group=group)
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+def sync_stats(mean: Tensor, var: Tensor, count: int, group):
+    """Statistics over the whole group's batch from each rank's per-channel (mean, biased
+    var) over ``count`` values: all-gather, then the same Chan merge as the per-tile
+    partials. Differentiable in mean and var. Returns (mean, var, global count)."""
+    C = mean.numel()
+    row = torch.cat([mean, var, mean.new_tensor([float(count)])])
+    allp = _GatherRows.apply(row, group)
+    cnt = allp[:, 2 * C].detach()
+    mean_g, var_g = merge_stats(allp[:, :C], allp[:, C:2 * C] * cnt[:, None], cnt)
+    return mean_g, var_g, int(cnt.sum().item())
+
+
 class _SyncBlock(torch.autograd.Function):
     """Batch statistics over every rank of ``group`` (``nn.SyncBatchNorm`` semantics).
 
-    Forward: F1 on the local batch -> all-gather of per-rank (mean, var, count) -> Chan
-    merge (the same merge as the per-tile partials) -> F2 with the global statistics.
+    Forward: F1 on the local batch -> :func:`sync_stats` -> F2 with the global statistics.
     Backward: B1 locally -> all-reduce of (dbeta, dgamma) -> B2 with the global sums.
-    dgamma/dbeta/dW/db returned are this rank's contributions (DDP reduces them).
+    dgamma/dbeta/dW/db returned are this rank's contributions (DDP reduces them), and so
+    are the gradients of a folded input affine ``(pa, pc)`` when one is given.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gamma, beta, eps, activation, backend, group):
-        import torch.distributed as dist
+    def forward(ctx, x, weight, bias, gamma, beta, pa, pc, eps, activation, backend, group):
         impl = get_impl(backend)
         sd = stats_dtype(x.dtype)
         N, C, H, W = x.shape
-        mean_l, var_l = impl.stats(x, weight, bias, activation)
-        mine = torch.cat([mean_l, var_l, mean_l.new_tensor([float(N * H * W)])])
-        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, mine, group=group)
-        allp = torch.stack(parts)
-        cnt = allp[:, 2 * C]
-        mean, var = merge_stats(allp[:, :C], allp[:, C:2 * C] * cnt[:, None], cnt)
+        pre = _pre_of(pa, pc)
+        mean_l, var_l = impl.stats(x, weight, bias, activation, pre)
+        mean, var, n_global = sync_stats(mean_l, var_l, N * H * W, group)
         rstd = rstd_from_var(var, eps)
-        out = impl.apply(x, weight, bias, mean, rstd, gamma.to(sd), beta.to(sd), activation)
-        n_global = int(cnt.sum().item())
-        ctx.save_for_backward(x, weight, bias, gamma, mean, rstd)
+        out = impl.apply(x, weight, bias, mean, rstd, gamma.to(sd), beta.to(sd), activation,
+                         pre)
+        ctx.save_for_backward(x, weight, bias, gamma, mean, rstd, pa, pc)
         ctx.cfg = (activation, backend, group, N * H * W / n_global)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var, n_global
@@ -240,7 +270,7 @@ class _SyncBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmean, _dvar, _dn):
         import torch.distributed as dist
-        x, weight, bias, gamma, mean, rstd = ctx.saved_tensors
+        x, weight, bias, gamma, mean, rstd, pa, pc = ctx.saved_tensors
         activation, backend, group, local_share = ctx.cfg
 
         def globalize(dbeta, dgamma):
@@ -250,9 +280,10 @@ class _SyncBlock(torch.autograd.Function):
             # that the division by the global count that SyncBatchNorm's gradient needs.
             return (glob * local_share).split(dbeta.numel())
 
-        *grads, _ = _backward_passes(get_impl(backend), dout, x, weight, bias, gamma, mean,
-                                     rstd, True, activation, globalize)
-        return (*grads, None, None, None, None)
+        *grads, dpre = _backward_passes(get_impl(backend), dout, x, weight, bias, gamma, mean,
+                                        rstd, True, activation, globalize, _pre_of(pa, pc))
+        dpa, dpc = (None, None) if dpre is None else dpre
+        return (*grads, dpa, dpc, None, None, None, None)
 
 
 def _sync_group(process_group):
@@ -309,11 +340,8 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
                          f"statistics, got x of shape {tuple(x.shape)}")
     x = _dense(x)
     if group is not None:
-        if pre is not None:
-            raise ValueError("pre (a folded affine) is not supported with process_group; "
-                             "SyncBatchNorm layers keep their BN2 unfolded")
-        out, mean, var, n = _SyncBlock.apply(x, weight, bias, gamma, beta, float(eps),
-                                             activation, name, group)
+        out, mean, var, n = _SyncBlock.apply(x, weight, bias, gamma, beta, pre_scale,
+                                             pre_shift, float(eps), activation, name, group)
     else:
         out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean,
                                       running_var, pre_scale, pre_shift, batch_stats,

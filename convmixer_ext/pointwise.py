@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._partials import merge_stats, sum_partials
 from .backends import BackendUnavailableError, _reason
-from .ops import refuse_double_backward
+from .ops import _sync_group, refuse_double_backward, sync_stats
 from .semantics import (ACTIVATIONS, act_fwd, act_grad, bn_affine, check_activation,
                         rstd_from_var, stats_dtype, update_running_stats, uses_batch_stats)
 
@@ -182,13 +182,15 @@ def resolve_pw_backend(backend: str, device: torch.device, dtype: torch.dtype) -
 
 
 def pointwise_folded(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
-                     training: bool, activation: str = "gelu",
-                     backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                     training: bool, activation: str = "gelu", backend: str = "auto",
+                     process_group=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """``(g, (a, c))`` with ``BN2(act(conv1x1(y))) == a*g + c`` per channel (``nn.BatchNorm2d``
     semantics; running buffers updated in training). ``a``, ``c`` are in the statistics
     dtype and carry autograd to gamma, beta and, with batch statistics, through the batch
     mean/var to ``y`` and the conv parameters. Under ``torch.autocast``, y and the conv
-    parameters are cast to the autocast dtype as ``nn.Conv2d`` would be."""
+    parameters are cast to the autocast dtype as ``nn.Conv2d`` would be.
+    ``process_group``: batch statistics over the whole group's batch (``nn.SyncBatchNorm``
+    semantics; the gradients through them are summed over the ranks)."""
     check_activation(activation)
     if not isinstance(y, Tensor) or y.dim() != 4:
         raise ValueError(f"y must be a 4-D tensor [N, C, H, W], got {getattr(y, 'shape', y)}")
@@ -208,13 +210,17 @@ def pointwise_folded(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
     name = resolve_pw_backend(backend, y.device, y.dtype)
     batch_stats = uses_batch_stats(training, bn.running_mean)
     N, _, H, W = y.shape
-    if batch_stats and N * H * W <= 1:
+    n = N * H * W
+    group = _sync_group(process_group) if batch_stats else None
+    if batch_stats and n <= 1 and group is None:
         raise ValueError(f"expected more than 1 value per channel when using batch "
                          f"statistics, got y of shape {tuple(y.shape)}")
     g, mean, var = pw_act_fwd(y, w, b, activation, name)
+    if group is not None:
+        mean, var, n = sync_stats(mean, var, n, group)
     if training and bn.running_mean is not None:
         update_running_stats(bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                             bn.momentum, mean.detach(), var.detach(), N * H * W)
+                             bn.momentum, mean.detach(), var.detach(), n)
     if not batch_stats:
         mean, var = bn.running_mean.to(sd), bn.running_var.to(sd)
     a, c = bn_affine(mean, rstd_from_var(var, bn.eps), gamma.to(sd), beta.to(sd))
