@@ -27,12 +27,28 @@ def _setup():
     return ref, x.float(), probe.float()
 
 
+def _check_step(rank, step, sl, ref, fused, x, probe, out, xl):
+    """Ground truth: ``ref`` (float64) on the whole global batch in one process; ``fused``
+    holds this rank's gradients already averaged over the ranks (as DDP leaves them)."""
+    from helpers import assert_close
+    ref.zero_grad()
+    xr = x.double().clone().requires_grad_()
+    out_r = ref.train()(xr)
+    out_r.backward(probe.double())
+    f32 = torch.float32
+    assert_close(out, out_r[sl], f32, f"rank {rank} step {step} out")
+    assert_close(xl.grad, xr.grad[sl], f32, f"rank {rank} x.grad")
+    for (n, p_r), (_, p_f) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert_close(p_f.grad, p_r.grad / WORLD, f32, f"rank {rank} {n}.grad")
+    for (n, b_r), (_, b_f) in zip(ref.named_buffers(), fused.named_buffers()):
+        assert torch.allclose(b_f.double(), b_r.double(), rtol=1e-5, atol=1e-6), n
+
+
 def _worker(rank, init_file, backend):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
         from convmixer_ext import ConvMixerLayer
-        from helpers import assert_close
         ref, x, probe = _setup()
         sl = slice(2 * rank, 2 * rank + 2)
         fused = ConvMixerLayer.from_reference(copy.deepcopy(ref).float(), backend)
@@ -43,18 +59,7 @@ def _worker(rank, init_file, backend):
             xl = x[sl].clone().requires_grad_()
             out = ddp(xl)
             out.backward(probe[sl])
-            # ground truth: one process, whole batch; DDP averages gradients over ranks
-            ref.zero_grad()
-            xr = x.double().clone().requires_grad_()
-            out_r = ref.train()(xr)
-            out_r.backward(probe.double())
-            f32 = torch.float32
-            assert_close(out, out_r[sl], f32, f"rank {rank} step {step} out")
-            assert_close(xl.grad, xr.grad[sl], f32, f"rank {rank} x.grad")
-            for (n, p_r), (_, p_f) in zip(ref.named_parameters(), fused.named_parameters()):
-                assert_close(p_f.grad, p_r.grad / WORLD, f32, f"rank {rank} {n}.grad")
-            for (n, b_r), (_, b_f) in zip(ref.named_buffers(), fused.named_buffers()):
-                assert torch.allclose(b_f.double(), b_r.double(), rtol=1e-5, atol=1e-6), n
+            _check_step(rank, step, sl, ref, fused, x, probe, out, xl)
             with torch.no_grad():  # keep both models' weights in step
                 for p_r, p_f in zip(ref.parameters(), fused.parameters()):
                     p_f.sub_(0.1 * p_f.grad)
@@ -82,7 +87,7 @@ def _worker_folded(rank, init_file, backend):
     try:
         from convmixer_ext import convert
         from convmixer_ext.reference import conv_mixer_layer
-        from helpers import assert_close, randomize_bn
+        from helpers import randomize_bn
         torch.manual_seed(0)
         ref = torch.nn.Sequential(conv_mixer_layer(3, 3, "gelu"), conv_mixer_layer(3, 5, "gelu"))
         randomize_bn(ref, 2)
@@ -98,24 +103,13 @@ def _worker_folded(rank, init_file, backend):
         sl = slice(2 * rank, 2 * rank + 2)
         for step in range(2):
             model.zero_grad()
-            ref.zero_grad()
             xl = x[sl].clone().requires_grad_()
             out = model.blocks(xl)
             out.backward(probe[sl])
             for p in model.parameters():
                 dist.all_reduce(p.grad)
                 p.grad /= WORLD
-            xr = x.double().clone().requires_grad_()
-            out_r = ref.train()(xr)
-            out_r.backward(probe.double())
-            f32 = torch.float32
-            assert_close(out, out_r[sl], f32, f"rank {rank} step {step} out")
-            assert_close(xl.grad, xr.grad[sl], f32, f"rank {rank} x.grad")
-            for (n, p_r), (_, p_f) in zip(ref.named_parameters(),
-                                          model.blocks.named_parameters()):
-                assert_close(p_f.grad, p_r.grad / WORLD, f32, f"rank {rank} {n}.grad")
-            for (n, b_r), (_, b_f) in zip(ref.named_buffers(), model.blocks.named_buffers()):
-                assert torch.allclose(b_f.double(), b_r.double(), rtol=1e-5, atol=1e-6), n
+            _check_step(rank, step, sl, ref, model.blocks, x, probe, out, xl)
     finally:
         dist.destroy_process_group()
 
