@@ -48,7 +48,7 @@ def _channels_last(like: Tensor) -> bool:
 def _unrows(m: Tensor, like: Tensor) -> Tensor:
     """[N*H*W, C'] -> [N, C', H, W] in ``like``'s memory format."""
     N, _, H, W = like.shape
-    out = m.reshape(N, H, W, -1).permute(0, 3, 1, 2)
+    out = m.reshape(N, H, W, m.shape[1]).permute(0, 3, 1, 2)
     return out.contiguous(memory_format=torch.channels_last) if _channels_last(like) \
         else out.contiguous()
 
@@ -73,7 +73,10 @@ def _recompute_u(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- forward
 def _fwd_torch(y, weight, bias, activation):
     g = act_fwd(_recompute_u(y, weight, bias), activation)
-    var, mean = torch.var_mean(g, dim=0, correction=0)
+    if g.shape[0] == 0:  # empty batch (eval only): no statistics
+        mean, var = (g.new_full((g.shape[1],), float("nan")) for _ in range(2))
+    else:
+        var, mean = torch.var_mean(g, dim=0, correction=0)
     return _unrows(g.to(y.dtype), y), mean, var
 
 
@@ -90,8 +93,8 @@ def _fwd_triton(y, weight, bias, activation):
 def _du_torch(dg, dmean, dvar, y, weight, bias, mean, activation):
     """(du rows [P, Co] in y's dtype, db) from the formula in the module docstring."""
     u = _recompute_u(y, weight, bias)
-    M = u.shape[0]
-    d = _rows(dg).to(u.dtype) + dmean / M + (act_fwd(u, activation) - mean) * (2.0 / M * dvar)
+    inv_m = 1.0 / max(u.shape[0], 1)  # an empty batch has no positions to spread over
+    d = _rows(dg).to(u.dtype) + dmean * inv_m + (act_fwd(u, activation) - mean) * (2.0 * inv_m * dvar)
     du = d * act_grad(u, activation)
     return du.to(y.dtype), du.sum(0)
 

@@ -91,8 +91,11 @@ def bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stat
     # dW[c,i,j] = sum_{n,h,w} du[n,c,h,w] * xpad[n,c,h+i,w+j]: a grouped conv with the
     # batch as the reduction channel.
     xpad = F.pad(block_input(x, pre), (pb, pa, pb, pa))
-    dw = F.conv2d(xpad.transpose(0, 1).reshape(1, C * N, H + k - 1, W + k - 1),
-                  du.transpose(0, 1), groups=C).view(C, 1, k, k)
+    if N == 0:  # empty batch: no terms
+        dw = du.new_zeros((C, 1, k, k))
+    else:
+        dw = F.conv2d(xpad.transpose(0, 1).reshape(1, C * N, H + k - 1, W + k - 1),
+                      du.transpose(0, 1), groups=C).view(C, 1, k, k)
     db = du.sum(dim=(0, 2, 3))
     if pre is None:
         return dx.to(x.dtype), dw, db, None

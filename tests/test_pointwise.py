@@ -212,3 +212,14 @@ def test_convmixer_folds_last_bn2_into_pooling(monkeypatch, pooling):
     assert_close(xf.grad, xr.grad, torch.float32, "x.grad")
     for (n, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
         assert_close(pf.grad, pr.grad, torch.float32, n + ".grad")
+
+
+def test_folded_model_empty_batch_eval():
+    """An empty batch in eval goes through the folded chain (forward and backward) like
+    through the reference: empty logits, empty input gradient."""
+    _, fused = _model_pair("torch", "torch", depth=2)
+    x = torch.randn(0, 3, 8, 8, device=DEVICE, requires_grad=True)
+    out = fused.eval()(x)
+    assert out.shape == (0, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape

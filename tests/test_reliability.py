@@ -97,8 +97,11 @@ def test_empty_batch_eval(backend):
     w, b, g, be = _block()
     x = torch.randn(0, 3, 5, 5).to(DEVICE).requires_grad_()
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
-    out = fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=False, backend=backend)
+    out = fused_dwconv_block(x, w.requires_grad_(), b, g, be, rm, rv, None, training=False,
+                             backend=backend)
     assert out.shape == x.shape
+    out.sum().backward()  # like PyTorch: empty input gradient, zero weight gradient
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
     with pytest.raises(ValueError, match="more than 1 value"):
         fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=True, backend=backend)
 
