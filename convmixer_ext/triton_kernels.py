@@ -421,6 +421,16 @@ def _pw_u(y_ptr, w_ptr, b_ptr, pid_p, pid_n, P, CI, CO, HW, W, sN, sC, sH, sW,
 
 
 @triton.jit
+def _pw_tile_ids(CO, BLOCK_N: tl.constexpr):
+    """(row tile, column tile) of this program. One-dimensional grid, columns fastest:
+    the programs sharing a tile of y run together, so y is read from HBM about once (its
+    tile stays in L2 while every column block uses it) and the weight, small, stays in L2."""
+    pid = tl.program_id(0)
+    n_col = tl.cdiv(CO, BLOCK_N)
+    return pid // n_col, pid % n_col
+
+
+@triton.jit
 def _pos_offs(n, hw, W, cols, oN, oC, oH, oW):
     """[BLOCK_P, BLOCK_N] offsets of positions (n, hw) and channels cols in a 4-D tensor."""
     return (n.to(tl.int64) * oN + (hw // W).to(tl.int64) * oH
@@ -433,8 +443,8 @@ def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, P, CI, CO, HW, W, 
                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """g = act(u) stored through g's strides (o*), with the per-(row tile, channel) mean and
     centred M2 of g (BN2 statistics, from the fp32 values) in the epilogue."""
-    pid_p = tl.program_id(0)
-    u, rows, rmask, n, hw, cols, cmask = _pw_u(y_ptr, w_ptr, b_ptr, pid_p, tl.program_id(1),
+    pid_p, pid_n = _pw_tile_ids(CO, BLOCK_N)
+    u, rows, rmask, n, hw, cols, cmask = _pw_u(y_ptr, w_ptr, b_ptr, pid_p, pid_n,
                                                P, CI, CO, HW, W, sN, sC, sH, sW, IEEE,
                                                BLOCK_P, BLOCK_N, BLOCK_K)
     g = _act(u, ACT)
@@ -456,8 +466,8 @@ def _pw_bwd_du_kernel(y_ptr, w_ptr, b_ptr, dg_ptr, dmean_ptr, dvar_ptr, mean_ptr
                       BLOCK_K: tl.constexpr):
     """du = (dg + dmean/P + dvar*2(g-mean)/P) * act'(u) with u recomputed (never stored in
     the forward); du stored as rows [P, CO] in du's dtype, per-row-tile db partials."""
-    pid_p = tl.program_id(0)
-    u, rows, rmask, n, hw, cols, cmask = _pw_u(y_ptr, w_ptr, b_ptr, pid_p, tl.program_id(1),
+    pid_p, pid_n = _pw_tile_ids(CO, BLOCK_N)
+    u, rows, rmask, n, hw, cols, cmask = _pw_u(y_ptr, w_ptr, b_ptr, pid_p, pid_n,
                                                P, CI, CO, HW, W, sN, sC, sH, sW, IEEE,
                                                BLOCK_P, BLOCK_N, BLOCK_K)
     m = rmask[:, None] & cmask[None, :]
@@ -473,11 +483,26 @@ def _pw_bwd_du_kernel(y_ptr, w_ptr, b_ptr, dg_ptr, dmean_ptr, dvar_ptr, mean_ptr
     tl.store(db_p + pid_p.to(tl.int64) * CO + cols, tl.sum(du, axis=0), mask=cmask)
 
 
-_PW_BLOCKS = dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32)
+def _pw_config(y):
+    """GEMM tile and launch options: 128x128x32 tiles, 8 warps, 3 pipeline stages on a GPU
+    (the usual shape for large tensor-core GEMMs); 64x64x32 in the interpreter, where tile
+    size only costs time. ``CONVMIXER_EXT_PW_TILE=PxNxK`` overrides the tile (tests run
+    the GPU tile under the interpreter this way)."""
+    on_gpu = y.is_cuda and not triton_interpreter()
+    bp, bn, bk = (128, 128, 32) if on_gpu else (64, 64, 32)
+    env = os.environ.get("CONVMIXER_EXT_PW_TILE")
+    if env:
+        bp, bn, bk = (int(v) for v in env.lower().split("x"))
+    cfg = dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bp * bn >= 128 * 128 else 4)
+    if on_gpu:
+        cfg["num_stages"] = 3
+    return cfg
 
 
-def _pw_grid(P, CO):
-    return (triton.cdiv(P, _PW_BLOCKS["BLOCK_P"]), triton.cdiv(CO, _PW_BLOCKS["BLOCK_N"]))
+def _pw_grid(P, CO, cfg):
+    """(row tiles, 1-D grid over row x column tiles)."""
+    T = triton.cdiv(P, cfg["BLOCK_P"])
+    return T, (T * triton.cdiv(CO, cfg["BLOCK_N"]),)
 
 
 def _pw_ieee(y):
@@ -492,14 +517,14 @@ def pw_gemm_act_stats(y, w2, bias, g, act):
     N, CI, H, W = y.shape
     CO = w2.shape[0]
     P = N * H * W
-    grid = _pw_grid(P, CO)
-    mean_p = torch.empty((grid[0], CO), device=y.device, dtype=torch.float32)
+    cfg = _pw_config(y)
+    T, grid = _pw_grid(P, CO, cfg)
+    mean_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
     with _device_of(y):
         _pw_gemm_kernel[grid](y, w2.contiguous(), bias, g, mean_p, m2_p, P, CI, CO, H * W, W,
-                              *y.stride(), *g.stride(), ACT=act, IEEE=_pw_ieee(y),
-                              **_PW_BLOCKS, num_warps=4)
-    bp = _PW_BLOCKS["BLOCK_P"]
+                              *y.stride(), *g.stride(), ACT=act, IEEE=_pw_ieee(y), **cfg)
+    bp = cfg["BLOCK_P"]
     starts = torch.arange(0, P, bp)
     cnt = torch.clamp(P - starts, max=bp).to(device=y.device, dtype=torch.float32)
     return mean_p, m2_p, cnt
@@ -510,12 +535,13 @@ def pw_bwd_du(dg, dmean, dvar, y, w2, bias, mean, act):
     N, CI, H, W = y.shape
     CO = w2.shape[0]
     P = N * H * W
-    grid = _pw_grid(P, CO)
+    cfg = _pw_config(y)
+    T, grid = _pw_grid(P, CO, cfg)
     du = torch.empty((P, CO), device=y.device, dtype=y.dtype)
-    db_p = torch.empty((grid[0], CO), device=y.device, dtype=torch.float32)
+    db_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     with _device_of(y):
         _pw_bwd_du_kernel[grid](y, w2.contiguous(), bias, dg, f32(dmean), f32(dvar), f32(mean),
                                 du, db_p, 1.0 / P, P, CI, CO, H * W, W, *y.stride(), *dg.stride(),
-                                ACT=act, IEEE=_pw_ieee(y), **_PW_BLOCKS, num_warps=4)
+                                ACT=act, IEEE=_pw_ieee(y), **cfg)
     return du, db_p

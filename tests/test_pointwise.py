@@ -223,3 +223,26 @@ def test_folded_model_empty_batch_eval():
     assert out.shape == (0, 4)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.skipif("triton" not in PW, reason="needs the Triton pointwise backend")
+@pytest.mark.parametrize("tile", ["128x128x32", "16x16x16"], ids=["gpu-tile", "many-tiles"])
+def test_pointwise_triton_tiles(monkeypatch, tile):
+    """The GEMM tile the GPU uses (128x128x32), and small tiles giving several row and
+    column tiles (the 1-D, columns-fastest program order), against the torch twin: g,
+    mean, var and the gradients of y, weight and bias through mean/var as well."""
+    monkeypatch.setenv("CONVMIXER_EXT_PW_TILE", tile)
+    torch.manual_seed(0)
+    y = torch.randn(3, 20, 7, 9, device=DEVICE)
+    w = torch.randn(40, 20, 1, 1, device=DEVICE) / 5
+    b = torch.randn(40, device=DEVICE)
+    probes = [torch.randn(s, device=DEVICE) for s in ((3, 40, 7, 9), (40,), (40,))]
+    res = {}
+    for backend in ("triton", "torch"):
+        args = [t.clone().requires_grad_() for t in (y, w, b)]
+        outs = torch.ops.convmixer_ext.pw_act_fwd(*args, "gelu", backend)
+        sum((o * p).sum() for o, p in zip(outs, probes)).backward()
+        res[backend] = list(outs) + [a.grad for a in args]
+    names = ["g", "mean", "var", "y.grad", "weight.grad", "bias.grad"]
+    for name, got, want in zip(names, res["triton"], res["torch"]):
+        assert_close(got, want, torch.float32, name)
