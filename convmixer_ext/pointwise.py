@@ -134,8 +134,13 @@ def pw_act_bwd(dg: Tensor, dmean: Tensor, dvar: Tensor, y: Tensor, weight: Tenso
         backend = "torch"
     du, db = _IMPL[backend][1](dg, dmean, dvar, y, weight, bias, mean, activation)
     w2 = weight.reshape(weight.shape[0], -1).to(y.dtype)
-    dy = _unrows(du @ w2, y)
     dw = (du.t() @ _rows(y)).reshape(weight.shape)
+    N, Ci, H, W = y.shape
+    if y.is_contiguous():  # NCHW: one batched GEMM writes the planes directly
+        dy = torch.matmul(w2.t(), du.view(N, H * W, du.shape[1]).transpose(1, 2))
+        dy = dy.view(N, Ci, H, W)
+    else:  # channels_last: rows are the layout itself
+        dy = _unrows(du @ w2, y)
     return dy, dw.to(weight.dtype), db.to(bias.dtype)
 
 
