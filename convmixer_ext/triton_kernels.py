@@ -499,10 +499,13 @@ def _pw_config(y):
     return cfg
 
 
-def _pw_grid(P, CO, cfg):
-    """(row tiles, 1-D grid over row x column tiles)."""
+def _pw_geometry(y, w2):
+    """(positions P, output channels CO, config, row tiles T, 1-D grid over row x column
+    tiles) of a pointwise GEMM launch."""
+    N, _, H, W = y.shape
+    P, CO, cfg = N * H * W, w2.shape[0], _pw_config(y)
     T = triton.cdiv(P, cfg["BLOCK_P"])
-    return T, (T * triton.cdiv(CO, cfg["BLOCK_N"]),)
+    return P, CO, cfg, T, (T * triton.cdiv(CO, cfg["BLOCK_N"]),)
 
 
 def _pw_ieee(y):
@@ -514,11 +517,8 @@ def _pw_ieee(y):
 def pw_gemm_act_stats(y, w2, bias, g, act):
     """Fill g [N, Co, H, W] (any strides) with act(conv1x1(y) + b) for y [N, Ci, H, W] (any
     strides), w2 [Co, Ci]; return (mean_p [T, Co], m2_p [T, Co], count_p [T])."""
-    N, CI, H, W = y.shape
-    CO = w2.shape[0]
-    P = N * H * W
-    cfg = _pw_config(y)
-    T, grid = _pw_grid(P, CO, cfg)
+    CI, H, W = y.shape[1:]
+    P, CO, cfg, T, grid = _pw_geometry(y, w2)
     mean_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
     with _device_of(y):
@@ -532,11 +532,8 @@ def pw_gemm_act_stats(y, w2, bias, g, act):
 
 def pw_bwd_du(dg, dmean, dvar, y, w2, bias, mean, act):
     """(du [P, Co] rows in y's dtype, db_p [T, Co]) for the pointwise block's backward."""
-    N, CI, H, W = y.shape
-    CO = w2.shape[0]
-    P = N * H * W
-    cfg = _pw_config(y)
-    T, grid = _pw_grid(P, CO, cfg)
+    CI, H, W = y.shape[1:]
+    P, CO, cfg, T, grid = _pw_geometry(y, w2)
     du = torch.empty((P, CO), device=y.device, dtype=y.dtype)
     db_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
