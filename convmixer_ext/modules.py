@@ -22,7 +22,7 @@ from .backends import _check_name
 from .ops import fused_dwconv_block
 from .pointwise import PW_BACKENDS, apply_affine, pointwise_folded
 from .reference import ConvMixer as _ReferenceConvMixer, conv_mixer_layer
-from .semantics import activation_name, check_activation
+from .semantics import activation_name, bn_scale_shift, check_activation, stats_dtype
 
 
 def _check_fusable(dw: nn.Module, bn: nn.Module) -> None:
@@ -97,11 +97,7 @@ class ConvMixerLayer(nn.Sequential):
         """The fused depthwise block: ``x + BN1(act(dwconv(x)))``, with the block input
         ``a*x + c`` when ``pre=(a, c)`` is given."""
         dw, bn = self[0].fn[0], self[0].fn[2]
-        if bn.affine:
-            gamma, beta = bn.weight, bn.bias
-        else:  # affine=False: identity scale and shift
-            gamma = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
-            beta = torch.zeros_like(gamma)
+        gamma, beta = bn_scale_shift(bn, x.shape[1], x.device, stats_dtype(x.dtype))
         return fused_dwconv_block(
             x, dw.weight, dw.bias, gamma, beta, bn.running_mean, bn.running_var,
             bn.num_batches_tracked, training=self.training, momentum=bn.momentum, eps=bn.eps,

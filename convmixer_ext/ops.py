@@ -83,10 +83,9 @@ def dw_block_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gamma: T
     *grads, dpre = _backward_passes(get_impl(_for_size(backend, x)), dout, x, weight, bias,
                                     gamma, mean, rstd_from_var(var, eps), batch_stats,
                                     activation, pre=pre)
-    if dpre is None:
+    if dpre is None:  # pre_scale/pre_shift are in the statistics dtype, like these sums
         dpre = (mean.new_empty((0,)), mean.new_empty((0,)))
-    return (*grads, dpre[0].to(pre_scale.dtype if pre else mean.dtype),
-            dpre[1].to(pre_shift.dtype if pre else mean.dtype))
+    return (*grads, *dpre)
 
 
 def _backward_passes(impl, dout, x, weight, bias, gamma, mean, rstd, batch_stats, activation,
@@ -296,6 +295,29 @@ def _sync_group(process_group):
     return process_group if dist.get_world_size(process_group) > 1 else None
 
 
+def autocast_dtype(t) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` gives convolution inputs on t's device, or None when
+    autocast is off there (or t is not a floating-point tensor)."""
+    if isinstance(t, Tensor) and t.is_floating_point() \
+            and torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return None
+
+
+def batch_stats_plan(training: bool, running_mean, t: Tensor, process_group, name: str):
+    """(batch_stats, group, n): whether BN uses batch statistics (nn.BatchNorm2d's rule),
+    the group to synchronise them over (None: local) and the local count N*H*W; refuses
+    one value per channel like nn.BatchNorm2d (``name`` names the input in the message)."""
+    batch_stats = uses_batch_stats(training, running_mean)
+    N, _, H, W = t.shape
+    n = N * H * W
+    group = _sync_group(process_group) if batch_stats else None
+    if batch_stats and n <= 1 and group is None:
+        raise ValueError(f"expected more than 1 value per channel when using batch "
+                         f"statistics, got {name} of shape {tuple(t.shape)}")
+    return batch_stats, group, n
+
+
 def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
                        running_mean: Optional[Tensor] = None,
                        running_var: Optional[Tensor] = None,
@@ -322,22 +344,15 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     block's residual add would give.
     """
     out_dtype = None
-    if isinstance(x, Tensor) and x.is_floating_point() \
-            and torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x)
+    if dt is not None:
         out_dtype = torch.promote_types(dt, x.dtype)
         x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
     k = check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var)
     check_activation(activation)
     pre_scale, pre_shift = _check_pre(pre, x)
     name = resolve_backend(backend, x.device, x.dtype, k)
-    batch_stats = uses_batch_stats(training, running_mean)
-    N, C, H, W = x.shape
-    n = N * H * W
-    group = _sync_group(process_group) if batch_stats else None
-    if batch_stats and n <= 1 and group is None:
-        raise ValueError(f"expected more than 1 value per channel when using batch "
-                         f"statistics, got x of shape {tuple(x.shape)}")
+    batch_stats, group, n = batch_stats_plan(training, running_mean, x, process_group, "x")
     x = _dense(x)
     if group is not None:
         out, mean, var, n = _SyncBlock.apply(x, weight, bias, gamma, beta, pre_scale,

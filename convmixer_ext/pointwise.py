@@ -22,16 +22,14 @@ Backends: ``"triton"`` (CUDA tensors, or CPU under TRITON_INTERPRET=1) and ``"to
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 from ._partials import merge_stats, sum_partials
 from .backends import BackendUnavailableError, _reason
-from .ops import _sync_group, refuse_double_backward, sync_stats
-from .semantics import (ACTIVATIONS, act_fwd, act_grad, bn_affine, check_activation,
-                        rstd_from_var, stats_dtype, update_running_stats, uses_batch_stats)
+from .ops import autocast_dtype, batch_stats_plan, refuse_double_backward, sync_stats
+from .semantics import (ACTIVATIONS, act_fwd, act_grad, bn_affine, bn_scale_shift,
+                        check_activation, rstd_from_var, stats_dtype, update_running_stats)
 
 PW_BACKENDS = ("triton", "torch")
 
@@ -53,16 +51,12 @@ def _unrows(m: Tensor, like: Tensor) -> Tensor:
         else out.contiguous()
 
 
-def out_like(y: Tensor, channels: int, dtype=None) -> Tensor:
-    """An empty [N, channels, H, W] tensor in y's memory format."""
+def out_like(y: Tensor, channels: int) -> Tensor:
+    """An empty [N, channels, H, W] tensor of y's dtype in y's memory format."""
     N, _, H, W = y.shape
     fmt = torch.channels_last if _channels_last(y) else torch.contiguous_format
-    return torch.empty((N, channels, H, W), device=y.device, dtype=dtype or y.dtype,
+    return torch.empty((N, channels, H, W), device=y.device, dtype=y.dtype,
                        memory_format=fmt)
-
-
-def _bcast(v: Tensor) -> Tensor:
-    return v.view(1, -1, 1, 1)
 
 
 def _recompute_u(y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -158,7 +152,7 @@ def _pw_setup_context(ctx, inputs, output):
 def _pw_backward(ctx, dg, dmean, dvar):
     y, weight, bias, mean = ctx.saved_tensors
     zeros = torch.zeros_like(mean)
-    dg = torch.zeros_like(out_like(y, weight.shape[0])) if dg is None else dg
+    dg = out_like(y, weight.shape[0]).zero_() if dg is None else dg
     grads = pw_act_bwd(dg, zeros if dmean is None else dmean, zeros if dvar is None else dvar,
                        y, weight, bias, mean, *ctx.flags)
     return (*grads, None, None)
@@ -206,23 +200,15 @@ def pointwise_folded(y: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
     if tuple(w.shape[1:]) != (y.shape[1], 1, 1) or b is None:
         raise ValueError(f"the pointwise conv must be a 1x1 conv with bias on {y.shape[1]} "
                          f"channels, got weight {tuple(w.shape)}")
-    if y.is_floating_point() and torch.is_autocast_enabled(y.device.type):
-        dt = torch.get_autocast_dtype(y.device.type)
+    dt = autocast_dtype(y)
+    if dt is not None:
         y, w, b = y.to(dt), w.to(dt), b.to(dt)
     if w.dtype != y.dtype:
         raise TypeError(f"pointwise weight must have the dtype of y ({y.dtype}), got {w.dtype}")
-    Co = w.shape[0]
     sd = stats_dtype(y.dtype)
-    gamma = bn.weight if bn.affine else torch.ones(Co, device=y.device, dtype=sd)
-    beta = bn.bias if bn.affine else torch.zeros(Co, device=y.device, dtype=sd)
+    gamma, beta = bn_scale_shift(bn, w.shape[0], y.device, sd)
     name = resolve_pw_backend(backend, y.device, y.dtype)
-    batch_stats = uses_batch_stats(training, bn.running_mean)
-    N, _, H, W = y.shape
-    n = N * H * W
-    group = _sync_group(process_group) if batch_stats else None
-    if batch_stats and n <= 1 and group is None:
-        raise ValueError(f"expected more than 1 value per channel when using batch "
-                         f"statistics, got y of shape {tuple(y.shape)}")
+    batch_stats, group, n = batch_stats_plan(training, bn.running_mean, y, process_group, "y")
     g, mean, var = pw_act_fwd(y, w, b, activation, name)
     if group is not None:
         mean, var, n = sync_stats(mean, var, n, group)

@@ -112,6 +112,15 @@ def bn_grad(d, xhat, scale, dbeta, dgamma, n: int, batch_stats: bool):
     return scale * (d - dbeta / n - xhat * (dgamma / n))
 
 
+def bn_scale_shift(bn, channels: int, device, dtype):
+    """A BatchNorm module's (weight, bias), or identity ones/zeros of ``dtype`` when it has
+    no affine parameters (``affine=False``)."""
+    if bn.affine:
+        return bn.weight, bn.bias
+    return (torch.ones(channels, device=device, dtype=dtype),
+            torch.zeros(channels, device=device, dtype=dtype))
+
+
 def uses_batch_stats(training: bool, running_mean) -> bool:
     """nn.BatchNorm2d: batch statistics in training, or always without running buffers."""
     return training or running_mean is None
