@@ -1,23 +1,38 @@
-"""Build script: the pure-Python package plus, when the toolchain allows, two extensions
-compiled from the same kernel source in csrc/:
+"""Build script: the pure-Python package plus, when the toolchain allows, two builds of one
+C-ABI kernel library compiled from ``csrc/`` (no torch header, no torch at build time, so
+``pip install .`` builds it in pip's isolated environment; docs/DESIGN.md, "Build and ABI"):
 
-- ``convmixer_ext._C``: the CUDA kernels (nvcc, ahead of time, for TORCH_CUDA_ARCH_LIST,
-  default "8.0;9.0"). Built when torch is a CUDA build and nvcc is found, whether or not a
-  GPU is present. ``CONVMIXER_EXT_BUILD_CUDA=0`` skips it, ``=1`` makes a failure fatal.
-- ``convmixer_ext._C_emu``: the same kernels for CPU tensors through the host emulator
-  (tests). Built when ``CONVMIXER_EXT_BUILD_EMU=1`` (``make test`` sets it).
+- ``convmixer_ext/_cmx_cuda.so``: the CUDA kernels (nvcc, ahead of time, CUDA runtime linked
+  statically). Built whenever nvcc is found (``CUDA_HOME``, ``CUDA_PATH``, /usr/local/cuda,
+  or nvcc on ``PATH``), GPU or not. Architectures: ``CONVMIXER_EXT_CUDA_ARCHS``, else
+  ``TORCH_CUDA_ARCH_LIST``, else "8.0;9.0+PTX" ("+PTX" embeds PTX for newer GPUs).
+  ``CONVMIXER_EXT_BUILD_CUDA=0`` skips it, ``=1`` makes a failure fatal (otherwise a failed
+  build installs the package without it, with a notice).
+- ``convmixer_ext/_cmx_emu.so``: the same kernels for CPU tensors through the host emulator
+  (tests). Built with ``CONVMIXER_EXT_BUILD_EMU=1`` (``make test`` sets it); needs a C++20
+  compiler (``CXX``, default g++). ``CONVMIXER_EXT_EMU_SANITIZE=1``: with ASan/UBSan.
 
-Without torch in the build environment (an isolated ``pip install .``) or without nvcc,
-the pure-Python package is installed with a one-line notice.
+The libraries are loaded with ctypes, so the wheel does not depend on the Python or torch
+version: it is tagged ``py3-none-<platform>``.
 """
 import os
 import shutil
+import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+try:  # setuptools >= 70.1 ships bdist_wheel; older ones need the wheel package
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # pragma: no cover
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:  # no wheel support here: pip's isolated build installs it
+        bdist_wheel = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
 def _env_flag(name):
@@ -39,69 +54,144 @@ def _find_cuda_home():
     return None
 
 
+def arch_flags(spec):
+    """nvcc -gencode flags and the arch names for a list like "8.0;9.0+PTX" (also "8.0 9.0",
+    "80,90", "9.0a"). Returns (flags, ["sm_80", "sm_90", "compute_90"])."""
+    flags, names = [], []
+    for item in spec.replace(",", ";").replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        num = item[:-4] if ptx else item
+        suffix = "a" if num.endswith("a") else ""
+        num = num.rstrip("a").replace(".", "")
+        if not num.isdigit():
+            raise ValueError(f"cannot parse CUDA architecture {item!r} in {spec!r}")
+        code = [f"sm_{num}{suffix}"] + ([f"compute_{num}{suffix}"] if ptx else [])
+        flags += ["-gencode", f"arch=compute_{num}{suffix},code=[{','.join(code)}]"]
+        names += code
+    if not names:
+        raise ValueError(f"no CUDA architecture in {spec!r}")
+    return flags, names
+
+
 def _notice(msg):
     print(f"convmixer-ext: {msg}", file=sys.stderr)
 
 
-def _extensions():
-    info = {"TORCH_VERSION": None, "BUILT": [], "SKIPPED": {}}
-    try:
-        import torch
-    except ImportError:
-        _notice("torch is not importable in the build environment; installing without "
-                "compiled kernels (use `pip install --no-build-isolation .` to build them)")
-        info["SKIPPED"] = {"_C": "torch missing at build time", "_C_emu": "torch missing at build time"}
-        return [], {}, info
-    info["TORCH_VERSION"] = torch.__version__
-    cuda_home = _find_cuda_home()
-    if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+class CmxLibrary(Extension):
+    """A ctypes-loaded shared library (not a Python extension module)."""
 
-    exts = []
-    want_cuda = _env_flag("CONVMIXER_EXT_BUILD_CUDA")
-    why_not = None
-    if want_cuda is False:
-        why_not = "disabled by CONVMIXER_EXT_BUILD_CUDA=0"
-    elif torch.version.cuda is None:
-        why_not = "torch is not a CUDA build"
-    elif cuda_home is None:
-        why_not = "nvcc / CUDA toolkit not found (set CUDA_HOME)"
-    if why_not is None:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-        exts.append(CUDAExtension(
-            "convmixer_ext._C", ["csrc/fused_dw.cu"],
-            extra_compile_args={
-                "cxx": ["-O3", "-std=c++20"],
-                "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
-                         "-Xptxas", "-v", "--threads", "2"],
-            }))
-        info["BUILT"].append("_C")
-        info["CUDA_ARCHS"] = os.environ["TORCH_CUDA_ARCH_LIST"]
-    else:
-        if want_cuda:
-            raise RuntimeError(f"CONVMIXER_EXT_BUILD_CUDA=1 but the CUDA extension cannot be "
-                               f"built: {why_not}")
-        info["SKIPPED"]["_C"] = why_not
-        _notice(f"not building the CUDA kernels: {why_not}; installing the Python/Triton package")
-    if _env_flag("CONVMIXER_EXT_BUILD_EMU"):
-        cflags = ["-O2", "-std=c++20", "-pthread"]
-        ldflags = ["-pthread"]
-        if _env_flag("CONVMIXER_EXT_EMU_SANITIZE"):
-            cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
-            ldflags += ["-fsanitize=address,undefined"]
-        exts.append(CppExtension("convmixer_ext._C_emu", ["csrc/fused_dw_emu.cpp"],
-                                 extra_compile_args=cflags, extra_link_args=ldflags))
-        info["BUILT"].append("_C_emu")
-    else:
-        info["SKIPPED"]["_C_emu"] = "host emulation is built only with CONVMIXER_EXT_BUILD_EMU=1"
-    return exts, ({"build_ext": BuildExtension} if exts else {}), info
+    def __init__(self, name, kind, source):
+        super().__init__(name, sources=[source])
+        self.kind = kind  # "cuda" or "emulation"
 
 
-if __name__ == "__main__":  # (tests import _find_cuda_home from here)
-    ext_modules, cmdclass, build_info = _extensions()
-    with open(os.path.join(HERE, "convmixer_ext", "_build_info.py"), "w") as f:
+def _cuda_command(cuda_home, out):
+    spec = os.environ.get("CONVMIXER_EXT_CUDA_ARCHS") or \
+        os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    flags, names = arch_flags(spec)
+    threads = str(min(os.cpu_count() or 1, 8))
+    return [os.path.join(cuda_home, "bin", "nvcc"), "-O3", "-std=c++17", "-lineinfo",
+            "--expt-relaxed-constexpr", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+            "-Xlinker", "--exclude-libs,ALL", "-cudart", "static", "--threads", threads,
+            f"-DCMX_ARCH_LIST=\"{','.join(names)}\"", *flags,
+            os.path.join(HERE, "csrc", "fused_dw.cu"), "-o", out]
+
+
+def _emu_command(out):
+    cxx = os.environ.get("CXX", "g++")
+    flags = ["-O2", "-std=c++20", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden"]
+    if _env_flag("CONVMIXER_EXT_EMU_SANITIZE"):
+        flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+    return [cxx, *flags, os.path.join(HERE, "csrc", "fused_dw_emu.cpp"), "-o", out]
+
+
+class BuildLibraries(build_ext):
+    """Compiles the CmxLibrary entries with nvcc / the host compiler; a CUDA build that
+    fails is dropped with a notice unless CONVMIXER_EXT_BUILD_CUDA=1."""
+
+    def get_ext_filename(self, fullname):
+        # called with the dotted name and with its last component: plain "<name>.so", no
+        # Python ABI suffix (ctypes loads it)
+        ours = {e.name.rsplit(".", 1)[-1] for e in self.extensions if isinstance(e, CmxLibrary)}
+        if fullname.rsplit(".", 1)[-1] in ours:
+            return os.path.join(*fullname.split(".")) + ".so"
+        return super().get_ext_filename(fullname)
+
+    def build_extensions(self):
+        for ext in list(self.extensions):
+            if not isinstance(ext, CmxLibrary):
+                self.build_extension(ext)
+                continue
+            out = self.get_ext_fullpath(ext.name)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            if ext.kind == "cuda":
+                cmd = _cuda_command(_find_cuda_home(), out)
+            else:
+                cmd = _emu_command(out)
+            print("convmixer-ext: " + " ".join(cmd), file=sys.stderr)
+            r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+            if r.returncode == 0:
+                continue
+            why = f"{cmd[0]} failed: {(r.stderr or r.stdout).strip()[-2000:]}"
+            if ext.kind == "emulation" or _env_flag("CONVMIXER_EXT_BUILD_CUDA"):
+                raise RuntimeError(f"building {ext.name} failed:\n{why}")
+            _notice(f"the CUDA kernels did not build, installing without them: {why}")
+            BUILD_INFO["SKIPPED"]["cuda"] = "the CUDA build failed at install time"
+            self.extensions.remove(ext)
+            for pkg_dir in {os.path.join(HERE, "convmixer_ext"),
+                            os.path.dirname(self.get_ext_fullpath(ext.name))}:
+                _write_build_info(pkg_dir)
+
+
+if bdist_wheel is not None:
+    class WheelAnyPython(bdist_wheel):
+        """The libraries are loaded with ctypes: one wheel per platform, any Python."""
+
+        def get_tag(self):
+            python, abi, plat = super().get_tag()
+            return (python, abi, plat) if self.root_is_pure else ("py3", "none", plat)
+
+
+BUILD_INFO = {"SKIPPED": {}}  # why a library is absent (read by convmixer_ext.backends)
+
+
+def _write_build_info(pkg_dir):
+    with open(os.path.join(pkg_dir, "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
-        for k, v in build_info.items():
+        for k, v in BUILD_INFO.items():
             f.write(f"{k} = {v!r}\n")
+
+
+def _libraries():
+    libs = []
+    want_cuda = _env_flag("CONVMIXER_EXT_BUILD_CUDA")
+    cuda_home = _find_cuda_home()
+    if want_cuda is False:
+        BUILD_INFO["SKIPPED"]["cuda"] = "disabled by CONVMIXER_EXT_BUILD_CUDA=0"
+    elif cuda_home is None:
+        if want_cuda:
+            raise RuntimeError("CONVMIXER_EXT_BUILD_CUDA=1 but the CUDA kernels cannot be "
+                               "built: nvcc / CUDA toolkit not found (set CUDA_HOME)")
+        BUILD_INFO["SKIPPED"]["cuda"] = "nvcc was not found when the package was built"
+        _notice("nvcc not found (set CUDA_HOME): installing without the CUDA kernels; "
+                "CUDA tensors will run on Triton or PyTorch")
+    else:
+        libs.append(CmxLibrary("convmixer_ext._cmx_cuda", "cuda", "csrc/fused_dw.cu"))
+    if _env_flag("CONVMIXER_EXT_BUILD_EMU"):
+        libs.append(CmxLibrary("convmixer_ext._cmx_emu", "emulation", "csrc/fused_dw_emu.cpp"))
+    else:
+        BUILD_INFO["SKIPPED"]["emulation"] = \
+            "the host emulation is built only with CONVMIXER_EXT_BUILD_EMU=1"
+    return libs
+
+
+if __name__ == "__main__":  # (tests import the helpers above from here)
+    ext_modules = _libraries()
+    _write_build_info(os.path.join(HERE, "convmixer_ext"))  # updated by BuildLibraries
+    cmdclass = {"build_ext": BuildLibraries}
+    if bdist_wheel is not None:
+        cmdclass["bdist_wheel"] = WheelAnyPython
     setup(ext_modules=ext_modules, cmdclass=cmdclass)

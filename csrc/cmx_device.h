@@ -18,12 +18,14 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #ifdef CMX_HOST_EMULATION
 
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -77,12 +79,70 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask, int widt
 
 #define CMX_DYN_SMEM(name) float* name = cmx_emu::g_dyn_smem.data()
 
+// 16-bit float storage types with IEEE round-to-nearest-even conversions (the same results
+// as PyTorch's Half and BFloat16; NaN stays NaN).
+struct cmx_half {
+  uint16_t bits;
+};
+struct cmx_bf16 {
+  uint16_t bits;
+};
+
+inline float cmx_bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t cmx_float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float cmx_to_float(cmx_half h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  const uint32_t e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu;
+  float mag;
+  if (e == 0)
+    mag = std::ldexp(static_cast<float>(m), -24);
+  else if (e == 31)
+    mag = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  else
+    mag = std::ldexp(static_cast<float>(m | 0x400u), static_cast<int>(e) - 25);
+  return cmx_bits_to_float(cmx_float_to_bits(mag) | sign);
+}
+
+inline cmx_half cmx_from_float(float f, cmx_half) {
+  const uint32_t x = cmx_float_to_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return {static_cast<uint16_t>(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u))};
+  if (ax >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
+  if (ax < 0x38800000u) {  // half subnormal (unit 2^-24): round |f| * 2^24 to nearest even
+    const float units = std::nearbyint(cmx_bits_to_float(ax) * 16777216.0f);
+    return {static_cast<uint16_t>(sign | static_cast<uint32_t>(units))};
+  }
+  ax += 0xc8000fffu + ((ax >> 13) & 1u);  // rebias the exponent (-112), round to nearest even
+  return {static_cast<uint16_t>(sign | (ax >> 13))};
+}
+
+inline float cmx_to_float(cmx_bf16 h) { return cmx_bits_to_float(static_cast<uint32_t>(h.bits) << 16); }
+
+inline cmx_bf16 cmx_from_float(float f, cmx_bf16) {
+  const uint32_t x = cmx_float_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((x >> 16) | 0x40u)};  // NaN
+  return {static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16)};
+}
+
+using cmx_error_t = int;
+constexpr cmx_error_t cmx_success = 0;
+
 // Runs kernel(args...) over the grid: one host thread per CUDA thread, blocks in order,
 // a barrier after each block so no thread starts the next block while another is
 // still in this one (shared memory is reused).
 template <class Kernel, class... Args>
-void cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
-                Args... args) {
+cmx_error_t cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
+                       Args... args) {
   std::lock_guard<std::mutex> lock(cmx_emu::g_launch_mutex);
   const unsigned nthreads = block.x * block.y * block.z;
   blockDim = block;
@@ -107,23 +167,44 @@ void cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStr
   }
   for (auto& th : pool) th.join();
   cmx_emu::g_barrier = nullptr;
+  return cmx_success;
 }
 
 #else  // real CUDA
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <c10/cuda/CUDAException.h>
 
 #define CMX_UNROLL _Pragma("unroll")
 #define CMX_DYN_SMEM(name)                                   \
   extern __shared__ __align__(16) float cmx_dyn_smem_raw[]; \
   float* name = cmx_dyn_smem_raw
 
+using cmx_half = __half;
+using cmx_bf16 = __nv_bfloat16;
+__host__ __device__ __forceinline__ float cmx_to_float(cmx_half h) { return __half2float(h); }
+__host__ __device__ __forceinline__ float cmx_to_float(cmx_bf16 h) { return __bfloat162float(h); }
+__host__ __device__ __forceinline__ cmx_half cmx_from_float(float f, cmx_half) {
+  return __float2half_rn(f);
+}
+__host__ __device__ __forceinline__ cmx_bf16 cmx_from_float(float f, cmx_bf16) {
+  return __float2bfloat16_rn(f);
+}
+
+using cmx_error_t = cudaError_t;
+constexpr cmx_error_t cmx_success = cudaSuccess;
+
+// Launches on `stream` and returns the launch error (the caller turns it into a message).
 template <class Kernel, class... Args>
-void cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
-                Args... args) {
+cmx_error_t cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes,
+                       cudaStream_t stream, Args... args) {
   kernel<<<grid, block, smem_bytes, stream>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cudaGetLastError();
 }
 
 #endif
+
+// float32 is its own storage type.
+__host__ __device__ __forceinline__ float cmx_to_float(float v) { return v; }
+__host__ __device__ __forceinline__ float cmx_from_float(float f, float) { return f; }

@@ -1,137 +1,142 @@
-// Host side of the fused depthwise block: input checks, tiling, dtype/kernel-size dispatch
-// and the op registrations. The op schemas are defined once, in Python
-// (convmixer_ext/_extension.py); this file only registers implementations:
-//   nvcc build (convmixer_ext._C):      dispatch key CUDA, real launches;
-//   host build (convmixer_ext._C_emu):  dispatch key CPU, the same kernels run by the
-//                                       emulator in cmx_device.h (CMX_HOST_EMULATION).
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
-#include <optional>
+// Host side of the kernel library: the C ABI of cmx_abi.h — argument checks, tiling, the
+// dtype/kernel-size dispatch and the launches. No torch header: Python passes pointers,
+// sizes, strides, the dtype and the stream (convmixer_ext/_cmx_lib.py, cuda_kernels.py).
+//   nvcc build (convmixer_ext/_cmx_cuda.so): real launches on the caller's stream;
+//   host build (convmixer_ext/_cmx_emu.so):  the same kernels run by the emulator in
+//                                            cmx_device.h (CMX_HOST_EMULATION).
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
 #include <type_traits>
 
-#ifdef CMX_HOST_EMULATION
-#define CMX_DISPATCH_KEY CPU
-#else
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define CMX_DISPATCH_KEY CUDA
-#endif
-
+#include "cmx_abi.h"
 #include "fused_dw_kernels.cuh"
+
+#ifndef CMX_ARCH_LIST
+#define CMX_ARCH_LIST "unknown"
+#endif
+#define CMX_STR2(x) #x
+#define CMX_STR(x) CMX_STR2(x)
 
 namespace cmx {
 namespace {
 
-constexpr size_t kMaxSmemBytes = 48 * 1024;
+constexpr int64_t kMaxSmemBytes = 48 * 1024;  // without opting in to more per block
+constexpr int64_t kMaxBlocks = 2147483647;    // gridDim.x limit (1-D grid)
 
-cudaStream_t current_stream() {
+thread_local char g_error[1024] = "";
+
+int32_t fail(int32_t code, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(g_error, sizeof(g_error), fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+int32_t check_launch(cmx_error_t e, const char* what) {
+  if (e == cmx_success) return CMX_OK;
 #ifdef CMX_HOST_EMULATION
-  return nullptr;
+  return fail(CMX_E_CUDA, "%s: emulated launch failed (%d)", what, e);
 #else
-  return c10::cuda::getCurrentCUDAStream().stream();
+  return fail(CMX_E_CUDA, "%s: %s", what, cudaGetErrorString(e));
 #endif
 }
 
-#ifdef CMX_HOST_EMULATION
-#define CMX_DEVICE_GUARD(t) (void)(t)
-#else
-#define CMX_DEVICE_GUARD(t) const c10::cuda::CUDAGuard cmx_guard((t).device())
-#endif
+// Everything a launch needs, derived from the shape alone.
+struct Plan {
+  Geom geo;
+  int64_t rows, blocks;
+  size_t smem_fwd, smem_bwd;
+};
 
-void check_x(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  TORCH_CHECK(x.dim() == 4, "convmixer_ext: x must be 4-D [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "convmixer_ext: x must be contiguous NCHW or channels_last, got strides ",
-              x.strides());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "convmixer_ext: x must be float32, float16 or bfloat16, got ", st);
-  const int64_t C = x.size(1);
-  TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) == w.size(3),
-              "convmixer_ext: weight must have shape (", C, ", 1, k, k), got ", w.sizes());
-  TORCH_CHECK(w.size(2) >= 1 && w.size(2) <= kMaxK, "convmixer_ext: kernel size must be in [1, ",
-              kMaxK, "], got ", w.size(2));
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == C, "convmixer_ext: bias must have shape (", C,
-              "), got ", b.sizes());
-  TORCH_CHECK(w.scalar_type() == st && b.scalar_type() == st,
-              "convmixer_ext: weight and bias must have the dtype of x (", st, ")");
-  TORCH_CHECK(w.device() == x.device() && b.device() == x.device(),
-              "convmixer_ext: x, weight and bias must be on the same device");
-  TORCH_CHECK(C <= 65535 && x.size(0) <= 65535,
-              "convmixer_ext: C and N must be at most 65535, got ", x.sizes());
+size_t fwd_smem(const Geom& geo, int KT) {
+  return FwdSmem(geo.K, KT, geo.TH, geo.TW).total(geo.K, geo.TH) * sizeof(float);
+}
+size_t bwd_smem(const Geom& geo, int KT) {
+  return BwdSmem(geo.K, KT, geo.TH, geo.TW).total(geo.K) * sizeof(float);
 }
 
-void check_same_layout(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() &&
-                  t.scalar_type() == x.scalar_type() && t.device() == x.device(),
-              "convmixer_ext: ", name, " must have the shape, strides, dtype and device of x");
-}
+// The unrolled kernel sizes; others run the generic (run-time k) instantiation.
+int unrolled(int K) { return (K == 3 || K == 5 || K == 7 || K == 9) ? K : 0; }
 
-void check_vec(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == at::kFloat &&
-                  t.is_contiguous() && t.device() == x.device(),
-              "convmixer_ext: ", name, " must be a contiguous float32 vector of length C=",
-              x.size(1), " on x's device");
-}
-
-using OptTensor = std::optional<at::Tensor>;
-
-// The folded affine (both vectors or neither); da_p/dc_p are set by k_bwd_main.
-Pre make_pre(const OptTensor& pre_a, const OptTensor& pre_c, const at::Tensor& x) {
-  TORCH_CHECK(pre_a.has_value() == pre_c.has_value(),
-              "convmixer_ext: pre_a and pre_c must both be given or both be None");
-  Pre p{nullptr, nullptr, nullptr, nullptr};
-  if (pre_a.has_value()) {
-    check_vec(*pre_a, x, "pre_a");
-    check_vec(*pre_c, x, "pre_c");
-    p.a = pre_a->data_ptr<float>();
-    p.c = pre_c->data_ptr<float>();
-  }
-  return p;
-}
-
-Geom make_geom(const at::Tensor& x, int64_t K, int64_t act) {
-  Geom g;
-  g.C = static_cast<int>(x.size(1));
-  g.H = static_cast<int>(x.size(2));
-  g.W = static_cast<int>(x.size(3));
-  g.K = static_cast<int>(K);
-  g.PB = static_cast<int>((K - 1) / 2);  // PyTorch "same" (semantics.pad_before)
-  const int tdim = K > 15 ? 16 : 32;    // large k: smaller tiles keep the halo in 48 KB
+int32_t make_plan(const cmx_shape* s, Plan& p) {
+  if (!s) return fail(CMX_E_INVALID, "shape is NULL");
+  if (s->n < 0 || s->c < 1 || s->h < 1 || s->w < 1)
+    return fail(CMX_E_INVALID, "x must have N >= 0 and C, H, W >= 1, got [%lld, %lld, %lld, %lld]",
+                (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w);
+  if (s->c > INT32_MAX || s->h > INT32_MAX || s->w > INT32_MAX || s->n > INT32_MAX)
+    return fail(CMX_E_LIMIT, "x dimensions must be below 2^31, got [%lld, %lld, %lld, %lld]",
+                (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w);
+  if (s->dtype != CMX_FLOAT32 && s->dtype != CMX_FLOAT16 && s->dtype != CMX_BFLOAT16)
+    return fail(CMX_E_INVALID, "unknown dtype id %d", s->dtype);
+  if (s->k < 1 || s->k > kMaxK)
+    return fail(CMX_E_INVALID, "kernel size must be in [1, %d], got %d", kMaxK, s->k);
+  if (s->act < 0 || s->act >= CMX_NUM_ACTIVATIONS)
+    return fail(CMX_E_INVALID, "unknown activation id %d", s->act);
+  Geom& g = p.geo;
+  g.C = static_cast<int>(s->c);
+  g.H = static_cast<int>(s->h);
+  g.W = static_cast<int>(s->w);
+  g.K = s->k;
+  g.PB = (s->k - 1) / 2;  // PyTorch "same" (semantics.pad_before)
+  const int tdim = s->k > 15 ? 16 : 32;  // large k: smaller tiles keep the halo in 48 KB
   g.TH = std::min(g.H, tdim);
   g.TW = std::min(g.W, tdim);
   g.tiles_w = (g.W + g.TW - 1) / g.TW;
   g.tiles_per_img = ((g.H + g.TH - 1) / g.TH) * g.tiles_w;
-  TORCH_CHECK(act >= 0 && act <= 2, "convmixer_ext: unknown activation id ", act);
-  g.act = static_cast<int>(act);
-  g.inv_n = 1.f / static_cast<float>(x.size(0) * x.size(2) * x.size(3));
-  g.sN = x.stride(0);
-  g.sC = x.stride(1);
-  g.sH = x.stride(2);
-  g.sW = x.stride(3);
-  return g;
+  g.act = s->act;
+  const int64_t positions = s->n * s->h * s->w;
+  g.inv_n = positions > 0 ? 1.f / static_cast<float>(positions) : 0.f;
+  g.sN = s->stride[0];
+  g.sC = s->stride[1];
+  g.sH = s->stride[2];
+  g.sW = s->stride[3];
+  p.rows = s->n * g.tiles_per_img;
+  p.blocks = p.rows * s->c;
+  if (p.blocks > kMaxBlocks)
+    return fail(CMX_E_LIMIT,
+                "x of shape [%lld, %lld, %lld, %lld] needs %lld blocks, more than the CUDA grid "
+                "limit of %lld",
+                (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w,
+                (long long)p.blocks, (long long)kMaxBlocks);
+  const int KT = unrolled(g.K);
+  p.smem_fwd = fwd_smem(g, KT);
+  p.smem_bwd = bwd_smem(g, KT);
+  if (static_cast<int64_t>(std::max(p.smem_fwd, p.smem_bwd)) > kMaxSmemBytes)
+    return fail(CMX_E_LIMIT, "a tile needs %zu bytes of shared memory (limit %lld)",
+                std::max(p.smem_fwd, p.smem_bwd), (long long)kMaxSmemBytes);
+  return CMX_OK;
 }
 
-int64_t num_tiles(const at::Tensor& x, const Geom& g) { return x.size(0) * g.tiles_per_img; }
-
-dim3 grid_of(const at::Tensor& x, const Geom& g) {
-  return dim3(static_cast<unsigned>(g.tiles_per_img), static_cast<unsigned>(g.C),
-              static_cast<unsigned>(x.size(0)));
+int32_t need(const void* ptr, const char* name) {
+  return ptr ? CMX_OK : fail(CMX_E_INVALID, "%s is NULL", name);
 }
 
-size_t checked_smem(size_t floats) {
-  const size_t bytes = floats * sizeof(float);
-  TORCH_CHECK(bytes <= kMaxSmemBytes, "convmixer_ext: tile needs ", bytes,
-              " bytes of shared memory (limit ", kMaxSmemBytes, ")");
-  return bytes;
+InAffine in_affine_of(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
+  InAffine a{nullptr, nullptr, nullptr, nullptr};
+  if (s->has_in_affine) {
+    a.scale = in->in_scale;
+    a.shift = in->in_shift;
+    if (out) {
+      a.dscale_p = out->dscale_p;
+      a.dshift_p = out->dshift_p;
+    }
+  }
+  return a;
 }
 
-// f(T{}, std::integral_constant<int, KT>{}) for x's dtype and kernel size K.
+int32_t check_in_affine(const cmx_shape* s, const cmx_inputs* in) {
+  if (!s->has_in_affine) return CMX_OK;
+  if (int32_t e = need(in->in_scale, "in_scale")) return e;
+  return need(in->in_shift, "in_shift");
+}
+
+// f(T{}, std::integral_constant<int, KT>{}) for the shape's dtype and kernel size.
 template <class F>
-void dispatch(const at::Tensor& x, int64_t K, F&& f) {
+void dispatch(const cmx_shape* s, F&& f) {
   auto with_k = [&](auto tag) {
-    switch (K) {
+    switch (unrolled(s->k)) {
       case 3: f(tag, std::integral_constant<int, 3>{}); break;
       case 5: f(tag, std::integral_constant<int, 5>{}); break;
       case 7: f(tag, std::integral_constant<int, 7>{}); break;
@@ -139,174 +144,210 @@ void dispatch(const at::Tensor& x, int64_t K, F&& f) {
       default: f(tag, std::integral_constant<int, 0>{}); break;
     }
   };
-  switch (x.scalar_type()) {
-    case at::kFloat: with_k(float{}); break;
-    case at::kHalf: with_k(at::Half{}); break;
-    case at::kBFloat16: with_k(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "convmixer_ext: unsupported dtype ", x.scalar_type());
+  switch (s->dtype) {
+    case CMX_FLOAT32: with_k(float{}); break;
+    case CMX_FLOAT16: with_k(cmx_half{}); break;
+    default: with_k(cmx_bf16{}); break;  // make_plan accepted only these three
   }
 }
 
-at::Tensor f32(const at::Tensor& x, int64_t rows, int64_t cols) {
-  return at::zeros({rows, cols}, x.options().dtype(at::kFloat));
+template <class T>
+const T* as(const void* p) {
+  return static_cast<const T*>(p);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> k_stats(const at::Tensor& x, const at::Tensor& w,
-                                                       const at::Tensor& b,
-                                                       const OptTensor& pre_a,
-                                                       const OptTensor& pre_c, int64_t act) {
-  check_x(x, w, b);
-  const Pre pre = make_pre(pre_a, pre_c, x);
-  CMX_DEVICE_GUARD(x);
-  const int64_t K = w.size(2);
-  const Geom g = make_geom(x, K, act);
-  const int64_t T = num_tiles(x, g);
-  at::Tensor mean_p = f32(x, T, g.C), m2_p = f32(x, T, g.C);
-  // valid positions per partial row (edge tiles are smaller)
-  at::Tensor cnt = at::empty({T}, at::TensorOptions().dtype(at::kFloat));
-  float* cp = cnt.data_ptr<float>();
-  for (int64_t r = 0; r < T; ++r) {
-    const int ti = static_cast<int>(r % g.tiles_per_img);
-    const int h0 = (ti / g.tiles_w) * g.TH, w0 = (ti % g.tiles_w) * g.TW;
-    cp[r] = static_cast<float>(std::min(g.TH, g.H - h0) * std::min(g.TW, g.W - w0));
-  }
-  if (T == 0) return {mean_p, m2_p, cnt.to(x.device())};
-  const at::Tensor wc = w.contiguous();
-  dispatch(x, K, [&](auto tag, auto kc) {
-    using T_ = decltype(tag);
-    constexpr int KT = decltype(kc)::value;
-    const size_t smem = checked_smem(FwdSmem(g.K, KT, g.TH, g.TW).total(g.K, g.TH));
-    cmx_launch(stats_kernel<T_, KT>, grid_of(x, g), dim3(kThreads), smem, current_stream(),
-               x.data_ptr<T_>(), wc.data_ptr<T_>(), b.data_ptr<T_>(), mean_p.data_ptr<float>(),
-               m2_p.data_ptr<float>(), pre, g);
-  });
-  return {mean_p, m2_p, cnt.to(x.device())};
-}
-
-at::Tensor k_apply(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                   const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& gamma,
-                   const at::Tensor& beta, const OptTensor& pre_a, const OptTensor& pre_c,
-                   int64_t act) {
-  check_x(x, w, b);
-  const Pre pre = make_pre(pre_a, pre_c, x);
-  check_vec(mean, x, "mean");
-  check_vec(rstd, x, "rstd");
-  check_vec(gamma, x, "gamma");
-  check_vec(beta, x, "beta");
-  CMX_DEVICE_GUARD(x);
-  const int64_t K = w.size(2);
-  const Geom g = make_geom(x, K, act);
-  at::Tensor out = at::empty_like(x);
-  if (x.numel() == 0) return out;
-  const at::Tensor wc = w.contiguous();
-  dispatch(x, K, [&](auto tag, auto kc) {
-    using T_ = decltype(tag);
-    constexpr int KT = decltype(kc)::value;
-    const size_t smem = checked_smem(FwdSmem(g.K, KT, g.TH, g.TW).total(g.K, g.TH));
-    cmx_launch(apply_kernel<T_, KT>, grid_of(x, g), dim3(kThreads), smem, current_stream(),
-               x.data_ptr<T_>(), wc.data_ptr<T_>(), b.data_ptr<T_>(), mean.data_ptr<float>(),
-               rstd.data_ptr<float>(), gamma.data_ptr<float>(), beta.data_ptr<float>(),
-               out.data_ptr<T_>(), pre, g);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> k_bwd_reduce(const at::Tensor& dout, const at::Tensor& x,
-                                                const at::Tensor& w, const at::Tensor& b,
-                                                const at::Tensor& mean, const at::Tensor& rstd,
-                                                const OptTensor& pre_a, const OptTensor& pre_c,
-                                                int64_t act) {
-  check_x(x, w, b);
-  const Pre pre = make_pre(pre_a, pre_c, x);
-  check_same_layout(dout, x, "dout");
-  check_vec(mean, x, "mean");
-  check_vec(rstd, x, "rstd");
-  CMX_DEVICE_GUARD(x);
-  const int64_t K = w.size(2);
-  const Geom g = make_geom(x, K, act);
-  const int64_t T = num_tiles(x, g);
-  at::Tensor dbeta_p = f32(x, T, g.C), dgamma_p = f32(x, T, g.C);
-  if (T == 0) return {dbeta_p, dgamma_p};
-  const at::Tensor wc = w.contiguous();
-  dispatch(x, K, [&](auto tag, auto kc) {
-    using T_ = decltype(tag);
-    constexpr int KT = decltype(kc)::value;
-    const size_t smem = checked_smem(FwdSmem(g.K, KT, g.TH, g.TW).total(g.K, g.TH));
-    cmx_launch(bwd_reduce_kernel<T_, KT>, grid_of(x, g), dim3(kThreads), smem,
-               current_stream(), dout.data_ptr<T_>(), x.data_ptr<T_>(), wc.data_ptr<T_>(),
-               b.data_ptr<T_>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-               dbeta_p.data_ptr<float>(), dgamma_p.data_ptr<float>(), pre, g);
-  });
-  return {dbeta_p, dgamma_p};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> k_bwd_main(
-    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& gamma,
-    const at::Tensor& dbeta, const at::Tensor& dgamma, bool batch_stats,
-    const OptTensor& pre_a, const OptTensor& pre_c, int64_t act) {
-  check_x(x, w, b);
-  Pre pre = make_pre(pre_a, pre_c, x);
-  check_same_layout(dout, x, "dout");
-  check_vec(mean, x, "mean");
-  check_vec(rstd, x, "rstd");
-  check_vec(gamma, x, "gamma");
-  check_vec(dbeta, x, "dbeta");
-  check_vec(dgamma, x, "dgamma");
-  CMX_DEVICE_GUARD(x);
-  const int64_t K = w.size(2);
-  const Geom g = make_geom(x, K, act);
-  const int64_t T = num_tiles(x, g);
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dw_p = at::zeros({T, g.C, K * K}, x.options().dtype(at::kFloat));
-  at::Tensor db_p = f32(x, T, g.C);
-  at::Tensor da_p = f32(x, pre.a ? T : 0, g.C), dc_p = f32(x, pre.a ? T : 0, g.C);
-  if (pre.a) {
-    pre.da_p = da_p.data_ptr<float>();
-    pre.dc_p = dc_p.data_ptr<float>();
-  }
-  if (T == 0) return {dx, dw_p, db_p, da_p, dc_p};
-  const at::Tensor wc = w.contiguous();
-  dispatch(x, K, [&](auto tag, auto kc) {
-    using T_ = decltype(tag);
-    constexpr int KT = decltype(kc)::value;
-    const size_t smem = checked_smem(BwdSmem(g.K, KT, g.TH, g.TW).total(g.K));
-    cmx_launch(bwd_main_kernel<T_, KT>, grid_of(x, g), dim3(kThreads), smem, current_stream(),
-               dout.data_ptr<T_>(), x.data_ptr<T_>(), wc.data_ptr<T_>(), b.data_ptr<T_>(),
-               mean.data_ptr<float>(), rstd.data_ptr<float>(), gamma.data_ptr<float>(),
-               dbeta.data_ptr<float>(), dgamma.data_ptr<float>(), batch_stats,
-               dx.data_ptr<T_>(), dw_p.data_ptr<float>(), db_p.data_ptr<float>(), pre, g);
-  });
-  return {dx, dw_p, db_p, da_p, dc_p};
-}
-
-#ifdef CMX_HOST_EMULATION
-// Test hook (emulation build only): the kernels' offset of element (n, c, h, w) for the given
-// strides, through the very helpers the kernels use.
-int64_t k_index_probe(at::IntArrayRef strides, int64_t n, int64_t c, int64_t h, int64_t w) {
-  TORCH_CHECK(strides.size() == 4, "k_index_probe: 4 strides expected");
-  Geom g{};
-  g.sN = strides[0];
-  g.sC = strides[1];
-  g.sH = strides[2];
-  g.sW = strides[3];
-  return offset_of(g, plane_base(g, static_cast<int>(n), static_cast<int>(c)),
-                   static_cast<int>(h), static_cast<int>(w));
-}
-#endif
+cudaStream_t stream_of(const cmx_inputs* in) { return reinterpret_cast<cudaStream_t>(in->stream); }
 
 }  // namespace
 }  // namespace cmx
 
-TORCH_LIBRARY_IMPL(convmixer_ext, CMX_DISPATCH_KEY, m) {
-  m.impl("k_stats", &cmx::k_stats);
-  m.impl("k_apply", &cmx::k_apply);
-  m.impl("k_bwd_reduce", &cmx::k_bwd_reduce);
-  m.impl("k_bwd_main", &cmx::k_bwd_main);
+using namespace cmx;
+
+extern "C" {
+
+CMX_API int32_t cmx_abi_version(void) { return CMX_ABI_VERSION; }
+
+CMX_API const char* cmx_last_error(void) { return g_error; }
+
+CMX_API const char* cmx_build_info(void) {
+#ifdef CMX_HOST_EMULATION
+  return "kind=emulation";
+#else
+  return "kind=cuda;archs=" CMX_ARCH_LIST ";cuda=" CMX_STR(__CUDACC_VER_MAJOR__) "." CMX_STR(
+      __CUDACC_VER_MINOR__);
+#endif
 }
 
-#ifdef CMX_HOST_EMULATION
-TORCH_LIBRARY_IMPL(convmixer_ext, CompositeExplicitAutograd, m) {
-  m.impl("k_index_probe", &cmx::k_index_probe);
+CMX_API int32_t cmx_max_kernel_size(void) { return kMaxK; }
+
+CMX_API const char* cmx_activation_name(int32_t act) {
+  switch (act) {
+    case CMX_ACT_GELU: return "gelu";
+    case CMX_ACT_GELU_TANH: return "gelu_tanh";
+    case CMX_ACT_RELU: return "relu";
+    default: return nullptr;
+  }
 }
+
+CMX_API int32_t cmx_device_count(void) {
+#ifdef CMX_HOST_EMULATION
+  return 0;
+#else
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver ||
+      e == cudaErrorInitializationError) {
+    cudaGetLastError();
+    return -fail(CMX_E_NO_DEVICE, "no CUDA device (%s)", cudaGetErrorString(e));
+  }
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return -fail(CMX_E_CUDA, "cudaGetDeviceCount: %s", cudaGetErrorString(e));
+  }
+  return n;
 #endif
+}
+
+CMX_API int32_t cmx_check_device(int32_t device) {
+#ifdef CMX_HOST_EMULATION
+  (void)device;
+  return fail(CMX_E_NO_DEVICE, "the emulation build runs on the host, not on a CUDA device");
+#else
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess) return fail(CMX_E_NO_DEVICE, "no CUDA device");
+  if (cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return fail(CMX_E_NO_DEVICE, "cannot select CUDA device %d", device);
+  }
+  cudaFuncAttributes attr;
+  const cudaError_t e = cudaFuncGetAttributes(&attr, stats_kernel<float, 3>);
+  cudaGetLastError();
+  cudaSetDevice(prev);
+  if (e != cudaSuccess)
+    return fail(CMX_E_NO_DEVICE, "no kernel image for device %d in this build (%s; built for %s)",
+                device, cudaGetErrorString(e), CMX_ARCH_LIST);
+  return CMX_OK;
+#endif
+}
+
+CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
+  Plan p;
+  if (int32_t e = make_plan(shape, p)) return e;
+  if (!plan) return fail(CMX_E_INVALID, "plan is NULL");
+  plan->partial_rows = p.rows;
+  plan->blocks = p.blocks;
+  plan->tile_h = p.geo.TH;
+  plan->tile_w = p.geo.TW;
+  plan->threads = kThreads;
+  plan->smem_fwd = static_cast<int32_t>(p.smem_fwd);
+  plan->smem_bwd = static_cast<int32_t>(p.smem_bwd);
+  return CMX_OK;
+}
+
+CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
+  Plan p;
+  if (int32_t e = make_plan(s, p)) return e;
+  if (p.blocks == 0) return CMX_OK;
+  for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->weight, "weight"},
+                           {in->bias, "bias"}, {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"},
+                           {out->count_p, "count_p"}})
+    if (int32_t e = need(ptr, name)) return e;
+  if (int32_t e = check_in_affine(s, in)) return e;
+  cmx_error_t err = cmx_success;
+  dispatch(s, [&](auto tag, auto kc) {
+    using T = decltype(tag);
+    constexpr int KT = decltype(kc)::value;
+    err = cmx_launch(stats_kernel<T, KT>, dim3(static_cast<unsigned>(p.blocks)), dim3(kThreads),
+                     p.smem_fwd, stream_of(in), as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
+                     out->mean_p, out->m2_p, out->count_p, in_affine_of(s, in, nullptr), p.geo);
+  });
+  return check_launch(err, "stats_kernel");
+}
+
+CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
+  Plan p;
+  if (int32_t e = make_plan(s, p)) return e;
+  if (p.blocks == 0) return CMX_OK;
+  for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->weight, "weight"},
+                           {in->bias, "bias"}, {in->mean, "mean"}, {in->rstd, "rstd"},
+                           {in->gamma, "gamma"}, {in->beta, "beta"}, {out->y, "out"}})
+    if (int32_t e = need(ptr, name)) return e;
+  if (int32_t e = check_in_affine(s, in)) return e;
+  cmx_error_t err = cmx_success;
+  dispatch(s, [&](auto tag, auto kc) {
+    using T = decltype(tag);
+    constexpr int KT = decltype(kc)::value;
+    err = cmx_launch(apply_kernel<T, KT>, dim3(static_cast<unsigned>(p.blocks)), dim3(kThreads),
+                     p.smem_fwd, stream_of(in), as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
+                     in->mean, in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),
+                     in_affine_of(s, in, nullptr), p.geo);
+  });
+  return check_launch(err, "apply_kernel");
+}
+
+CMX_API int32_t cmx_bwd_reduce(const cmx_shape* s, const cmx_inputs* in,
+                               const cmx_outputs* out) {
+  Plan p;
+  if (int32_t e = make_plan(s, p)) return e;
+  if (p.blocks == 0) return CMX_OK;
+  for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->dout, "dout"},
+                           {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
+                           {in->rstd, "rstd"}, {out->dbeta_p, "dbeta_p"},
+                           {out->dgamma_p, "dgamma_p"}})
+    if (int32_t e = need(ptr, name)) return e;
+  if (int32_t e = check_in_affine(s, in)) return e;
+  cmx_error_t err = cmx_success;
+  dispatch(s, [&](auto tag, auto kc) {
+    using T = decltype(tag);
+    constexpr int KT = decltype(kc)::value;
+    err = cmx_launch(bwd_reduce_kernel<T, KT>, dim3(static_cast<unsigned>(p.blocks)),
+                     dim3(kThreads), p.smem_fwd, stream_of(in), as<T>(in->dout), as<T>(in->x),
+                     as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd, out->dbeta_p,
+                     out->dgamma_p, in_affine_of(s, in, nullptr), p.geo);
+  });
+  return check_launch(err, "bwd_reduce_kernel");
+}
+
+CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
+  Plan p;
+  if (int32_t e = make_plan(s, p)) return e;
+  if (p.blocks == 0) return CMX_OK;
+  for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->dout, "dout"},
+                           {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
+                           {in->rstd, "rstd"}, {in->gamma, "gamma"}, {out->y, "dx"},
+                           {out->dw_p, "dw_p"}, {out->db_p, "db_p"}})
+    if (int32_t e = need(ptr, name)) return e;
+  if (in->batch_stats)
+    for (auto [ptr, name] : {std::pair<const void*, const char*>{in->dbeta, "dbeta"},
+                             {in->dgamma, "dgamma"}})
+      if (int32_t e = need(ptr, name)) return e;
+  if (int32_t e = check_in_affine(s, in)) return e;
+  if (s->has_in_affine)
+    for (auto [ptr, name] : {std::pair<const void*, const char*>{out->dscale_p, "dscale_p"},
+                             {out->dshift_p, "dshift_p"}})
+      if (int32_t e = need(ptr, name)) return e;
+  cmx_error_t err = cmx_success;
+  dispatch(s, [&](auto tag, auto kc) {
+    using T = decltype(tag);
+    constexpr int KT = decltype(kc)::value;
+    err = cmx_launch(bwd_main_kernel<T, KT>, dim3(static_cast<unsigned>(p.blocks)),
+                     dim3(kThreads), p.smem_bwd, stream_of(in), as<T>(in->dout), as<T>(in->x),
+                     as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd, in->gamma,
+                     in->dbeta, in->dgamma, in->batch_stats != 0, static_cast<T*>(out->y),
+                     out->dw_p, out->db_p, in_affine_of(s, in, out), p.geo);
+  });
+  return check_launch(err, "bwd_main_kernel");
+}
+
+CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, int64_t h,
+                                int64_t w) {
+  Geom geo{};
+  geo.sN = strides[0];
+  geo.sC = strides[1];
+  geo.sH = strides[2];
+  geo.sW = strides[3];
+  return offset_of(geo, plane_base(geo, static_cast<int>(n), static_cast<int>(c)),
+                   static_cast<int>(h), static_cast<int>(w));
+}
+
+}  // extern "C"

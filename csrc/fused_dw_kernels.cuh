@@ -1,5 +1,5 @@
-// Fused depthwise block kernels (DESIGN.md §2-3): one source for the GPU (nvcc) and the
-// host emulator (cmx_device.h). Templates: element type T (float, Half, BFloat16) and
+// Fused depthwise block kernels (docs/DESIGN.md, "Forward" and "Backward"): one source for the GPU (nvcc) and
+// the host emulator (cmx_device.h). Templates: element type T (float, cmx_half, cmx_bf16) and
 // kernel size KT (3, 5, 7, 9 unrolled with register blocking; 0 = generic run-time k).
 //
 // Every block owns one (image n, channel c, TH x TW spatial tile). The input tile and its
@@ -10,6 +10,7 @@
 // atomics), finished in a fixed order on the host side.
 #pragma once
 
+#include "cmx_abi.h"
 #include "cmx_device.h"
 
 namespace cmx {
@@ -21,29 +22,31 @@ constexpr int kMaxK = 31;
 __host__ __device__ constexpr int rw_for(int KT) { return KT > 0 ? 4 : 1; }
 __host__ __device__ constexpr int round_up(int a, int b) { return (a + b - 1) / b * b; }
 
+// Launch geometry and strides (named geo in the kernels: g is the activation act(u)).
 struct Geom {
   int C, H, W, K, PB, TH, TW, tiles_w, tiles_per_img;
-  int act;      // activation id (0 gelu, 1 gelu_tanh, 2 relu)
+  int act;      // CMX_ACT_* (cmx_abi.h)
   float inv_n;  // 1 / (N*H*W)
   int64_t sN, sC, sH, sW;  // strides of x (and of out/dout/dx, which share x's layout)
 };
 
-// The previous layer's BN2 folded into this block's load (DESIGN.md §4): the block input is
-// a[c]*x + c[c] (a == nullptr: the input is x itself). B2 then also returns per-block
-// partials of sum(dL/dinput * x) and sum(dL/dinput), the gradients of a and c.
-struct Pre {
-  const float* a;
-  const float* c;
-  float* da_p;
-  float* dc_p;
+// The input affine (docs/DESIGN.md, "Folded BN2"): the block input is
+// in_scale[c]*x + in_shift[c] (in_scale == nullptr: the input is x itself). B2 then also
+// returns per-block partials of sum(dL/dinput * x) and sum(dL/dinput), the gradients of
+// in_scale and in_shift.
+struct InAffine {
+  const float* scale;
+  const float* shift;
+  float* dscale_p;
+  float* dshift_p;
 };
 
-// ---------------------------------------------------------------- activations (id: semantics.py)
+// ---------------------------------------------------------------- activations (CMX_ACT_*)
 __device__ __forceinline__ float tanh_f(float z) { return tanhf(z); }
 
 __device__ __forceinline__ float act_fwd(float u, int act) {
-  if (act == 0) return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
-  if (act == 1) {
+  if (act == CMX_ACT_GELU) return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+  if (act == CMX_ACT_GELU_TANH) {
     const float t = tanh_f(0.79788456080286536f * (u + 0.044715f * u * u * u));
     return 0.5f * u * (1.f + t);
   }
@@ -51,11 +54,11 @@ __device__ __forceinline__ float act_fwd(float u, int act) {
 }
 
 __device__ __forceinline__ float act_grad(float u, int act) {
-  if (act == 0) {
+  if (act == CMX_ACT_GELU) {
     const float cdf = 0.5f * (1.f + erff(u * 0.70710678118654752f));
     return cdf + u * expf(-0.5f * u * u) * 0.39894228040143268f;
   }
-  if (act == 1) {
+  if (act == CMX_ACT_GELU_TANH) {
     const float t = tanh_f(0.79788456080286536f * (u + 0.044715f * u * u * u));
     const float dt = 0.79788456080286536f * (1.f + 3.f * 0.044715f * u * u);
     return 0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * dt;
@@ -65,18 +68,23 @@ __device__ __forceinline__ float act_grad(float u, int act) {
 
 template <typename T>
 __device__ __forceinline__ float ld(const T* p, int64_t i) {
-  return static_cast<float>(p[i]);
+  return cmx_to_float(p[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void st(T* p, int64_t i, float v) {
+  p[i] = cmx_from_float(v, T{});
 }
 
 // ---------------------------------------------------------------- index helpers (64-bit)
 // The only places element offsets are formed; unit-tested beyond 2^31 through the
-// emulation build's k_index_probe.
-__host__ __device__ __forceinline__ int64_t plane_base(const Geom& g, int n, int c) {
-  return static_cast<int64_t>(n) * g.sN + static_cast<int64_t>(c) * g.sC;
+// emulation build's cmx_index_probe.
+__host__ __device__ __forceinline__ int64_t plane_base(const Geom& geo, int n, int c) {
+  return static_cast<int64_t>(n) * geo.sN + static_cast<int64_t>(c) * geo.sC;
 }
 
-__host__ __device__ __forceinline__ int64_t offset_of(const Geom& g, int64_t base, int h, int w) {
-  return base + static_cast<int64_t>(h) * g.sH + static_cast<int64_t>(w) * g.sW;
+__host__ __device__ __forceinline__ int64_t offset_of(const Geom& geo, int64_t base, int h, int w) {
+  return base + static_cast<int64_t>(h) * geo.sH + static_cast<int64_t>(w) * geo.sW;
 }
 
 // ---------------------------------------------------------------- block helpers
@@ -85,17 +93,21 @@ struct Tile {
   int64_t base, row;         // x offset of (n, c, 0, 0); partial row index
 };
 
-__device__ __forceinline__ Tile tile_of(const Geom& g) {
+// One-dimensional grid (limit 2^31 - 1 blocks, checked by the planner): tiles of a plane are
+// adjacent blocks (their halos overlap in L2), then channels, then images.
+__device__ __forceinline__ Tile tile_of(const Geom& geo) {
   Tile t;
-  const int ti = blockIdx.x;
-  t.n = blockIdx.z;
-  t.c = blockIdx.y;
-  t.h0 = (ti / g.tiles_w) * g.TH;
-  t.w0 = (ti % g.tiles_w) * g.TW;
-  t.th = min(g.TH, g.H - t.h0);
-  t.tw = min(g.TW, g.W - t.w0);
-  t.base = plane_base(g, t.n, t.c);
-  t.row = static_cast<int64_t>(t.n) * g.tiles_per_img + ti;
+  const unsigned b = blockIdx.x;  // 32-bit division: a 64-bit one is a called subroutine
+  const int ti = static_cast<int>(b % static_cast<unsigned>(geo.tiles_per_img));
+  const unsigned nc = b / static_cast<unsigned>(geo.tiles_per_img);
+  t.n = static_cast<int>(nc / static_cast<unsigned>(geo.C));
+  t.c = static_cast<int>(nc % static_cast<unsigned>(geo.C));
+  t.h0 = (ti / geo.tiles_w) * geo.TH;
+  t.w0 = (ti % geo.tiles_w) * geo.TW;
+  t.th = min(geo.TH, geo.H - t.h0);
+  t.tw = min(geo.TW, geo.W - t.w0);
+  t.base = plane_base(geo, t.n, t.c);
+  t.row = static_cast<int64_t>(t.n) * geo.tiles_per_img + ti;
   return t;
 }
 
@@ -127,21 +139,21 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 // Per-channel scale and shift of the block input (identity without a folded affine:
 // x * 1 + 0 == x exactly).
 struct Affine {
-  float a, c;
+  float scale, shift;
 };
-__device__ __forceinline__ Affine affine_of(const Pre& pre, int c) {
-  return pre.a ? Affine{pre.a[c], pre.c[c]} : Affine{1.f, 0.f};
+__device__ __forceinline__ Affine affine_of(const InAffine& in_aff, int c) {
+  return in_aff.scale ? Affine{in_aff.scale[c], in_aff.shift[c]} : Affine{1.f, 0.f};
 }
 
 // s[R x S] <- the block input at x[r0.., c0..] of this block's (n, c) plane as fp32, zero
 // outside the image (the padding pads the input, so it stays zero with an affine).
 template <typename T>
-__device__ void load_rect(float* s, const T* __restrict__ x, int64_t base, const Geom& g,
+__device__ void load_rect(float* s, const T* __restrict__ x, int64_t base, const Geom& geo,
                           int r0, int c0, int R, int S, Affine in) {
   for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
     const int h = r0 + i / S, w = c0 + i % S;
-    s[i] = (h >= 0 && h < g.H && w >= 0 && w < g.W)
-               ? ld(x, offset_of(g, base, h, w)) * in.a + in.c
+    s[i] = (h >= 0 && h < geo.H && w >= 0 && w < geo.W)
+               ? ld(x, offset_of(geo, base, h, w)) * in.scale + in.shift
                : 0.f;
   }
 }
@@ -211,24 +223,25 @@ struct FwdSmem {
 
 // ---------------------------------------------------------------- F1: statistics
 // Per-block mean and centred M2 of g = act(conv(x) + b) over the tile (merged on the host
-// with Chan's formula: stable for large mean offsets).
+// with Chan's formula: stable for large mean offsets), and the count of the tile.
 template <typename T, int KT>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                 float* __restrict__ mean_p, float* __restrict__ m2_p, Pre pre, Geom g) {
+                 float* __restrict__ mean_p, float* __restrict__ m2_p,
+                 float* __restrict__ count_p, InAffine in_aff, Geom geo) {
   CMX_DYN_SMEM(smem);
-  const Tile t = tile_of(g);
-  const int K = KT > 0 ? KT : g.K;
+  const Tile t = tile_of(geo);
+  const int K = KT > 0 ? KT : geo.K;
   const FwdSmem L(K, KT, t.th, t.tw);
   float *sw = smem, *sx = smem + L.x(K), *sg = smem + L.g(K), *red = smem + L.red(K, t.th);
   load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S, affine_of(pre, t.c));
+  load_rect(sx, x, t.base, geo, t.h0 - geo.PB, t.w0 - geo.PB, L.R, L.S, affine_of(in_aff, t.c));
   const float bias = ld(b, t.c);
   __syncthreads();
   float sum = 0.f;
   for_each_conv<KT>(sx, L.S, sw, K, t.th, L.TWp, bias, [&](int r, int c, auto& acc) {
     for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const float gv = act_fwd(acc[o], g.act);
+      const float gv = act_fwd(acc[o], geo.act);
       sg[r * L.TWp + c + o] = gv;
       sum += gv;
     }
@@ -242,8 +255,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   m2 = block_sum(m2, red);
   if (threadIdx.x == 0) {
-    mean_p[t.row * g.C + t.c] = mean;
-    m2_p[t.row * g.C + t.c] = m2;
+    mean_p[t.row * geo.C + t.c] = mean;
+    m2_p[t.row * geo.C + t.c] = m2;
+    if (t.c == 0) count_p[t.row] = cnt;  // counts on the device: no host copy per call
   }
 }
 
@@ -254,22 +268,22 @@ __global__ void __launch_bounds__(kThreads)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                  const float* __restrict__ mean, const float* __restrict__ rstd,
                  const float* __restrict__ gamma, const float* __restrict__ beta,
-                 T* __restrict__ out, Pre pre, Geom g) {
+                 T* __restrict__ out, InAffine in_aff, Geom geo) {
   CMX_DYN_SMEM(smem);
-  const Tile t = tile_of(g);
-  const int K = KT > 0 ? KT : g.K;
+  const Tile t = tile_of(geo);
+  const int K = KT > 0 ? KT : geo.K;
   const FwdSmem L(K, KT, t.th, t.tw);
   float *sw = smem, *sx = smem + L.x(K);
   load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S, affine_of(pre, t.c));
+  load_rect(sx, x, t.base, geo, t.h0 - geo.PB, t.w0 - geo.PB, L.R, L.S, affine_of(in_aff, t.c));
   const float a = gamma[t.c] * rstd[t.c];
   const float shift = beta[t.c] - a * mean[t.c];
   __syncthreads();
   for_each_conv<KT>(sx, L.S, sw, K, t.th, L.TWp, ld(b, t.c), [&](int r, int c, auto& acc) {
     for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const float xv = sx[(r + g.PB) * L.S + c + o + g.PB];
-      const int64_t off = offset_of(g, t.base, t.h0 + r, t.w0 + c + o);
-      out[off] = static_cast<T>(xv + a * act_fwd(acc[o], g.act) + shift);
+      const float xv = sx[(r + geo.PB) * L.S + c + o + geo.PB];
+      const int64_t off = offset_of(geo, t.base, t.h0 + r, t.w0 + c + o);
+      st(out, off, xv + a * act_fwd(acc[o], geo.act) + shift);
     }
   });
 }
@@ -280,31 +294,31 @@ __global__ void __launch_bounds__(kThreads)
     bwd_reduce_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                       const T* __restrict__ w, const T* __restrict__ b,
                       const float* __restrict__ mean, const float* __restrict__ rstd,
-                      float* __restrict__ dbeta_p, float* __restrict__ dgamma_p, Pre pre,
-                      Geom g) {
+                      float* __restrict__ dbeta_p, float* __restrict__ dgamma_p, InAffine in_aff,
+                      Geom geo) {
   CMX_DYN_SMEM(smem);
-  const Tile t = tile_of(g);
-  const int K = KT > 0 ? KT : g.K;
+  const Tile t = tile_of(geo);
+  const int K = KT > 0 ? KT : geo.K;
   const FwdSmem L(K, KT, t.th, t.tw);
   float *sw = smem, *sx = smem + L.x(K), *red = smem + L.red(K, t.th);
   load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, g, t.h0 - g.PB, t.w0 - g.PB, L.R, L.S, affine_of(pre, t.c));
+  load_rect(sx, x, t.base, geo, t.h0 - geo.PB, t.w0 - geo.PB, L.R, L.S, affine_of(in_aff, t.c));
   const float m = mean[t.c], rs = rstd[t.c];
   __syncthreads();
   float s1 = 0.f, s2 = 0.f;
   for_each_conv<KT>(sx, L.S, sw, K, t.th, L.TWp, ld(b, t.c), [&](int r, int c, auto& acc) {
     for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const int64_t off = offset_of(g, t.base, t.h0 + r, t.w0 + c + o);
+      const int64_t off = offset_of(geo, t.base, t.h0 + r, t.w0 + c + o);
       const float d = ld(dout, off);
       s1 += d;
-      s2 += d * (act_fwd(acc[o], g.act) - m) * rs;
+      s2 += d * (act_fwd(acc[o], geo.act) - m) * rs;
     }
   });
   s1 = block_sum(s1, red);
   s2 = block_sum(s2, red);
   if (threadIdx.x == 0) {
-    dbeta_p[t.row * g.C + t.c] = s1;
-    dgamma_p[t.row * g.C + t.c] = s2;
+    dbeta_p[t.row * geo.C + t.c] = s1;
+    dgamma_p[t.row * geo.C + t.c] = s2;
   }
 }
 
@@ -336,11 +350,11 @@ __global__ void __launch_bounds__(kThreads)
                     const float* __restrict__ mean, const float* __restrict__ rstd,
                     const float* __restrict__ gamma, const float* __restrict__ dbeta,
                     const float* __restrict__ dgamma, bool batch_stats, T* __restrict__ dx,
-                    float* __restrict__ dw_p, float* __restrict__ db_p, Pre pre, Geom g) {
+                    float* __restrict__ dw_p, float* __restrict__ db_p, InAffine in_aff, Geom geo) {
   CMX_DYN_SMEM(smem);
-  const Tile t = tile_of(g);
-  const int K = KT > 0 ? KT : g.K;
-  const int PA = K - 1 - g.PB;  // padding after
+  const Tile t = tile_of(geo);
+  const int K = KT > 0 ? KT : geo.K;
+  const int PA = K - 1 - geo.PB;  // padding after
   const BwdSmem L(K, KT, t.th, t.tw);
   float *sw = smem, *swf = smem + L.wflip(K), *sx = smem + L.x(K), *sdu = smem + L.du(K),
         *red = smem + L.red(K);
@@ -349,12 +363,12 @@ __global__ void __launch_bounds__(kThreads)
   // du is needed on rows/cols [h0 - PA, h0 + th - 1 + PB]; u there needs x a further
   // (PB before, PA after) around it.
   const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;
-  const Affine in = affine_of(pre, t.c);
-  load_rect(sx, x, t.base, g, eh0 - g.PB, ew0 - g.PB, L.XR, L.XS, in);
+  const Affine in = affine_of(in_aff, t.c);
+  load_rect(sx, x, t.base, geo, eh0 - geo.PB, ew0 - geo.PB, L.XR, L.XS, in);
   const float rs = rstd[t.c], m = mean[t.c];
   const float scale = gamma[t.c] * rs;
-  const float mb = batch_stats ? dbeta[t.c] * g.inv_n : 0.f;
-  const float mg = batch_stats ? dgamma[t.c] * g.inv_n : 0.f;
+  const float mb = batch_stats ? dbeta[t.c] * geo.inv_n : 0.f;
+  const float mg = batch_stats ? dgamma[t.c] * geo.inv_n : 0.f;
   __syncthreads();
   // 1) du on the extended region (zero outside the image: those terms do not exist).
   const int ecw = round_up(L.EWs, rw_for(KT));
@@ -362,11 +376,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int o = 0; o < rw_for(KT); ++o) {
       const int h = eh0 + r, wc = ew0 + c + o;
       float du = 0.f;
-      if (c + o < L.EWs && h >= 0 && h < g.H && wc >= 0 && wc < g.W) {
+      if (c + o < L.EWs && h >= 0 && h < geo.H && wc >= 0 && wc < geo.W) {
         const float u = acc[o];
-        float d = ld(dout, offset_of(g, t.base, h, wc));
-        if (batch_stats) d = d - mb - (act_fwd(u, g.act) - m) * rs * mg;
-        du = scale * d * act_grad(u, g.act);
+        float d = ld(dout, offset_of(geo, t.base, h, wc));
+        if (batch_stats) d = d - mb - (act_fwd(u, geo.act) - m) * rs * mg;
+        du = scale * d * act_grad(u, geo.act);
       }
       if (c + o < L.EWs) sdu[r * L.EWs + c + o] = du;
     }
@@ -374,24 +388,24 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   // 2) dx = dout + correlation of du with the flipped kernel (the gradient of the block
   //    input; with a folded affine the stored input's gradient is a * that).
-  float sda = 0.f, sdc = 0.f;
+  float sdscale = 0.f, sdshift = 0.f;
   for_each_conv<KT>(sdu, L.EWs, swf, K, t.th, L.TWp, 0.f, [&](int r, int c, auto& acc) {
     for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const int64_t off = offset_of(g, t.base, t.h0 + r, t.w0 + c + o);
+      const int64_t off = offset_of(geo, t.base, t.h0 + r, t.w0 + c + o);
       const float din = ld(dout, off) + acc[o];
-      if (pre.a) {
-        sda += din * ld(x, off);
-        sdc += din;
+      if (in_aff.scale) {
+        sdscale += din * ld(x, off);
+        sdshift += din;
       }
-      dx[off] = static_cast<T>(din * in.a);
+      st(dx, off, din * in.scale);
     }
   });
-  if (pre.a) {  // uniform over the grid: every thread of the block takes it
-    sda = block_sum(sda, red);
-    sdc = block_sum(sdc, red);
+  if (in_aff.scale) {  // uniform over the grid: every thread of the block takes it
+    sdscale = block_sum(sdscale, red);
+    sdshift = block_sum(sdshift, red);
     if (threadIdx.x == 0) {
-      pre.da_p[t.row * g.C + t.c] = sda;
-      pre.dc_p[t.row * g.C + t.c] = sdc;
+      in_aff.dscale_p[t.row * geo.C + t.c] = sdscale;
+      in_aff.dshift_p[t.row * geo.C + t.c] = sdshift;
     }
   }
   // 3) dW[i][j] = sum_q du[q] x[q + (i, j) - PB] and db = sum_q du[q] over the tile.
@@ -415,9 +429,9 @@ __global__ void __launch_bounds__(kThreads)
     float s = 0.f;
     for (int grp = 0; grp < G; ++grp) s += red[grp * taps + tap];
     if (tap == KK)
-      db_p[t.row * g.C + t.c] = s;
+      db_p[t.row * geo.C + t.c] = s;
     else
-      dw_p[(t.row * g.C + t.c) * KK + tap] = s;
+      dw_p[(t.row * geo.C + t.c) * KK + tap] = s;
   }
 }
 

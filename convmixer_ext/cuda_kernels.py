@@ -1,0 +1,113 @@
+"""Launchers of the compiled kernel library (``csrc/``) for torch tensors: the "cuda" backend
+(``_cmx_cuda.so``, CUDA tensors) and "cuda_emu" (``_cmx_emu.so``, the same kernel source run
+by the host emulator on CPU tensors).
+
+They fill the C ABI structs of :mod:`convmixer_ext._cmx_lib` from tensors (pointers, sizes,
+strides, dtype, the current CUDA stream) and allocate the outputs with torch, so launches
+are stream-ordered, use the caching allocator and never synchronise or copy from the host:
+a training step stays capturable in a CUDA graph. Same contract as the Triton launchers
+(``k_stats`` ... ``k_bwd_main``); x is NCHW-contiguous or channels_last and the weight and
+vectors are dense (ops.py makes them so at the boundary).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import _cmx_lib as abi
+
+_DTYPE_IDS = {torch.float32: abi.DTYPE_IDS["float32"], torch.float16: abi.DTYPE_IDS["float16"],
+              torch.bfloat16: abi.DTYPE_IDS["bfloat16"]}
+_PASS_CODES = {abi.E_INVALID: ValueError, abi.E_LIMIT: ValueError}
+
+
+def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool) -> abi.Shape:
+    s = abi.Shape()
+    s.n, s.c, s.h, s.w = x.shape
+    for i, v in enumerate(x.stride()):
+        s.stride[i] = v
+    s.dtype = _DTYPE_IDS.get(x.dtype, -1)
+    s.k, s.act, s.has_in_affine = k, act, int(has_in_affine)
+    return s
+
+
+def _p(t):
+    return None if t is None else t.data_ptr()
+
+
+def _f32(x, *shape):
+    return torch.empty(shape, device=x.device, dtype=torch.float32)
+
+
+class Launchers:
+    """The four passes of one library build on tensors of its device type."""
+
+    def __init__(self, lib: abi.Library, device_type: str):
+        self.lib, self.device_type = lib, device_type
+
+    def plan(self, x, k, act=0, has_in_affine=False) -> abi.Plan:
+        """The library's launch plan for x (shape-only: nothing is read or launched);
+        ValueError for a shape beyond a hardware limit."""
+        try:
+            return self.lib.plan(shape_of(x, k, act, has_in_affine))
+        except abi.LibraryError as e:
+            raise _PASS_CODES.get(e.code, RuntimeError)(f"convmixer_ext: {e}") from None
+
+    def _run(self, name, x, shape, inputs, outputs):
+        inputs.stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
+        guard = (torch.cuda.device(x.device) if x.is_cuda and
+                 x.device.index != torch.cuda.current_device() else contextlib.nullcontext())
+        try:
+            with guard:
+                self.lib.run(name, shape, inputs, outputs)
+        except abi.LibraryError as e:
+            raise _PASS_CODES.get(e.code, RuntimeError)(f"convmixer_ext: {e}") from None
+
+    def _setup(self, x, weight, bias, in_scale, in_shift, act):
+        shape = shape_of(x, weight.shape[-1], act, in_scale is not None)
+        plan = self.plan(x, weight.shape[-1], act, in_scale is not None)
+        inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
+                            in_shift=_p(in_shift))
+        return shape, plan.partial_rows, inputs
+
+    def k_stats(self, x, weight, bias, in_scale, in_shift, act):
+        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act)
+        C = x.shape[1]
+        mean_p, m2_p, count_p = _f32(x, rows, C), _f32(x, rows, C), _f32(x, rows)
+        self._run("cmx_stats", x, shape, inputs,
+                  abi.Outputs(mean_p=_p(mean_p), m2_p=_p(m2_p), count_p=_p(count_p)))
+        return mean_p, m2_p, count_p
+
+    def k_apply(self, x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act):
+        shape, _, inputs = self._setup(x, weight, bias, in_scale, in_shift, act)
+        inputs.mean, inputs.rstd, inputs.gamma, inputs.beta = map(_p, (mean, rstd, gamma, beta))
+        out = torch.empty_like(x)
+        self._run("cmx_apply", x, shape, inputs, abi.Outputs(y=_p(out)))
+        return out
+
+    def k_bwd_reduce(self, dout, x, weight, bias, mean, rstd, in_scale, in_shift, act):
+        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act)
+        inputs.dout, inputs.mean, inputs.rstd = _p(dout), _p(mean), _p(rstd)
+        C = x.shape[1]
+        dbeta_p, dgamma_p = _f32(x, rows, C), _f32(x, rows, C)
+        self._run("cmx_bwd_reduce", x, shape, inputs,
+                  abi.Outputs(dbeta_p=_p(dbeta_p), dgamma_p=_p(dgamma_p)))
+        return dbeta_p, dgamma_p
+
+    def k_bwd_main(self, dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
+                   in_scale, in_shift, act):
+        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act)
+        inputs.dout, inputs.mean, inputs.rstd, inputs.gamma = map(_p, (dout, mean, rstd, gamma))
+        inputs.dbeta, inputs.dgamma = _p(dbeta), _p(dgamma)
+        inputs.batch_stats = int(bool(batch_stats))
+        C, k = x.shape[1], weight.shape[-1]
+        dx = torch.empty_like(x)
+        dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
+        n_aff = rows if in_scale is not None else 0
+        dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
+        self._run("cmx_bwd_main", x, shape, inputs,
+                  abi.Outputs(y=_p(dx), dw_p=_p(dw_p), db_p=_p(db_p),
+                              dscale_p=_p(dscale_p) if n_aff else None,
+                              dshift_p=_p(dshift_p) if n_aff else None))
+        return dx, dw_p, db_p, dscale_p, dshift_p
