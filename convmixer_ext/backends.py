@@ -1,40 +1,132 @@
-"""Backend choice: the one place that decides which implementation runs.
+"""The backend registry: the one place that knows every backend, whether it can run here,
+what ``"auto"`` picks, and each backend's depthwise and pointwise entry points
+(docs/DESIGN.md, "Backends").
 
-- ``"cuda"``: hand-written kernels in ``csrc/`` (CUDA tensors);
-- ``"triton"``: Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``);
-- ``"cuda_emu"``: the ``csrc/`` kernel source run by the host emulator (CPU tensors, tests);
-- ``"torch"``: the PyTorch twin (any device, any float dtype);
-- ``"auto"``: the fastest available for the tensor's device and dtype. The environment
-  variable ``CONVMIXER_EXT_BACKEND`` overrides what ``"auto"`` picks.
+==========  ==========================================  =========================
+backend     runs on                                     ops
+==========  ==========================================  =========================
+cuda        CUDA tensors (compiled ``csrc/`` library)   depthwise
+triton      CUDA tensors; CPU under TRITON_INTERPRET=1  depthwise, pointwise
+cuda_emu    CPU tensors (``csrc/`` on the emulator)     depthwise
+torch       any device and float dtype (the twin:       depthwise, pointwise
+            the kernels' passes written in PyTorch)
+eager       any device and float dtype (PyTorch's own   depthwise, pointwise
+            ops with autograd, as the reference runs)
+==========  ==========================================  =========================
 
-``CONVMIXER_EXT_NO_TRITON=1`` makes the Triton backend unavailable without importing
-triton (for environments where importing it is broken or unwanted).
+``"auto"``: on CUDA tensors ``cuda`` (depthwise) or ``triton`` where they can run, else
+``eager``; on every other device ``eager`` (never slower than not using the package). With
+statistics synchronised over a process group, ``eager`` cannot be used and ``torch`` takes
+its place. ``CONVMIXER_EXT_BACKEND`` overrides ``"auto"``. A CUDA tensor that falls back
+from ``cuda`` warns once, saying why and how to get the kernels.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
-from . import _extension
-from .semantics import KERNEL_DTYPES, MAX_KERNEL_SIZE
+from . import _cmx_lib, _env
+from ._layout import out_like
+from ._partials import merge_stats, sum_partials
+from .semantics import ACTIVATIONS, KERNEL_DTYPES, MAX_KERNEL_SIZE
 
-BACKENDS = ("cuda", "triton", "cuda_emu", "torch")
-ENV_VAR = "CONVMIXER_EXT_BACKEND"
+BACKENDS = ("cuda", "triton", "cuda_emu", "torch", "eager")
+OPS = {"cuda": ("depthwise",), "triton": ("depthwise", "pointwise"),
+       "cuda_emu": ("depthwise",), "torch": ("depthwise", "pointwise"),
+       "eager": ("depthwise", "pointwise")}
+_KERNEL_BACKENDS = ("cuda", "triton", "cuda_emu")  # take KERNEL_DTYPES and k <= MAX only
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (the message says why)."""
 
 
-def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# --------------------------------------------------------------------------- the library
+_HOW_TO_BUILD = ("reinstall with the CUDA toolkit present (nvcc on PATH or CUDA_HOME set), "
+                 "e.g. `pip install .` in a source checkout; see README 'Install' and "
+                 "`python -m convmixer_ext`")
+
+
+def _build_skip_reason(kind: str):
+    try:
+        from . import _build_info  # written by setup.py
+    except ImportError:
+        return None
+    return getattr(_build_info, "SKIPPED", {}).get(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def library(kind: str):
+    """(Library, None) or (None, reason) for the "cuda" or "emulation" build."""
+    override = _env.emu_lib_override() if kind == "emulation" else None
+    path = _cmx_lib.library_path(kind, override)
+    if not os.path.exists(path):
+        why = _build_skip_reason(kind)
+        what = "the CUDA kernels were not built" if kind == "cuda" else \
+            "the host-emulation library was not built (build with CONVMIXER_EXT_BUILD_EMU=1)"
+        return None, what + (f" ({why})" if why else "") + \
+            (f"; {_HOW_TO_BUILD}" if kind == "cuda" else "")
+    try:
+        return _cmx_lib.Library(path, ACTIVATIONS), None
+    except _cmx_lib.LibraryError as e:
+        return None, str(e)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runtime_reason():
+    """None if the compiled CUDA library sees a device, else why not (cached: it also
+    initialises the library's CUDA runtime once, before any graph capture)."""
+    lib, why = library("cuda")
+    if lib is None:
+        return why
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to torch"
+    try:
+        if lib.device_count() == 0:
+            return "no CUDA device"
+    except _cmx_lib.LibraryError as e:
+        return str(e)
+    return None
+
+
+def arch_runs(capability: tuple[int, int], archs) -> bool:
+    """Whether code built for ``archs`` (e.g. ["sm_80", "sm_90", "compute_90"]) runs on a
+    device of compute capability ``capability``: a cubin runs on the same major version at
+    an equal or higher minor; PTX is JIT-compiled for any equal or newer capability."""
+    cc = capability[0] * 10 + capability[1]
+    for a in archs:
+        kind, _, num = a.partition("_")
+        if not num.isdigit():
+            continue
+        v = int(num)
+        if kind == "sm" and v // 10 == capability[0] and v <= cc:
+            return True
+        if kind == "compute" and v <= cc:
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_reason(index: int):
+    lib, _ = library("cuda")
+    cap = torch.cuda.get_device_capability(index)
+    if not arch_runs(cap, lib.archs):
+        return (f"the CUDA kernels were built for {','.join(lib.archs)}, which cannot run on "
+                f"device {index} (compute capability {cap[0]}.{cap[1]}); rebuild with "
+                f"TORCH_CUDA_ARCH_LIST including {cap[0]}.{cap[1]}")
+    try:
+        lib.check_device(index)
+    except _cmx_lib.LibraryError as e:
+        return str(e)
+    return None
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_error():
-    if os.environ.get("CONVMIXER_EXT_NO_TRITON", "0") == "1":  # never import triton
+    if _env.triton_disabled():  # never import triton
         return "disabled by CONVMIXER_EXT_NO_TRITON=1"
     try:
         import triton  # noqa: F401
@@ -44,92 +136,220 @@ def _triton_import_error():
     return None
 
 
-def _reason(name: str, device_type: str | None):
-    """None if ``name`` can run on ``device_type`` (None: on some device here), else why not."""
-    cuda_ok = torch.cuda.is_available()
-    if name == "torch":
+def _version(mod) -> tuple:
+    return tuple(int(p) for p in mod.__version__.split("+")[0].split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem():
+    """Triton < 3.7's interpreter turns a scalar argument into an int with ``int(array)``,
+    which numpy >= 2.4 refuses for 1-element arrays (the pointwise GEMM's loop over its
+    channel count). Compiled kernels are not affected."""
+    import numpy
+    import triton
+    if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot run these kernels with numpy "
+                f"{numpy.__version__}: use numpy < 2.4 or triton >= 3.7 (GPU runs are not "
+                "affected)")
+    return None
+
+
+# --------------------------------------------------------------------------- availability
+def backend_reason(name: str, device=None):
+    """None if backend ``name`` can run on ``device`` (a torch.device, a device string such
+    as "cpu" or "cuda:1", or None: on some device here), else the reason it cannot."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+    dev = torch.device(device) if isinstance(device, str) else device
+    dev_type = None if dev is None else dev.type
+    if name in ("torch", "eager"):
         return None
     if name == "cuda_emu":
-        if not _extension.EMU_OK:
-            return _extension.EMU_REASON
-        if device_type not in (None, "cpu"):
+        lib, why = library("emulation")
+        if lib is None:
+            return why
+        if dev_type not in (None, "cpu"):
             return "backend 'cuda_emu' runs the CUDA kernels on CPU tensors only"
         return None
     if name == "cuda":
-        if not _extension.CUDA_OK:
-            return _extension.CUDA_REASON
-        if device_type == "cpu":
+        if dev_type == "cpu":
             return ("backend 'cuda' needs CUDA tensors (for the host emulation of the same "
                     "kernels on CPU tensors use backend='cuda_emu')")
-        if not cuda_ok:
-            return "no CUDA device is available to torch"
-        return None
-    if name == "triton":
-        err = _triton_import_error()
-        if err:
-            return err
-        if device_type == "cpu" or (device_type is None and not cuda_ok):
-            if not triton_interpreter():
-                return ("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                        "triton is imported to run its kernels on CPU tensors in the interpreter")
-            return None
-        if not cuda_ok:
-            return "no CUDA device is available to torch"
-        return None
-    raise AssertionError(name)
+        why = _cuda_runtime_reason()
+        if why is not None or dev_type is None:
+            return why
+        if dev_type != "cuda":
+            return f"backend 'cuda' needs CUDA tensors, got {dev_type}"
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return _cuda_device_reason(index)
+    # triton
+    err = _triton_import_error()
+    if err:
+        return err
+    on_cpu = dev_type == "cpu" or (dev_type is None and not torch.cuda.is_available())
+    if on_cpu:
+        if not _env.triton_interpreter():
+            return ("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                    "triton is imported to run its kernels on CPU tensors in the interpreter")
+        return _interpreter_problem()
+    if dev_type not in (None, "cuda"):
+        return f"backend 'triton' needs CUDA tensors, got {dev_type}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to torch"
+    return None
 
 
 def available_backends() -> dict:
     """Each backend name -> ``True`` if it can run here (on some device), else the reason."""
-    return {name: (_reason(name, None) or True) for name in BACKENDS}
+    return {name: (backend_reason(name) or True) for name in BACKENDS}
 
 
-def _check_name(backend: str) -> None:
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+def check_backend_name(backend: str, op: str = "depthwise") -> None:
+    """ValueError unless ``backend`` is "auto" or a backend implementing ``op``."""
+    names = [b for b in BACKENDS if op in OPS[b]]
+    if backend != "auto" and backend not in names:
+        raise ValueError(f"{op} backend must be 'auto' or one of {names}, got {backend!r}")
+
+
+# --------------------------------------------------------------------------- choice
+_warned = set()
+
+
+def _warn_fallback(chosen: str, why: str) -> None:
+    if why in _warned:  # once per reason
+        return
+    _warned.add(why)
+    warnings.warn(f"convmixer_ext: the CUDA kernels cannot run here ({why}); CUDA tensors "
+                  f"run on backend {chosen!r} instead, which is slower. To get them: "
+                  f"{_HOW_TO_BUILD}.", RuntimeWarning, stacklevel=4)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype,
-                    kernel_size: int) -> str:
-    """The concrete backend to run for tensors on ``device`` of ``dtype`` with kernel size k."""
-    _check_name(backend)
+                    kernel_size: int = 1, op: str = "depthwise", sync: bool = False) -> str:
+    """The concrete backend running ``op`` for tensors on ``device`` of ``dtype`` with kernel
+    size ``kernel_size``; ``sync``: batch statistics synchronised over a process group."""
+    check_backend_name(backend, op)
     if backend == "auto":
-        env = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+        env = _env.backend_override()
         if env != "auto":
             if env not in BACKENDS:
-                raise ValueError(f"environment variable {ENV_VAR} must be 'auto' or one of "
-                                 f"{list(BACKENDS)}, got {env!r}")
-            backend = env
+                raise ValueError(f"environment variable {_env.BACKEND_VAR} must be 'auto' or "
+                                 f"one of {list(BACKENDS)}, got {env!r}")
+            if op in OPS[env]:
+                backend = env
     if backend == "auto":
-        if device.type == "cuda" and dtype in KERNEL_DTYPES and kernel_size <= MAX_KERNEL_SIZE:
-            for name in ("cuda", "triton"):
-                if _reason(name, "cuda") is None:
-                    return name
-        return "torch"
-    why = _reason(backend, device.type)
+        return _auto(device, dtype, kernel_size, op, sync)
+    why = backend_reason(backend, device)
     if why is not None:
         raise BackendUnavailableError(f"backend {backend!r} is not available: {why}")
-    if backend != "torch":
+    if backend in _KERNEL_BACKENDS:
         if dtype not in KERNEL_DTYPES:
             raise TypeError(f"backend {backend!r} supports x of dtype float16, bfloat16 or "
-                            f"float32, got {dtype}; use backend='torch' for {dtype}")
+                            f"float32, got {dtype}; use backend='torch' or 'eager' for {dtype}")
         if kernel_size > MAX_KERNEL_SIZE:
             raise ValueError(f"backend {backend!r} supports kernel_size up to "
-                             f"{MAX_KERNEL_SIZE}, got {kernel_size}; use backend='torch'")
+                             f"{MAX_KERNEL_SIZE}, got {kernel_size}; use backend='eager'")
+    if backend == "eager" and sync:
+        raise ValueError("backend 'eager' runs PyTorch's own BatchNorm, which cannot "
+                         "synchronise statistics over a process group here; use "
+                         "backend='torch' (or a kernel backend on CUDA tensors)")
     return backend
+
+
+def _auto(device, dtype, kernel_size, op, sync) -> str:
+    fallback = "torch" if sync else "eager"
+    if device.type != "cuda" or dtype not in KERNEL_DTYPES or kernel_size > MAX_KERNEL_SIZE:
+        return fallback
+    if op == "depthwise":
+        why = backend_reason("cuda", device)
+        if why is None:
+            return "cuda"
+    if backend_reason("triton", device) is None:
+        chosen = "triton"
+    else:
+        chosen = fallback
+    if op == "depthwise":
+        _warn_fallback(chosen, why)
+    return chosen
+
+
+# --------------------------------------------------------------------------- entry points
+def _in_affine(in_affine):
+    return (None, None) if in_affine is None else (in_affine[0], in_affine[1])
+
+
+class KernelBackend:
+    """Adapts partial-producing launchers (the Triton ones, or the compiled library's) to
+    the backend interface of :mod:`convmixer_ext.torch_backend`, finishing every reduction
+    with the fixed-order sums of :mod:`convmixer_ext._partials`.
+
+    Launcher contract (activation as its integer id; ``in_scale``, ``in_shift``: the input
+    affine, both None when there is none):
+      k_stats(x, w, b, in_scale, in_shift, act) -> mean_p [T, C], m2_p [T, C], count_p [T]
+      k_apply(x, w, b, mean, rstd, gamma, beta, in_scale, in_shift, act) -> out
+      k_bwd_reduce(dout, x, w, b, mean, rstd, in_scale, in_shift, act)
+          -> dbeta_p [T, C], dgamma_p [T, C]
+      k_bwd_main(dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, batch_stats, in_scale,
+                 in_shift, act) -> dx, dw_p [T, C, k*k], db_p [T, C], dscale_p, dshift_p
+                 ([T, C], or [0, C] without the input affine)
+      pointwise (optional): pw_gemm_act_stats(y, w2, b, g, act) -> mean_p, m2_p, count_p;
+                            pw_bwd_du(dg, dmean, dvar, y, w2, b, mean, act) -> du, db_p
+    """
+
+    def __init__(self, launchers):
+        self.k = launchers
+
+    # depthwise (the pass interface of torch_backend)
+    def stats(self, x, weight, bias, activation, in_affine=None):
+        return merge_stats(*self.k.k_stats(x, weight, bias, *_in_affine(in_affine),
+                                           ACTIVATIONS[activation]))
+
+    def apply(self, x, weight, bias, mean, rstd, gamma, beta, activation, in_affine=None):
+        return self.k.k_apply(x, weight, bias, mean, rstd, gamma, beta, *_in_affine(in_affine),
+                              ACTIVATIONS[activation])
+
+    def bwd_reduce(self, dout, x, weight, bias, mean, rstd, activation, in_affine=None):
+        dbeta_p, dgamma_p = self.k.k_bwd_reduce(dout, x, weight, bias, mean, rstd,
+                                                *_in_affine(in_affine), ACTIVATIONS[activation])
+        return sum_partials(dbeta_p), sum_partials(dgamma_p)
+
+    def bwd_main(self, dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
+                 activation, in_affine=None):
+        dx, dw_p, db_p, dscale_p, dshift_p = self.k.k_bwd_main(
+            dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
+            *_in_affine(in_affine), ACTIVATIONS[activation])
+        d_aff = None if in_affine is None else (sum_partials(dscale_p), sum_partials(dshift_p))
+        return dx, sum_partials(dw_p).view(weight.shape), sum_partials(db_p), d_aff
+
+    # pointwise (the interface of torch_backend.pw_fwd / pw_du)
+    def pw_fwd(self, y, w2, bias, activation):
+        g = out_like(y, w2.shape[0])
+        mean_p, m2_p, count_p = self.k.pw_gemm_act_stats(y, w2, bias, g,
+                                                         ACTIVATIONS[activation])
+        mean, var = merge_stats(mean_p, m2_p, count_p)
+        return g, mean, var
+
+    def pw_du(self, dg, dmean, dvar, y, w2, bias, mean, activation):
+        du, db_p = self.k.pw_bwd_du(dg, dmean, dvar, y, w2, bias, mean,
+                                    ACTIVATIONS[activation])
+        return du, sum_partials(db_p)
 
 
 @functools.lru_cache(maxsize=None)
 def get_impl(name: str):
-    """The implementation object for a concrete backend name."""
+    """The entry points of a concrete backend: an object with the depthwise passes (stats,
+    apply, bwd_reduce, bwd_main) and, for pointwise backends, pw_fwd and pw_du. "eager" has
+    none: the ops run PyTorch's own modules for it (ops.py, modules.py)."""
     if name == "torch":
         from . import torch_backend
         return torch_backend
     if name == "triton":
         from . import triton_kernels
-        return triton_kernels.BACKEND
-    if name in ("cuda", "cuda_emu"):  # one set of ops: CUDA-key and CPU-key implementations
-        from ._partials import KernelBackend
-        ops = getattr(torch.ops, _extension.NAMESPACE)
-        return KernelBackend(ops.k_stats, ops.k_apply, ops.k_bwd_reduce, ops.k_bwd_main)
-    raise ValueError(name)
+        return KernelBackend(triton_kernels)
+    if name in ("cuda", "cuda_emu"):
+        from .cuda_kernels import Launchers
+        lib, why = library("cuda" if name == "cuda" else "emulation")
+        if lib is None:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
+        return KernelBackend(Launchers(lib, "cuda" if name == "cuda" else "cpu"))
+    raise ValueError(f"backend {name!r} has no kernel entry points")

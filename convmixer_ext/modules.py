@@ -7,20 +7,21 @@ same; only ``forward`` differs: the depthwise block runs as one fused op.
 
 With a fused pointwise half (``pointwise != "unfused"``), consecutive layers hand BN2 to
 each other as a per-channel affine: layer i returns the raw activation ``g`` and
-``(a, c)``, and layer i+1's depthwise kernels apply ``a*g + c`` as they load (DESIGN.md
-§4), so BN2 never makes its own pass over memory. :class:`FusedBlocks` (the ``blocks`` of
-:class:`ConvMixer` and of converted models) runs that chain and applies the last layer's
-affine once at the end (:class:`ConvMixer` applies it after the average pooling, to
-[N, C] instead); a lone :class:`ConvMixerLayer` applies its own.
+``(a, c)``, and layer i+1's depthwise kernels apply ``a*g + c`` as they load (its input
+affine; docs/DESIGN.md, "Folded BN2"), so BN2 never makes its own pass over memory.
+:class:`FusedBlocks` (the ``blocks`` of :class:`ConvMixer` and of converted models) runs
+that chain and applies the last layer's affine once at the end (:class:`ConvMixer` applies
+it after the average pooling, to [N, C] instead); a lone :class:`ConvMixerLayer` applies
+its own.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .backends import _check_name
+from .backends import BACKENDS, OPS, check_backend_name
 from .ops import fused_dwconv_block
-from .pointwise import PW_BACKENDS, apply_affine, pointwise_folded
+from .pointwise import apply_affine, pointwise_folded, resolve_pointwise
 from .reference import ConvMixer as _ReferenceConvMixer, conv_mixer_layer
 from .semantics import activation_name, bn_scale_shift, check_activation, stats_dtype
 
@@ -40,10 +41,12 @@ def _check_fusable(dw: nn.Module, bn: nn.Module) -> None:
         raise ValueError(f"expected nn.BatchNorm2d after the activation, got {type(bn).__name__}")
 
 
+PW_CHOICES = ("unfused", "auto") + tuple(b for b in BACKENDS if "pointwise" in OPS[b])
+
+
 def _check_pointwise(pointwise: str) -> None:
-    if pointwise != "unfused" and pointwise not in ("auto",) + PW_BACKENDS:
-        raise ValueError(f"pointwise must be 'unfused', 'auto' or one of {list(PW_BACKENDS)}, "
-                         f"got {pointwise!r}")
+    if pointwise not in PW_CHOICES:
+        raise ValueError(f"pointwise must be one of {list(PW_CHOICES)}, got {pointwise!r}")
 
 
 class ConvMixerLayer(nn.Sequential):
@@ -55,15 +58,16 @@ class ConvMixerLayer(nn.Sequential):
         eps, momentum: BatchNorm settings for both BNs. backend: see
         :mod:`convmixer_ext.backends` ("auto" by default).
         pointwise: the 1x1 conv + act + BN2 half: "unfused" (PyTorch modules, the
-        default), or the fused pointwise op ("auto", "triton", "torch"; see
-        :mod:`convmixer_ext.pointwise`).
+        default), or the fused pointwise op with BN2 folded into the next layer ("auto",
+        "triton", "torch"; "eager" and an "auto" that resolves to it run the modules
+        unfused; see :mod:`convmixer_ext.pointwise`).
     """
 
     def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
                  eps: float = 1e-5, momentum=0.1, backend: str = "auto",
                  pointwise: str = "unfused"):
         check_activation(activation)
-        _check_name(backend)
+        check_backend_name(backend)
         _check_pointwise(pointwise)
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
@@ -77,7 +81,7 @@ class ConvMixerLayer(nn.Sequential):
     def from_reference(cls, layer: nn.Sequential, backend: str = "auto",
                        pointwise: str = "unfused") -> "ConvMixerLayer":
         """Wrap an existing reference/timm layer, sharing its modules (weights are not copied)."""
-        _check_name(backend)
+        check_backend_name(backend)
         _check_pointwise(pointwise)
         dw, act, bn = layer[0].fn[0], layer[0].fn[1], layer[0].fn[2]
         _check_fusable(dw, bn)
@@ -93,23 +97,26 @@ class ConvMixerLayer(nn.Sequential):
         return (f"activation={self.activation!r}, backend={self.backend!r}, "
                 f"pointwise={self.pointwise!r}")
 
-    def forward_dw(self, x: torch.Tensor, pre=None) -> torch.Tensor:
+    def forward_dw(self, x: torch.Tensor, in_affine=None) -> torch.Tensor:
         """The fused depthwise block: ``x + BN1(act(dwconv(x)))``, with the block input
-        ``a*x + c`` when ``pre=(a, c)`` is given."""
+        ``a*x + c`` when ``in_affine=(a, c)`` is given."""
         dw, bn = self[0].fn[0], self[0].fn[2]
         gamma, beta = bn_scale_shift(bn, x.shape[1], x.device, stats_dtype(x.dtype))
         return fused_dwconv_block(
             x, dw.weight, dw.bias, gamma, beta, bn.running_mean, bn.running_var,
             bn.num_batches_tracked, training=self.training, momentum=bn.momentum, eps=bn.eps,
             activation=self.activation, backend=self.backend, process_group=self.process_group,
-            pre=pre)
+            in_affine=in_affine)
 
-    def folds_bn2(self) -> bool:
+    def folds_bn2(self, y: torch.Tensor = None) -> bool:
         """Whether this layer leaves its BN2 as an affine for the next one: a fused pointwise
         half over an ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm`` (any other BN2 module runs
-        unfused, as itself)."""
-        return self.pointwise != "unfused" and type(self[3]) in (nn.BatchNorm2d,
-                                                                 nn.SyncBatchNorm)
+        unfused, as itself), whose backend for ``y`` (when given) is not "eager"."""
+        if self.pointwise == "unfused" or type(self[3]) not in (nn.BatchNorm2d,
+                                                                nn.SyncBatchNorm):
+            return False
+        return y is None or resolve_pointwise(self.pointwise, y,
+                                              sync=self._bn2_group() is not None) != "eager"
 
     def _bn2_group(self):
         """The group an nn.SyncBatchNorm BN2 synchronises over (None: local statistics),
@@ -122,19 +129,19 @@ class ConvMixerLayer(nn.Sequential):
             return None
         return bn.process_group if bn.process_group is not None else dist.group.WORLD
 
-    def forward_folded(self, x: torch.Tensor, pre=None):
+    def forward_folded(self, x: torch.Tensor, in_affine=None):
         """``(g, (a, c))`` where this layer's output is ``a*g + c`` per channel, or
         ``(out, None)`` when the layer does not fold its BN2 (see :meth:`folds_bn2`).
-        ``pre``: the previous layer's affine, applied to ``x`` as the kernels load it."""
-        y = self.forward_dw(x, pre)
-        if not self.folds_bn2():
+        ``in_affine``: the previous layer's affine, applied to ``x`` as the kernels load it."""
+        y = self.forward_dw(x, in_affine)
+        if not self.folds_bn2(y):
             return self[3](self[2](self[1](y))), None
         return pointwise_folded(y, self[1], self[3], self.training, activation_name(self[2]),
                                 self.pointwise, self._bn2_group())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, pre = self.forward_folded(x)
-        return h if pre is None else apply_affine(h, pre)
+        h, affine = self.forward_folded(x)
+        return h if affine is None else apply_affine(h, affine)
 
 
 class FusedBlocks(nn.Sequential):
@@ -143,18 +150,19 @@ class FusedBlocks(nn.Sequential):
     :class:`ConvMixerLayer` s; any other module gets materialised input."""
 
     def forward_folded(self, x: torch.Tensor):
-        """``(h, pre)``: the stack's output is ``h``, or ``a*h + c`` with ``pre=(a, c)``."""
-        pre = None
+        """``(h, affine)``: the stack's output is ``h``, or ``a*h + c`` with
+        ``affine=(a, c)``."""
+        affine = None
         for layer in self:
             if isinstance(layer, ConvMixerLayer):
-                x, pre = layer.forward_folded(x, pre)
+                x, affine = layer.forward_folded(x, affine)
             else:
-                x, pre = layer(x if pre is None else apply_affine(x, pre)), None
-        return x, pre
+                x, affine = layer(x if affine is None else apply_affine(x, affine)), None
+        return x, affine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, pre = self.forward_folded(x)
-        return h if pre is None else apply_affine(h, pre)
+        h, affine = self.forward_folded(x)
+        return h if affine is None else apply_affine(h, affine)
 
 
 class ConvMixer(_ReferenceConvMixer):
@@ -171,11 +179,11 @@ class ConvMixer(_ReferenceConvMixer):
         # the last layer's folded BN2 commutes with the average pooling (both per channel
         # and linear): pool g, then apply the affine to the [N, C] vector, so it never
         # touches a full activation
-        h, pre = self.blocks.forward_folded(self.stem(x))
-        if pre is not None and not self._pooling_is_global_average():
-            h, pre = apply_affine(h, pre), None
+        h, affine = self.blocks.forward_folded(self.stem(x))
+        if affine is not None and not self._pooling_is_global_average():
+            h, affine = apply_affine(h, affine), None
         pooled = self.pooling(h)
-        return self.head(pooled if pre is None else apply_affine(pooled, pre))
+        return self.head(pooled if affine is None else apply_affine(pooled, affine))
 
     def _pooling_is_global_average(self) -> bool:
         p = self.pooling
@@ -198,7 +206,7 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
     a fused pointwise half synchronises BN2's statistics over that group itself (any
     device), still folding BN2 into the next layer.
     """
-    _check_name(backend)
+    check_backend_name(backend)
     _check_pointwise(pointwise)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):

@@ -1,13 +1,16 @@
-"""The fused depthwise block as ``torch.library`` custom ops, and its functional form.
+"""The fused depthwise block: its ``torch.library`` custom ops and :func:`fused_dwconv_block`
+(docs/DESIGN.md, "Forward", "Backward" and "Backends").
 
 ``convmixer_ext::dw_block_fwd`` and ``convmixer_ext::dw_block_bwd`` are functional (they
 mutate nothing), have fake implementations (so ``torch.compile(fullgraph=True)`` traces
-them) and the forward has its autograd formula registered with the op. The forward
-returns ``out`` plus the per-channel ``mean`` and biased ``var`` it normalised with;
-running buffers are updated from those by :func:`fused_dwconv_block`, outside the op.
+them) and the forward has its autograd formula registered with the op. The forward returns
+``out`` plus the per-channel ``mean`` and biased ``var`` it normalised with; running
+buffers are updated from those by :func:`fused_dwconv_block`, outside the op. The op
+schemas call the input affine ``pre_scale``/``pre_shift`` (its first name, kept for
+callers of the ops); everywhere else it is ``in_scale``/``in_shift``.
 
-Saved for backward: ``x``, the conv weight and bias, gamma, and the per-channel
-mean/var — never the conv output, the activation or the normalised tensor.
+Saved for backward: ``x``, the conv weight and bias, gamma, the per-channel mean/var and
+the input affine — never the conv output, the activation or the normalised tensor.
 """
 from __future__ import annotations
 
@@ -16,17 +19,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._partials import merge_stats
+from . import eager
+from ._common import (autocast_dtype, batch_stats_plan, check_eps, check_momentum,
+                      check_num_batches_tracked, check_strided, refuse_double_backward,
+                      sync_stats)
+from ._layout import dense, dense_vec, same_layout
 from .backends import get_impl, resolve_backend
-from .semantics import (check_activation, rstd_from_var, stats_dtype, update_running_stats,
-                        uses_batch_stats)
-
-
-def _same_layout(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` with exactly ``like``'s strides (kernels index both with one set of strides)."""
-    if t.stride() == like.stride():
-        return t
-    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+from .semantics import check_activation, rstd_from_var, stats_dtype, update_running_stats
 
 
 def _for_size(backend: str, x: Tensor) -> str:
@@ -34,16 +33,40 @@ def _for_size(backend: str, x: Tensor) -> str:
     return "torch" if x.numel() == 0 else backend
 
 
-def _dense(x: Tensor) -> Tensor:
-    """Kernels read NCHW-contiguous and channels_last natively; any other layout (slices,
-    expanded/broadcast views, permutations) is copied once to contiguous."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
+def _in_affine(in_scale, in_shift):
+    return None if in_scale is None else (in_scale, in_shift)
 
 
-def _pre_of(pre_scale, pre_shift):
-    return None if pre_scale is None else (pre_scale, pre_shift)
+def _forward_passes(impl, x, weight, bias, gamma, beta, in_affine, eps, activation,
+                    running=None, globalize=None):
+    """F1 then F2 (docs/DESIGN.md, "Forward"); returns (out, mean, var). ``running``:
+    (mean, var) to normalise with instead of batch statistics (F1 is skipped).
+    ``globalize(mean, var)`` (SyncBatchNorm) maps this rank's statistics to the group's."""
+    sd = stats_dtype(x.dtype)
+    if running is None:
+        mean, var = impl.stats(x, weight, bias, activation, in_affine)
+        if globalize is not None:
+            mean, var = globalize(mean, var)
+    else:
+        mean, var = running
+    out = impl.apply(x, weight, bias, mean, rstd_from_var(var, eps), gamma.to(sd),
+                     beta.to(sd), activation, in_affine)
+    return out, mean, var
+
+
+def _backward_passes(impl, dout, x, weight, bias, gamma, mean, rstd, batch_stats, activation,
+                     in_affine=None, globalize=None):
+    """B1 then B2 (docs/DESIGN.md, "Backward"); returns (dx, dW, db, dgamma, dbeta) in the
+    parameters' dtypes, then the input affine's gradients (None without it).
+    ``globalize(dbeta, dgamma)`` (SyncBatchNorm) maps this rank's B1 sums to the ones B2
+    must use; the returned dgamma/dbeta stay this rank's own."""
+    dout = same_layout(dout, x)
+    dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation, in_affine)
+    b2_dbeta, b2_dgamma = (dbeta, dgamma) if globalize is None else globalize(dbeta, dgamma)
+    dx, dw, db, d_aff = impl.bwd_main(dout, x, weight, bias, mean, rstd, gamma.to(mean.dtype),
+                                      b2_dbeta, b2_dgamma, batch_stats, activation, in_affine)
+    return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
+            dbeta.to(gamma.dtype), d_aff)
 
 
 @torch.library.custom_op("convmixer_ext::dw_block_fwd", mutates_args=())
@@ -52,17 +75,11 @@ def dw_block_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: T
                  pre_scale: Optional[Tensor], pre_shift: Optional[Tensor],
                  batch_stats: bool, eps: float, activation: str,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = get_impl(_for_size(backend, x))
     sd = stats_dtype(x.dtype)
-    pre = _pre_of(pre_scale, pre_shift)
-    if batch_stats:
-        mean, var = impl.stats(x, weight, bias, activation, pre)
-    else:
-        mean = running_mean.to(sd, copy=True)
-        var = running_var.to(sd, copy=True)
-    out = impl.apply(x, weight, bias, mean, rstd_from_var(var, eps), gamma.to(sd),
-                     beta.to(sd), activation, pre)
-    return out, mean, var
+    running = None if batch_stats else (running_mean.to(sd, copy=True),
+                                        running_var.to(sd, copy=True))
+    return _forward_passes(get_impl(_for_size(backend, x)), x, weight, bias, gamma, beta,
+                           _in_affine(pre_scale, pre_shift), eps, activation, running)
 
 
 @dw_block_fwd.register_fake
@@ -78,29 +95,13 @@ def dw_block_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gamma: T
                  mean: Tensor, var: Tensor, pre_scale: Optional[Tensor],
                  pre_shift: Optional[Tensor], batch_stats: bool, eps: float, activation: str,
                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The five gradients, then those of pre_scale/pre_shift (empty without them)."""
-    pre = _pre_of(pre_scale, pre_shift)
-    *grads, dpre = _backward_passes(get_impl(_for_size(backend, x)), dout, x, weight, bias,
-                                    gamma, mean, rstd_from_var(var, eps), batch_stats,
-                                    activation, pre=pre)
-    if dpre is None:  # pre_scale/pre_shift are in the statistics dtype, like these sums
-        dpre = (mean.new_empty((0,)), mean.new_empty((0,)))
-    return (*grads, *dpre)
-
-
-def _backward_passes(impl, dout, x, weight, bias, gamma, mean, rstd, batch_stats, activation,
-                     globalize=None, pre=None):
-    """B1 then B2 (DESIGN.md §3); returns (dx, dW, db, dgamma, dbeta) in the parameters'
-    dtypes, then dpre (see torch_backend.bwd_main). ``globalize(dbeta, dgamma)``
-    (SyncBatchNorm) maps this rank's B1 sums to the ones B2 must use; the returned
-    dgamma/dbeta stay this rank's own."""
-    dout = _same_layout(dout, x)
-    dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation, pre)
-    b2_dbeta, b2_dgamma = (dbeta, dgamma) if globalize is None else globalize(dbeta, dgamma)
-    dx, dw, db, dpre = impl.bwd_main(dout, x, weight, bias, mean, rstd, gamma.to(mean.dtype),
-                                     b2_dbeta, b2_dgamma, batch_stats, activation, pre)
-    return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
-            dbeta.to(gamma.dtype), dpre)
+    """The five gradients, then those of the input affine (empty without it)."""
+    *grads, d_aff = _backward_passes(get_impl(_for_size(backend, x)), dout, x, weight, bias,
+                                     gamma, mean, rstd_from_var(var, eps), batch_stats,
+                                     activation, _in_affine(pre_scale, pre_shift))
+    if d_aff is None:  # the input affine is in the statistics dtype, like these sums
+        d_aff = (mean.new_empty((0,)), mean.new_empty((0,)))
+    return (*grads, *d_aff)
 
 
 @dw_block_bwd.register_fake
@@ -113,31 +114,23 @@ def _(dout, x, weight, bias, gamma, mean, var, pre_scale, pre_shift, batch_stats
 
 
 def _dw_setup_context(ctx, inputs, output):
-    (x, weight, bias, gamma, _beta, _rm, _rv, pre_scale, pre_shift, batch_stats, eps,
+    (x, weight, bias, gamma, _beta, _rm, _rv, in_scale, in_shift, batch_stats, eps,
      activation, backend) = inputs
-    ctx.save_for_backward(x, weight, bias, gamma, output[1], output[2], pre_scale, pre_shift)
+    _out, mean, var = output
+    ctx.save_for_backward(x, weight, bias, gamma, mean, var, in_scale, in_shift)
+    ctx.has_in_affine = in_scale is not None
     ctx.flags = (batch_stats, eps, activation, backend)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(mean, var)
 
 
 def _dw_backward(ctx, dout, _dmean, _dvar):
-    *grads, dpa, dpc = dw_block_bwd(dout, *ctx.saved_tensors, *ctx.flags)
-    if ctx.saved_tensors[6] is None:
-        dpa = dpc = None
-    return (*grads, None, None, dpa, dpc, None, None, None, None)
-
-
-def refuse_double_backward(bwd_op) -> None:
-    """Make ``bwd_op`` (a block's backward op) refuse to be differentiated, clearly."""
-    torch.library.register_autograd(bwd_op, _no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
-
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "double backward (gradients of gradients) through the fused ConvMixer blocks is not "
-        "supported; use the reference model (convmixer_ext.reference) for higher-order "
-        "gradients")
+    (dx, dw, db, dgamma, dbeta, d_scale, d_shift) = dw_block_bwd(dout, *ctx.saved_tensors,
+                                                                 *ctx.flags)
+    if not ctx.has_in_affine:
+        d_scale = d_shift = None
+    # inputs: x, weight, bias, gamma, beta, running_mean, running_var, pre_scale, pre_shift,
+    # batch_stats, eps, activation, backend
+    return dx, dw, db, dgamma, dbeta, None, None, d_scale, d_shift, None, None, None, None
 
 
 torch.library.register_autograd("convmixer_ext::dw_block_fwd", _dw_backward,
@@ -146,9 +139,11 @@ refuse_double_backward(dw_block_bwd)
 
 
 # --------------------------------------------------------------------------- validation
-def _check_param(name: str, t, C: int, x: Tensor, dtypes) -> None:
+def check_param(name: str, t, C: int, x: Tensor, dtypes) -> None:
+    """A per-channel vector: a Tensor on x's device, of one of ``dtypes``, of shape (C,)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    check_strided(name, t)
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must "
                          "be on the same device")
@@ -164,13 +159,18 @@ def check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var) 
     """Validate the fused block's tensors; return the kernel size."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    check_strided("x", x)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    C = x.shape[1]
+    N, C, H, W = x.shape
+    if C == 0 or H == 0 or W == 0:
+        raise ValueError(f"x must have at least one channel and a non-empty image, got shape "
+                         f"{tuple(x.shape)}")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    check_strided("weight", weight)
     if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 \
             or weight.shape[2] != weight.shape[3] or weight.shape[2] < 1:
         raise ValueError(f"weight must be a depthwise kernel of shape ({C}, 1, k, k) for x "
@@ -180,96 +180,64 @@ def check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var) 
                          "must be on the same device")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
-    _check_param("bias", bias, C, x, (x.dtype,))
+    check_param("bias", bias, C, x, (x.dtype,))
     bn_dtypes = tuple({x.dtype, torch.float32})
     for name, t in (("gamma", gamma), ("beta", beta)):
-        _check_param(name, t, C, x, bn_dtypes)
+        check_param(name, t, C, x, bn_dtypes)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if running_mean is not None:
-        _check_param("running_mean", running_mean, C, x, bn_dtypes)
-        _check_param("running_var", running_var, C, x, bn_dtypes)
+        check_param("running_mean", running_mean, C, x, bn_dtypes)
+        check_param("running_var", running_var, C, x, bn_dtypes)
     return weight.shape[-1]
 
 
-def _check_pre(pre, x: Tensor):
-    """(scale, shift) or (None, None); validated against x."""
-    if pre is None:
-        return None, None
-    if not isinstance(pre, (tuple, list)) or len(pre) != 2:
-        raise TypeError(f"pre must be None or a (scale, shift) pair of tensors, got "
-                        f"{type(pre).__name__}")
+def check_in_affine(in_affine, x: Tensor, name: str = "in_affine"):
+    """(in_scale, in_shift) or None, validated against x."""
+    if in_affine is None:
+        return None
+    if not isinstance(in_affine, (tuple, list)) or len(in_affine) != 2:
+        raise TypeError(f"{name} must be None or a (scale, shift) pair of tensors, got "
+                        f"{type(in_affine).__name__}")
     sd = stats_dtype(x.dtype)
-    for name, t in zip(("pre scale", "pre shift"), pre):
-        _check_param(name, t, x.shape[1], x, (sd,))
-    return pre[0].contiguous(), pre[1].contiguous()
+    for part, t in zip(("scale", "shift"), in_affine):
+        check_param(f"{name} {part}", t, x.shape[1], x, (sd,))
+    return tuple(in_affine)
 
 
 # --------------------------------------------------------------------------- SyncBatchNorm
-class _GatherRows(torch.autograd.Function):
-    """all_gather of one row per rank -> [world, len]; backward sums every rank's gradient
-    of the gathered rows and returns this rank's row (each rank's statistics feed every
-    rank's loss: the gradient path of nn.SyncBatchNorm). Uses all_gather and all_reduce
-    only, so it runs on every process-group backend (gloo included)."""
-
-    @staticmethod
-    def forward(ctx, row, group):
-        import torch.distributed as dist
-        row = row.contiguous()
-        parts = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, row, group=group)
-        ctx.group, ctx.rank = group, dist.get_rank(group)
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
-
-
-def sync_stats(mean: Tensor, var: Tensor, count: int, group):
-    """Statistics over the whole group's batch from each rank's per-channel (mean, biased
-    var) over ``count`` values: all-gather, then the same Chan merge as the per-tile
-    partials. Differentiable in mean and var. Returns (mean, var, global count)."""
-    C = mean.numel()
-    row = torch.cat([mean, var, mean.new_tensor([float(count)])])
-    allp = _GatherRows.apply(row, group)
-    cnt = allp[:, 2 * C].detach()
-    mean_g, var_g = merge_stats(allp[:, :C], allp[:, C:2 * C] * cnt[:, None], cnt)
-    return mean_g, var_g, int(cnt.sum().item())
-
-
 class _SyncBlock(torch.autograd.Function):
     """Batch statistics over every rank of ``group`` (``nn.SyncBatchNorm`` semantics).
 
     Forward: F1 on the local batch -> :func:`sync_stats` -> F2 with the global statistics.
     Backward: B1 locally -> all-reduce of (dbeta, dgamma) -> B2 with the global sums.
     dgamma/dbeta/dW/db returned are this rank's contributions (DDP reduces them), and so
-    are the gradients of a folded input affine ``(pa, pc)`` when one is given.
+    are the gradients of the input affine ``(in_scale, in_shift)`` when one is given.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gamma, beta, pa, pc, eps, activation, backend, group):
-        impl = get_impl(backend)
-        sd = stats_dtype(x.dtype)
+    def forward(ctx, x, weight, bias, gamma, beta, in_scale, in_shift, eps, activation,
+                backend, group):
         N, C, H, W = x.shape
-        pre = _pre_of(pa, pc)
-        mean_l, var_l = impl.stats(x, weight, bias, activation, pre)
-        mean, var, n_global = sync_stats(mean_l, var_l, N * H * W, group)
-        rstd = rstd_from_var(var, eps)
-        out = impl.apply(x, weight, bias, mean, rstd, gamma.to(sd), beta.to(sd), activation,
-                         pre)
-        ctx.save_for_backward(x, weight, bias, gamma, mean, rstd, pa, pc)
-        ctx.cfg = (activation, backend, group, N * H * W / n_global)
+        counts = {}
+
+        def globalize(mean, var):
+            mean, var, counts["global"] = sync_stats(mean, var, N * H * W, group)
+            return mean, var
+
+        in_affine = _in_affine(in_scale, in_shift)
+        out, mean, var = _forward_passes(get_impl(backend), x, weight, bias, gamma, beta,
+                                         in_affine, eps, activation, globalize=globalize)
+        ctx.save_for_backward(x, weight, bias, gamma, mean, rstd_from_var(var, eps), in_scale,
+                              in_shift)
+        ctx.cfg = (activation, backend, group, N * H * W / counts["global"])
         ctx.mark_non_differentiable(mean, var)
-        return out, mean, var, n_global
+        return out, mean, var, counts["global"]
 
     @staticmethod
     def backward(ctx, dout, _dmean, _dvar, _dn):
         import torch.distributed as dist
-        x, weight, bias, gamma, mean, rstd, pa, pc = ctx.saved_tensors
+        x, weight, bias, gamma, mean, rstd, in_scale, in_shift = ctx.saved_tensors
         activation, backend, group, local_share = ctx.cfg
 
         def globalize(dbeta, dgamma):
@@ -279,63 +247,39 @@ class _SyncBlock(torch.autograd.Function):
             # that the division by the global count that SyncBatchNorm's gradient needs.
             return (glob * local_share).split(dbeta.numel())
 
-        *grads, dpre = _backward_passes(get_impl(backend), dout, x, weight, bias, gamma, mean,
-                                        rstd, True, activation, globalize, _pre_of(pa, pc))
-        dpa, dpc = (None, None) if dpre is None else dpre
-        return (*grads, dpa, dpc, None, None, None, None)
+        *grads, d_aff = _backward_passes(get_impl(backend), dout, x, weight, bias, gamma, mean,
+                                         rstd, True, activation,
+                                         _in_affine(in_scale, in_shift), globalize)
+        d_scale, d_shift = (None, None) if d_aff is None else d_aff
+        return (*grads, d_scale, d_shift, None, None, None, None)
 
 
-def _sync_group(process_group):
-    """The group to synchronise statistics over, or None for local statistics."""
-    if process_group is None:
-        return None
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("process_group was given but torch.distributed is not initialised")
-    return process_group if dist.get_world_size(process_group) > 1 else None
-
-
-def autocast_dtype(t) -> Optional[torch.dtype]:
-    """The dtype ``torch.autocast`` gives convolution inputs on t's device, or None when
-    autocast is off there (or t is not a floating-point tensor)."""
-    if isinstance(t, Tensor) and t.is_floating_point() \
-            and torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return None
-
-
-def batch_stats_plan(training: bool, running_mean, t: Tensor, process_group, name: str):
-    """(batch_stats, group, n): whether BN uses batch statistics (nn.BatchNorm2d's rule),
-    the group to synchronise them over (None: local) and the local count N*H*W; refuses
-    one value per channel like nn.BatchNorm2d (``name`` names the input in the message)."""
-    batch_stats = uses_batch_stats(training, running_mean)
-    N, _, H, W = t.shape
-    n = N * H * W
-    group = _sync_group(process_group) if batch_stats else None
-    if batch_stats and n <= 1 and group is None:
-        raise ValueError(f"expected more than 1 value per channel when using batch "
-                         f"statistics, got {name} of shape {tuple(t.shape)}")
-    return batch_stats, group, n
-
-
+# --------------------------------------------------------------------------- user function
 def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
                        running_mean: Optional[Tensor] = None,
                        running_var: Optional[Tensor] = None,
                        num_batches_tracked: Optional[Tensor] = None, training: bool = True,
                        momentum: Optional[float] = 0.1, eps: float = 1e-5,
                        activation: str = "gelu", backend: str = "auto",
-                       process_group=None, pre=None) -> Tensor:
-    """``x + BN(act(dwconv_k(x) + bias))`` in one fused op (DESIGN.md §2).
+                       process_group=None, in_affine=None, pre=None) -> Tensor:
+    """``input + BN(act(dwconv_k(input) + bias))`` in one fused op, ``input = x`` (or the
+    input affine of x, below); docs/DESIGN.md, "Forward".
 
-    ``pre=(scale, shift)`` (per-channel vectors in the statistics dtype: float32, float64
-    for float64 x) folds a per-channel affine into the load: the block's input is then
+    Every tensor may have any strides and storage offset: what a kernel cannot index
+    natively (anything but NCHW-contiguous or channels_last x, non-dense vectors) is copied
+    once to a dense tensor here, and gradients flow back to the originals.
+
+    ``in_affine=(scale, shift)`` (per-channel vectors in the statistics dtype: float32,
+    float64 for float64 x; ``pre`` is its older name) makes the block input
     ``scale*x + shift`` (zero padding unchanged) — how the previous layer's BN2 reaches
     this block without its own pass over memory. Gradients flow to scale and shift.
 
     BatchNorm follows ``nn.BatchNorm2d`` exactly: batch statistics when ``training`` or
     when no running buffers are given, otherwise the running statistics; in training the
-    running buffers (and ``num_batches_tracked``) are updated in place, with
-    ``momentum=None`` meaning the cumulative average. With ``process_group`` (e.g.
+    running buffers (and ``num_batches_tracked``) are updated in place, whatever their
+    strides. ``momentum=None`` means the cumulative average, which needs
+    ``num_batches_tracked`` (a ``ValueError`` without it, as nn.BatchNorm2d always has one).
+    ``eps`` must be a finite positive number. With ``process_group`` (e.g.
     ``torch.distributed.group.WORLD``), batch statistics are those of the whole group's
     batch, as ``nn.SyncBatchNorm`` computes them.
 
@@ -343,25 +287,44 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     ``nn.Conv2d`` would be (statistics stay fp32); the output has the dtype the reference
     block's residual add would give.
     """
-    out_dtype = None
+    if pre is not None:
+        if in_affine is not None:
+            raise TypeError("give the input affine as in_affine or as pre (its older name), "
+                            "not both")
+        in_affine = pre
     dt = autocast_dtype(x)
-    if dt is not None:
-        out_dtype = torch.promote_types(dt, x.dtype)
-        x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
-    k = check_block_inputs(x, weight, bias, gamma, beta, running_mean, running_var)
+    # under autocast the kernels take x, weight and bias cast as nn.Conv2d casts them
+    xc, wc, bc = (x, weight, bias) if dt is None else (
+        t.to(dt) if isinstance(t, Tensor) else t for t in (x, weight, bias))
+    k = check_block_inputs(xc, wc, bc, gamma, beta, running_mean, running_var)
     check_activation(activation)
-    pre_scale, pre_shift = _check_pre(pre, x)
-    name = resolve_backend(backend, x.device, x.dtype, k)
+    eps = check_eps(eps)
+    check_momentum(momentum, num_batches_tracked, training, running_mean)
+    check_num_batches_tracked(num_batches_tracked, running_mean)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    in_affine = check_in_affine(in_affine, xc, "pre" if pre is not None else "in_affine")
     batch_stats, group, n = batch_stats_plan(training, running_mean, x, process_group, "x")
-    x = _dense(x)
+    name = resolve_backend(backend, x.device, xc.dtype, k, sync=group is not None)
+    if name == "eager":  # PyTorch's own ops: autocast casts inside them, as in the reference
+        return eager.dw_block(x, weight, bias, gamma, beta, running_mean, running_var,
+                              num_batches_tracked, training, momentum, eps, activation,
+                              in_affine)
+    out_dtype = None if dt is None else torch.promote_types(dt, x.dtype)
+    x, weight, bias = xc, wc, bc
+    # the boundary: everything the kernels index is made dense here, once
+    sd = stats_dtype(x.dtype)
+    x, weight, bias = dense(x), weight.contiguous(), dense_vec(bias)
+    gamma, beta = dense_vec(gamma.to(sd)), dense_vec(beta.to(sd))
+    in_scale, in_shift = (None, None) if in_affine is None else map(dense_vec, in_affine)
     if group is not None:
-        out, mean, var, n = _SyncBlock.apply(x, weight, bias, gamma, beta, pre_scale,
-                                             pre_shift, float(eps), activation, name, group)
+        out, mean, var, n = _SyncBlock.apply(x, weight, bias, gamma, beta, in_scale, in_shift,
+                                             eps, activation, name, group)
     else:
-        out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean,
-                                      running_var, pre_scale, pre_shift, batch_stats,
-                                      float(eps), activation, name)
+        out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean, running_var,
+                                      in_scale, in_shift, batch_stats, eps, activation, name)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
                              mean, var, n)
     return out if out_dtype is None else out.to(out_dtype)
+

@@ -1,7 +1,8 @@
 """The one place for the facts every backend shares.
 
-- activations: names, the integer ids the kernels take, the reference modules,
-  the function and its derivative (used by the torch twin);
+- activations: names, the integer ids the kernels take (the C library's ids are checked
+  against these when it is loaded), the reference modules, PyTorch's own functions, the
+  formula and its derivative (used by the torch twin);
 - the "same" padding rule for odd and even kernel sizes;
 - exact ``nn.BatchNorm2d`` semantics for batch statistics and running buffers;
 - the accumulation dtype.
@@ -39,6 +40,15 @@ def activation_module(activation: str) -> nn.Module:
     if activation == "gelu_tanh":
         return nn.GELU(approximate="tanh")
     return nn.ReLU()
+
+
+def native_activation(u: torch.Tensor, activation: str) -> torch.Tensor:
+    """PyTorch's own activation function (what the reference modules compute)."""
+    if activation == "gelu":
+        return torch.nn.functional.gelu(u)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(u, approximate="tanh")
+    return torch.relu(u)
 
 
 def activation_name(module: nn.Module) -> str:
@@ -106,7 +116,7 @@ def bn_affine(mean, rstd, gamma, beta):
 def bn_grad(d, xhat, scale, dbeta, dgamma, n: int, batch_stats: bool):
     """dL/dg of ``gamma*xhat + beta`` given dL/dout ``d`` (``scale = gamma*rstd``,
     ``dbeta = sum(d)``, ``dgamma = sum(d*xhat)`` per channel): batch statistics add the
-    paths through the mean and the variance (DESIGN.md §3)."""
+    paths through the mean and the variance (docs/DESIGN.md, "Backward")."""
     if not batch_stats:
         return scale * d
     return scale * (d - dbeta / n - xhat * (dgamma / n))

@@ -1,26 +1,31 @@
-"""The "triton" backend: fused depthwise block kernels (DESIGN.md §2-3) in Triton.
+"""The "triton" backend's kernels and launchers (docs/DESIGN.md, "Forward", "Backward" and
+"Pointwise").
 
-One tile shape serves every kernel: a program owns ``BLOCK_C`` channels of one image
-and a ``TH x TW`` spatial tile, flattened to ``BLOCK_S`` lanes. All tensors are indexed
-through their own strides (64-bit), so NCHW-contiguous, channels_last and other strided
-layouts are read natively — the tile shape is picked per layout (one channel and a
-whole plane for NCHW; many channels and a small spatial tile for channels_last).
+Depthwise block: a program owns ``BLOCK_C`` channels of one image and a ``TH x TW`` spatial
+tile, flattened to ``BLOCK_S`` lanes; programs form a 1-D grid (tiles fastest, then channel
+blocks). Tensors are indexed through their strides with 64-bit offsets; the tile shape is
+picked per layout (one channel and a whole plane for NCHW; many channels and a small
+spatial tile for channels_last). Kernels recompute ``u = dwconv(x) + b``:
 
-Kernels (all recompute ``u = dwconv(x) + b`` instead of storing it):
-- ``_stats_kernel``   F1: per-tile mean and centred M2 of ``g = act(u)`` per channel;
-- ``_apply_kernel``   F2 / eval: ``out = x + gamma*(g-mean)*rstd + beta``;
+- ``_stats_kernel``      F1: per-tile mean, centred M2 and count of ``g = act(u)``;
+- ``_apply_kernel``      F2 / eval: ``out = x + gamma*(g-mean)*rstd + beta``;
 - ``_bwd_reduce_kernel`` B1: per-tile ``sum(dout)``, ``sum(dout*xhat)``;
-- ``_bwd_du_kernel``  B2a: ``du = dg * act'(u)`` (fp32 scratch);
-- ``_bwd_dx_kernel``  B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db``, ``dW``;
-- ``_pw_gemm_kernel`` the pointwise block's GEMM with bias/activation/BN2-statistics
-  epilogue (:mod:`convmixer_ext.pointwise`).
-Triton has no addressable shared memory, so the transposed convolution reads ``du`` from
-an fp32 scratch tensor rather than recomputing it on the halo (the CUDA kernels keep it
-in shared memory). Per-tile partials are reduced in a fixed order by ``_partials``:
-no float atomics, deterministic.
+- ``_bwd_du_kernel``     B2a: ``du = dg * act'(u)`` into an fp32 scratch tensor (Triton has
+  no addressable shared memory to keep it on the halo, as the CUDA kernels do);
+- ``_bwd_dx_kernel``     B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db``, ``dW``.
 
-With ``TRITON_INTERPRET=1`` set before triton is imported, the same kernels run on CPU
-tensors in Triton's interpreter (how CI proves them).
+Pointwise block: ``_pw_gemm_kernel`` (GEMM with bias/activation/BN2-statistics epilogue) and
+``_pw_bwd_du_kernel`` (the same GEMM recomputing ``u``, forming ``du`` in its epilogue).
+
+Contract of the launchers (``k_*``, ``pw_*``): the vectors and the weight are dense, x is
+NCHW-contiguous or channels_last (ops.py makes them so, once, at the boundary).
+
+Every launch goes through :func:`_launch`, which picks the GPU configuration (tiles,
+``num_stages``, dtype flags) whenever the launch targets a GPU; :func:`recording` captures
+those launches instead of running them, so the real-target compile check
+(``benchmarks/targets.py``) compiles exactly what the launchers pick.
+With ``TRITON_INTERPRET=1`` set before triton is imported, the kernels run on CPU tensors in
+Triton's interpreter (how CI executes them).
 """
 from __future__ import annotations
 
@@ -32,13 +37,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._partials import KernelBackend
-from .backends import triton_interpreter
-from .semantics import GELU_TANH_COEF, pad_before
+from ._env import triton_interpreter
+from .semantics import ACTIVATIONS, GELU_TANH_COEF, pad_before
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# Globals used inside @triton.jit code must be tl.constexpr (a plain Python number compiles
+# under the interpreter only).
+_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(math.sqrt(2.0 / math.pi))
+_INV_SQRT_2: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0))
+_INV_SQRT_2PI: tl.constexpr = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
+_GELU_TANH_COEF: tl.constexpr = tl.constexpr(GELU_TANH_COEF)
+ACT_GELU: tl.constexpr = tl.constexpr(ACTIVATIONS["gelu"])
+ACT_GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATIONS["gelu_tanh"])
+
+MAX_PROGRAMS = 2**31 - 1  # grid axis 0 limit (every launch here uses a 1-D grid)
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -50,44 +61,50 @@ def _tanh(z):
 
 @triton.jit
 def _act(u, ACT: tl.constexpr):
-    if ACT == 0:
+    # constexpr globals stand right of tensors: the interpreter mishandles `constexpr * tensor`
+    # passed straight to a builtin
+    if ACT == ACT_GELU:
         return 0.5 * u * (1.0 + tl.math.erf(u * _INV_SQRT_2))
-    elif ACT == 1:
-        return 0.5 * u * (1.0 + _tanh(_SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u)))
+    elif ACT == ACT_GELU_TANH:
+        return 0.5 * u * (1.0 + _tanh((u + u * u * u * _GELU_TANH_COEF) * _SQRT_2_OVER_PI))
     else:
         return tl.maximum(u, 0.0)
 
 
 @triton.jit
 def _act_grad(u, ACT: tl.constexpr):
-    if ACT == 0:
+    if ACT == ACT_GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(u * _INV_SQRT_2))
         return cdf + u * tl.exp(-0.5 * u * u) * _INV_SQRT_2PI
-    elif ACT == 1:
-        t = _tanh(_SQRT_2_OVER_PI * (u + GELU_TANH_COEF * u * u * u))
-        dt = _SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * u * u)
+    elif ACT == ACT_GELU_TANH:
+        t = _tanh((u + u * u * u * _GELU_TANH_COEF) * _SQRT_2_OVER_PI)
+        dt = (1.0 + u * u * _GELU_TANH_COEF * 3.0) * _SQRT_2_OVER_PI
         return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * dt
     else:
         return tl.where(u > 0.0, 1.0, 0.0)
 
 
 @triton.jit
-def _tile(C, H, W, tiles_w, tiles_per_img, sN, TH: tl.constexpr, TW: tl.constexpr,
-          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """This program's image base offset (int64), channels, tile rows/cols and masks."""
+def _tile(C, H, W, tiles_w, tiles_per_img, tiles_total, sN, TH: tl.constexpr,
+          TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's partial row, channel block, image base offset (int64), channels, tile
+    rows/cols and masks. 1-D grid: the ``tiles_total = N * tiles_per_img`` tiles fastest,
+    then channel blocks."""
     pid = tl.program_id(0)
-    n = pid // tiles_per_img
-    t = pid % tiles_per_img
+    row = pid % tiles_total
+    cb = pid // tiles_total
+    n = row // tiles_per_img
+    t = row % tiles_per_img
     h0 = (t // tiles_w) * TH
     w0 = (t % tiles_w) * TW
     s = tl.arange(0, BLOCK_S)
     h = h0 + s // TW
     w = w0 + s % TW
     valid = (s < TH * TW) & (h < H) & (w < W)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     base = n.to(tl.int64) * sN
-    return pid, base, c, cmask, h, w, valid
+    return row, cb, base, c, cmask, h, w, valid
 
 
 @triton.jit
@@ -102,19 +119,19 @@ def _load_c(ptr, c, cmask):
 
 
 @triton.jit
-def _load_in(x_ptr, offs, m, pa_ptr, pc_ptr, c, cmask, PRE: tl.constexpr):
-    """The block input at offs in fp32, 0 where masked (the zero padding): x, or with a
-    folded affine (PRE) a*x + c per channel."""
+def _load_in(x_ptr, offs, m, scale_ptr, shift_ptr, c, cmask, IN_AFFINE: tl.constexpr):
+    """The block input at offs in fp32, 0 where masked (the zero padding): x, or with the
+    input affine in_scale*x + in_shift per channel."""
     v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if PRE:
-        v = tl.where(m, v * _load_c(pa_ptr, c, cmask) + _load_c(pc_ptr, c, cmask), 0.0)
+    if IN_AFFINE:
+        v = tl.where(m, v * _load_c(scale_ptr, c, cmask) + _load_c(shift_ptr, c, cmask), 0.0)
     return v
 
 
 @triton.jit
-def _conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W, sC, sH,
-          sW, K: tl.constexpr, PB: tl.constexpr, PRE: tl.constexpr, BLOCK_C: tl.constexpr,
-          BLOCK_S: tl.constexpr):
+def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W, sC,
+          sH, sW, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
+          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB."""
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
@@ -124,7 +141,8 @@ def _conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W
             ww = w + (j - PB)
             m = hok & (ww >= 0) & (ww < W)
             xv = _load_in(x_ptr, base + _offs(c, hh, ww, sC, sH, sW),
-                          cmask[:, None] & m[None, :], pa_ptr, pc_ptr, c, cmask, PRE)
+                          cmask[:, None] & m[None, :], scale_ptr, shift_ptr, c, cmask,
+                          IN_AFFINE)
             wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
             acc += xv * wv.to(tl.float32)[:, None]
     bv = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
@@ -133,70 +151,74 @@ def _conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _stats_kernel(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_p, m2_p, C, H, W, sN, sC, sH, sW,
-                  tiles_w, tiles_per_img, K: tl.constexpr, PB: tl.constexpr,
-                  ACT: tl.constexpr, PRE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
-                                             BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W,
-                   sC, sH, sW, K, PB, PRE, BLOCK_C, BLOCK_S), ACT)
+def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count_p, C, H, W,
+                  sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
+                  PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
+                  TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
+                   W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
     d = tl.where(vm, g - mean[:, None], 0.0)
     m2 = tl.sum(d * d, axis=1)
-    row = pid.to(tl.int64) * C + c
-    tl.store(mean_p + row, mean, mask=cmask)
-    tl.store(m2_p + row, m2, mask=cmask)
+    prow = row.to(tl.int64) * C + c
+    tl.store(mean_p + prow, mean, mask=cmask)
+    tl.store(m2_p + prow, m2, mask=cmask)
+    if cb == 0:  # counts on the device: no host-built tensor, no copy per call
+        tl.store(count_p + row, cnt)
 
 
 @triton.jit
-def _apply_kernel(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, out_ptr,
-                  C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, K: tl.constexpr,
-                  PB: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr, TH: tl.constexpr,
-                  TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
-                                             BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W,
-                   sC, sH, sW, K, PB, PRE, BLOCK_C, BLOCK_S), ACT)
+def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, gamma_ptr,
+                  beta_ptr, out_ptr, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
+                  tiles_total, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
+                  IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
+                   W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
-    xv = _load_in(x_ptr, offs, m, pa_ptr, pc_ptr, c, cmask, PRE)
+    xv = _load_in(x_ptr, offs, m, scale_ptr, shift_ptr, c, cmask, IN_AFFINE)
     tl.store(out_ptr + offs, (xv + a * g + shift).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_ptr, rstd_ptr, dbeta_p, dgamma_p,
-                       C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, K: tl.constexpr,
-                       PB: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
-                       TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_S: tl.constexpr):
-    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
-                                             BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W,
-                   sC, sH, sW, K, PB, PRE, BLOCK_C, BLOCK_S), ACT)
+def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr,
+                       rstd_ptr, dbeta_p, dgamma_p, C, H, W, sN, sC, sH, sW, tiles_w,
+                       tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
+                       ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
+                       TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
+                   W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
     d = d.to(tl.float32)
-    row = pid.to(tl.int64) * C + c
-    tl.store(dbeta_p + row, tl.sum(d, axis=1), mask=cmask)
-    tl.store(dgamma_p + row, tl.sum(tl.where(m, d * xh, 0.0), axis=1), mask=cmask)
+    prow = row.to(tl.int64) * C + c
+    tl.store(dbeta_p + prow, tl.sum(d, axis=1), mask=cmask)
+    tl.store(dgamma_p + prow, tl.sum(tl.where(m, d * xh, 0.0), axis=1), mask=cmask)
 
 
 @triton.jit
-def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_ptr, rstd_ptr, gamma_ptr, dbeta_ptr,
-                   dgamma_ptr, du_ptr, inv_n, C, H, W, sN, sC, sH, sW, tiles_w,
-                   tiles_per_img, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
-                   PRE: tl.constexpr, BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
-                                             BLOCK_C, BLOCK_S)
-    u = _conv(x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, base, c, cmask, h, w, valid, H, W, sC, sH,
-              sW, K, PB, PRE, BLOCK_C, BLOCK_S)
+def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+                   gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, inv_n, C, H, W, sN, sC, sH, sW,
+                   tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
+                   ACT: tl.constexpr, IN_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
+                   TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
+    u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
+              sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -204,23 +226,25 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, pa_ptr, pc_ptr, mean_ptr, rstd
     scale = _load_c(gamma_ptr, c, cmask) * rstd
     if BATCH_STATS:
         xh = (_act(u, ACT) - _load_c(mean_ptr, c, cmask)) * rstd
-        d = d - _load_c(dbeta_ptr, c, cmask) * inv_n - xh * (_load_c(dgamma_ptr, c, cmask) * inv_n)
+        d = d - _load_c(dbeta_ptr, c, cmask) * inv_n \
+            - xh * (_load_c(dgamma_ptr, c, cmask) * inv_n)
     du = scale * d * _act_grad(u, ACT)
     tl.store(du_ptr + offs, du, mask=m)
 
 
 @triton.jit
-def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, pa_ptr, pc_ptr, du_ptr, dx_ptr, dw_p, db_p, da_p,
-                   dc_p, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, K: tl.constexpr,
-                   PB: tl.constexpr, PRE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img, sN, TH, TW,
-                                             BLOCK_C, BLOCK_S)
+def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr, dw_p, db_p,
+                   dscale_p, dshift_p, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
+                   tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
+                   TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     du = tl.load(du_ptr + offs, mask=m, other=0.0)
-    row = pid.to(tl.int64) * C + c
-    tl.store(db_p + row, tl.sum(du, axis=1), mask=cmask)
+    prow = row.to(tl.int64) * C + c
+    tl.store(db_p + prow, tl.sum(du, axis=1), mask=cmask)
     acc = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
     for i in range(K):
         # dx[q] += du[q + PB - i] * w[i]   (transposed conv);  dW[i] += du[q] * x[q + i - PB]
@@ -236,27 +260,75 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, pa_ptr, pc_ptr, du_ptr, dx_ptr, dw_p,
             wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
             dus = tl.load(du_ptr + base + _offs(c, hd, wd, sC, sH, sW), mask=md, other=0.0)
             acc += dus * wv.to(tl.float32)[:, None]
-            xs = _load_in(x_ptr, base + _offs(c, hx, wx, sC, sH, sW), mx, pa_ptr, pc_ptr, c,
-                          cmask, PRE)
-            tl.store(dw_p + row * (K * K) + (i * K + j), tl.sum(du * xs, axis=1), mask=cmask)
-    if PRE:  # acc is dL/d(block input); the stored input's gradient is a * acc
+            xs = _load_in(x_ptr, base + _offs(c, hx, wx, sC, sH, sW), mx, scale_ptr, shift_ptr,
+                          c, cmask, IN_AFFINE)
+            tl.store(dw_p + prow * (K * K) + (i * K + j), tl.sum(du * xs, axis=1), mask=cmask)
+    if IN_AFFINE:  # acc is dL/d(block input); the stored input's gradient is in_scale * acc
         xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         accm = tl.where(m, acc, 0.0)
-        tl.store(da_p + row, tl.sum(accm * xv, axis=1), mask=cmask)
-        tl.store(dc_p + row, tl.sum(accm, axis=1), mask=cmask)
-        acc = acc * _load_c(pa_ptr, c, cmask)
+        tl.store(dscale_p + prow, tl.sum(accm * xv, axis=1), mask=cmask)
+        tl.store(dshift_p + prow, tl.sum(accm, axis=1), mask=cmask)
+        acc = acc * _load_c(scale_ptr, c, cmask)
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-# --------------------------------------------------------------------------- launchers
-def _geometry(x: torch.Tensor):
-    """Tile shape for x's layout: (TH, TW, BLOCK_C, BLOCK_S, num_warps).
+# --------------------------------------------------------------------------- launch path
+_recorder = None  # set by recording(): launches are handed to it instead of running
 
-    NCHW (W fastest): one channel, a spatial tile of up to 1024 lanes (a whole 32x32
-    plane). channels_last (C fastest): 32 channels x 32 positions, coalesced along C.
+
+@contextlib.contextmanager
+def recording(record):
+    """Within this context every launch calls ``record(kernel, grid, args, kwargs)`` instead
+    of running, and the launchers pick their GPU configuration whatever the tensors' device
+    (meta tensors work: nothing is read). Used by the real-target compile check."""
+    global _recorder
+    prev, _recorder = _recorder, record
+    try:
+        yield
+    finally:
+        _recorder = prev
+
+
+def targets_gpu(t: torch.Tensor) -> bool:
+    """Whether a launch on ``t`` compiles for a GPU (not the interpreter): the launchers'
+    GPU configuration (tiles, stages, dtype flags) applies."""
+    return _recorder is not None or (t.is_cuda and not triton_interpreter())
+
+
+def check_grid(grid, x) -> None:
+    """ValueError for a launch beyond the grid limit (shape-only: nothing runs)."""
+    if grid[0] > MAX_PROGRAMS:
+        raise ValueError(f"convmixer_ext: a tensor of shape {tuple(x.shape)} needs {grid[0]} "
+                         f"Triton programs, more than the grid limit of {MAX_PROGRAMS}")
+
+
+def _launch(kernel, grid, x, args, kwargs):
+    if _recorder is not None:
+        _recorder(kernel, grid, args, kwargs)
+        return
+    if grid[0] == 0:
+        return
+    with _device_of(x):
+        kernel[grid](*args, **kwargs)
+
+
+def _device_of(x):
+    """Launch on x's GPU without changing the caller's current device."""
+    if x.is_cuda and not triton_interpreter():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- depthwise launchers
+def geometry(shape, strides):
+    """Tile shape for a [N, C, H, W] tensor with these strides:
+    (TH, TW, BLOCK_C, BLOCK_S, num_warps).
+
+    NCHW (W fastest): one channel, a spatial tile of up to 1024 lanes (a whole 32x32 plane).
+    channels_last (C fastest): 32 channels x 32 positions, coalesced along C.
     """
-    N, C, H, W = x.shape
-    if x.stride(1) == 1 and C > 1:  # channels_last-like: vectorise over channels
+    N, C, H, W = shape
+    if strides[1] == 1 and C > 1:  # channels_last-like: vectorise over channels
         block_c = min(32, triton.next_power_of_2(C))
         tw = min(8, W)
         th = min(4, H)
@@ -269,132 +341,95 @@ def _geometry(x: torch.Tensor):
     return th, tw, block_c, block_s, num_warps
 
 
-# Opt-in autotuning over warps and pipelining depth (Hopper-oriented, bounded list), keyed
-# on shape, layout and k. The tile shape stays fixed by _geometry: it sets the number of
-# partial rows, which must be known before the launch. Off by default until it has been
-# validated on a GPU; the default is the _geometry heuristic.
-AUTOTUNE = os.environ.get("CONVMIXER_EXT_TRITON_AUTOTUNE", "0") == "1"
-_TUNE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s)
-                 for w, s in ((4, 1), (8, 1), (4, 2), (8, 2), (16, 1))]
-_tuned = {}
-
-
-def _runner(kernel, on_gpu):
-    if not (AUTOTUNE and on_gpu):
-        return kernel, True
-    if kernel not in _tuned:
-        _tuned[kernel] = triton.autotune(configs=_TUNE_CONFIGS,
-                                         key=["C", "H", "W", "sC", "sW", "K"])(kernel)
-    return _tuned[kernel], False
-
-
-def _launch(kernel, x, args, extra_constexpr):
-    """Launch ``kernel`` over x's tiles with the common shape/stride arguments."""
+def _plan(x):
+    """(partial rows, grid, common args, tile constexprs, launch options) of a launch over x."""
     N, C, H, W = x.shape
-    th, tw, block_c, block_s, num_warps = _geometry(x)
+    th, tw, block_c, block_s, num_warps = geometry(x.shape, x.stride())
     tiles_w = triton.cdiv(W, tw)
-    tiles_per_img = triton.cdiv(H, th) * tiles_w
-    grid = (N * tiles_per_img, triton.cdiv(C, block_c))
-    on_gpu = x.is_cuda and not triton_interpreter()
-    run, pass_warps = _runner(kernel, on_gpu)
-    launch_opts = dict(num_warps=num_warps) if pass_warps else {}
-    with _device_of(x):
-        run[grid](*args, C, H, W, *x.stride(), tiles_w, tiles_per_img, **extra_constexpr,
-                  TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, **launch_opts)
+    rows = N * triton.cdiv(H, th) * tiles_w
+    grid = (rows * triton.cdiv(C, block_c),)
+    check_grid(grid, x)
+    common = (C, H, W, *x.stride(), tiles_w, rows // max(N, 1), rows)
+    tile = dict(TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    return rows, grid, common, tile
 
 
-def _device_of(x):
-    """Launch on x's GPU without changing the caller's current device."""
-    if x.is_cuda and not triton_interpreter():
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
+def num_partial_rows(x) -> int:
+    return _plan(x)[0]
 
 
-def _num_tiles(x):
-    N, C, H, W = x.shape
-    th, tw = _geometry(x)[:2]
-    return N * triton.cdiv(H, th) * triton.cdiv(W, tw)
-
-
-def _tile_counts(x):
-    """Valid positions per tile row of the partials (same order as the kernels' pid)."""
-    N, C, H, W = x.shape
-    th, tw = _geometry(x)[:2]
-    hs = torch.arange(0, H, th)
-    ws = torch.arange(0, W, tw)
-    per = (torch.clamp(H - hs, max=th)[:, None] * torch.clamp(W - ws, max=tw)[None, :])
-    return per.flatten().repeat(N).to(device=x.device, dtype=torch.float32)
-
-
-def _kc(weight, pa):
+def _kc(weight, in_scale):
     k = weight.shape[-1]
-    return dict(K=k, PB=pad_before(k), PRE=pa is not None)
+    return dict(K=k, PB=pad_before(k), IN_AFFINE=in_scale is not None)
 
 
-def _pp(x, pa, pc):
-    """Pointers for the folded affine; x stands in (never read) when there is none."""
-    return (x, x) if pa is None else (pa, pc)
+def _affine_ptrs(stand_in, in_scale, in_shift):
+    """Pointers for the input affine; a stand-in tensor (never read) when there is none."""
+    return (stand_in, stand_in) if in_scale is None else (in_scale, in_shift)
 
 
-def k_stats(x, weight, bias, pa, pc, act):
-    T, C = _num_tiles(x), x.shape[1]
-    mean_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
-    m2_p = torch.empty_like(mean_p)
-    _launch(_stats_kernel, x, (x, weight.contiguous(), bias, *_pp(x, pa, pc), mean_p, m2_p),
-            dict(_kc(weight, pa), ACT=act))
-    return mean_p, m2_p, _tile_counts(x)
+def _f32(x, *shape):
+    return torch.empty(shape, device=x.device, dtype=torch.float32)
 
 
-def k_apply(x, weight, bias, mean, rstd, gamma, beta, pa, pc, act):
+def k_stats(x, weight, bias, in_scale, in_shift, act):
+    rows, grid, common, tile = _plan(x)
+    C = x.shape[1]
+    mean_p, m2_p, count_p = _f32(x, rows, C), _f32(x, rows, C), _f32(x, rows)
+    _launch(_stats_kernel, grid, x,
+            (x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean_p, m2_p, count_p,
+             *common),
+            dict(_kc(weight, in_scale), ACT=act, **tile))
+    return mean_p, m2_p, count_p
+
+
+def k_apply(x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act):
+    _, grid, common, tile = _plan(x)
     out = torch.empty_like(x)
-    _launch(_apply_kernel, x, (x, weight.contiguous(), bias, *_pp(x, pa, pc), mean, rstd,
-                               gamma, beta, out),
-            dict(_kc(weight, pa), ACT=act))
+    _launch(_apply_kernel, grid, x,
+            (x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma, beta,
+             out, *common),
+            dict(_kc(weight, in_scale), ACT=act, **tile))
     return out
 
 
-def k_bwd_reduce(dout, x, weight, bias, mean, rstd, pa, pc, act):
-    T, C = _num_tiles(x), x.shape[1]
-    dbeta_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
-    dgamma_p = torch.empty_like(dbeta_p)
-    _launch(_bwd_reduce_kernel, x,
-            (dout, x, weight.contiguous(), bias, *_pp(x, pa, pc), mean, rstd, dbeta_p,
-             dgamma_p),
-            dict(_kc(weight, pa), ACT=act))
+def k_bwd_reduce(dout, x, weight, bias, mean, rstd, in_scale, in_shift, act):
+    rows, grid, common, tile = _plan(x)
+    C = x.shape[1]
+    dbeta_p, dgamma_p = _f32(x, rows, C), _f32(x, rows, C)
+    _launch(_bwd_reduce_kernel, grid, x,
+            (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, dbeta_p,
+             dgamma_p, *common),
+            dict(_kc(weight, in_scale), ACT=act, **tile))
     return dbeta_p, dgamma_p
 
 
-def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, pa, pc,
-               act):
+def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, in_scale,
+               in_shift, act):
     N, C, H, W = x.shape
     k = weight.shape[-1]
-    w = weight.contiguous()
+    rows, grid, common, tile = _plan(x)
     du = torch.empty_like(x, dtype=torch.float32)
-    _launch(_bwd_du_kernel, x,
-            (dout, x, w, bias, *_pp(x, pa, pc), mean, rstd, gamma, dbeta, dgamma, du,
-             1.0 / (N * H * W)),
-            dict(_kc(weight, pa), ACT=act, BATCH_STATS=bool(batch_stats)))
-    T = _num_tiles(x)
+    _launch(_bwd_du_kernel, grid, x,
+            (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma,
+             dbeta, dgamma, du, 1.0 / max(N * H * W, 1), *common),
+            dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats), **tile))
     dx = torch.empty_like(x)
-    dw_p = torch.empty((T, C, k * k), device=x.device, dtype=torch.float32)
-    db_p = torch.empty((T, C), device=x.device, dtype=torch.float32)
-    tp = T if pa is not None else 0
-    da_p = torch.empty((tp, C), device=x.device, dtype=torch.float32)
-    dc_p = torch.empty_like(da_p)
-    _launch(_bwd_dx_kernel, x,
-            (dout, x, w, *_pp(x, pa, pc), du, dx, dw_p, db_p, *_pp(db_p, da_p, dc_p)),
-            _kc(weight, pa))
-    return dx, dw_p, db_p, da_p, dc_p
-
-
-BACKEND = KernelBackend(k_stats, k_apply, k_bwd_reduce, k_bwd_main)
+    dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
+    n_aff = rows if in_scale is not None else 0
+    dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
+    _launch(_bwd_dx_kernel, grid, x,
+            (dout, x, weight, *_affine_ptrs(x, in_scale, in_shift), du, dx, dw_p, db_p,
+             *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
+            dict(_kc(weight, in_scale), **tile))
+    return dx, dw_p, db_p, dscale_p, dshift_p
 
 
 # --------------------------------------------------------------------------- pointwise GEMM
 @triton.jit
 def _pw_u(y_ptr, w_ptr, b_ptr, pid_p, pid_n, P, CI, CO, HW, W, sN, sC, sH, sW,
-          IEEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr):
+          PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_P: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """u[p, o] = sum_i y[p, i] w[o, i] + b[o] (fp32) on one [BLOCK_P, BLOCK_N] tile, where
     p = (n, h, w) are positions of y [N, CI, H, W] read through its strides."""
     rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -412,9 +447,9 @@ def _pw_u(y_ptr, w_ptr, b_ptr, pid_p, pid_n, P, CI, CO, HW, W, sN, sC, sH, sW,
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
         bt = tl.load(w_ptr + cols.to(tl.int64)[None, :] * CI + ks[:, None],
                      mask=kmask[:, None] & cmask[None, :], other=0.0)
-        if IEEE:  # full fp32 products, as the reference conv computes in fp32
-            acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-        else:
+        if UPCAST:  # fp32 operands (fp32 inputs, or 16-bit ones under the interpreter)
+            acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+        else:  # 16-bit operands on tensor cores, fp32 accumulation
             acc += tl.dot(a, bt)
     u = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return u, rows, rmask, n, hw, cols, cmask
@@ -438,15 +473,16 @@ def _pos_offs(n, hw, W, cols, oN, oC, oH, oW):
 
 
 @triton.jit
-def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, P, CI, CO, HW, W, sN, sC, sH,
-                    sW, oN, oC, oH, oW, ACT: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, count_p, P, CI, CO, HW, W, sN,
+                    sC, sH, sW, oN, oC, oH, oW, ACT: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """g = act(u) stored through g's strides (o*), with the per-(row tile, channel) mean and
-    centred M2 of g (BN2 statistics, from the fp32 values) in the epilogue."""
+    centred M2 of g (BN2 statistics, from the fp32 values) and the row tile's count."""
     pid_p, pid_n = _pw_tile_ids(CO, BLOCK_N)
     u, rows, rmask, n, hw, cols, cmask = _pw_u(y_ptr, w_ptr, b_ptr, pid_p, pid_n,
-                                               P, CI, CO, HW, W, sN, sC, sH, sW, IEEE,
-                                               BLOCK_P, BLOCK_N, BLOCK_K)
+                                               P, CI, CO, HW, W, sN, sC, sH, sW, PRECISION,
+                                               UPCAST, BLOCK_P, BLOCK_N, BLOCK_K)
     g = _act(u, ACT)
     m = rmask[:, None] & cmask[None, :]
     tl.store(g_ptr + _pos_offs(n, hw, W, cols, oN, oC, oH, oW),
@@ -454,22 +490,24 @@ def _pw_gemm_kernel(y_ptr, w_ptr, b_ptr, g_ptr, mean_p, m2_p, P, CI, CO, HW, W, 
     cnt = tl.sum(rmask.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(m, g, 0.0), axis=0) / cnt
     d = tl.where(m, g - mean[None, :], 0.0)
-    row = pid_p.to(tl.int64) * CO + cols
-    tl.store(mean_p + row, mean, mask=cmask)
-    tl.store(m2_p + row, tl.sum(d * d, axis=0), mask=cmask)
+    prow = pid_p.to(tl.int64) * CO + cols
+    tl.store(mean_p + prow, mean, mask=cmask)
+    tl.store(m2_p + prow, tl.sum(d * d, axis=0), mask=cmask)
+    if pid_n == 0:
+        tl.store(count_p + pid_p, cnt)
 
 
 @triton.jit
 def _pw_bwd_du_kernel(y_ptr, w_ptr, b_ptr, dg_ptr, dmean_ptr, dvar_ptr, mean_ptr, du_ptr, db_p,
                       inv_p, P, CI, CO, HW, W, sN, sC, sH, sW, dN, dC, dH, dW, ACT: tl.constexpr,
-                      IEEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """du = (dg + dmean/P + dvar*2(g-mean)/P) * act'(u) with u recomputed (never stored in
     the forward); du stored as rows [P, CO] in du's dtype, per-row-tile db partials."""
     pid_p, pid_n = _pw_tile_ids(CO, BLOCK_N)
     u, rows, rmask, n, hw, cols, cmask = _pw_u(y_ptr, w_ptr, b_ptr, pid_p, pid_n,
-                                               P, CI, CO, HW, W, sN, sC, sH, sW, IEEE,
-                                               BLOCK_P, BLOCK_N, BLOCK_K)
+                                               P, CI, CO, HW, W, sN, sC, sH, sW, PRECISION,
+                                               UPCAST, BLOCK_P, BLOCK_N, BLOCK_K)
     m = rmask[:, None] & cmask[None, :]
     d = tl.load(dg_ptr + _pos_offs(n, hw, W, cols, dN, dC, dH, dW), mask=m,
                 other=0.0).to(tl.float32)
@@ -483,12 +521,12 @@ def _pw_bwd_du_kernel(y_ptr, w_ptr, b_ptr, dg_ptr, dmean_ptr, dvar_ptr, mean_ptr
     tl.store(db_p + pid_p.to(tl.int64) * CO + cols, tl.sum(du, axis=0), mask=cmask)
 
 
-def _pw_config(y):
+def pw_config(y):
     """GEMM tile and launch options: 128x128x32 tiles, 8 warps, 3 pipeline stages on a GPU
     (the usual shape for large tensor-core GEMMs); 64x64x32 in the interpreter, where tile
     size only costs time. ``CONVMIXER_EXT_PW_TILE=PxNxK`` overrides the tile (tests run
     the GPU tile under the interpreter this way)."""
-    on_gpu = y.is_cuda and not triton_interpreter()
+    on_gpu = targets_gpu(y)
     bp, bn, bk = (128, 128, 32) if on_gpu else (64, 64, 32)
     env = os.environ.get("CONVMIXER_EXT_PW_TILE")
     if env:
@@ -496,6 +534,11 @@ def _pw_config(y):
     cfg = dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bp * bn >= 128 * 128 else 4)
     if on_gpu:
         cfg["num_stages"] = 3
+    # fp32 products: IEEE, as the reference's fp32 1x1 conv computes them exactly. The
+    # interpreter's dot mishandles bf16/fp16 operands, so there they are upcast first
+    # (bf16/fp16 products are exact in fp32: the same result as tensor cores give).
+    cfg["UPCAST"] = y.dtype == torch.float32 or not on_gpu
+    cfg["PRECISION"] = "ieee"
     return cfg
 
 
@@ -503,42 +546,38 @@ def _pw_geometry(y, w2):
     """(positions P, output channels CO, config, row tiles T, 1-D grid over row x column
     tiles) of a pointwise GEMM launch."""
     N, _, H, W = y.shape
-    P, CO, cfg = N * H * W, w2.shape[0], _pw_config(y)
+    P, CO, cfg = N * H * W, w2.shape[0], pw_config(y)
+    if P >= 2**31:  # row indices are 32-bit in the kernel
+        raise ValueError(f"convmixer_ext: the pointwise GEMM takes fewer than 2^31 positions "
+                         f"(N*H*W), got {P} for y of shape {tuple(y.shape)}")
     T = triton.cdiv(P, cfg["BLOCK_P"])
-    return P, CO, cfg, T, (T * triton.cdiv(CO, cfg["BLOCK_N"]),)
-
-
-def _pw_ieee(y):
-    # fp32: IEEE products (no TF32). The interpreter's dot mishandles bf16/fp16 operands,
-    # so there they are upcast first (bf16/fp16 products are exact in fp32: same result).
-    return y.dtype == torch.float32 or triton_interpreter()
+    grid = (T * triton.cdiv(CO, cfg["BLOCK_N"]),)
+    check_grid(grid, y)
+    return P, CO, cfg, T, grid
 
 
 def pw_gemm_act_stats(y, w2, bias, g, act):
     """Fill g [N, Co, H, W] (any strides) with act(conv1x1(y) + b) for y [N, Ci, H, W] (any
-    strides), w2 [Co, Ci]; return (mean_p [T, Co], m2_p [T, Co], count_p [T])."""
+    strides), w2 [Co, Ci] dense; return (mean_p [T, Co], m2_p [T, Co], count_p [T])."""
     CI, H, W = y.shape[1:]
     P, CO, cfg, T, grid = _pw_geometry(y, w2)
-    mean_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
-    m2_p = torch.empty_like(mean_p)
-    with _device_of(y):
-        _pw_gemm_kernel[grid](y, w2.contiguous(), bias, g, mean_p, m2_p, P, CI, CO, H * W, W,
-                              *y.stride(), *g.stride(), ACT=act, IEEE=_pw_ieee(y), **cfg)
-    bp = cfg["BLOCK_P"]
-    starts = torch.arange(0, P, bp)
-    cnt = torch.clamp(P - starts, max=bp).to(device=y.device, dtype=torch.float32)
-    return mean_p, m2_p, cnt
+    mean_p, m2_p, count_p = _f32(y, T, CO), _f32(y, T, CO), _f32(y, T)
+    _launch(_pw_gemm_kernel, grid, y,
+            (y, w2, bias, g, mean_p, m2_p, count_p, P, CI, CO, H * W, W, *y.stride(),
+             *g.stride()),
+            dict(ACT=act, **cfg))
+    return mean_p, m2_p, count_p
 
 
 def pw_bwd_du(dg, dmean, dvar, y, w2, bias, mean, act):
-    """(du [P, Co] rows in y's dtype, db_p [T, Co]) for the pointwise block's backward."""
+    """(du [P, Co] rows in y's dtype, db_p [T, Co]) for the pointwise block's backward
+    (dmean, dvar, mean: dense float32 vectors)."""
     CI, H, W = y.shape[1:]
     P, CO, cfg, T, grid = _pw_geometry(y, w2)
     du = torch.empty((P, CO), device=y.device, dtype=y.dtype)
-    db_p = torch.empty((T, CO), device=y.device, dtype=torch.float32)
-    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    with _device_of(y):
-        _pw_bwd_du_kernel[grid](y, w2.contiguous(), bias, dg, f32(dmean), f32(dvar), f32(mean),
-                                du, db_p, 1.0 / P, P, CI, CO, H * W, W, *y.stride(), *dg.stride(),
-                                ACT=act, IEEE=_pw_ieee(y), **cfg)
+    db_p = _f32(y, T, CO)
+    _launch(_pw_bwd_du_kernel, grid, y,
+            (y, w2, bias, dg, dmean, dvar, mean, du, db_p, 1.0 / max(P, 1), P, CI, CO, H * W,
+             W, *y.stride(), *dg.stride()),
+            dict(ACT=act, **cfg))
     return du, db_p

@@ -1,0 +1,31 @@
+"""Environment switches read at run time (a leaf module: it imports nothing of the package).
+
+- ``CONVMIXER_EXT_BACKEND``: overrides what ``backend="auto"`` picks (backends.py);
+- ``CONVMIXER_EXT_NO_TRITON=1``: the Triton backend is unavailable, triton is never imported;
+- ``TRITON_INTERPRET=1`` (Triton's own switch, read before triton is imported): Triton
+  kernels run on CPU tensors in Triton's interpreter;
+- ``CONVMIXER_EXT_EMU_LIB``: load this file as the host-emulation library instead of the
+  built one (the sanitizer tier uses it).
+"""
+from __future__ import annotations
+
+import os
+
+BACKEND_VAR = "CONVMIXER_EXT_BACKEND"
+EMU_LIB_VAR = "CONVMIXER_EXT_EMU_LIB"
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_disabled() -> bool:
+    return os.environ.get("CONVMIXER_EXT_NO_TRITON", "0") == "1"
+
+
+def backend_override() -> str:
+    return os.environ.get(BACKEND_VAR, "auto").strip() or "auto"
+
+
+def emu_lib_override():
+    return os.environ.get(EMU_LIB_VAR) or None
