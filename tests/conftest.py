@@ -17,26 +17,34 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import convmixer_ext  # noqa: E402
-from convmixer_ext.backends import _reason  # noqa: E402
+from convmixer_ext.backends import backend_reason  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# tests compare with float64 references: the GPU's TF32 matmuls/convolutions (on by default
+# for cuDNN) would be a different computation, so they are off unless a test turns them on
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def kernel_backends():
-    """Backends (other than the torch twin) that can run on DEVICE here."""
+    """Kernel backends (not the PyTorch ones) that can run on DEVICE here."""
     names = ("cuda", "triton") if DEVICE == "cuda" else ("triton", "cuda_emu")
-    return [n for n in names if _reason(n, DEVICE) is None]
+    return [n for n in names if backend_reason(n, DEVICE) is None]
 
 
 def all_backends():
-    return ["torch"] + kernel_backends()
+    """The twin ("torch"), PyTorch's own ops ("eager", auto's choice without kernels) and
+    every kernel backend available on DEVICE."""
+    return ["torch", "eager"] + kernel_backends()
 
 
 def pytest_sessionstart(session):
     required = [b for b in os.environ.get("CONVMIXER_EXT_REQUIRE_BACKENDS", "").split(",") if b]
     if required == ["all-kernels"]:  # every kernel backend of this device
         required = ["cuda", "triton"] if DEVICE == "cuda" else ["triton", "cuda_emu"]
-    missing = {b: _reason(b, DEVICE) for b in required if _reason(b, DEVICE) is not None}
+    missing = {b: backend_reason(b, DEVICE) for b in required
+               if backend_reason(b, DEVICE) is not None}
     if missing:
         raise pytest.UsageError(f"required backends unavailable on {DEVICE}: {missing}")
 

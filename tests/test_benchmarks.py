@@ -16,7 +16,7 @@ def test_harness_smoke(tmp_path):
     data = json.load(open(tmp_path / (stems.pop() + ".json")))
     env, recs = data["environment"], data["records"]
     assert env["device"] == "cpu" and env["torch"] and "git_commit" in env
-    assert len(recs) == 2 * 2 * 2  # k x mode x provider (eager, torch)
+    assert len(recs) == 2 * 2 * 3  # k x mode x provider (eager, auto, torch)
     for r in recs:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["bytes_min"] > 0 and r["ms_p20"] <= r["ms_p80"]
@@ -37,19 +37,21 @@ def test_harness_reports_wrong_results_as_errors(tmp_path, monkeypatch):
 
 
 def test_harness_model_section(tmp_path):
-    """The whole-model section: eager, fused (pointwise unfused) and fused with the pointwise
-    block and BN2 folded (+pw), each with training and inference images/s."""
+    """The whole-model section: eager, what convert() gives by default ("auto"), fused
+    (pointwise unfused) and fused with the pointwise block and BN2 folded (+pw), each with
+    training and inference images/s."""
     rc = main(["--quick", "--device", "cpu", "--ks", "3", "--no-blocks", "--model",
                "--reps", "1", "--out", str(tmp_path)])
     assert rc == 0
     data = json.load(open(next(tmp_path.glob("*.json"))))
     models = [r for r in data["records"] if r.get("kind") == "model"]
-    assert {r["provider"] for r in models} == {"eager", "fused-torch", "fused-torch+pw"}
+    assert {r["provider"] for r in models} == {"eager", "auto", "fused-torch", "fused-torch+pw"}
     for r in models:
         assert r["train_img_s"] > 0 and r["infer_img_s"] > 0
     saved = {r["provider"]: r["train_saved_bytes"] for r in models}
     # eager keeps ~6 activations per layer, the fused depthwise block 1 (x) plus the
     # unfused pointwise half's 3, the folded chain 2 (g and y)
     assert saved["fused-torch+pw"] < saved["fused-torch"] < saved["eager"]
+    assert saved["auto"] == saved["eager"]  # on the CPU "auto" runs the reference's own ops
     md = next(tmp_path.glob("*.md")).read_text()
     assert "fused-torch+pw" in md

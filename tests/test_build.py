@@ -1,46 +1,75 @@
-"""Build checks: the CUDA kernels compile for sm_80 and sm_90 with no register spills, and
-the host-emulation build is the same kernel source."""
+"""Build and ABI checks (docs/DESIGN.md, "Build and ABI"): the CUDA library holds sm_80 and
+sm_90 code plus PTX, has no register spills, needs no torch and resolves every symbol;
+the host-emulation build is the same source; the build decisions of setup.py."""
+import ctypes
 import os
 import re
 import subprocess
 import sys
-import sysconfig
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from setup import _find_cuda_home  # noqa: E402
+import setup as _setup  # noqa: E402
+from convmixer_ext import _cmx_lib, backends  # noqa: E402
 
 
-def _ptxas_report(cuda_home, arch):
-    from torch.utils.cpp_extension import include_paths
-    cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3",
-           "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas", "-v",
-           os.path.join(ROOT, "csrc", "fused_dw.cu"), "-o", os.devnull,
-           "-I" + sysconfig.get_paths()["include"]] + ["-I" + p for p in include_paths()]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r.stdout + r.stderr
+def _lib_path(kind):
+    path = _cmx_lib.library_path(kind)
+    if not os.path.exists(path):
+        if kind == "cuda" and _setup._find_cuda_home() is not None:
+            pytest.fail("nvcc is here, so the CUDA library must have been built")
+        pytest.skip(f"the {kind} library is not built here")
+    return path
 
 
-def test_no_register_spills_sm80_sm90():
-    cuda_home = _find_cuda_home()
-    if cuda_home is None:
-        from convmixer_ext import _extension
-        assert "_C" not in getattr(_extension._info, "BUILT", []), \
-            "the CUDA extension was built, so nvcc must be found for this check"
-        pytest.skip("no CUDA toolkit on this machine")
-    with ThreadPoolExecutor(2) as pool:
-        reports = dict(zip(("80", "90"), pool.map(lambda a: _ptxas_report(cuda_home, a),
-                                                  ("80", "90"))))
-    for arch, rep in reports.items():
-        entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", rep)
-        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", rep)
-        assert len(entries) == 60 and len(spills) == len(entries), (arch, len(entries))
-        bad = [(e, s) for e, s in zip(entries, spills) if s != ("0", "0")]
-        assert not bad, f"register spills on sm_{arch}: {bad}"
+@pytest.mark.parametrize("kind", ["cuda", "emulation"])
+def test_library_resolves_without_torch(kind):
+    """Loaded with every symbol bound at once (RTLD_NOW), no undefined symbol, no link to
+    any torch library, and only the C ABI exported: it works with any torch version."""
+    path = _lib_path(kind)
+    ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+    r = subprocess.run(["ldd", "-r", path], capture_output=True, text=True)
+    assert r.returncode == 0 and "undefined symbol" not in r.stdout + r.stderr, r.stdout
+    assert "torch" not in r.stdout and "c10" not in r.stdout, r.stdout
+    nm = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True)
+    exported = {ln.split()[-1] for ln in nm.stdout.splitlines() if " T " in ln}
+    assert exported and all(s.startswith("cmx_") for s in exported), sorted(exported)[:20]
+    lib = _cmx_lib.Library(path, {"gelu": 0, "gelu_tanh": 1, "relu": 2})
+    assert lib.kind == ("cuda" if kind == "cuda" else "emulation")
+
+
+def test_cuda_library_holds_sm80_sm90_and_ptx():
+    from benchmarks.targets import tool
+    path = _lib_path("cuda")
+    r = subprocess.run([tool("cuobjdump"), "--list-elf", "--list-ptx", path],
+                       capture_output=True, text=True, check=True)
+    assert "sm_80" in r.stdout and "sm_90" in r.stdout and ".sm_90.ptx" in r.stdout, r.stdout
+    lib = backends.library("cuda")[0]
+    assert lib.archs == ["sm_80", "sm_90", "compute_90"]
+
+
+def test_cuda_library_has_no_spills():
+    """Every kernel instantiation (4 kernels x 3 dtypes x k in {3, 5, 7, 9, generic}) for
+    each architecture: no local memory (spills) and no stack frame."""
+    from benchmarks.targets import resource_usage
+    rows = resource_usage(_lib_path("cuda"))
+    for arch in (80, 90):
+        mine = [r for r in rows if r["arch"] == arch]
+        assert len(mine) == 60, (arch, len(mine))
+        bad = [r for r in mine if r["local"] or r["stack"]]
+        assert not bad, f"spills / stack frames on sm_{arch}: {bad}"
+
+
+def test_no_cuda_device_is_the_reason_here():
+    """Built but run where there is no GPU: the reason says so, not "not built"."""
+    import torch
+    _lib_path("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    why = backends.backend_reason("cuda")
+    assert why and "no CUDA device" in why and "not built" not in why
 
 
 def test_emulation_build_is_the_same_source():
@@ -48,56 +77,68 @@ def test_emulation_build_is_the_same_source():
     assert '#include "fused_dw.cu"' in src and "#define CMX_HOST_EMULATION 1" in src
     # one launch helper for every kernel: no raw <<<...>>> outside cmx_device.h
     for name in ("fused_dw.cu", "fused_dw_kernels.cuh"):
-        assert "<<<" not in open(os.path.join(ROOT, "csrc", name)).read(), name
+        text = open(os.path.join(ROOT, "csrc", name)).read()
+        assert "<<<" not in text, name
+        assert not re.search(r'#include\s*[<"](torch|ATen|c10)/', text), name
 
 
 # --------------------------------------------------------------------------- build decisions
-import setup as _setup  # noqa: E402
-
-
-def _ext_names(exts):
-    return sorted(e.name for e in exts)
-
-
 @pytest.fixture
 def clean_env(monkeypatch):
     for k in ("CONVMIXER_EXT_BUILD_CUDA", "CONVMIXER_EXT_BUILD_EMU", "TORCH_CUDA_ARCH_LIST",
-              "CONVMIXER_EXT_EMU_SANITIZE"):
+              "CONVMIXER_EXT_CUDA_ARCHS", "CONVMIXER_EXT_EMU_SANITIZE"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", ""))  # restored afterwards
+    monkeypatch.setattr(_setup, "BUILD_INFO", {"SKIPPED": {}})
     return monkeypatch
+
+
+def _names(libs):
+    return sorted(e.name for e in libs)
 
 
 def test_build_without_nvcc_installs_pure_python(clean_env):
     clean_env.setattr(_setup, "_find_cuda_home", lambda: None)
-    exts, cmdclass, info = _setup._extensions()
-    assert exts == [] and "nvcc" in info["SKIPPED"]["_C"]
+    assert _setup._libraries() == []
+    assert "nvcc" in _setup.BUILD_INFO["SKIPPED"]["cuda"]
     clean_env.setenv("CONVMIXER_EXT_BUILD_CUDA", "1")
     with pytest.raises(RuntimeError, match="cannot be built"):
-        _setup._extensions()
+        _setup._libraries()
 
 
-def test_build_without_torch_installs_pure_python(clean_env):
-    clean_env.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-    exts, cmdclass, info = _setup._extensions()
-    assert exts == [] and cmdclass == {} and info["TORCH_VERSION"] is None
-
-
-def test_build_switches_and_arch_list(clean_env):
-    import torch
+def test_build_switches(clean_env):
     clean_env.setattr(_setup, "_find_cuda_home", lambda: "/usr/local/cuda")
+    assert _names(_setup._libraries()) == ["convmixer_ext._cmx_cuda"]
     clean_env.setenv("CONVMIXER_EXT_BUILD_CUDA", "0")
     clean_env.setenv("CONVMIXER_EXT_BUILD_EMU", "1")
-    exts, _, info = _setup._extensions()
-    assert _ext_names(exts) == ["convmixer_ext._C_emu"] and "disabled" in info["SKIPPED"]["_C"]
-    if torch.version.cuda is None:
-        pytest.skip("CPU-only torch: no CUDA extension to configure")
-    clean_env.delenv("CONVMIXER_EXT_BUILD_CUDA")
-    clean_env.delenv("CONVMIXER_EXT_BUILD_EMU")
-    clean_env.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    exts, _, info = _setup._extensions()
-    assert _ext_names(exts) == ["convmixer_ext._C"] and info["CUDA_ARCHS"] == "9.0"
-    assert info["TORCH_VERSION"] == torch.__version__
-    clean_env.delenv("TORCH_CUDA_ARCH_LIST")
-    _, _, info = _setup._extensions()
-    assert info["CUDA_ARCHS"] == "8.0;9.0"
+    assert _names(_setup._libraries()) == ["convmixer_ext._cmx_emu"]
+    assert "disabled" in _setup.BUILD_INFO["SKIPPED"]["cuda"]
+
+
+@pytest.mark.parametrize("spec, names", [
+    ("8.0;9.0+PTX", ["sm_80", "sm_90", "compute_90"]),
+    ("8.0 8.6", ["sm_80", "sm_86"]),
+    ("80,90a", ["sm_80", "sm_90a"]),
+    ("9.0a+PTX", ["sm_90a", "compute_90a"]),
+])
+def test_arch_list_parsing(spec, names):
+    flags, got = _setup.arch_flags(spec)
+    assert got == names and flags.count("-gencode") == len(spec.replace(",", ";").replace(
+        " ", ";").split(";"))
+
+
+def test_arch_list_errors():
+    with pytest.raises(ValueError, match="cannot parse"):
+        _setup.arch_flags("sm80")
+    with pytest.raises(ValueError, match="no CUDA architecture"):
+        _setup.arch_flags(" ; ")
+
+
+def test_default_arch_list_embeds_ptx(clean_env):
+    cmd = _setup._cuda_command("/usr/local/cuda", "/tmp/x.so")
+    assert "arch=compute_90,code=[sm_90,compute_90]" in cmd
+    assert "arch=compute_80,code=[sm_80]" in cmd
+    assert "torch" not in " ".join(cmd)
+    clean_env.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert "arch=compute_86,code=[sm_86]" in _setup._cuda_command("/usr/local/cuda", "x")
+    clean_env.setenv("CONVMIXER_EXT_CUDA_ARCHS", "9.0")
+    assert "arch=compute_90,code=[sm_90]" in _setup._cuda_command("/usr/local/cuda", "x")

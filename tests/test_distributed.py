@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from convmixer_ext.backends import _reason
+from convmixer_ext.backends import backend_reason
 
 WORLD = 2
 
@@ -69,7 +69,7 @@ def _worker(rank, init_file, backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cuda_emu", "triton")
-                                     if _reason(b, "cpu") is None])
+                                     if backend_reason(b, "cpu") is None])
 def test_sync_bn_under_ddp_gloo(backend, tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed not built")
@@ -115,7 +115,7 @@ def _worker_folded(rank, init_file, backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cuda_emu")
-                                     if _reason(b, "cpu") is None])
+                                     if backend_reason(b, "cpu") is None])
 def test_sync_bn_folded_pointwise_gloo(backend, tmp_path):
     """SyncBatchNorm semantics for BN1 and for the folded BN2 (statistics gathered and
     merged, gradients through them summed over the ranks), against the reference stack on

@@ -8,7 +8,7 @@ import torch
 
 import convmixer_ext
 from convmixer_ext import BackendUnavailableError, ConvMixerLayer, fused_dwconv_block
-from convmixer_ext import _extension
+from convmixer_ext import _cmx_lib, backends
 
 
 def _args(C=3, k=3, dtype=torch.float32):
@@ -40,9 +40,29 @@ def _call(**over):
     (dict(backend="cudnn"), ValueError, ["backend", "torch"]),
     (dict(x=torch.randn(1, 3, 1, 1), weight=torch.randn(3, 1, 1, 1)), ValueError,
      ["more than 1 value"]),
-    (dict(pre=torch.ones(3)), TypeError, ["pre", "(scale, shift)"]),
+    (dict(in_affine=torch.ones(3)), TypeError, ["in_affine", "(scale, shift)"]),
+    (dict(in_affine=(torch.ones(3), torch.zeros(4))), ValueError, ["in_affine shift", "(3,)"]),
+    (dict(in_affine=(torch.ones(3).half(), torch.zeros(3))), TypeError,
+     ["in_affine scale", "float32"]),
+    # the older name of the same keyword
     (dict(pre=(torch.ones(3), torch.zeros(4))), ValueError, ["pre shift", "(3,)"]),
-    (dict(pre=(torch.ones(3).half(), torch.zeros(3))), TypeError, ["pre scale", "float32"]),
+    (dict(pre=(torch.ones(3), torch.zeros(3)), in_affine=(torch.ones(3), torch.zeros(3))),
+     TypeError, ["in_affine", "pre", "not both"]),
+    (dict(eps=float("nan")), ValueError, ["eps", "finite positive"]),
+    (dict(eps=-1.0), ValueError, ["eps", "finite positive"]),
+    (dict(eps=0.0), ValueError, ["eps"]),
+    (dict(eps=float("inf")), ValueError, ["eps"]),
+    (dict(eps="1e-5"), ValueError, ["eps"]),
+    (dict(momentum=None, running_mean=torch.zeros(3), running_var=torch.ones(3)), ValueError,
+     ["momentum=None", "num_batches_tracked"]),
+    (dict(momentum=float("nan"), running_mean=torch.zeros(3), running_var=torch.ones(3)),
+     ValueError, ["momentum", "finite"]),
+    (dict(running_mean=torch.zeros(3), running_var=torch.ones(3),
+          num_batches_tracked=torch.zeros(2)), TypeError, ["num_batches_tracked", "0-d"]),
+    (dict(training=1), TypeError, ["training", "bool"]),
+    (dict(x=torch.randn(2, 3, 0, 5)), ValueError, ["x", "non-empty"]),
+    (dict(x=torch.randn(2, 3, 5, 5).to_sparse()), TypeError, ["x", "strided"]),
+    (dict(bias=torch.randn(3).to_sparse()), TypeError, ["bias", "strided"]),
 ])
 def test_bad_inputs_raise_clear_errors(over, exc, words):
     with pytest.raises(exc) as e:
@@ -66,6 +86,16 @@ def test_kernel_backends_refuse_float64_and_huge_k(backend):
                                   if k != "gamma" and k != "beta"})
     with pytest.raises(ValueError, match="kernel_size up to 31"):
         _call(backend=backend, weight=torch.randn(3, 1, 33, 33))
+
+
+def test_auto_runs_every_dtype_and_kernel_size():
+    """Where no kernel backend applies (float64, k > 31), "auto" runs PyTorch's own ops."""
+    a = _args(dtype=torch.float64)
+    out = fused_dwconv_block(a["x"], a["weight"], a["bias"], a["gamma"].double(),
+                             a["beta"].double(), backend="auto")
+    assert out.dtype == torch.float64
+    out = _call(backend="auto", weight=torch.randn(3, 1, 33, 33))
+    assert out.shape == (2, 3, 5, 5)
 
 
 def test_cuda_backend_on_cpu_tensors_is_refused():
@@ -117,15 +147,36 @@ def test_triton_on_cpu_without_interpreter_is_refused():
     assert "REFUSED" in r.stdout and "TRITON_INTERPRET=1" in r.stdout, r.stdout + r.stderr
 
 
-def test_extension_built_for_other_torch_is_not_used(monkeypatch):
-    class Info:
-        TORCH_VERSION = "0.0.0-other"
-        SKIPPED = {}
-    monkeypatch.setattr(_extension, "_info", Info)
-    ok, why = _extension._load("_C_emu")
-    assert not ok and "built for torch 0.0.0-other" in why and "reinstall" in why
-    ok, why = _extension._load("_C_missing_module")
-    assert not ok and "was not built" in why
+def _emu_path():
+    lib, why = backends.library("emulation")
+    if lib is None:
+        pytest.skip(f"the emulation library is not available here: {why}")
+    return lib.path
+
+
+def test_library_with_other_abi_or_ids_is_refused(monkeypatch):
+    """A library whose C ABI version or activation ids differ from the package's is refused
+    with the reason, never called."""
+    path = _emu_path()
+    monkeypatch.setattr(_cmx_lib, "ABI_VERSION", _cmx_lib.ABI_VERSION + 1)
+    with pytest.raises(_cmx_lib.LibraryError, match="ABI version .* reinstall"):
+        _cmx_lib.Library(path, {"gelu": 0})
+    monkeypatch.undo()
+    with pytest.raises(_cmx_lib.LibraryError, match="activation id 1 .*'gelu'"):
+        _cmx_lib.Library(path, {"gelu": 1})
+    with pytest.raises(_cmx_lib.LibraryError, match="cannot load"):
+        _cmx_lib.Library(path + ".missing", {"gelu": 0})
+
+
+def test_missing_library_names_the_build_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(_cmx_lib, "LIBRARY_FILES", {"cuda": "nothing.so", "emulation": "x.so"})
+    backends.library.cache_clear()
+    try:
+        lib, why = backends.library("cuda")
+        assert lib is None and "were not built" in why and "nvcc" in why
+    finally:
+        monkeypatch.undo()
+        backends.library.cache_clear()
 
 
 def test_zero_and_huge_kernel_sizes():
@@ -135,28 +186,22 @@ def test_zero_and_huge_kernel_sizes():
         ConvMixerLayer(3, -1)
 
 
-def test_compiled_ops_check_their_inputs():
-    """The C++ side (TORCH_CHECK) refuses what the Python layer would never pass, with a
-    message naming the problem, instead of reading memory wrongly."""
-    if convmixer_ext.available_backends()["cuda_emu"] is not True:
-        pytest.skip("the emulation build is not available here")
-    ops = torch.ops.convmixer_ext
+def test_library_checks_what_python_would_never_pass():
+    """The C side refuses what the Python boundary never passes (unknown ids, a kernel size
+    beyond its limit, NULL pointers) with a message naming the argument, as a Python
+    ValueError, instead of reading memory wrongly."""
+    _emu_path()
+    from convmixer_ext.cuda_kernels import Launchers
+    launch = Launchers(backends.library("emulation")[0], "cpu")
     x, w, b = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), torch.randn(3)
-    with pytest.raises(RuntimeError, match="contiguous NCHW or channels_last"):
-        ops.k_stats(x[:, :, :, ::2], w, b, None, None, 0)
-    with pytest.raises(RuntimeError, match="kernel size must be in"):
-        ops.k_stats(x, torch.randn(3, 1, 33, 33), b, None, None, 0)
-    with pytest.raises(RuntimeError, match="dtype of x"):
-        ops.k_stats(x, w.double(), b, None, None, 0)
-    with pytest.raises(RuntimeError, match="unknown activation"):
-        ops.k_stats(x, w, b, None, None, 7)
-    with pytest.raises(RuntimeError, match="dout must have the shape, strides"):
-        ops.k_bwd_reduce(x.contiguous(memory_format=torch.channels_last), x, w, b,
-                         torch.zeros(3), torch.ones(3), None, None, 0)
-    with pytest.raises(RuntimeError, match="mean must be a contiguous float32 vector"):
-        ops.k_apply(x, w, b, torch.zeros(4), torch.ones(3), torch.ones(3), torch.zeros(3),
-                    None, None, 0)
-    with pytest.raises(RuntimeError, match="pre_a and pre_c must both be given"):
-        ops.k_stats(x, w, b, torch.ones(3), None, 0)
-    with pytest.raises(RuntimeError, match="pre_c must be a contiguous float32 vector"):
-        ops.k_stats(x, w, b, torch.ones(3), torch.zeros(3).double(), 0)
+    with pytest.raises(ValueError, match="kernel size must be in"):
+        launch.k_stats(x, torch.randn(3, 1, 33, 33), b, None, None, 0)
+    with pytest.raises(ValueError, match="unknown activation id 7"):
+        launch.k_stats(x, w, b, None, None, 7)
+    with pytest.raises(ValueError, match="unknown dtype id"):
+        launch.k_stats(x.double(), w.double(), b.double(), None, None, 0)
+    with pytest.raises(ValueError, match="in_shift is NULL"):
+        launch.k_stats(x, w, b, torch.ones(3), None, 0)
+    with pytest.raises(ValueError, match="gamma is NULL"):
+        launch.k_apply(x, w, b, torch.zeros(3), torch.ones(3), None, torch.zeros(3), None,
+                       None, 0)

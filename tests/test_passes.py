@@ -1,6 +1,6 @@
-"""Every kernel backend against the torch twin, pass by pass (DESIGN.md §2-3):
-F1 statistics, F2 apply, B1 dbeta/dgamma, B2 dx/dW/db — same inputs, same dtype — with
-and without a folded input affine (pre = (a, c), DESIGN.md §4)."""
+"""Every kernel backend against the torch twin, pass by pass (docs/DESIGN.md, "Forward" and
+"Backward"): F1 statistics, F2 apply, B1 dbeta/dgamma, B2 dx/dW/db — same inputs, same
+dtype — with and without the input affine (docs/DESIGN.md, "Folded BN2")."""
 import pytest
 import torch
 
@@ -36,44 +36,44 @@ def _tensors(N, C, H, W, k, dtype, cl):
     return [t.to(DEVICE) for t in (x, dout, w, b, gamma, beta)]
 
 
-@pytest.mark.parametrize("with_pre", [False, True], ids=["plain", "pre"])
+@pytest.mark.parametrize("with_affine", [False, True], ids=["plain", "in_affine"])
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[4]}-{c[5]}-{str(c[6])[6:]}{'-cl' if c[7] else ''}")
-def test_passes_match_twin(case, backend, with_pre):
+def test_passes_match_twin(case, backend, with_affine):
     N, C, H, W, k, act, dtype, cl = case
     x, dout, w, b, gamma, beta = _tensors(N, C, H, W, k, dtype, cl)
     # a large shift makes a wrong padding (a*0 + c instead of 0) visible
-    pre = ((1.5 + torch.rand(C)).to(DEVICE), (0.5 + torch.rand(C)).to(DEVICE)) \
-        if with_pre else None
+    aff = ((1.5 + torch.rand(C)).to(DEVICE), (0.5 + torch.rand(C)).to(DEVICE)) \
+        if with_affine else None
     impl, twin = get_impl(backend), torch_backend
     f32 = torch.float32  # every pass computes in fp32; only stored outputs are rounded
 
-    mean, var = impl.stats(x, w, b, act, pre)
-    mean_t, var_t = twin.stats(x, w, b, act, pre)
+    mean, var = impl.stats(x, w, b, act, aff)
+    mean_t, var_t = twin.stats(x, w, b, act, aff)
     assert_close(mean, mean_t, f32, "F1 mean")
     assert_close(var, var_t, f32, "F1 var")
 
     rstd = rstd_from_var(var_t, 1e-5)
-    out = impl.apply(x, w, b, mean_t, rstd, gamma, beta, act, pre)
-    out_t = twin.apply(x, w, b, mean_t, rstd, gamma, beta, act, pre)
+    out = impl.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff)
+    out_t = twin.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff)
     assert out.dtype == dtype and out.stride() == x.stride()
     assert_close(out, out_t, dtype, "F2 out")
 
-    dbeta, dgamma = impl.bwd_reduce(dout, x, w, b, mean_t, rstd, act, pre)
-    dbeta_t, dgamma_t = twin.bwd_reduce(dout, x, w, b, mean_t, rstd, act, pre)
+    dbeta, dgamma = impl.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff)
+    dbeta_t, dgamma_t = twin.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff)
     assert_close(dbeta, dbeta_t, f32, "B1 dbeta")
     assert_close(dgamma, dgamma_t, f32, "B1 dgamma")
 
     for batch_stats in (True, False):
-        dx, dw, db, dpre = impl.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t,
-                                         dgamma_t, batch_stats, act, pre)
-        dx_t, dw_t, db_t, dpre_t = twin.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t,
-                                                 dgamma_t, batch_stats, act, pre)
+        dx, dw, db, d_aff = impl.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t,
+                                         dgamma_t, batch_stats, act, aff)
+        dx_t, dw_t, db_t, d_aff_t = twin.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t,
+                                                 dgamma_t, batch_stats, act, aff)
         assert dx.dtype == dtype and dx.stride() == x.stride()
         assert_close(dx, dx_t, dtype, f"B2 dx (batch_stats={batch_stats})")
         assert_close(dw, dw_t, f32, f"B2 dW (batch_stats={batch_stats})")
         assert_close(db, db_t, f32, f"B2 db (batch_stats={batch_stats})")
-        assert (dpre is None) == (dpre_t is None) == (pre is None)
-        if pre is not None:
-            assert_close(dpre[0], dpre_t[0], f32, "B2 d(pre scale)")
-            assert_close(dpre[1], dpre_t[1], f32, "B2 d(pre shift)")
+        assert (d_aff is None) == (d_aff_t is None) == (aff is None)
+        if aff is not None:
+            assert_close(d_aff[0], d_aff_t[0], f32, "B2 d(in_scale)")
+            assert_close(d_aff[1], d_aff_t[1], f32, "B2 d(in_shift)")

@@ -8,13 +8,13 @@ import torch
 
 from conftest import DEVICE, all_backends
 from convmixer_ext import ConvMixer, ConvMixerLayer, FusedBlocks, convert
-from convmixer_ext.backends import _reason
+from convmixer_ext.backends import backend_reason
 from convmixer_ext.pointwise import fused_pointwise_block
 from convmixer_ext.reference import ConvMixer as RefConvMixer
 from convmixer_ext.semantics import activation_module
 from helpers import assert_close, compare_models, layer_pair, randomize_bn
 
-PW = ["torch"] + (["triton"] if _reason("triton", DEVICE) is None else [])
+PW = ["torch"] + (["triton"] if backend_reason("triton", DEVICE) is None else [])
 
 
 @pytest.mark.parametrize("backend", PW)
@@ -76,16 +76,6 @@ def test_model_convert_with_fused_pointwise():
     assert_close(fused.train()(x), ref.train()(x), torch.float64, "logits")
 
 
-@pytest.mark.parametrize("backend", PW)
-def test_pointwise_opcheck(backend):
-    torch.manual_seed(0)
-    y = torch.randn(2, 4, 3, 5, device=DEVICE, requires_grad=True)
-    w = torch.randn(6, 4, 1, 1, device=DEVICE, requires_grad=True)
-    b = torch.randn(6, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.convmixer_ext.pw_act_fwd.default,
-                          (y, w, b, "gelu", backend))
-
-
 @pytest.mark.parametrize("training", [True, False])
 def test_pointwise_gradcheck_float64(training):
     """g, mean and var of the pointwise op all carry gradients (the folded BN2 relies on
@@ -118,6 +108,12 @@ def test_pointwise_bad_arguments():
         fused_pointwise_block(torch.randn(2, 5, 3, 3), conv, bn, True, "gelu", "torch")
     with pytest.raises(TypeError, match="dtype"):
         fused_pointwise_block(torch.randn(2, 4, 3, 3).double(), conv, bn, True, "gelu", "torch")
+    with pytest.raises(ValueError, match="pointwise weight is on meta but y is on cpu"):
+        fused_pointwise_block(torch.randn(2, 4, 3, 3), conv.to("meta"), bn, True, "gelu",
+                              "torch")
+    with pytest.raises(ValueError, match="eps"):
+        fused_pointwise_block(torch.randn(2, 4, 3, 3), torch.nn.Conv2d(4, 4, 1),
+                              torch.nn.BatchNorm2d(4, eps=-1.0), True, "gelu", "torch")
 
 
 def _model_pair(backend, pointwise, depth=3, k=5, dtype=torch.float32, seed=0):
@@ -149,7 +145,7 @@ def test_chain_hands_bn2_to_the_next_layer(monkeypatch):
     seen, applied = [], []
     real_block, real_apply = modules.fused_dwconv_block, modules.apply_affine
     monkeypatch.setattr(modules, "fused_dwconv_block",
-                        lambda *a, **kw: seen.append(kw["pre"] is not None) or
+                        lambda *a, **kw: seen.append(kw["in_affine"] is not None) or
                         real_block(*a, **kw))
     monkeypatch.setattr(modules, "apply_affine",
                         lambda *a: applied.append(1) or real_apply(*a))

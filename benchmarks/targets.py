@@ -1,0 +1,326 @@
+"""Real-target compiles, no GPU needed (docs/DESIGN.md, "Verification", tier 2).
+
+The interpreter and the host emulator forgive what a GPU does not, so every kernel is also
+compiled for its real targets and the facts of the compiled code are recorded:
+
+- Triton: the launchers themselves are run on meta tensors under
+  ``triton_kernels.recording``, so the specializations compiled are exactly the ones they
+  pick on a GPU (tiles, ``num_stages``, dtype flags, Triton's integer and alignment
+  specialization); each is compiled with ``triton.compile`` for ``GPUTarget("cuda", arch)``.
+  Facts: registers and local memory (spills) from ``cuobjdump -res-usage`` of the cubin,
+  shared memory from the metadata, whether the PTX uses tensor-core instructions.
+- CUDA: ``cuobjdump -res-usage`` of every kernel in the built library.
+
+    python -m benchmarks.targets [--set bench cover] [--arch 80 90] [--jobs 2] [--json PATH]
+
+exits 1 if any specialization fails to compile. Compiles are cached by Triton under
+``TRITON_CACHE_DIR`` (default ``build/triton-cache``), keyed by the kernel source hash,
+the specialization and the target, so only changed kernels are compiled again.
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces the jit functions).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# shared-memory limit per block (opt-in maximum), bytes
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def tool(name: str) -> str:
+    """Path of a CUDA binary tool (cuobjdump, nvdisasm): the one triton ships, else the
+    toolkit's."""
+    try:
+        import triton.knobs as knobs
+        path = getattr(knobs.nvidia, name).path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # noqa: BLE001 - older triton or no nvidia backend
+        pass
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if base and os.path.exists(os.path.join(base, "bin", name)):
+            return os.path.join(base, "bin", name)
+    raise FileNotFoundError(f"{name} not found (it ships with triton and the CUDA toolkit)")
+
+
+_RES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_ARCH = re.compile(r"arch = sm_(\d+)")
+
+
+def resource_usage(path: str):
+    """[{arch, function, regs, stack, shared, local}] of every kernel in a cubin or a
+    library (``cuobjdump -res-usage``)."""
+    out = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True,
+                         text=True, check=True).stdout
+    rows, arch = [], None
+    for block in re.split(r"\n(?=Fatbin elf code:|Resource usage:)", out):
+        m = _ARCH.search(block)
+        if m:
+            arch = int(m.group(1))
+        for f in _RES.finditer(block):
+            rows.append(dict(arch=arch, function=f.group(1), regs=int(f.group(2)),
+                             stack=int(f.group(3)), shared=int(f.group(4)),
+                             local=int(f.group(5))))
+    return rows
+
+
+# --------------------------------------------------------------------------- specializations
+def _bench_shapes():
+    from benchmarks.run import GPU_SHAPES
+    return {n: GPU_SHAPES[n] for n in ("cm1536", "cm768", "cifar256")}
+
+
+def _tensors(shape, dtype, layout, k):
+    import torch
+    N, C, H, W = shape
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.empty((C, 1, k, k), device="meta", dtype=dtype)
+    b = torch.empty((C,), device="meta", dtype=dtype)
+    v = torch.empty((C,), device="meta", dtype=torch.float32)
+    return x, w, b, v
+
+
+def _record_block(shape, dtype, layout, k, act, in_affine, modes=("train", "eval")):
+    """Launch every depthwise pass the op runs for these settings (training: F1, F2, B1, B2
+    with batch statistics; eval: F2 and B2 without)."""
+    from convmixer_ext import triton_kernels as tk
+    x, w, b, v = _tensors(shape, dtype, layout, k)
+    aff = (v, v) if in_affine else (None, None)
+    tk.k_apply(x, w, b, v, v, v, v, *aff, act)
+    if "train" in modes:
+        tk.k_stats(x, w, b, *aff, act)
+        tk.k_bwd_reduce(x, x, w, b, v, v, *aff, act)
+        tk.k_bwd_main(x, x, w, b, v, v, v, v, v, True, *aff, act)
+    if "eval" in modes:
+        tk.k_bwd_main(x, x, w, b, v, v, v, v, v, False, *aff, act)
+
+
+def _record_pointwise(shape, dtype, layout, act, co=None):
+    import torch
+    from convmixer_ext import triton_kernels as tk
+    from convmixer_ext._layout import out_like
+    N, C, H, W = shape
+    co = co or C
+    y = torch.empty(shape, device="meta", dtype=dtype)
+    if layout == "channels_last":
+        y = y.to(memory_format=torch.channels_last)
+    w2 = torch.empty((co, C), device="meta", dtype=dtype)
+    b = torch.empty((co,), device="meta", dtype=dtype)
+    v = torch.empty((co,), device="meta", dtype=torch.float32)
+    g = out_like(y, co)
+    tk.pw_gemm_act_stats(y, w2, b, g, act)
+    tk.pw_bwd_du(g, v, v, y, w2, b, v, act)
+
+
+def bench_set():
+    """The exact specializations of the benchmark shapes (ConvMixer-1536/20, 768/32,
+    CIFAR-256/8) at k = 3/7/9, bf16 and fp32, NCHW and channels_last, GELU, training and
+    eval forward; the folded input affine of the whole-model benchmark (1536, k = 9); the
+    pointwise GEMMs of the same shapes."""
+    import torch
+    for name, shape in _bench_shapes().items():
+        for dtype in (torch.bfloat16, torch.float32):
+            for layout in ("nchw", "channels_last"):
+                for k in (3, 7, 9):
+                    _record_block(shape, dtype, layout, k, 0, False, modes=("train",))
+                if name == "cm1536":
+                    _record_block(shape, dtype, layout, 9, 0, True, modes=("train",))
+                _record_pointwise(shape, dtype, layout, 0)
+
+
+# Kernel sizes of the covering set: the extremes, even and odd, every size the CUDA kernels
+# unroll, one generic size on each side of the 16x16-tile switch (k > 15). K only sets
+# unrolling and the halo, so sizes between these compile alike.
+COVER_KS = (1, 2, 3, 4, 5, 7, 9, 11, 15, 16, 31)
+
+
+def cover_set():
+    """Every kernel meets every value of each of its constexprs at least once: the kernel
+    sizes of COVER_KS, every activation, fp16, with and without the input affine and batch
+    statistics, the NCHW tile shapes and channel blocks of 1..32 channels, and the pointwise
+    GEMM for every dtype and activation."""
+    import torch
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    for k in COVER_KS:
+        _record_block((2, 64, 32, 32), f32, "nchw", k, 0, False, modes=("train",))
+    for k in (5, 15, 31):
+        _record_block((2, 64, 16, 16), bf16, "channels_last", k, 0, True)
+    for act in (1, 2):
+        _record_block((2, 64, 32, 32), f16, "nchw", 9, act, True)
+        _record_block((2, 48, 14, 14), f16, "channels_last", 7, act, False)
+    # NCHW tile shapes (W >= 64, W odd, one row, one column) and channel blocks of CL
+    for shape in ((1, 3, 9, 100), (2, 5, 7, 7), (1, 2, 1, 13), (1, 2, 13, 1)):
+        _record_block(shape, f32, "nchw", 3, 0, False)
+    for c in (2, 3, 5, 9, 17, 33):
+        _record_block((2, c, 6, 10), f32, "channels_last", 3, 0, False)
+    for dtype in (f32, bf16, f16):
+        for act in (0, 1, 2):
+            _record_pointwise((2, 40, 7, 9), dtype, "nchw", act, co=24)
+        _record_pointwise((2, 40, 7, 9), dtype, "channels_last", 0, co=24)
+
+
+SETS = {"bench": bench_set, "cover": cover_set}
+
+
+def specializations(sets=("bench", "cover")):
+    """Unique Triton specializations the launchers pick on a GPU for the given sets:
+    [(kernel name, args, kwargs)], recorded on meta tensors (nothing runs)."""
+    from convmixer_ext import triton_kernels as tk
+    seen, out = set(), []
+
+    def record(kernel, grid, args, kwargs):
+        key = (kernel.fn.__name__, _arg_key(args), tuple(sorted(kwargs.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append((kernel.fn.__name__, args, dict(kwargs)))
+
+    with tk.recording(record):
+        for s in sets:
+            SETS[s]()
+    return out
+
+
+def _arg_key(args):
+    """What the JIT specializes on: tensor dtypes (pointers are 16-byte aligned here) and
+    integers (== 1, divisible by 16, 32/64-bit)."""
+    key = []
+    for a in args:
+        if hasattr(a, "dtype") and hasattr(a, "data_ptr"):
+            key.append(str(a.dtype))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            key.append(type(a).__name__)
+        else:
+            key.append((a == 1, a % 16 == 0, abs(a) >= 2**31))
+    return tuple(key)
+
+
+# --------------------------------------------------------------------------- compiling
+def _compile_one(job):
+    """Worker: compile one specialization for one arch; return its facts (or the error)."""
+    name, args, kwargs, arch = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from convmixer_ext import triton_kernels as tk
+    kernel = getattr(tk, name)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    fact = dict(kernel=name, arch=arch, constexprs={k: v for k, v in consts.items()},
+                num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages"),
+                dtypes=sorted({str(a.dtype)[6:] for a in args if hasattr(a, "dtype")}))
+    try:
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec,
+                                                                  opts)
+        ck = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                            options=options.__dict__)
+    except Exception as e:  # noqa: BLE001 - every failure is reported, the run goes on
+        chain = []  # the frontend wraps the cause (e.g. a NameError) in a CompilationError
+        while e is not None and len(chain) < 4:
+            chain.append(f"{type(e).__name__}: {str(e)[:1200]}")
+            e = e.__cause__ or e.__context__
+        fact["error"] = " <- ".join(chain)
+        return fact
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = resource_usage(f.name)
+    ptx = ck.asm.get("ptx", "")
+    fact.update(regs=max(r["regs"] for r in res), local=max(r["local"] for r in res),
+                shared=int(ck.metadata.shared),
+                tensor_cores="wgmma" in ptx or "mma.sync" in ptx)
+    return fact
+
+
+def compile_all(sets=("bench", "cover"), archs=(80, 90), jobs=None, progress=None):
+    """Compile every specialization for every arch; returns the list of facts."""
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
+    specs = specializations(sets)
+    work = [(name, args, kwargs, arch) for arch in archs for name, args, kwargs in specs]
+    jobs = jobs or min(len(work), os.cpu_count() or 1)
+    facts = []
+    if jobs <= 1:
+        for w in work:
+            facts.append(_compile_one(w))
+            if progress:
+                progress(len(facts), len(work))
+        return facts
+    import multiprocessing as mp
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        for f in pool.map(_compile_one, work, chunksize=4):
+            facts.append(f)
+            if progress:
+                progress(len(facts), len(work))
+    return facts
+
+
+def cuda_facts(lib_path=None):
+    """Resource usage of every kernel in the built CUDA library ([] when it is not built)."""
+    from convmixer_ext import _cmx_lib
+    path = lib_path or _cmx_lib.library_path("cuda")
+    if not os.path.exists(path):
+        return []
+    return resource_usage(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.targets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", nargs="+", choices=list(SETS), default=list(SETS))
+    p.add_argument("--arch", nargs="+", type=int, default=[80, 90])
+    p.add_argument("--jobs", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the facts here")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run without TRITON_INTERPRET: the interpreter compiles nothing")
+
+    def progress(i, n):
+        if i % 50 == 0 or i == n:
+            print(f"  compiled {i}/{n}", flush=True)
+
+    facts = compile_all(tuple(a.set), tuple(a.arch), a.jobs, progress)
+    errors = [f for f in facts if "error" in f]
+    over = [f for f in facts if "error" not in f
+            and f["shared"] > SMEM_LIMIT.get(f["arch"], 99 * 1024)]
+    import triton
+    report = dict(triton=triton.__version__, sets=a.set, archs=a.arch, triton_kernels=facts,
+                  cuda_kernels=cuda_facts())
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    by_kernel = {}
+    for f in facts:
+        by_kernel.setdefault((f["kernel"], f["arch"]), []).append(f)
+    print(f"triton {triton.__version__}: {len(facts)} compiles "
+          f"({len(facts) // max(len(a.arch), 1)} specializations x {len(a.arch)} archs)")
+    for (kern, arch), fs in sorted(by_kernel.items()):
+        ok = [f for f in fs if "error" not in f]
+        if ok:
+            print(f"  sm_{arch} {kern:20s} {len(fs):4d} specs, regs {min(f['regs'] for f in ok)}"
+                  f"-{max(f['regs'] for f in ok)}, max local {max(f['local'] for f in ok)} B, "
+                  f"max shared {max(f['shared'] for f in ok)} B, failed {len(fs) - len(ok)}")
+    for f in errors[:10]:
+        print(f"FAILED sm_{f['arch']} {f['kernel']} {f['constexprs']}: {f['error'][:600]}")
+    for f in over[:10]:
+        print(f"OVER SHARED LIMIT sm_{f['arch']} {f['kernel']} {f['constexprs']}: {f['shared']}")
+    return 1 if errors or over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""What "auto" picks (docs/DESIGN.md, "Backends"), with the GPU and the compiled library
+mocked: architecture-safe dispatch (a device the library has no code for falls back, with
+one warning saying why and how to get the kernels), never slower than PyTorch where no
+kernel applies, and the explicit choices' errors."""
+import warnings
+
+import pytest
+import torch
+
+from convmixer_ext import BackendUnavailableError, backends
+
+
+class FakeLibrary:
+    def __init__(self, archs):
+        self.archs = archs
+
+    def device_count(self):
+        return 1
+
+    def check_device(self, index):
+        return None
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A mocked machine with one GPU of a settable compute capability and a CUDA library
+    built for settable architectures; returns a setter."""
+    state = {"cap": (9, 0), "lib": FakeLibrary(["sm_80", "sm_90", "compute_90"]),
+             "why": None}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: state["cap"])
+    monkeypatch.setattr(backends, "library",
+                        lambda kind: (state["lib"], state["why"]) if kind == "cuda"
+                        else (None, "not here"))
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(backends, "_warned", set())
+
+    def clear():
+        backends._cuda_runtime_reason.cache_clear()
+        backends._cuda_device_reason.cache_clear()
+
+    clear()
+
+    def set_(cap=None, archs=None, missing=None):
+        if cap is not None:
+            state["cap"] = cap
+        if archs is not None:
+            state["lib"] = FakeLibrary(archs)
+        if missing is not None:
+            state["lib"], state["why"] = None, missing
+        clear()
+
+    yield set_
+    clear()
+
+
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("cap, archs, runs", [
+    ((8, 0), ["sm_80", "sm_90", "compute_90"], True),
+    ((8, 6), ["sm_80", "sm_90", "compute_90"], True),   # same major, newer minor
+    ((8, 9), ["sm_80"], True),
+    ((9, 0), ["sm_80", "sm_90", "compute_90"], True),
+    ((10, 0), ["sm_80", "sm_90", "compute_90"], True),  # Blackwell: the embedded PTX
+    ((12, 0), ["sm_80", "sm_90", "compute_90"], True),
+    ((10, 0), ["sm_80", "sm_90"], False),                # no PTX: nothing runs
+    ((7, 5), ["sm_80", "sm_90", "compute_90"], False),   # T4: older than every image
+    ((7, 0), ["sm_80", "compute_80"], False),            # V100
+    ((8, 0), ["sm_86"], False),                          # a newer minor does not run
+])
+def test_arch_runs(cap, archs, runs):
+    assert backends.arch_runs(cap, archs) is runs
+
+
+def test_auto_picks_cuda_where_the_library_runs(gpu):
+    gpu(cap=(9, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve_backend("auto", CUDA0, torch.bfloat16, 9) == "cuda"
+    assert backends.resolve_backend("auto", CUDA0, torch.float32, 9, op="pointwise") == "triton"
+
+
+@pytest.mark.parametrize("cap", [(7, 5), (7, 0)], ids=["T4", "V100"])
+def test_auto_falls_back_once_with_a_warning_on_an_unsupported_gpu(gpu, cap):
+    gpu(cap=cap)
+    with pytest.warns(RuntimeWarning) as rec:
+        assert backends.resolve_backend("auto", CUDA0, torch.float32, 9) == "triton"
+        assert backends.resolve_backend("auto", CUDA0, torch.float32, 9) == "triton"
+    assert len(rec) == 1  # told once
+    msg = str(rec[0].message)
+    assert f"{cap[0]}.{cap[1]}" in msg and "triton" in msg and "TORCH_CUDA_ARCH_LIST" in msg
+    with pytest.raises(BackendUnavailableError, match="cannot run on device 0"):
+        backends.resolve_backend("cuda", CUDA0, torch.float32, 9)
+
+
+def test_blackwell_runs_the_ptx_without_ptx_falls_back(gpu):
+    gpu(cap=(10, 0))
+    assert backends.resolve_backend("auto", CUDA0, torch.float32, 3) == "cuda"
+    gpu(archs=["sm_80", "sm_90"])
+    with pytest.warns(RuntimeWarning, match="10.0"):
+        assert backends.resolve_backend("auto", CUDA0, torch.float32, 3) == "triton"
+
+
+def test_missing_library_falls_back_to_eager_without_triton(gpu, monkeypatch):
+    gpu(missing="the CUDA kernels were not built (nvcc was not found when the package was "
+                "built)")
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: "no triton here")
+    with pytest.warns(RuntimeWarning, match="were not built .* 'eager'"):
+        assert backends.resolve_backend("auto", CUDA0, torch.float32, 3) == "eager"
+    # statistics synchronised over a group: the twin, which can synchronise
+    assert backends.resolve_backend("auto", CUDA0, torch.float32, 3, sync=True) == "torch"
+
+
+def test_no_kernel_applies_runs_pytorch_without_warning(gpu):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve_backend("auto", CUDA0, torch.float64, 3) == "eager"
+        assert backends.resolve_backend("auto", CUDA0, torch.float32, 33) == "eager"
+        assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32, 3) == "eager"
+        assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32, 3,
+                                        sync=True) == "torch"
+        assert backends.resolve_backend("auto", torch.device("cpu"), torch.float32,
+                                        op="pointwise") == "eager"
+
+
+def test_explicit_choices_and_their_errors():
+    cpu = torch.device("cpu")
+    assert backends.resolve_backend("eager", cpu, torch.float64, 40) == "eager"
+    with pytest.raises(ValueError, match="cannot synchronise"):
+        backends.resolve_backend("eager", cpu, torch.float32, 3, sync=True)
+    with pytest.raises(ValueError, match="pointwise backend must be"):
+        backends.resolve_backend("cuda_emu", cpu, torch.float32, op="pointwise")
+    with pytest.raises(ValueError, match="depthwise backend must be"):
+        backends.resolve_backend("fast", cpu, torch.float32)
+
+
+def test_env_override_applies_to_the_ops_it_implements(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CONVMIXER_EXT_BACKEND", "torch")
+    assert backends.resolve_backend("auto", cpu, torch.float32, 3) == "torch"
+    monkeypatch.setenv("CONVMIXER_EXT_BACKEND", "cuda_emu")  # no pointwise: auto decides
+    assert backends.resolve_backend("auto", cpu, torch.float32, op="pointwise") == "eager"
+
+
+def test_old_triton_interpreter_with_new_numpy_is_refused_clearly(monkeypatch):
+    triton = pytest.importorskip("triton")
+    import numpy
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    backends._interpreter_problem.cache_clear()
+    try:
+        why = backends._interpreter_problem()
+        assert "numpy < 2.4" in why and "triton >= 3.7" in why
+        monkeypatch.setattr(numpy, "__version__", "2.3.5")
+        backends._interpreter_problem.cache_clear()
+        assert backends._interpreter_problem() is None
+    finally:
+        monkeypatch.undo()
+        backends._interpreter_problem.cache_clear()

@@ -1,0 +1,60 @@
+"""Hardware limits on every backend, probed with shapes only (meta tensors: nothing is
+allocated or run): a shape whose grid would exceed a limit is refused with a clear
+ValueError naming the shape; large channel counts that the old 2-D/3-D grids could not
+launch (C > 65535) are tiled onto the 1-D grid instead."""
+import pytest
+import torch
+
+from convmixer_ext import backends
+from convmixer_ext import triton_kernels as tk
+
+
+def _meta(*shape, cl=False, dtype=torch.float32):
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if cl else x
+
+
+def _launchers():
+    lib, why = backends.library("emulation")
+    if lib is None:
+        pytest.skip(why)
+    from convmixer_ext.cuda_kernels import Launchers
+    return Launchers(lib, "cpu")  # the planner is the same code in the CUDA build
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_cuda_plan_limits(cl):
+    plan = _launchers().plan
+    p = plan(_meta(2, 100_000, 32, 32, cl=cl), 9)  # C beyond 65535: fine on the 1-D grid
+    assert p.blocks == 2 * 100_000 and p.partial_rows == 2
+    assert p.smem_fwd <= 48 * 1024 and p.smem_bwd <= 48 * 1024
+    for k in (1, 15, 16, 31):
+        plan(_meta(1, 3, 64, 64, cl=cl), k)
+    with pytest.raises(ValueError, match="CUDA grid limit"):
+        plan(_meta(100_000, 30_000, 32, 32, cl=cl), 3)
+    with pytest.raises(ValueError, match="kernel size must be in"):
+        plan(_meta(1, 3, 8, 8, cl=cl), 32)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_triton_grid_limits(cl):
+    recorded = []
+    with tk.recording(lambda kernel, grid, args, kw: recorded.append(grid)):
+        x = _meta(2, 100_000, 32, 32, cl=cl)
+        w = _meta(100_000, 1, 3, 3)
+        b = _meta(100_000)
+        tk.k_stats(x, w, b, None, None, 0)
+        assert recorded and recorded[-1][0] < tk.MAX_PROGRAMS and len(recorded[-1]) == 1
+        big = _meta(200_000, 20_000, 32, 32, cl=cl)
+        with pytest.raises(ValueError, match="grid limit"):
+            tk.k_stats(big, _meta(20_000, 1, 3, 3), _meta(20_000), None, None, 0)
+
+
+def test_pointwise_limits():
+    with tk.recording(lambda *a: None):
+        y = _meta(4, 64, 32, 32, cl=True)
+        g = _meta(4, 64, 32, 32, cl=True)
+        tk.pw_gemm_act_stats(y, _meta(64, 64), _meta(64), g, 0)
+        huge = _meta(2_200_000, 8, 32, 32, cl=True)
+        with pytest.raises(ValueError, match="fewer than 2\\^31 positions"):
+            tk.pw_gemm_act_stats(huge, _meta(8, 8), _meta(8), huge, 0)

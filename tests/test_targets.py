@@ -1,0 +1,97 @@
+"""Real-target compiles (docs/DESIGN.md, "Verification", tier 2): every Triton
+specialization the launchers pick on a GPU compiles for sm_80 and sm_90, with no register
+spills and within the shared-memory limit, and the facts are recorded for the static
+report. The interpreter forgives what these catch (a Python-number global in a @jit
+function, 16-bit dot operands, resource limits)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FACTS = os.path.join(ROOT, "build", "targets.json")
+
+pytest.importorskip("triton")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def _run(args, **env):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(**env),
+                          capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def facts():
+    r = _run(["-m", "benchmarks.targets", "--json", FACTS])
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    return json.load(open(FACTS))
+
+
+def _values(facts, kernel, name):
+    return {f["constexprs"].get(name) for f in facts["triton_kernels"] if f["kernel"] == kernel}
+
+
+def test_every_specialization_compiles_for_sm80_and_sm90(facts):
+    tk = facts["triton_kernels"]
+    assert not [f for f in tk if "error" in f]
+    archs = {f["arch"] for f in tk}
+    assert archs == {80, 90}
+    per_arch = {a: sorted((f["kernel"], json.dumps(f["constexprs"], sort_keys=True),
+                           tuple(f["dtypes"])) for f in tk if f["arch"] == a) for a in archs}
+    assert per_arch[80] == per_arch[90]  # the same specializations on both targets
+    assert len(per_arch[90]) > 150
+
+
+def test_covering_set_meets_every_constexpr_value(facts):
+    from benchmarks.targets import COVER_KS
+    dw = ("_stats_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_du_kernel",
+          "_bwd_dx_kernel")
+    for kern in dw:
+        assert set(COVER_KS) <= _values(facts, kern, "K"), kern
+        assert {True, False} <= _values(facts, kern, "IN_AFFINE"), kern
+        assert {1, 2, 4, 8, 16, 32} <= _values(facts, kern, "BLOCK_C"), kern
+    for kern in dw[:4] + ("_pw_gemm_kernel", "_pw_bwd_du_kernel"):
+        if kern != "_bwd_dx_kernel":
+            assert {0, 1, 2} <= _values(facts, kern, "ACT"), kern
+    assert {True, False} <= _values(facts, "_bwd_du_kernel", "BATCH_STATS")
+    dtypes = {d for f in facts["triton_kernels"] for d in f["dtypes"]}
+    assert {"float32", "bfloat16", "float16"} <= dtypes
+    # the GPU tile of the pointwise GEMM, 16-bit operands on tensor cores (the interpreter
+    # upcasts them; this is the code that never runs there)
+    pw16 = [f for f in facts["triton_kernels"] if f["kernel"].startswith("_pw")
+            and ("bfloat16" in f["dtypes"] or "float16" in f["dtypes"])]
+    assert pw16 and all(not f["constexprs"]["UPCAST"] and f["tensor_cores"] for f in pw16)
+    assert all(f["constexprs"]["BLOCK_P"] == 128 and f["num_stages"] == 3 for f in pw16)
+
+
+def test_no_spills_and_shared_memory_within_limits(facts):
+    from benchmarks.targets import SMEM_LIMIT
+    for f in facts["triton_kernels"]:
+        assert f["local"] == 0, f"spills: {f}"
+        assert f["shared"] <= SMEM_LIMIT[f["arch"]], f
+    for f in facts["cuda_kernels"]:  # the built CUDA library (empty without nvcc)
+        assert f["local"] == 0 and f["stack"] == 0, f"spills / stack frame: {f}"
+
+
+def test_python_number_global_fails_the_real_target_compile(tmp_path):
+    """The mutant of the bug the interpreter hid: a GELU helper reading a Python float
+    global. The interpreter runs it; the real-target compile must refuse it."""
+    code = ("import sys, convmixer_ext.triton_kernels as tk\n"
+            "tk._INV_SQRT_2 = 0.7071067811865476  # a plain float, not tl.constexpr\n"
+            "from benchmarks import targets\n"
+            "specs = [s for s in targets.specializations(('cover',))\n"
+            "         if s[0] == '_stats_kernel' and s[2]['ACT'] == 0][:1]\n"
+            "fact = targets._compile_one((*specs[0], 90))\n"
+            "print('ERROR' if 'error' in fact else 'COMPILED', fact.get('error', ''))\n")
+    r = _run(["-c", code], TRITON_CACHE_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ERROR" in r.stdout and "_INV_SQRT_2" in r.stdout, r.stdout[-3000:]
