@@ -1,18 +1,28 @@
 # The two commands of the README. Both set up .venv (if absent), install torch and the
-# test/bench dependencies, build the package in place (CUDA kernels when nvcc is found,
-# plus the host-emulation build of the same kernels), then test or benchmark.
+# test/bench dependencies, build the package in place (the CUDA kernel library when nvcc
+# is found, plus the host-emulation build of the same kernels), then test or benchmark.
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy pytest hypothesis timm ninja matplotlib tqdm pytest-benchmark scikit-learn
-# nvcc on PATH may be a wrapper script: point torch at the real toolkit root.
+DEPS := numpy pytest hypothesis timm ninja matplotlib tqdm pytest-benchmark scikit-learn \
+        "setuptools>=70.1" wheel
+# The oldest supported pair (the GPU image's): a second venv for `make test-compat`.
+COMPAT_VENV ?= .venv-compat
+CPY := $(COMPAT_VENV)/bin/python
+COMPAT_SPEC ?= torch==2.11.0 triton==3.6.0
+# triton 3.6's interpreter needs numpy < 2.4 (see backends._interpreter_problem)
+COMPAT_DEPS := "numpy<2.4" pytest hypothesis
+COMPAT_TESTS := tests/test_passes.py tests/test_errors.py tests/test_build.py \
+                tests/test_strides.py tests/test_limits.py tests/test_dispatch.py \
+                tests/test_opcheck.py tests/test_selfcheck.py
+# nvcc on PATH may be a wrapper script: point the build at the real toolkit root.
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
-# Kernel backends whose absence fails `make test` instead of skipping their tests.
+# Kernel backends whose absence fails the tests instead of skipping them.
 REQUIRE ?= all-kernels
 
-.PHONY: setup build test test-asan bench clean
+.PHONY: setup build test test-asan wheel test-compat bench clean
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +42,30 @@ test: build
 test-asan: build
 	bash tests/asan.sh $(VPY)
 
+# The wheel a user's `pip install .` builds: isolated (setuptools only, no torch in the
+# build environment), py3-none-<platform>, CUDA kernels for sm_80/sm_90 + PTX.
+wheel: setup
+	rm -rf build/wheel
+	CONVMIXER_EXT_BUILD_EMU=1 $(VPY) -m pip wheel -q --no-deps -w build/wheel .
+	$(VPY) tests/check_wheel.py build/wheel/*.whl
+
+# That one wheel installed next to the oldest supported torch + triton: the kernel tests
+# run against the installed wheel (from build/, so the source tree does not shadow it),
+# then every Triton kernel of the benchmark shapes is compiled for sm_90 by that triton.
+$(COMPAT_VENV)/.deps-stamp: Makefile
+	test -x $(CPY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(CPY) -m pip install -q $(COMPAT_SPEC) $(COMPAT_DEPS)
+	touch $@
+
+test-compat: wheel $(COMPAT_VENV)/.deps-stamp
+	$(CPY) -m pip install -q --force-reinstall --no-deps build/wheel/*.whl
+	cd build && CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) ../$(CPY) -m pytest -q \
+	  -p no:cacheprovider --rootdir=.. -c ../pyproject.toml $(addprefix ../,$(COMPAT_TESTS)) \
+	  ../tests/test_pointwise.py -k "not timm"
+	PYTHONPATH=. $(CPY) -m benchmarks.targets --set bench --arch 90 --json build/targets-compat.json
+
 bench: build
 	$(VPY) -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info convmixer_ext/*.so convmixer_ext/_build_info.py benchmarks/out
+	rm -rf build dist *.egg-info convmixer_ext/*.so convmixer_ext/_build_info.py benchmarks/out

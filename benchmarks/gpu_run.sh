@@ -1,61 +1,87 @@
 #!/usr/bin/env bash
-# A GPU session in as few device calls as possible: build, the test suite on CUDA tensors,
-# compute-sanitizer (memcheck, racecheck) over the CUDA kernels, the benchmarks.
-# Output lands in $OUT (the device tool's folder) or benchmarks/results/.
+# A GPU session in as few device calls as possible: install the way a user does, check it,
+# run the test suite on CUDA tensors, compute-sanitizer over the CUDA kernels, CUDA-graph
+# capture of a training step, the benchmarks. Output lands in $OUT (the device tool's
+# folder) or benchmarks/results/.
 #
 #   bash benchmarks/gpu_run.sh                  # all stages (may exceed one 10-min call)
-#   bash benchmarks/gpu_run.sh build test       # stages: build test sanitize bench model
+#   bash benchmarks/gpu_run.sh build test       # stages: build test sanitize graph bench model
 #   BENCH_ARGS="--sweep --model" bash benchmarks/gpu_run.sh bench
 #
-# The default benchmark preset is bounded (ConvMixer-1536/20 block, k = 3/7/9, fp32 and
-# bf16, NCHW and channels_last, eval and fwd+bwd, eager / compile / cuda / triton) so
-# that it fits one call; pass BENCH_ARGS for the full default set of python -m benchmarks.
+# build: a wheel carried in dist/ (built elsewhere: `make wheel`, then copy build/wheel/*.whl
+# to dist/) is installed as is — the cross-version test of one build; otherwise
+# `pip install --no-build-isolation --no-deps .` (a user's install on a machine without
+# network). Never editable. Then `python -m convmixer_ext` must report the CUDA and Triton
+# backends available and its probes passing, or the run stops here.
+# Every later stage imports the installed package: Python runs from build/gpu-run, where
+# only `benchmarks` (a link) is importable besides site-packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RES=${OUT:-benchmarks/results}
+ROOT=$(pwd)
+RES=${OUT:-$ROOT/benchmarks/results}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python}
-STAGES=${*:-build test sanitize bench model}
-BENCH_ARGS=${BENCH_ARGS:---shapes cm1536 --modes eval train_fwdbwd --providers eager compile cuda triton}
+STAGES=${*:-build test sanitize graph bench model}
+BENCH_ARGS=${BENCH_ARGS:---shapes cm1536 --modes eval train_fwdbwd --providers eager compile auto cuda triton}
 # whole model: ConvMixer-1536/20 (k=9) and a CIFAR-size one, training step (images/s, peak
-# memory) and inference for eager / compile / fused / fused+pointwise (BN2 folded)
+# memory) and inference for eager / compile / auto / fused+pointwise (BN2 folded)
 MODEL_ARGS=${MODEL_ARGS:---no-blocks --model --ks 9 --dtypes bfloat16}
+RUN=$ROOT/build/gpu-run
+mkdir -p "$RUN"
+ln -sfn "$ROOT/benchmarks" "$RUN/benchmarks"
 status=0
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+inpkg() { (cd "$RUN" && "$@"); }   # run with the installed package, not the source tree
 nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
 if has build; then
   echo "== build"
-  CONVMIXER_EXT_BUILD_EMU=1 $PY -m pip install --no-build-isolation --no-deps -e . \
-    > "$RES/build.log" 2>&1 || { tail -30 "$RES/build.log"; exit 1; }
-  grep -E "spill stores" "$RES/build.log" | sort | uniq -c | head
+  whl=$(ls dist/convmixer_ext-*.whl 2>/dev/null | head -1)
+  if [[ -n "$whl" ]]; then
+    echo "installing the carried wheel $whl"
+    $PY -m pip install --no-deps --force-reinstall "$whl" > "$RES/build.log" 2>&1
+  else
+    $PY -m pip install --no-build-isolation --no-deps . > "$RES/build.log" 2>&1
+  fi || { tail -30 "$RES/build.log"; exit 1; }
+  inpkg $PY -m convmixer_ext | tee "$RES/selfcheck.txt"
+  inpkg $PY - <<'EOF' || { echo "FAILED: a backend that must be there is missing"; exit 1; }
+import convmixer_ext as cx
+av = cx.available_backends()
+missing = {b: av[b] for b in ("cuda", "triton") if av[b] is not True}
+assert not missing, missing
+EOF
 fi
 if has test; then
   echo "== tests (CUDA tensors)"
-  CONVMIXER_EXT_REQUIRE_BACKENDS=all-kernels $PY -m pytest -q -p no:cacheprovider tests \
-    > "$RES/tests.log" 2>&1 || status=1
+  (cd "$RUN" && CONVMIXER_EXT_REQUIRE_BACKENDS=all-kernels $PY -m pytest -q -p no:cacheprovider \
+    --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests") > "$RES/tests.log" 2>&1 || status=1
   tail -15 "$RES/tests.log"
 fi
 if has sanitize; then
   SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"
-    "$SAN" --tool "$tool" --error-exitcode 3 $PY benchmarks/sanitize_cases.py \
+    inpkg "$SAN" --tool "$tool" --error-exitcode 3 $PY "$ROOT/benchmarks/sanitize_cases.py" \
       > "$RES/sanitizer-$tool.log" 2>&1 || status=1
     tail -3 "$RES/sanitizer-$tool.log"
   done
 fi
+if has graph; then
+  echo "== CUDA-graph capture of a training step"
+  inpkg $PY -m benchmarks.graph_check > "$RES/graph.log" 2>&1 || status=1
+  tail -8 "$RES/graph.log"
+fi
 if has bench; then
   echo "== benchmarks: $BENCH_ARGS"
   # shellcheck disable=SC2086
-  $PY -m benchmarks --out "$RES" $BENCH_ARGS > "$RES/bench.log" 2>&1 || status=1
+  inpkg $PY -m benchmarks --out "$RES" $BENCH_ARGS > "$RES/bench.log" 2>&1 || status=1
   tail -60 "$RES/bench.log"
 fi
 if has model; then
   echo "== whole-model benchmark: $MODEL_ARGS"
   # shellcheck disable=SC2086
-  $PY -m benchmarks --out "$RES" $MODEL_ARGS > "$RES/bench-model.log" 2>&1 || status=1
+  inpkg $PY -m benchmarks --out "$RES" $MODEL_ARGS > "$RES/bench-model.log" 2>&1 || status=1
   tail -20 "$RES/bench-model.log"
 fi
 exit $status

@@ -1,4 +1,4 @@
-"""Kernel-size benchmark of the fused depthwise block (DESIGN.md §7).
+"""Kernel-size benchmark of the fused depthwise block (docs/DESIGN.md, "Benchmarks").
 
     python -m benchmarks [--shapes ...] [--ks 3 7 9] [--sweep] [--dtypes ...] [--layouts ...]
                          [--modes ...] [--providers ...] [--model] [--out DIR]
@@ -43,7 +43,7 @@ GPU_SHAPES = {
 }
 CPU_SHAPES = {"cpu-small": (8, 128, 32, 32)}
 MODES = ("eval", "train_fwd", "train_fwdbwd")
-# Minimum HBM traffic in units of |x| (DESIGN.md §2-3) and conv passes (k*k FMAs/element).
+# Minimum HBM traffic in units of |x| (docs/DESIGN.md, "Forward" and "Backward") and conv passes (k*k FMAs/element).
 TRAFFIC = {"eval": 2, "train_fwd": 3, "train_fwdbwd": 8}
 CONV_PASSES = {"eval": 1, "train_fwd": 2, "train_fwdbwd": 6}
 # FP32 CUDA-core peak (FLOP/s) of known parts; an FMA is 2 FLOPs.
@@ -80,10 +80,14 @@ def make_provider(name, ref):
 
 
 def providers_available(device):
+    """eager (the reference block), torch.compile of it (GPU), "auto" (what a user of the
+    package gets), each kernel backend available, and the torch twin."""
     av = convmixer_ext.available_backends()
     names = ["eager"]
     if device == "cuda":
         names += ["compile", "compile-max"]
+    names.append("auto")
+    if device == "cuda":
         names += [b for b in ("cuda", "triton") if av[b] is True]
     names.append("torch")
     return names
@@ -235,14 +239,16 @@ def run_model(device, dtype, ks, reps, quick):
             provs = {"eager": ref}
             if device == "cuda":
                 provs["compile"] = torch.compile(ref)
-            b = "auto" if device == "cuda" else "torch"
-            # depthwise fused; pointwise unfused / fused too (+pw: BN2 folded into the next
-            # layer's depthwise load)
-            for pw in ("unfused", "auto"):
-                m = convert(RefConvMixer(dim, depth, k, patch, 1000), backend=b, pointwise=pw)
+            # "auto": what convert() gives by default (on the CPU: PyTorch's own ops);
+            # the fused depthwise block with the pointwise half unfused / fused (+pw: BN2
+            # folded into the next layer's depthwise load; on the CPU the twin's)
+            variants = [("auto", "auto", "unfused")] + (
+                [("fused-auto+pw", "auto", "auto")] if device == "cuda" else
+                [("fused-torch", "torch", "unfused"), ("fused-torch+pw", "torch", "torch")])
+            for name, bk, pw in variants:
+                m = convert(RefConvMixer(dim, depth, k, patch, 1000), backend=bk, pointwise=pw)
                 m.load_state_dict(ref.state_dict())
-                provs[f"fused-{b}" + ("+pw" if pw != "unfused" else "")] = \
-                    m.to(device=device, dtype=dtype)
+                provs[name] = m.to(device=device, dtype=dtype)
             x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
             y = torch.randint(0, 1000, (batch,), device=device)
             for pname, model in provs.items():

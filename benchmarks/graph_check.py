@@ -1,0 +1,125 @@
+"""CUDA-graph capture of a whole training step of a converted ConvMixer (needs a GPU; run by
+benchmarks/gpu_run.sh, stage ``graph``).
+
+For the fused model (depthwise fused, pointwise unfused) and the folded one (pointwise
+fused, BN2 folded into the next layer): a training step (forward, cross-entropy, backward,
+SGD step, BatchNorm buffer updates) is captured in ``torch.cuda.graph`` after warm-up on a
+side stream, then replayed on new inputs next to an eager copy of the same model taking the
+same steps: losses, parameters and buffers must agree. Then the same model under
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs through Inductor) must run and agree
+with eager. Prints one line per check; exits 1 if any fails.
+
+    python -m benchmarks.graph_check
+"""
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def _models(pointwise):
+    from convmixer_ext import convert
+    from convmixer_ext.reference import ConvMixer
+    torch.manual_seed(0)
+    ref = ConvMixer(64, 3, kernel_size=9, patch_size=2, num_classes=10)
+    return convert(ref, backend="auto", pointwise=pointwise).cuda()
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _state(model):
+    return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+
+
+def _close(a, b, what, rtol=1e-4, atol=1e-5):
+    for i, (u, v) in enumerate(zip(a, b)):
+        if not torch.allclose(u.float(), v.float(), rtol=rtol, atol=atol):
+            return f"{what}[{i}] differs by {(u.float() - v.float()).abs().max().item():.3g}"
+    return None
+
+
+def check_graph(pointwise: str) -> str | None:
+    model = _models(pointwise)
+    eager = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batches = [(torch.randn(8, 3, 32, 32, device="cuda", generator=g),
+                torch.randint(0, 10, (8,), device="cuda", generator=g)) for _ in range(6)]
+    static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: lazy init, allocator, optimizer state
+        for x, y in batches[:3]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            _step(model, opt, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in batches[:3]:
+        _step(eager, opt_e, x, y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _step(model, opt, static_x, static_y)
+    for x, y in batches[3:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        loss_e = _step(eager, opt_e, x, y)
+        torch.cuda.synchronize()
+        bad = _close([static_loss], [loss_e], "loss") or \
+            _close(_state(model), _state(eager), "parameters/buffers")
+        if bad:
+            return bad
+    return None
+
+
+def check_reduce_overhead(pointwise: str) -> str | None:
+    torch._dynamo.reset()
+    model = _models(pointwise)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for _ in range(4):
+        x = torch.randn(8, 3, 32, 32, device="cuda", generator=g)
+        out_c, out_e = compiled(x), eager(x)
+        out_c.float().square().mean().backward()
+        out_e.float().square().mean().backward()
+        bad = _close([out_c], [out_e], "logits") or \
+            _close([p.grad for p in model.parameters()], [p.grad for p in eager.parameters()],
+                   "gradients")
+        if bad:
+            return bad
+        model.zero_grad()
+        eager.zero_grad()
+    return None
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a GPU")
+        return 1
+    failed = 0
+    for pointwise in ("unfused", "auto"):
+        for name, fn in (("cuda graph of a training step", check_graph),
+                         ("torch.compile(mode='reduce-overhead')", check_reduce_overhead)):
+            try:
+                bad = fn(pointwise)
+            except Exception as e:  # noqa: BLE001 - reported, the other checks go on
+                bad = f"{type(e).__name__}: {e}"
+            failed += bad is not None
+            print(f"{name}, pointwise={pointwise}: {'ok' if bad is None else 'FAILED: ' + bad}",
+                  flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
