@@ -22,13 +22,17 @@ _DTYPE_IDS = {torch.float32: abi.DTYPE_IDS["float32"], torch.float16: abi.DTYPE_
 _PASS_CODES = {abi.E_INVALID: ValueError, abi.E_LIMIT: ValueError}
 
 
-def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool) -> abi.Shape:
+def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others) -> abi.Shape:
+    """The C ABI's shape of x; ``aligned`` says whether x and ``others`` (the tensors that
+    share its strides: dout, the outputs) start 16-byte aligned (meta tensors: as torch's
+    allocator gives)."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):
         s.stride[i] = v
     s.dtype = _DTYPE_IDS.get(x.dtype, -1)
     s.k, s.act, s.has_in_affine = k, act, int(has_in_affine)
+    s.aligned = int(all(t.is_meta or t.data_ptr() % 16 == 0 for t in (x, *others)))
     return s
 
 
@@ -46,11 +50,11 @@ class Launchers:
     def __init__(self, lib: abi.Library, device_type: str):
         self.lib, self.device_type = lib, device_type
 
-    def plan(self, x, k, act=0, has_in_affine=False) -> abi.Plan:
+    def plan(self, x, k, act=0, has_in_affine=False, *others) -> abi.Plan:
         """The library's launch plan for x (shape-only: nothing is read or launched);
         ValueError for a shape beyond a hardware limit."""
         try:
-            return self.lib.plan(shape_of(x, k, act, has_in_affine))
+            return self.lib.plan(shape_of(x, k, act, has_in_affine, *others))
         except abi.LibraryError as e:
             raise _PASS_CODES.get(e.code, RuntimeError)(f"convmixer_ext: {e}") from None
 
@@ -64,9 +68,11 @@ class Launchers:
         except abi.LibraryError as e:
             raise _PASS_CODES.get(e.code, RuntimeError)(f"convmixer_ext: {e}") from None
 
-    def _setup(self, x, weight, bias, in_scale, in_shift, act):
-        shape = shape_of(x, weight.shape[-1], act, in_scale is not None)
-        plan = self.plan(x, weight.shape[-1], act, in_scale is not None)
+    def _setup(self, x, weight, bias, in_scale, in_shift, act, dout=None):
+        # outputs are allocated by torch (16-byte aligned); dout may be a view
+        others = () if dout is None else (dout,)
+        shape = shape_of(x, weight.shape[-1], act, in_scale is not None, *others)
+        plan = self.plan(x, weight.shape[-1], act, in_scale is not None, *others)
         inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
                             in_shift=_p(in_shift))
         return shape, plan.partial_rows, inputs
@@ -87,7 +93,7 @@ class Launchers:
         return out
 
     def k_bwd_reduce(self, dout, x, weight, bias, mean, rstd, in_scale, in_shift, act):
-        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act)
+        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, dout)
         inputs.dout, inputs.mean, inputs.rstd = _p(dout), _p(mean), _p(rstd)
         C = x.shape[1]
         dbeta_p, dgamma_p = _f32(x, rows, C), _f32(x, rows, C)
@@ -97,7 +103,7 @@ class Launchers:
 
     def k_bwd_main(self, dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
                    in_scale, in_shift, act):
-        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act)
+        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, dout)
         inputs.dout, inputs.mean, inputs.rstd, inputs.gamma = map(_p, (dout, mean, rstd, gamma))
         inputs.dbeta, inputs.dgamma = _p(dbeta), _p(dgamma)
         inputs.batch_stats = int(bool(batch_stats))

@@ -52,17 +52,22 @@ typedef struct {
   int32_t k;            /* 1 .. cmx_max_kernel_size() */
   int32_t act;          /* CMX_ACT_* */
   int32_t has_in_affine;/* the block input is in_scale*x + in_shift per channel */
+  int32_t aligned;      /* x and every tensor sharing its strides start 16-byte aligned
+                         * (enables the 16-byte path; the passes also check the pointers) */
 } cmx_shape;
 
-/* What a launch over this shape needs: the number of per-tile partial rows every reduction
- * writes (outputs are [partial_rows, c] float32; dW partials [partial_rows, c, k*k]). */
+/* What the launches over this shape need (16-byte aligned pointers assumed): the number of
+ * per-tile partial rows every reduction writes (outputs are [partial_rows, c] float32; dW
+ * partials [partial_rows, c, k*k]) and, per pass (0: F1/F2, 1: B1, 2: B2), the 1-D grid,
+ * threads, channels per block and dynamic shared memory. */
 typedef struct {
   int64_t partial_rows;
-  int64_t blocks;        /* blocks of one launch (1-D grid) */
   int32_t tile_h, tile_w;
-  int32_t threads;       /* threads per block */
-  int32_t smem_fwd;      /* dynamic shared memory of F1/F2/B1, bytes */
-  int32_t smem_bwd;      /* dynamic shared memory of B2, bytes */
+  int32_t vec;                  /* 16-byte global accesses along the contiguous dimension */
+  int64_t blocks[3];
+  int32_t threads[3];
+  int32_t channels_per_block[3];
+  int32_t smem[3];              /* bytes */
 } cmx_plan;
 
 /* Inputs. Every vector is dense (stride 1) and every pointer refers to device memory of the

@@ -55,7 +55,7 @@ inline std::mutex g_launch_mutex;
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define CMX_UNROLL
 
@@ -78,6 +78,10 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask, int widt
 }
 
 #define CMX_DYN_SMEM(name) float* name = cmx_emu::g_dyn_smem.data()
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 // 16-bit float storage types with IEEE round-to-nearest-even conversions (the same results
 // as PyTorch's Half and BFloat16; NaN stays NaN).

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
+#include <initializer_list>
 #include <type_traits>
 
 #include "cmx_abi.h"
@@ -21,8 +22,14 @@
 namespace cmx {
 namespace {
 
-constexpr int64_t kMaxSmemBytes = 48 * 1024;  // without opting in to more per block
-constexpr int64_t kMaxBlocks = 2147483647;    // gridDim.x limit (1-D grid)
+// Dynamic shared memory per block: within what every sm_80+ GPU grants with opt-in
+// (sm_86/sm_89: 99 KB); above 48 KB a kernel opts in before its first launch.
+constexpr int64_t kSmemLimit = 96 * 1024;
+constexpr int64_t kSmemDefault = 48 * 1024;
+constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit (1-D grid)
+constexpr int kTile = 32;                   // spatial tile edge (the whole ConvMixer plane)
+constexpr int kThreadsTarget = 128;         // preferred threads per block (NCHW)
+constexpr int kMaxCB = 32;                  // channels per block (channel_sum's scratch)
 
 thread_local char g_error[1024] = "";
 
@@ -43,24 +50,31 @@ int32_t check_launch(cmx_error_t e, const char* what) {
 #endif
 }
 
-// Everything a launch needs, derived from the shape alone.
-struct Plan {
-  Geom geo;
-  int64_t rows, blocks;
-  size_t smem_fwd, smem_bwd;
-};
-
-size_t fwd_smem(const Geom& geo, int KT) {
-  return FwdSmem(geo.K, KT, geo.TH, geo.TW).total(geo.K, geo.TH) * sizeof(float);
-}
-size_t bwd_smem(const Geom& geo, int KT) {
-  return BwdSmem(geo.K, KT, geo.TH, geo.TW).total(geo.K) * sizeof(float);
-}
+int elem_size(int dtype) { return dtype == CMX_FLOAT32 ? 4 : 2; }
 
 // The unrolled kernel sizes; others run the generic (run-time k) instantiation.
 int unrolled(int K) { return (K == 3 || K == 5 || K == 7 || K == 9) ? K : 0; }
 
-int32_t make_plan(const cmx_shape* s, Plan& p) {
+enum Pass { kF, kB1, kB2 };  // F1 and F2 share a geometry
+
+// Shared memory of a pass for a geometry, in bytes.
+int64_t smem_bytes(const Geom& g, int elem, Pass pass, bool affine) {
+  const int RW = 16 / elem, RH = 16 / RW;
+  if (pass == kB2)
+    return int64_t{BwdSmem(g, RH, RW, unrolled(g.K), affine).total(g.CB)} * 4;
+  return int64_t{FwdSmem(g, RH, RW, pass == kB1, pass == kF).total(g.CB)} * 4;
+}
+
+// Everything a launch needs, derived from the shape (and whether its pointers are 16-byte
+// aligned, which decides the vector path).
+struct Plan {
+  Geom geo;
+  int64_t rows, blocks;
+  int threads;
+  size_t smem;
+};
+
+int32_t check_shape(const cmx_shape* s) {
   if (!s) return fail(CMX_E_INVALID, "shape is NULL");
   if (s->n < 0 || s->c < 1 || s->h < 1 || s->w < 1)
     return fail(CMX_E_INVALID, "x must have N >= 0 and C, H, W >= 1, got [%lld, %lld, %lld, %lld]",
@@ -74,39 +88,113 @@ int32_t make_plan(const cmx_shape* s, Plan& p) {
     return fail(CMX_E_INVALID, "kernel size must be in [1, %d], got %d", kMaxK, s->k);
   if (s->act < 0 || s->act >= CMX_NUM_ACTIVATIONS)
     return fail(CMX_E_INVALID, "unknown activation id %d", s->act);
-  Geom& g = p.geo;
+  return CMX_OK;
+}
+
+// The geometry of a pass: layout, vector path, spatial tile and channels per block.
+// The spatial tile (hence the partial rows) depends on the shape and strides only, so it is
+// the same for every pass whatever the alignment of its tensors: up to 32 x 32, smaller
+// where B2 would not fit in shared memory, or where channels_last needs a whole 16-byte
+// chunk of channels per block within kMaxThreads. channels_last gives up the chunks (one
+// channel per item) rather than shrink the tile below 16 x 16. Channels per block: about
+// kThreadsTarget threads, within the shared-memory limit.
+void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
+  const int elem = elem_size(s->dtype), V = 16 / elem, RW = V, RH = 16 / RW;
   g.C = static_cast<int>(s->c);
   g.H = static_cast<int>(s->h);
   g.W = static_cast<int>(s->w);
   g.K = s->k;
   g.PB = (s->k - 1) / 2;  // PyTorch "same" (semantics.pad_before)
-  const int tdim = s->k > 15 ? 16 : 32;  // large k: smaller tiles keep the halo in 48 KB
-  g.TH = std::min(g.H, tdim);
-  g.TW = std::min(g.W, tdim);
-  g.tiles_w = (g.W + g.TW - 1) / g.TW;
-  g.tiles_per_img = ((g.H + g.TH - 1) / g.TH) * g.tiles_w;
   g.act = s->act;
-  const int64_t positions = s->n * s->h * s->w;
-  g.inv_n = positions > 0 ? 1.f / static_cast<float>(positions) : 0.f;
   g.sN = s->stride[0];
   g.sC = s->stride[1];
   g.sH = s->stride[2];
   g.sW = s->stride[3];
+  const int64_t positions = s->n * s->h * s->w;
+  g.inv_n = positions > 0 ? 1.f / static_cast<float>(positions) : 0.f;
+  // 16-byte path: the contiguous dimension and every other stride multiples of V, the
+  // pointers aligned
+  const bool cl = g.sC == 1 && g.C > 1 && g.sW != 1;
+  g.layout = cl ? kChannelsLast : kNCHW;
+  const bool strides_ok = cl ? (g.C % V == 0 && g.sW % V == 0 && g.sH % V == 0 && g.sN % V == 0)
+                             : (g.sW == 1 && g.W % V == 0 && g.sH % V == 0 && g.sC % V == 0 &&
+                                g.sN % V == 0);
+  const bool affine = s->has_in_affine != 0;
+  auto set_tile = [&](int th, int tw) {
+    g.TH = th;
+    g.TW = tw;
+    g.GH = cdiv(th, RH);
+    g.GW = cdiv(tw, RW);
+    return g.GH * g.GW;
+  };
+  // candidates: (channels per block at least, chunks allowed, smallest tile edge)
+  const bool chunked_cl = cl && strides_ok;
+  const int tries = chunked_cl ? 2 : 1;
+  int min_cb = 1;
+  bool chunks = strides_ok;
+  for (int attempt = 0; attempt < tries; ++attempt) {
+    const bool last = attempt == tries - 1;
+    min_cb = (chunked_cl && attempt == 0) ? V : 1;
+    chunks = strides_ok && (!cl || attempt == 0);
+    const int floor_edge = last ? 1 : 16;
+    int th = std::min(g.H, kTile), tw = std::min(g.W, kTile);
+    bool fits = false;
+    for (;;) {
+      const int tpc = set_tile(th, tw);
+      g.CB = min_cb;
+      g.vec = chunks ? 1 : 0;
+      fits = min_cb * tpc <= kMaxThreads && smem_bytes(g, elem, kB2, affine) <= kSmemLimit;
+      if (fits) break;
+      const bool can_h = th > std::max(floor_edge, RH), can_w = tw > std::max(floor_edge, RW);
+      if (!can_h && !can_w) break;
+      if (can_h && (th >= tw || !can_w))
+        th = cdiv(th, 2);
+      else
+        tw = cdiv(tw, 2);
+    }
+    if (fits || last) break;
+  }
+#ifdef CMX_TEST_IGNORE_ALIGNMENT  // the sanitizer tier's planted bug (tests/asan.sh)
+  aligned = true;
+#endif
+  g.vec = chunks && aligned ? 1 : 0;
+  const int tpc = g.GH * g.GW;
+  int cb = std::max(min_cb, std::min(kThreadsTarget / tpc, kMaxCB));
+  cb = std::min(cb, round_up(g.C, min_cb));
+  cb = std::max(min_cb, std::min(cb, kMaxThreads / tpc) / min_cb * min_cb);
+  for (g.CB = cb; g.CB > min_cb && smem_bytes(g, elem, pass, affine) > kSmemLimit;)
+    g.CB -= min_cb;
+  if (g.layout == kChannelsLast && g.vec && g.CB % V != 0) g.vec = 0;  // (kept a multiple)
+  g.tiles_w = cdiv(g.W, g.TW);
+  g.tiles_per_img = cdiv(g.H, g.TH) * g.tiles_w;
+  g.cblocks = cdiv(g.C, g.CB);
+}
+
+int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
+  if (int32_t e = check_shape(s)) return e;
+  Geom& g = p.geo;
+  choose(s, pass, aligned, g);
   p.rows = s->n * g.tiles_per_img;
-  p.blocks = p.rows * s->c;
+  p.blocks = p.rows * g.cblocks;
+  p.threads = g.CB * g.GH * g.GW;
+  p.smem = static_cast<size_t>(smem_bytes(g, elem_size(s->dtype), pass,
+                                          s->has_in_affine != 0));
   if (p.blocks > kMaxBlocks)
     return fail(CMX_E_LIMIT,
                 "x of shape [%lld, %lld, %lld, %lld] needs %lld blocks, more than the CUDA grid "
                 "limit of %lld",
                 (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w,
                 (long long)p.blocks, (long long)kMaxBlocks);
-  const int KT = unrolled(g.K);
-  p.smem_fwd = fwd_smem(g, KT);
-  p.smem_bwd = bwd_smem(g, KT);
-  if (static_cast<int64_t>(std::max(p.smem_fwd, p.smem_bwd)) > kMaxSmemBytes)
-    return fail(CMX_E_LIMIT, "a tile needs %zu bytes of shared memory (limit %lld)",
-                std::max(p.smem_fwd, p.smem_bwd), (long long)kMaxSmemBytes);
+  if (static_cast<int64_t>(p.smem) > kSmemLimit || p.threads > kMaxThreads)
+    return fail(CMX_E_LIMIT, "a tile needs %zu bytes of shared memory (limit %lld)", p.smem,
+                (long long)kSmemLimit);
   return CMX_OK;
+}
+
+bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* q : ptrs)
+    if (q && (reinterpret_cast<uintptr_t>(q) & 15u) != 0) return false;
+  return true;
 }
 
 int32_t need(const void* ptr, const char* name) {
@@ -147,16 +235,30 @@ void dispatch(const cmx_shape* s, F&& f) {
   switch (s->dtype) {
     case CMX_FLOAT32: with_k(float{}); break;
     case CMX_FLOAT16: with_k(cmx_half{}); break;
-    default: with_k(cmx_bf16{}); break;  // make_plan accepted only these three
+    default: with_k(cmx_bf16{}); break;  // check_shape accepted only these three
   }
+}
+
+// Launches kernel over the plan on the caller's stream; above 48 KB of shared memory the
+// kernel opts in first (a host-side attribute: no stream work, no synchronisation).
+template <class Kernel, class... Args>
+cmx_error_t launch(Kernel kernel, const Plan& p, const cmx_inputs* in, Args... args) {
+#ifndef CMX_HOST_EMULATION
+  if (static_cast<int64_t>(p.smem) > kSmemDefault) {
+    const cudaError_t opt_in = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem));
+    if (opt_in != cudaSuccess) return opt_in;
+  }
+#endif
+  return cmx_launch(kernel, dim3(static_cast<unsigned>(p.blocks)),
+                    dim3(static_cast<unsigned>(p.threads)), p.smem,
+                    reinterpret_cast<cudaStream_t>(in->stream), args...);
 }
 
 template <class T>
 const T* as(const void* p) {
   return static_cast<const T*>(p);
 }
-
-cudaStream_t stream_of(const cmx_inputs* in) { return reinterpret_cast<cudaStream_t>(in->stream); }
 
 }  // namespace
 }  // namespace cmx
@@ -231,22 +333,29 @@ CMX_API int32_t cmx_check_device(int32_t device) {
 }
 
 CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
-  Plan p;
-  if (int32_t e = make_plan(shape, p)) return e;
+  Plan f, b1, b2;
+  const bool aligned = shape && shape->aligned;
+  if (int32_t e = make_plan(shape, kF, aligned, f)) return e;
+  if (int32_t e = make_plan(shape, kB1, aligned, b1)) return e;
+  if (int32_t e = make_plan(shape, kB2, aligned, b2)) return e;
   if (!plan) return fail(CMX_E_INVALID, "plan is NULL");
-  plan->partial_rows = p.rows;
-  plan->blocks = p.blocks;
-  plan->tile_h = p.geo.TH;
-  plan->tile_w = p.geo.TW;
-  plan->threads = kThreads;
-  plan->smem_fwd = static_cast<int32_t>(p.smem_fwd);
-  plan->smem_bwd = static_cast<int32_t>(p.smem_bwd);
+  plan->partial_rows = f.rows;  // one spatial tiling for every pass
+  plan->tile_h = f.geo.TH;
+  plan->tile_w = f.geo.TW;
+  plan->vec = f.geo.vec;
+  const Plan* ps[3] = {&f, &b1, &b2};
+  for (int i = 0; i < 3; ++i) {
+    plan->blocks[i] = ps[i]->blocks;
+    plan->threads[i] = ps[i]->threads;
+    plan->channels_per_block[i] = ps[i]->geo.CB;
+    plan->smem[i] = static_cast<int32_t>(ps[i]->smem);
+  }
   return CMX_OK;
 }
 
 CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   Plan p;
-  if (int32_t e = make_plan(s, p)) return e;
+  if (int32_t e = make_plan(s, kF, s && s->aligned && aligned16({in->x}), p)) return e;
   if (p.blocks == 0) return CMX_OK;
   for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->weight, "weight"},
                            {in->bias, "bias"}, {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"},
@@ -257,16 +366,15 @@ CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
   dispatch(s, [&](auto tag, auto kc) {
     using T = decltype(tag);
     constexpr int KT = decltype(kc)::value;
-    err = cmx_launch(stats_kernel<T, KT>, dim3(static_cast<unsigned>(p.blocks)), dim3(kThreads),
-                     p.smem_fwd, stream_of(in), as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
-                     out->mean_p, out->m2_p, out->count_p, in_affine_of(s, in, nullptr), p.geo);
+    err = launch(stats_kernel<T, KT>, p, in, as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
+                 out->mean_p, out->m2_p, out->count_p, in_affine_of(s, in, nullptr), p.geo);
   });
   return check_launch(err, "stats_kernel");
 }
 
 CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   Plan p;
-  if (int32_t e = make_plan(s, p)) return e;
+  if (int32_t e = make_plan(s, kF, s && s->aligned && aligned16({in->x, out->y}), p)) return e;
   if (p.blocks == 0) return CMX_OK;
   for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->weight, "weight"},
                            {in->bias, "bias"}, {in->mean, "mean"}, {in->rstd, "rstd"},
@@ -277,10 +385,9 @@ CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
   dispatch(s, [&](auto tag, auto kc) {
     using T = decltype(tag);
     constexpr int KT = decltype(kc)::value;
-    err = cmx_launch(apply_kernel<T, KT>, dim3(static_cast<unsigned>(p.blocks)), dim3(kThreads),
-                     p.smem_fwd, stream_of(in), as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
-                     in->mean, in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),
-                     in_affine_of(s, in, nullptr), p.geo);
+    err = launch(apply_kernel<T, KT>, p, in, as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
+                 in->mean, in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),
+                 in_affine_of(s, in, nullptr), p.geo);
   });
   return check_launch(err, "apply_kernel");
 }
@@ -288,7 +395,7 @@ CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
 CMX_API int32_t cmx_bwd_reduce(const cmx_shape* s, const cmx_inputs* in,
                                const cmx_outputs* out) {
   Plan p;
-  if (int32_t e = make_plan(s, p)) return e;
+  if (int32_t e = make_plan(s, kB1, s && s->aligned && aligned16({in->x, in->dout}), p)) return e;
   if (p.blocks == 0) return CMX_OK;
   for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->dout, "dout"},
                            {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
@@ -300,17 +407,16 @@ CMX_API int32_t cmx_bwd_reduce(const cmx_shape* s, const cmx_inputs* in,
   dispatch(s, [&](auto tag, auto kc) {
     using T = decltype(tag);
     constexpr int KT = decltype(kc)::value;
-    err = cmx_launch(bwd_reduce_kernel<T, KT>, dim3(static_cast<unsigned>(p.blocks)),
-                     dim3(kThreads), p.smem_fwd, stream_of(in), as<T>(in->dout), as<T>(in->x),
-                     as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd, out->dbeta_p,
-                     out->dgamma_p, in_affine_of(s, in, nullptr), p.geo);
+    err = launch(bwd_reduce_kernel<T, KT>, p, in, as<T>(in->dout), as<T>(in->x),
+                 as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd, out->dbeta_p,
+                 out->dgamma_p, in_affine_of(s, in, nullptr), p.geo);
   });
   return check_launch(err, "bwd_reduce_kernel");
 }
 
 CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   Plan p;
-  if (int32_t e = make_plan(s, p)) return e;
+  if (int32_t e = make_plan(s, kB2, s && s->aligned && aligned16({in->x, in->dout, out->y}), p)) return e;
   if (p.blocks == 0) return CMX_OK;
   for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->dout, "dout"},
                            {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
@@ -330,11 +436,10 @@ CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx
   dispatch(s, [&](auto tag, auto kc) {
     using T = decltype(tag);
     constexpr int KT = decltype(kc)::value;
-    err = cmx_launch(bwd_main_kernel<T, KT>, dim3(static_cast<unsigned>(p.blocks)),
-                     dim3(kThreads), p.smem_bwd, stream_of(in), as<T>(in->dout), as<T>(in->x),
-                     as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd, in->gamma,
-                     in->dbeta, in->dgamma, in->batch_stats != 0, static_cast<T*>(out->y),
-                     out->dw_p, out->db_p, in_affine_of(s, in, out), p.geo);
+    err = launch(bwd_main_kernel<T, KT>, p, in, as<T>(in->dout), as<T>(in->x),
+                 as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd, in->gamma, in->dbeta,
+                 in->dgamma, in->batch_stats != 0, static_cast<T*>(out->y), out->dw_p,
+                 out->db_p, in_affine_of(s, in, out), p.geo);
   });
   return check_launch(err, "bwd_main_kernel");
 }

@@ -1,13 +1,18 @@
-// Fused depthwise block kernels (docs/DESIGN.md, "Forward" and "Backward"): one source for the GPU (nvcc) and
-// the host emulator (cmx_device.h). Templates: element type T (float, cmx_half, cmx_bf16) and
-// kernel size KT (3, 5, 7, 9 unrolled with register blocking; 0 = generic run-time k).
+// Fused depthwise block kernels (docs/DESIGN.md, "Forward", "Backward", "CUDA kernels"): one
+// source for the GPU (nvcc) and the host emulator (cmx_device.h).
 //
-// Every block owns one (image n, channel c, TH x TW spatial tile). The input tile and its
-// halo are staged in shared memory as fp32 (zero outside the image, which is exactly the
-// "same" padding), weights too; each thread computes RW consecutive outputs along W
-// sliding a register window over the shared row. Statistics and reductions are fp32;
-// offsets are 64-bit. Reductions are per-block partials written to their own row (no
-// atomics), finished in a fixed order on the host side.
+// Templates: element type T (float, cmx_half, cmx_bf16) and kernel size KT (3, 5, 7, 9
+// unrolled; 0 = generic run-time k up to kMaxK).
+//
+// A block owns CB channels of one image and a TH x TW spatial tile (for a ConvMixer layer the
+// whole 32x32 plane). It stages the input rectangle with its halo into shared memory, one fp32
+// plane per channel (zero outside the image: the "same" padding), reading global memory in
+// 16-byte chunks along the contiguous dimension (W for NCHW, C for channels_last) when the
+// launch's alignment allows. Each thread computes RH x RW outputs of one channel (RW elements
+// of T are 16 bytes: one vector store per output row in NCHW) with a register-blocked
+// correlation that reads every staged input row once per RH output rows. channels_last
+// outputs go back through shared memory so that global stores are 16-byte chunks along C.
+// Reductions write per-block partial rows (docs/DESIGN.md, "Partials"); offsets are 64-bit.
 #pragma once
 
 #include "cmx_abi.h"
@@ -15,25 +20,40 @@
 
 namespace cmx {
 
-constexpr int kThreads = 256;  // power of two (block_sum)
 constexpr int kMaxK = 31;
+constexpr int kMaxThreads = 256;  // per block (the planner keeps CB * groups within it)
+constexpr int kMinBlocks = 3;     // __launch_bounds__: <= 85 registers, >= 24 warps/SM by them
 
-// Outputs per thread along W: register blocking for the unrolled sizes.
-__host__ __device__ constexpr int rw_for(int KT) { return KT > 0 ? 4 : 1; }
+// Outputs per thread: RH rows x RW columns with RW * sizeof(T) == 16 bytes (fp32: 4x4,
+// 16-bit: 2x8); VEC elements make one 16-byte global access.
+template <typename T>
+struct Blk {
+  static constexpr int RW = 16 / static_cast<int>(sizeof(T));
+  static constexpr int RH = 16 / RW;
+  static constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+};
+
 __host__ __device__ constexpr int round_up(int a, int b) { return (a + b - 1) / b * b; }
+__host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+enum { kNCHW = 0, kChannelsLast = 1 };
 
 // Launch geometry and strides (named geo in the kernels: g is the activation act(u)).
 struct Geom {
-  int C, H, W, K, PB, TH, TW, tiles_w, tiles_per_img;
-  int act;      // CMX_ACT_* (cmx_abi.h)
-  float inv_n;  // 1 / (N*H*W)
-  int64_t sN, sC, sH, sW;  // strides of x (and of out/dout/dx, which share x's layout)
+  int C, H, W, K, PB;
+  int TH, TW, CB;                // spatial tile, channels per block
+  int GH, GW;                    // groups of RH x RW outputs per channel: ceil(TH/RH), ceil(TW/RW)
+  int tiles_w, tiles_per_img, cblocks;
+  int act;                       // CMX_ACT_* (cmx_abi.h)
+  int layout;                    // kNCHW (W contiguous) or kChannelsLast (C contiguous)
+  int vec;                       // 16-byte global accesses along the contiguous dimension
+  float inv_n;                   // 1 / (N*H*W)
+  int64_t sN, sC, sH, sW;        // strides of x (and of out/dout/dx, which share x's layout)
 };
 
 // The input affine (docs/DESIGN.md, "Folded BN2"): the block input is
-// in_scale[c]*x + in_shift[c] (in_scale == nullptr: the input is x itself). B2 then also
-// returns per-block partials of sum(dL/dinput * x) and sum(dL/dinput), the gradients of
-// in_scale and in_shift.
+// in_scale[c]*x + in_shift[c] (scale == nullptr: the input is x itself). B2 then also
+// returns per-block partials of sum(dL/dinput * x) and sum(dL/dinput).
 struct InAffine {
   const float* scale;
   const float* shift;
@@ -42,12 +62,10 @@ struct InAffine {
 };
 
 // ---------------------------------------------------------------- activations (CMX_ACT_*)
-__device__ __forceinline__ float tanh_f(float z) { return tanhf(z); }
-
 __device__ __forceinline__ float act_fwd(float u, int act) {
   if (act == CMX_ACT_GELU) return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
   if (act == CMX_ACT_GELU_TANH) {
-    const float t = tanh_f(0.79788456080286536f * (u + 0.044715f * u * u * u));
+    const float t = tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u));
     return 0.5f * u * (1.f + t);
   }
   return u > 0.f ? u : 0.f;
@@ -59,7 +77,7 @@ __device__ __forceinline__ float act_grad(float u, int act) {
     return cdf + u * expf(-0.5f * u * u) * 0.39894228040143268f;
   }
   if (act == CMX_ACT_GELU_TANH) {
-    const float t = tanh_f(0.79788456080286536f * (u + 0.044715f * u * u * u));
+    const float t = tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u));
     const float dt = 0.79788456080286536f * (1.f + 3.f * 0.044715f * u * u);
     return 0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * dt;
   }
@@ -71,11 +89,6 @@ __device__ __forceinline__ float ld(const T* p, int64_t i) {
   return cmx_to_float(p[i]);
 }
 
-template <typename T>
-__device__ __forceinline__ void st(T* p, int64_t i, float v) {
-  p[i] = cmx_from_float(v, T{});
-}
-
 // ---------------------------------------------------------------- index helpers (64-bit)
 // The only places element offsets are formed; unit-tested beyond 2^31 through the
 // emulation build's cmx_index_probe.
@@ -83,355 +96,731 @@ __host__ __device__ __forceinline__ int64_t plane_base(const Geom& geo, int n, i
   return static_cast<int64_t>(n) * geo.sN + static_cast<int64_t>(c) * geo.sC;
 }
 
-__host__ __device__ __forceinline__ int64_t offset_of(const Geom& geo, int64_t base, int h, int w) {
+__host__ __device__ __forceinline__ int64_t offset_of(const Geom& geo, int64_t base, int h,
+                                                      int w) {
   return base + static_cast<int64_t>(h) * geo.sH + static_cast<int64_t>(w) * geo.sW;
 }
 
-// ---------------------------------------------------------------- block helpers
+// ---------------------------------------------------------------- tiles and lanes
 struct Tile {
-  int n, c, h0, w0, th, tw;  // th, tw: valid extent of this (possibly edge) tile
-  int64_t base, row;         // x offset of (n, c, 0, 0); partial row index
+  int n, c0, cn;        // image, first channel, channels present (<= CB at the last block)
+  int h0, w0, th, tw;   // th, tw: valid extent of this (possibly edge) tile
+  int64_t row;          // partial row index (n * tiles_per_img + tile)
 };
 
-// One-dimensional grid (limit 2^31 - 1 blocks, checked by the planner): tiles of a plane are
-// adjacent blocks (their halos overlap in L2), then channels, then images.
+// One-dimensional grid (at most 2^31 - 1 blocks, checked by the planner): the tiles of a
+// plane are adjacent blocks (their halos overlap in L2), then channel blocks, then images.
 __device__ __forceinline__ Tile tile_of(const Geom& geo) {
   Tile t;
   const unsigned b = blockIdx.x;  // 32-bit division: a 64-bit one is a called subroutine
   const int ti = static_cast<int>(b % static_cast<unsigned>(geo.tiles_per_img));
-  const unsigned nc = b / static_cast<unsigned>(geo.tiles_per_img);
-  t.n = static_cast<int>(nc / static_cast<unsigned>(geo.C));
-  t.c = static_cast<int>(nc % static_cast<unsigned>(geo.C));
+  const unsigned rest = b / static_cast<unsigned>(geo.tiles_per_img);
+  t.c0 = static_cast<int>(rest % static_cast<unsigned>(geo.cblocks)) * geo.CB;
+  t.n = static_cast<int>(rest / static_cast<unsigned>(geo.cblocks));
+  t.cn = min(geo.CB, geo.C - t.c0);
   t.h0 = (ti / geo.tiles_w) * geo.TH;
   t.w0 = (ti % geo.tiles_w) * geo.TW;
   t.th = min(geo.TH, geo.H - t.h0);
   t.tw = min(geo.TW, geo.W - t.w0);
-  t.base = plane_base(geo, t.n, t.c);
   t.row = static_cast<int64_t>(t.n) * geo.tiles_per_img + ti;
   return t;
 }
 
-// Sum over the block; every thread must call it; result broadcast to all. Fixed order
-// (deterministic): a shuffle tree within each warp, then warp 0 over the warp sums.
-// blockDim.x must be a multiple of 32 and at most 32*32.
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-  return v;
-}
-
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  // every warp runs the second shuffle tree (the emulated shuffle needs all threads of
-  // the block); only warp 0 holds the warp sums, the others add zeros
-  float r = (warp == 0 && lane < nwarps) ? red[lane] : 0.f;
-  r = warp_sum(r);
-  if (threadIdx.x == 0) red[32] = r;
-  __syncthreads();
-  r = red[32];
-  __syncthreads();
-  return r;
-}
-
-// Per-channel scale and shift of the block input (identity without a folded affine:
-// x * 1 + 0 == x exactly).
-struct Affine {
-  float scale, shift;
+// This thread's channel in the block and output group; threads are grouped by channel
+// (tpc = GH*GW consecutive threads per channel).
+struct Lane {
+  int cl, grp, gr, gc;
+  bool active;  // cl < t.cn (threads of channels beyond C only join the barriers)
+  bool first;   // the channel's first thread (writes its partials)
 };
-__device__ __forceinline__ Affine affine_of(const InAffine& in_aff, int c) {
-  return in_aff.scale ? Affine{in_aff.scale[c], in_aff.shift[c]} : Affine{1.f, 0.f};
+
+__device__ __forceinline__ Lane lane_of(const Geom& geo, const Tile& t) {
+  const int tpc = geo.GH * geo.GW;
+  Lane l;
+  l.cl = static_cast<int>(threadIdx.x) / tpc;
+  l.grp = static_cast<int>(threadIdx.x) % tpc;
+  l.gr = l.grp / geo.GW;
+  l.gc = l.grp % geo.GW;
+  l.active = l.cl < t.cn;
+  l.first = l.grp == 0;
+  return l;
 }
 
-// s[R x S] <- the block input at x[r0.., c0..] of this block's (n, c) plane as fp32, zero
-// outside the image (the padding pads the input, so it stays zero with an affine).
+__device__ __forceinline__ bool inside(const Tile& t, int r, int c) {
+  return r < t.th && c < t.tw;
+}
+
+// ---------------------------------------------------------------- shared-memory planes
+// A rectangle of R rows x S columns per channel (S a multiple of 4: rows are 16-byte
+// aligned); channel planes P floats apart, P = 4 (mod 32), so that channels_last staging
+// stores of many channels at one position spread over the banks.
+struct Planes {
+  int R, S, P;
+  __host__ __device__ Planes() : R(0), S(0), P(0) {}
+  __host__ __device__ Planes(int rows, int cols)
+      : R(rows), S(round_up(cols, 4)), P(round_up(rows * round_up(cols, 4), 32) + 4) {}
+  __host__ __device__ int floats(int CB) const { return R > 0 ? CB * P : 0; }
+};
+
+// Weights: K rows of round_up(K, 4) floats per channel (16-byte aligned rows).
+__host__ __device__ constexpr int weight_stride(int K) { return round_up(K, 4); }
+__host__ __device__ constexpr int weight_floats(int CB, int K) {
+  return CB * K * weight_stride(K);
+}
+
+// Output transpose buffer of channels_last (positions x padded channels).
+__host__ __device__ inline int out_channels_stride(int CB) { return round_up(CB + 4, 4); }
+
+// ---------------------------------------------------------------- 16-byte global access
 template <typename T>
-__device__ void load_rect(float* s, const T* __restrict__ x, int64_t base, const Geom& geo,
-                          int r0, int c0, int R, int S, Affine in) {
-  for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
-    const int h = r0 + i / S, w = c0 + i % S;
-    s[i] = (h >= 0 && h < geo.H && w >= 0 && w < geo.W)
-               ? ld(x, offset_of(geo, base, h, w)) * in.scale + in.shift
-               : 0.f;
+struct alignas(16) Vec16 {
+  T v[Blk<T>::VEC];
+};
+
+// A misaligned pointer is undefined behaviour (UBSan reports it in the emulator; the GPU
+// faults): the planner enables these only when every address involved is aligned.
+template <typename T>
+__device__ __forceinline__ Vec16<T> ld16(const T* p) {
+  return *reinterpret_cast<const Vec16<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void st16(T* p, const Vec16<T>& v) {
+  *reinterpret_cast<Vec16<T>*>(p) = v;
+}
+
+// ---------------------------------------------------------------- staging
+// s[cl*P + r*S + q] <- the input of channel c0+cl at image row r0 + r, column q0 + q
+// (r < R, q < Q), with the affine when `affine`; zero outside the image and for channels
+// beyond t.cn (the padding pads the block input, so it stays zero with an affine).
+template <typename T>
+__device__ void stage(float* s, const Planes& L, const T* __restrict__ x, const Geom& geo,
+                      const Tile& t, int r0, int q0, int R, int Q, const InAffine& in_aff,
+                      bool affine) {
+  constexpr int V = Blk<T>::VEC;
+  const int nthreads = static_cast<int>(blockDim.x);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t img = static_cast<int64_t>(t.n) * geo.sN;
+  if (geo.vec && geo.layout == kNCHW) {
+    // 16-byte chunks along W; chunk k covers columns [a + k*V, a + k*V + V), a aligned down
+    const int a = (q0 >= 0 ? q0 / V : -cdiv(-q0, V)) * V;
+    const int nk = cdiv(q0 + Q - a, V);
+    const int items = geo.CB * R * nk;
+    for (int it = tid; it < items; it += nthreads) {
+      const int k = it % nk, rr = (it / nk) % R, cl = it / (nk * R);
+      const int h = r0 + rr, w = a + k * V, c = t.c0 + cl;
+      float v[V];
+      if (cl < t.cn && h >= 0 && h < geo.H && w >= 0 && w < geo.W) {
+        const Vec16<T> raw = ld16(x + img + static_cast<int64_t>(c) * geo.sC +
+                                  static_cast<int64_t>(h) * geo.sH + w);
+        const float sc = affine ? in_aff.scale[c] : 1.f, sh = affine ? in_aff.shift[c] : 0.f;
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) v[e] = cmx_to_float(raw.v[e]) * sc + sh;
+      } else {
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) v[e] = 0.f;
+      }
+      float* row = s + cl * L.P + rr * L.S;
+      CMX_UNROLL
+      for (int e = 0; e < V; ++e) {
+        const int q = w + e - q0;
+        if (q >= 0 && q < Q) row[q] = v[e];
+      }
+    }
+  } else if (geo.vec) {
+    // channels_last: 16-byte chunks of V channels at one position, scattered to V planes
+    const int nk = geo.CB / V;  // the planner makes CB a multiple of V on this path
+    const int items = R * Q * nk;
+    for (int it = tid; it < items; it += nthreads) {
+      const int k = it % nk, pos = it / nk;
+      const int rr = pos / Q, q = pos % Q;
+      const int h = r0 + rr, w = q0 + q, c = t.c0 + k * V;
+      float v[V];
+      if (c < geo.C && h >= 0 && h < geo.H && w >= 0 && w < geo.W) {
+        const Vec16<T> raw = ld16(x + img + static_cast<int64_t>(h) * geo.sH +
+                                  static_cast<int64_t>(w) * geo.sW + c);
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e)
+          v[e] = affine ? cmx_to_float(raw.v[e]) * in_aff.scale[c + e] + in_aff.shift[c + e]
+                        : cmx_to_float(raw.v[e]);
+      } else {
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) v[e] = 0.f;
+      }
+      CMX_UNROLL
+      for (int e = 0; e < V; ++e) s[(k * V + e) * L.P + rr * L.S + q] = v[e];
+    }
+  } else {
+    // any strides: one element per item (when the alignment does not allow chunks)
+    const int items = geo.CB * R * Q;
+    for (int it = tid; it < items; it += nthreads) {
+      const int q = it % Q, rr = (it / Q) % R, cl = it / (Q * R);
+      const int h = r0 + rr, w = q0 + q, c = t.c0 + cl;
+      float v = 0.f;
+      if (cl < t.cn && h >= 0 && h < geo.H && w >= 0 && w < geo.W) {
+        v = ld(x, offset_of(geo, plane_base(geo, t.n, c), h, w));
+        if (affine) v = v * in_aff.scale[c] + in_aff.shift[c];
+      }
+      s[cl * L.P + rr * L.S + q] = v;
+    }
   }
 }
 
-// Weights of channel c into shared memory; `flip` stores them rotated by 180 degrees.
+// Weights of the block's channels: sw[cl*K*KS + i*KS + j], flipped by 180 degrees if asked.
 template <typename T>
-__device__ void load_weights(float* sw, const T* __restrict__ w, int c, int K, bool flip) {
-  for (int i = threadIdx.x; i < K * K; i += blockDim.x)
-    sw[flip ? K * K - 1 - i : i] = ld(w, static_cast<int64_t>(c) * K * K + i);
+__device__ void stage_weights(float* sw, const T* __restrict__ w, const Tile& t, int K,
+                              bool flip) {
+  const int KS = weight_stride(K), KK = K * K;
+  for (int it = static_cast<int>(threadIdx.x); it < t.cn * KK;
+       it += static_cast<int>(blockDim.x)) {
+    const int cl = it / KK, tap = it % KK;
+    const int src = flip ? KK - 1 - tap : tap;
+    sw[cl * K * KS + (tap / K) * KS + tap % K] = ld(w, static_cast<int64_t>(t.c0 + cl) * KK + src);
+  }
 }
 
-// acc[o] += correlation of the shared tile s (row stride S) with sw at output (r, c + o),
-// where s(0, 0) is the top-left tap of output (0, 0).
-template <int KT>
-__device__ __forceinline__ void conv_row(const float* s, int S, const float* sw, int K, int r,
-                                         int c, float (&acc)[rw_for(KT)]) {
-  constexpr int RW = rw_for(KT);
+// ---------------------------------------------------------------- register-blocked correlation
+// acc[ro][o] += sum_{i,j} s[(r + ro + i) * S + c + o + j] * w[i*KS + j] for ro < RH, o < RW:
+// every input row r + rho is read once (16-byte shared loads) and used for every output row
+// ro = rho - i it reaches. r, c multiples of RH, RW; s, S, c 16-byte aligned.
+template <int KT, int RH, int RW>
+__device__ __forceinline__ void correlate(const float* __restrict__ s, int S,
+                                          const float* __restrict__ w, int K, int r, int c,
+                                          float (&acc)[RH][RW]) {
   if constexpr (KT > 0) {
+    constexpr int KS = weight_stride(KT);
+    constexpr int NV = round_up(RW + KT - 1, 4);
     CMX_UNROLL
-    for (int i = 0; i < KT; ++i) {
-      float v[RW + KT - 1];
-      const float* sr = s + (r + i) * S + c;
+    for (int rho = 0; rho < RH + KT - 1; ++rho) {
+      float v[NV];
+      const float* sr = s + (r + rho) * S + c;
       CMX_UNROLL
-      for (int j = 0; j < RW + KT - 1; ++j) v[j] = sr[j];
+      for (int e = 0; e < NV; e += 4) {
+        const float4 q = *reinterpret_cast<const float4*>(sr + e);
+        v[e] = q.x;
+        v[e + 1] = q.y;
+        v[e + 2] = q.z;
+        v[e + 3] = q.w;
+      }
       CMX_UNROLL
-      for (int j = 0; j < KT; ++j) {
-        const float wv = sw[i * KT + j];
+      for (int ro = 0; ro < RH; ++ro) {
+        const int i = rho - ro;
+        if (i < 0 || i >= KT) continue;  // resolved at compile time
+        float wv[KS];
         CMX_UNROLL
-        for (int o = 0; o < RW; ++o) acc[o] += v[o + j] * wv;
+        for (int e = 0; e < KS; e += 4) {
+          const float4 q = *reinterpret_cast<const float4*>(w + i * KS + e);
+          wv[e] = q.x;
+          wv[e + 1] = q.y;
+          wv[e + 2] = q.z;
+          wv[e + 3] = q.w;
+        }
+        CMX_UNROLL
+        for (int j = 0; j < KT; ++j) {
+          CMX_UNROLL
+          for (int o = 0; o < RW; ++o) acc[ro][o] += v[o + j] * wv[j];
+        }
       }
     }
   } else {
-    for (int i = 0; i < K; ++i) {
-      const float* sr = s + (r + i) * S + c;
-      for (int j = 0; j < K; ++j) acc[0] += sr[j] * sw[i * K + j];
+    // run-time k: a sliding window of RW values per input row, one new shared load per tap
+    const int KS = weight_stride(K);
+    for (int rho = 0; rho < RH + K - 1; ++rho) {
+      const float* sr = s + (r + rho) * S + c;
+      float v[RW];
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) v[o] = sr[o];
+      for (int j = 0; j < K; ++j) {
+        CMX_UNROLL
+        for (int ro = 0; ro < RH; ++ro) {
+          const int i = rho - ro;
+          if (i >= 0 && i < K) {
+            const float wv = w[i * KS + j];
+            CMX_UNROLL
+            for (int o = 0; o < RW; ++o) acc[ro][o] += v[o] * wv;
+          }
+        }
+        if (j + 1 < K) {
+          CMX_UNROLL
+          for (int o = 0; o + 1 < RW; ++o) v[o] = v[o + 1];
+          v[RW - 1] = sr[j + RW];
+        }
+      }
     }
   }
 }
 
-// Calls f(r, c, acc) for every group of RW outputs of an R x CW region (CW multiple of RW),
-// acc = correlation of s (row stride S) with sw, plus `init`.
-template <int KT, class F>
-__device__ __forceinline__ void for_each_conv(const float* s, int S, const float* sw, int K,
-                                              int R, int CW, float init, F&& f) {
-  constexpr int RW = rw_for(KT);
-  const int groups = CW / RW;
-  for (int it = threadIdx.x; it < R * groups; it += blockDim.x) {
-    const int r = it / groups, c = (it % groups) * RW;
-    float acc[RW];
+// ---------------------------------------------------------------- block reductions
+// Per-channel sums over the block: every thread puts its value in red, then the channel's
+// sum is taken by thread cl in a fixed order (deterministic) and broadcast through red2.
+// Every thread of the block must call it.
+__device__ __forceinline__ float channel_sum(float v, const Geom& geo, const Lane& l, float* red,
+                                             float* red2) {
+  const int tpc = geo.GH * geo.GW;
+  red[threadIdx.x] = v;
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < geo.CB) {
+    const float* p = red + threadIdx.x * tpc;
+    float s = 0.f;
+    for (int i = 0; i < tpc; ++i) s += p[i];
+    red2[threadIdx.x] = s;
+  }
+  __syncthreads();
+  const float r = red2[l.cl];
+  __syncthreads();  // red / red2 are reused by the next call
+  return r;
+}
+
+// ---------------------------------------------------------------- output stores
+// Stores this thread's outputs val[ro][o] (channel c0 + cl, tile rows gr*RH + ro, columns
+// gc*RW + o). NCHW: one 16-byte store per output row where aligned. channels_last: through
+// the shared buffer sout (every thread of the block calls it; sout may alias staged data:
+// a barrier first), then 16-byte chunks along C.
+template <typename T>
+__device__ void store_group(T* __restrict__ y, const Geom& geo, const Tile& t, const Lane& l,
+                            const float (&val)[Blk<T>::RH][Blk<T>::RW], float* sout) {
+  constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW, V = Blk<T>::VEC;
+  if (geo.layout == kNCHW) {
+    if (!l.active) return;
+    const int64_t base = plane_base(geo, t.n, t.c0 + l.cl);
     CMX_UNROLL
-    for (int o = 0; o < RW; ++o) acc[o] = init;
-    conv_row<KT>(s, S, sw, K, r, c, acc);
-    f(r, c, acc);
+    for (int ro = 0; ro < RH; ++ro) {
+      const int r = l.gr * RH + ro, c = l.gc * RW;
+      if (r >= t.th) continue;
+      const int64_t off = offset_of(geo, base, t.h0 + r, t.w0 + c);
+      if (geo.vec && c + RW <= t.tw) {
+        Vec16<T> v;
+        CMX_UNROLL
+        for (int o = 0; o < RW; ++o) v.v[o] = cmx_from_float(val[ro][o], T{});
+        st16(y + off, v);
+      } else {
+        for (int o = 0; o < RW && c + o < t.tw; ++o)
+          y[off + o * geo.sW] = cmx_from_float(val[ro][o], T{});
+      }
+    }
+    return;
+  }
+  const int CBp = out_channels_stride(geo.CB);
+  __syncthreads();
+  if (l.active) {
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) {
+        const int r = l.gr * RH + ro, c = l.gc * RW + o;
+        if (inside(t, r, c)) sout[(r * geo.TW + c) * CBp + l.cl] = val[ro][o];
+      }
+  }
+  __syncthreads();
+  const int nk = geo.vec ? geo.CB / V : geo.CB;
+  const int items = t.th * t.tw * nk;
+  for (int it = static_cast<int>(threadIdx.x); it < items; it += static_cast<int>(blockDim.x)) {
+    const int k = it % nk, pos = it / nk;
+    const int r = pos / t.tw, c = pos % t.tw;
+    const int64_t off = offset_of(geo, plane_base(geo, t.n, t.c0), t.h0 + r, t.w0 + c);
+    const float* src = sout + (r * geo.TW + c) * CBp;
+    if (geo.vec) {
+      if (t.c0 + k * V >= geo.C) continue;
+      Vec16<T> v;
+      CMX_UNROLL
+      for (int e = 0; e < V; ++e) v.v[e] = cmx_from_float(src[k * V + e], T{});
+      st16(y + off + k * V, v);
+    } else if (k < t.cn) {
+      y[off + k * geo.sC] = cmx_from_float(src[k], T{});
+    }
   }
 }
 
-// Shared-memory layout of the forward-type kernels (stats, apply, bwd_reduce), in floats.
+// ---------------------------------------------------------------- forward-type kernels
+// Shared layout of F1, F2 and B1 (floats, every region 16-byte aligned): the weights, the
+// input planes with halo, the dout planes of the tile (B1), the reduction scratch; the
+// output transpose buffer of channels_last F2 aliases the input planes (dead by then).
 struct FwdSmem {
-  int TWp, S, R;  // padded tile width, staged row stride, staged rows
-  __host__ __device__ FwdSmem(int K, int KT, int th, int tw)
-      : TWp(round_up(tw, rw_for(KT))), S(round_up(tw, rw_for(KT)) + K - 1), R(th + K - 1) {}
-  __host__ __device__ int x(int K) const { return K * K; }
-  __host__ __device__ int g(int K) const { return x(K) + R * S; }
-  __host__ __device__ int red(int K, int th) const { return g(K) + th * TWp; }
-  __host__ __device__ int total(int K, int th) const { return red(K, th) + kThreads; }
+  Planes in, tile;
+  int wf, red, out;
+  __host__ __device__ FwdSmem(const Geom& g, int RH, int RW, bool with_dout, bool with_out)
+      : in(g.GH * RH + g.K - 1, g.GW * RW + g.K - 1),
+        tile(with_dout ? Planes(g.GH * RH, g.GW * RW) : Planes()),
+        wf(weight_floats(g.CB, g.K)),
+        red(kMaxThreads + 32),
+        out(with_out && g.layout == kChannelsLast ? g.TH * g.TW * out_channels_stride(g.CB)
+                                                  : 0) {}
+  __host__ __device__ int x() const { return wf; }
+  __host__ __device__ int dout(int CB) const { return x() + in.floats(CB); }
+  __host__ __device__ int scratch(int CB) const { return dout(CB) + tile.floats(CB); }
+  __host__ __device__ int sout() const { return x(); }
+  __host__ __device__ int total(int CB) const {
+    const int a = scratch(CB) + red, b = sout() + out;
+    return a > b ? a : b;
+  }
 };
 
-// ---------------------------------------------------------------- F1: statistics
-// Per-block mean and centred M2 of g = act(conv(x) + b) over the tile (merged on the host
-// with Chan's formula: stable for large mean offsets), and the count of the tile.
+// u = conv(input) + b for this thread's RH x RW outputs (staged planes and weights).
 template <typename T, int KT>
-__global__ void __launch_bounds__(kThreads)
+__device__ __forceinline__ void conv_group(const float* sx, const FwdSmem& L, const float* sw,
+                                           const Geom& geo, const Lane& l, float bias,
+                                           float (&acc)[Blk<T>::RH][Blk<T>::RW]) {
+  constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
+  const int K = KT > 0 ? KT : geo.K;
+  CMX_UNROLL
+  for (int ro = 0; ro < RH; ++ro)
+    CMX_UNROLL
+    for (int o = 0; o < RW; ++o) acc[ro][o] = bias;
+  correlate<KT, RH, RW>(sx + l.cl * L.in.P, L.in.S, sw + l.cl * K * weight_stride(K), K,
+                        l.gr * RH, l.gc * RW, acc);
+}
+
+// ---------------------------------------------------------------- F1: statistics
+// Per-block, per-channel mean and centred M2 of g = act(conv(input) + b) over the tile
+// (merged by Chan's formula: stable for large mean offsets), and the count of the tile.
+template <typename T, int KT>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     stats_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                  float* __restrict__ mean_p, float* __restrict__ m2_p,
                  float* __restrict__ count_p, InAffine in_aff, Geom geo) {
+  constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
   const Tile t = tile_of(geo);
+  const Lane l = lane_of(geo, t);
   const int K = KT > 0 ? KT : geo.K;
-  const FwdSmem L(K, KT, t.th, t.tw);
-  float *sw = smem, *sx = smem + L.x(K), *sg = smem + L.g(K), *red = smem + L.red(K, t.th);
-  load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, geo, t.h0 - geo.PB, t.w0 - geo.PB, L.R, L.S, affine_of(in_aff, t.c));
-  const float bias = ld(b, t.c);
+  const FwdSmem L(geo, RH, RW, false, false);
+  float *sw = smem, *sx = smem + L.x(), *red = smem + L.scratch(geo.CB),
+        *red2 = red + kMaxThreads;
+  stage_weights(sw, w, t, K, false);
+  stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
+        in_aff.scale != nullptr);
   __syncthreads();
+  float g[RH][RW];
   float sum = 0.f;
-  for_each_conv<KT>(sx, L.S, sw, K, t.th, L.TWp, bias, [&](int r, int c, auto& acc) {
-    for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const float gv = act_fwd(acc[o], geo.act);
-      sg[r * L.TWp + c + o] = gv;
-      sum += gv;
-    }
-  });
-  const float cnt = static_cast<float>(t.th * t.tw);
-  const float mean = block_sum(sum, red) / cnt;  // block_sum's barriers also publish sg
-  float m2 = 0.f;
-  for (int i = threadIdx.x; i < t.th * t.tw; i += blockDim.x) {
-    const float d = sg[(i / t.tw) * L.TWp + i % t.tw] - mean;
-    m2 += d * d;
+  if (l.active) {
+    conv_group<T, KT>(sx, L, sw, geo, l, ld(b, t.c0 + l.cl), g);
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) {
+        g[ro][o] = act_fwd(g[ro][o], geo.act);
+        if (inside(t, l.gr * RH + ro, l.gc * RW + o)) sum += g[ro][o];
+      }
   }
-  m2 = block_sum(m2, red);
-  if (threadIdx.x == 0) {
-    mean_p[t.row * geo.C + t.c] = mean;
-    m2_p[t.row * geo.C + t.c] = m2;
-    if (t.c == 0) count_p[t.row] = cnt;  // counts on the device: no host copy per call
+  const float cnt = static_cast<float>(t.th * t.tw);
+  const float mean = channel_sum(sum, geo, l, red, red2) / cnt;
+  float m2 = 0.f;
+  if (l.active) {
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o)
+        if (inside(t, l.gr * RH + ro, l.gc * RW + o)) {
+          const float d = g[ro][o] - mean;
+          m2 += d * d;
+        }
+  }
+  m2 = channel_sum(m2, geo, l, red, red2);
+  if (l.active && l.first) {
+    mean_p[t.row * geo.C + t.c0 + l.cl] = mean;
+    m2_p[t.row * geo.C + t.c0 + l.cl] = m2;
+    if (t.c0 + l.cl == 0) count_p[t.row] = cnt;  // counts on the device: no host copy
   }
 }
 
 // ---------------------------------------------------------------- F2 / eval: apply
-// out = x + a*g + shift with a = gamma*rstd, shift = beta - a*mean.
+// out = input + a*g + shift with a = gamma*rstd, shift = beta - a*mean.
 template <typename T, int KT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                  const float* __restrict__ mean, const float* __restrict__ rstd,
                  const float* __restrict__ gamma, const float* __restrict__ beta,
                  T* __restrict__ out, InAffine in_aff, Geom geo) {
+  constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
   const Tile t = tile_of(geo);
+  const Lane l = lane_of(geo, t);
   const int K = KT > 0 ? KT : geo.K;
-  const FwdSmem L(K, KT, t.th, t.tw);
-  float *sw = smem, *sx = smem + L.x(K);
-  load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, geo, t.h0 - geo.PB, t.w0 - geo.PB, L.R, L.S, affine_of(in_aff, t.c));
-  const float a = gamma[t.c] * rstd[t.c];
-  const float shift = beta[t.c] - a * mean[t.c];
+  const FwdSmem L(geo, RH, RW, false, true);
+  float *sw = smem, *sx = smem + L.x(), *sout = smem + L.sout();
+  stage_weights(sw, w, t, K, false);
+  stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
+        in_aff.scale != nullptr);
   __syncthreads();
-  for_each_conv<KT>(sx, L.S, sw, K, t.th, L.TWp, ld(b, t.c), [&](int r, int c, auto& acc) {
-    for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const float xv = sx[(r + geo.PB) * L.S + c + o + geo.PB];
-      const int64_t off = offset_of(geo, t.base, t.h0 + r, t.w0 + c + o);
-      st(out, off, xv + a * act_fwd(acc[o], geo.act) + shift);
-    }
-  });
+  float y[RH][RW];
+  if (l.active) {
+    const int c = t.c0 + l.cl;
+    const float a = gamma[c] * rstd[c];
+    const float shift = beta[c] - a * mean[c];
+    conv_group<T, KT>(sx, L, sw, geo, l, ld(b, c), y);
+    const float* xin = sx + l.cl * L.in.P + geo.PB * L.in.S + geo.PB;
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) {
+        const int r = l.gr * RH + ro, q = l.gc * RW + o;
+        y[ro][o] = xin[r * L.in.S + q] + a * act_fwd(y[ro][o], geo.act) + shift;
+      }
+  }
+  store_group<T>(out, geo, t, l, y, sout);
 }
 
 // ---------------------------------------------------------------- B1: dbeta / dgamma partials
 template <typename T, int KT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_reduce_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                       const T* __restrict__ w, const T* __restrict__ b,
                       const float* __restrict__ mean, const float* __restrict__ rstd,
-                      float* __restrict__ dbeta_p, float* __restrict__ dgamma_p, InAffine in_aff,
-                      Geom geo) {
+                      float* __restrict__ dbeta_p, float* __restrict__ dgamma_p,
+                      InAffine in_aff, Geom geo) {
+  constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
   const Tile t = tile_of(geo);
+  const Lane l = lane_of(geo, t);
   const int K = KT > 0 ? KT : geo.K;
-  const FwdSmem L(K, KT, t.th, t.tw);
-  float *sw = smem, *sx = smem + L.x(K), *red = smem + L.red(K, t.th);
-  load_weights(sw, w, t.c, K, false);
-  load_rect(sx, x, t.base, geo, t.h0 - geo.PB, t.w0 - geo.PB, L.R, L.S, affine_of(in_aff, t.c));
-  const float m = mean[t.c], rs = rstd[t.c];
+  const FwdSmem L(geo, RH, RW, true, false);
+  float *sw = smem, *sx = smem + L.x(), *sd = smem + L.dout(geo.CB),
+        *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads;
+  const InAffine none{nullptr, nullptr, nullptr, nullptr};
+  stage_weights(sw, w, t, K, false);
+  stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
+        in_aff.scale != nullptr);
+  stage(sd, L.tile, dout, geo, t, t.h0, t.w0, L.tile.R, L.tile.S, none, false);
   __syncthreads();
   float s1 = 0.f, s2 = 0.f;
-  for_each_conv<KT>(sx, L.S, sw, K, t.th, L.TWp, ld(b, t.c), [&](int r, int c, auto& acc) {
-    for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const int64_t off = offset_of(geo, t.base, t.h0 + r, t.w0 + c + o);
-      const float d = ld(dout, off);
-      s1 += d;
-      s2 += d * (act_fwd(acc[o], geo.act) - m) * rs;
-    }
-  });
-  s1 = block_sum(s1, red);
-  s2 = block_sum(s2, red);
-  if (threadIdx.x == 0) {
-    dbeta_p[t.row * geo.C + t.c] = s1;
-    dgamma_p[t.row * geo.C + t.c] = s2;
+  if (l.active) {
+    const int c = t.c0 + l.cl;
+    const float m = mean[c], rs = rstd[c];
+    float u[RH][RW];
+    conv_group<T, KT>(sx, L, sw, geo, l, ld(b, c), u);
+    const float* d = sd + l.cl * L.tile.P;
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) {
+        const int r = l.gr * RH + ro, q = l.gc * RW + o;
+        if (inside(t, r, q)) {
+          const float dv = d[r * L.tile.S + q];
+          s1 += dv;
+          s2 += dv * (act_fwd(u[ro][o], geo.act) - m) * rs;
+        }
+      }
+  }
+  s1 = channel_sum(s1, geo, l, red, red2);
+  s2 = channel_sum(s2, geo, l, red, red2);
+  if (l.active && l.first) {
+    dbeta_p[t.row * geo.C + t.c0 + l.cl] = s1;
+    dgamma_p[t.row * geo.C + t.c0 + l.cl] = s2;
   }
 }
 
 // ---------------------------------------------------------------- B2: dx, dW / db partials
-// Shared layout (floats): weights, flipped weights, x staged with a 2(K-1) halo, du on the
-// tile plus a (K-1) halo, and the reduction scratch.
+// du is needed on an extended region of EGH*RH x EGW*RW positions starting PA before the tile
+// (PA = padding after): the transposed convolution reaches that far. u there needs the input
+// a further (PB before, PA after) around it. dW is accumulated RI tap rows x DJ tap columns
+// per pass over the tile.
+__host__ __device__ constexpr int dw_rows(int KT) { return KT > 0 && KT <= 9 ? 3 : 1; }
+__host__ __device__ constexpr int dw_cols(int KT) { return KT > 0 ? KT : 8; }
+
+// Shared layout of B2 (floats): weights, flipped weights, the input planes (doubly extended
+// region), the du planes (extended region); then the regions that are dead once dx is
+// computed — dout (extended region), the raw x of the tile (with the input affine), the
+// reduction scratch — which the channels_last output buffer and then the dW partial sums
+// of every thread reuse.
 struct BwdSmem {
-  int TWp, EH, EWs, XR, XS;
-  __host__ __device__ BwdSmem(int K, int KT, int th, int tw)
-      : TWp(round_up(tw, rw_for(KT))),
-        EH(th + K - 1),
-        EWs(round_up(tw, rw_for(KT)) + K - 1),
-        XR(th + 2 * (K - 1)),
-        XS(round_up(round_up(tw, rw_for(KT)) + K - 1, rw_for(KT)) + K - 1) {}
-  __host__ __device__ int wflip(int K) const { return K * K; }
-  __host__ __device__ int x(int K) const { return 2 * K * K; }
-  __host__ __device__ int du(int K) const { return x(K) + XR * XS; }
-  __host__ __device__ int red(int K) const { return du(K) + EH * EWs; }
-  __host__ __device__ static int red_size(int K) {
-    return K * K + 1 > kThreads ? K * K + 1 : kThreads;
+  int EGH, EGW;  // groups of RH x RW covering the extended region
+  Planes in, ext, raw;
+  int wf, red, dwred, out;
+  __host__ __device__ BwdSmem(const Geom& g, int RH, int RW, int KT, bool affine)
+      : EGH(cdiv(g.GH * RH + g.K - 1, RH)),
+        EGW(cdiv(g.GW * RW + g.K - 1, RW)),
+        in(EGH * RH + g.K - 1, EGW * RW + g.K - 1 + RW + (KT > 0 ? 0 : 8)),
+        ext(EGH * RH, EGW * RW),
+        raw(affine ? Planes(g.GH * RH, g.GW * RW) : Planes()),
+        wf(weight_floats(g.CB, g.K)),
+        red(kMaxThreads + 32),
+        dwred(g.CB * g.GH * g.GW * (dw_rows(KT) * dw_cols(KT) + 1)),
+        out(g.layout == kChannelsLast ? g.TH * g.TW * out_channels_stride(g.CB) : 0) {}
+  __host__ __device__ int wflip() const { return wf; }
+  __host__ __device__ int x() const { return 2 * wf; }
+  __host__ __device__ int du(int CB) const { return x() + in.floats(CB); }
+  __host__ __device__ int dout(int CB) const { return du(CB) + ext.floats(CB); }
+  __host__ __device__ int rawx(int CB) const { return dout(CB) + ext.floats(CB); }
+  __host__ __device__ int scratch(int CB) const { return rawx(CB) + raw.floats(CB); }
+  __host__ __device__ int sout(int CB) const { return dout(CB); }  // reuse the dead regions
+  __host__ __device__ int dw(int CB) const { return dout(CB); }
+  __host__ __device__ int total(int CB) const {
+    int m = scratch(CB) + red;
+    if (sout(CB) + out > m) m = sout(CB) + out;
+    if (dw(CB) + dwred > m) m = dw(CB) + dwred;
+    return m;
   }
-  __host__ __device__ int total(int K) const { return red(K) + red_size(K); }
 };
 
+// B2 holds the most live values (dW accumulators besides the correlation's): it is allowed
+// 128 registers (at least 16 resident warps by them); its occupancy is bounded by shared
+// memory anyway, and it does about 3.5x the FMAs per byte of F2 (docs/DESIGN.md).
 template <typename T, int KT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMaxThreads, 2)
     bwd_main_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                     const T* __restrict__ w, const T* __restrict__ b,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
                     const float* __restrict__ gamma, const float* __restrict__ dbeta,
                     const float* __restrict__ dgamma, bool batch_stats, T* __restrict__ dx,
-                    float* __restrict__ dw_p, float* __restrict__ db_p, InAffine in_aff, Geom geo) {
+                    float* __restrict__ dw_p, float* __restrict__ db_p, InAffine in_aff,
+                    Geom geo) {
+  constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
+  constexpr int RI = dw_rows(KT), DJ = dw_cols(KT);
   CMX_DYN_SMEM(smem);
   const Tile t = tile_of(geo);
+  const Lane l = lane_of(geo, t);
   const int K = KT > 0 ? KT : geo.K;
+  const int KS = weight_stride(K);
   const int PA = K - 1 - geo.PB;  // padding after
-  const BwdSmem L(K, KT, t.th, t.tw);
-  float *sw = smem, *swf = smem + L.wflip(K), *sx = smem + L.x(K), *sdu = smem + L.du(K),
-        *red = smem + L.red(K);
-  load_weights(sw, w, t.c, K, false);
-  load_weights(swf, w, t.c, K, true);
-  // du is needed on rows/cols [h0 - PA, h0 + th - 1 + PB]; u there needs x a further
-  // (PB before, PA after) around it.
-  const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;
-  const Affine in = affine_of(in_aff, t.c);
-  load_rect(sx, x, t.base, geo, eh0 - geo.PB, ew0 - geo.PB, L.XR, L.XS, in);
-  const float rs = rstd[t.c], m = mean[t.c];
-  const float scale = gamma[t.c] * rs;
-  const float mb = batch_stats ? dbeta[t.c] * geo.inv_n : 0.f;
-  const float mg = batch_stats ? dgamma[t.c] * geo.inv_n : 0.f;
+  const bool affine = in_aff.scale != nullptr;
+  const BwdSmem L(geo, RH, RW, KT, affine);
+  float *sw = smem, *swf = smem + L.wflip(), *sx = smem + L.x(), *sd = smem + L.dout(geo.CB),
+        *sdu = smem + L.du(geo.CB), *sraw = smem + L.rawx(geo.CB),
+        *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads,
+        *dwred = smem + L.dw(geo.CB), *sout = smem + L.sout(geo.CB);
+  const InAffine none{nullptr, nullptr, nullptr, nullptr};
+  const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;  // extended region origin
+  stage_weights(sw, w, t, K, false);
+  stage_weights(swf, w, t, K, true);
+  stage(sx, L.in, x, geo, t, eh0 - geo.PB, ew0 - geo.PB, L.in.R, L.in.S, in_aff, affine);
+  stage(sd, L.ext, dout, geo, t, eh0, ew0, L.ext.R, L.ext.S, none, false);
+  if (affine) stage(sraw, L.raw, x, geo, t, t.h0, t.w0, L.raw.R, L.raw.S, none, false);
   __syncthreads();
-  // 1) du on the extended region (zero outside the image: those terms do not exist).
-  const int ecw = round_up(L.EWs, rw_for(KT));
-  for_each_conv<KT>(sx, L.XS, sw, K, L.EH, ecw, ld(b, t.c), [&](int r, int c, auto& acc) {
-    for (int o = 0; o < rw_for(KT); ++o) {
-      const int h = eh0 + r, wc = ew0 + c + o;
-      float du = 0.f;
-      if (c + o < L.EWs && h >= 0 && h < geo.H && wc >= 0 && wc < geo.W) {
-        const float u = acc[o];
-        float d = ld(dout, offset_of(geo, t.base, h, wc));
-        if (batch_stats) d = d - mb - (act_fwd(u, geo.act) - m) * rs * mg;
-        du = scale * d * act_grad(u, geo.act);
-      }
-      if (c + o < L.EWs) sdu[r * L.EWs + c + o] = du;
+  const int tpc = geo.GH * geo.GW;
+  // 1) du on the extended region (zero outside the image: those terms do not exist)
+  if (l.active) {
+    const int c = t.c0 + l.cl;
+    const float rs = rstd[c], m = mean[c], scale = gamma[c] * rs;
+    const float mb = batch_stats ? dbeta[c] * geo.inv_n : 0.f;
+    const float mg = batch_stats ? dgamma[c] * geo.inv_n : 0.f;
+    const float bias = ld(b, c);
+    const float* d = sd + l.cl * L.ext.P;
+    float* du = sdu + l.cl * L.ext.P;
+    for (int g = l.grp; g < L.EGH * L.EGW; g += tpc) {
+      const int r = (g / L.EGW) * RH, q = (g % L.EGW) * RW;
+      float u[RH][RW];
+      CMX_UNROLL
+      for (int ro = 0; ro < RH; ++ro)
+        CMX_UNROLL
+        for (int o = 0; o < RW; ++o) u[ro][o] = bias;
+      correlate<KT, RH, RW>(sx + l.cl * L.in.P, L.in.S, sw + l.cl * K * KS, K, r, q, u);
+      CMX_UNROLL
+      for (int ro = 0; ro < RH; ++ro)
+        CMX_UNROLL
+        for (int o = 0; o < RW; ++o) {
+          const int h = eh0 + r + ro, wc = ew0 + q + o;
+          const int at = (r + ro) * L.ext.S + q + o;
+          float v = 0.f;
+          if (h >= 0 && h < geo.H && wc >= 0 && wc < geo.W) {
+            float dv = d[at];
+            if (batch_stats) dv = dv - mb - (act_fwd(u[ro][o], geo.act) - m) * rs * mg;
+            v = scale * dv * act_grad(u[ro][o], geo.act);
+          }
+          du[at] = v;
+        }
     }
-  });
+  }
   __syncthreads();
   // 2) dx = dout + correlation of du with the flipped kernel (the gradient of the block
-  //    input; with a folded affine the stored input's gradient is a * that).
+  //    input; with the input affine, x's gradient is in_scale times that)
+  float dxv[RH][RW];
   float sdscale = 0.f, sdshift = 0.f;
-  for_each_conv<KT>(sdu, L.EWs, swf, K, t.th, L.TWp, 0.f, [&](int r, int c, auto& acc) {
-    for (int o = 0; o < rw_for(KT) && c + o < t.tw; ++o) {
-      const int64_t off = offset_of(geo, t.base, t.h0 + r, t.w0 + c + o);
-      const float din = ld(dout, off) + acc[o];
-      if (in_aff.scale) {
-        sdscale += din * ld(x, off);
-        sdshift += din;
+  if (l.active) {
+    const int c = t.c0 + l.cl;
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) dxv[ro][o] = 0.f;
+    correlate<KT, RH, RW>(sdu + l.cl * L.ext.P, L.ext.S, swf + l.cl * K * KS, K, l.gr * RH,
+                          l.gc * RW, dxv);
+    const float* d = sd + l.cl * L.ext.P + PA * L.ext.S + PA;
+    const float* xr = sraw + l.cl * L.raw.P;
+    const float sc = affine ? in_aff.scale[c] : 1.f;
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) {
+        const int r = l.gr * RH + ro, q = l.gc * RW + o;
+        float din = 0.f;
+        if (inside(t, r, q)) {
+          din = d[r * L.ext.S + q] + dxv[ro][o];
+          if (affine) {
+            sdscale += din * xr[r * L.raw.S + q];
+            sdshift += din;
+          }
+        }
+        dxv[ro][o] = din * sc;
       }
-      st(dx, off, din * in.scale);
-    }
-  });
-  if (in_aff.scale) {  // uniform over the grid: every thread of the block takes it
-    sdscale = block_sum(sdscale, red);
-    sdshift = block_sum(sdshift, red);
-    if (threadIdx.x == 0) {
-      in_aff.dscale_p[t.row * geo.C + t.c] = sdscale;
-      in_aff.dshift_p[t.row * geo.C + t.c] = sdshift;
+  }
+  if (affine) {  // uniform over the grid: every thread of the block takes it
+    sdscale = channel_sum(sdscale, geo, l, red, red2);
+    sdshift = channel_sum(sdshift, geo, l, red, red2);
+    if (l.active && l.first) {
+      in_aff.dscale_p[t.row * geo.C + t.c0 + l.cl] = sdscale;
+      in_aff.dshift_p[t.row * geo.C + t.c0 + l.cl] = sdshift;
     }
   }
-  // 3) dW[i][j] = sum_q du[q] x[q + (i, j) - PB] and db = sum_q du[q] over the tile.
-  //    Tap KK is db. Threads split into G groups over positions; groups summed in order.
-  const int KK = K * K, taps = KK + 1;
-  const int G = taps >= static_cast<int>(blockDim.x) ? 1 : static_cast<int>(blockDim.x) / taps;
-  const int npos = t.th * t.tw;
-  for (int slot = threadIdx.x; slot < G * taps; slot += blockDim.x) {
-    const int grp = slot / taps, tap = slot % taps;
-    const int i = tap / K, j = tap % K;
-    float acc = 0.f;
-    for (int p = grp; p < npos; p += G) {
-      const int qr = p / t.tw, qc = p % t.tw;
-      const float du = sdu[(qr + PA) * L.EWs + qc + PA];
-      acc += tap == KK ? du : du * sx[(qr + i + PA) * L.XS + qc + j + PA];
+  store_group<T>(dx, geo, t, l, dxv, sout);
+  __syncthreads();  // dout, raw x, red and sout are dead from here: dwred reuses them
+  // 3) dW[i][j] = sum_q du[q] x[q + (i, j) - PB] and db = sum_q du[q] over the tile: du row
+  //    chunks correlated with input rows, RI tap rows x DJ tap columns per pass, each thread
+  //    over its share of the tile; the threads' sums reduced in a fixed order.
+  const int KK = K * K;
+  const int chunks = cdiv(t.tw, RW);
+  const int per = RI * DJ + 1;
+  for (int i0 = 0; i0 < K; i0 += RI) {
+    for (int j0 = 0; j0 < K; j0 += DJ) {
+      float acc[RI][DJ];
+      float dbs = 0.f;
+      CMX_UNROLL
+      for (int ii = 0; ii < RI; ++ii)
+        CMX_UNROLL
+        for (int jj = 0; jj < DJ; ++jj) acc[ii][jj] = 0.f;
+      if (l.active) {
+        const float* du = sdu + l.cl * L.ext.P + PA * L.ext.S + PA;
+        const float* xin = sx + l.cl * L.in.P + PA * L.in.S + PA + j0;
+        for (int item = l.grp; item < t.th * chunks; item += tpc) {
+          const int r = item / chunks, q = (item % chunks) * RW;
+          float d[RW];
+          CMX_UNROLL
+          for (int o = 0; o < RW; ++o) d[o] = q + o < t.tw ? du[r * L.ext.S + q + o] : 0.f;
+          CMX_UNROLL
+          for (int o = 0; o < RW; ++o) dbs += d[o];
+          CMX_UNROLL
+          for (int ii = 0; ii < RI; ++ii) {
+            if (i0 + ii >= K) break;
+            const float* xr = xin + (r + i0 + ii) * L.in.S + q;
+            float v[RW + DJ - 1];
+            CMX_UNROLL
+            for (int e = 0; e < RW + DJ - 1; ++e) v[e] = xr[e];
+            CMX_UNROLL
+            for (int jj = 0; jj < DJ; ++jj)
+              CMX_UNROLL
+              for (int o = 0; o < RW; ++o) acc[ii][jj] += d[o] * v[o + jj];
+          }
+        }
+      }
+      float* mine = dwred + threadIdx.x * per;
+      CMX_UNROLL
+      for (int ii = 0; ii < RI; ++ii)
+        CMX_UNROLL
+        for (int jj = 0; jj < DJ; ++jj) mine[ii * DJ + jj] = acc[ii][jj];
+      mine[RI * DJ] = dbs;
+      __syncthreads();
+      for (int it = static_cast<int>(threadIdx.x); it < t.cn * per;
+           it += static_cast<int>(blockDim.x)) {
+        const int cl = it / per, e = it % per;
+        float s = 0.f;
+        for (int th = 0; th < tpc; ++th) s += dwred[(cl * tpc + th) * per + e];
+        const int64_t prow = t.row * geo.C + t.c0 + cl;
+        if (e == RI * DJ) {
+          if (i0 == 0 && j0 == 0) db_p[prow] = s;
+        } else if (i0 + e / DJ < K && j0 + e % DJ < K) {
+          dw_p[prow * KK + (i0 + e / DJ) * K + j0 + e % DJ] = s;
+        }
+      }
+      __syncthreads();
     }
-    red[grp * taps + tap] = acc;
-  }
-  __syncthreads();
-  for (int tap = threadIdx.x; tap < taps; tap += blockDim.x) {
-    float s = 0.f;
-    for (int grp = 0; grp < G; ++grp) s += red[grp * taps + tap];
-    if (tap == KK)
-      db_p[t.row * geo.C + t.c] = s;
-    else
-      dw_p[(t.row * geo.C + t.c) * KK + tap] = s;
   }
 }
 

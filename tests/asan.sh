@@ -23,11 +23,31 @@ UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$OUTDIR/report" \
 CONVMIXER_EXT_EMU_LIB="$OUTDIR/_cmx_emu_asan.so" \
 CONVMIXER_EXT_REQUIRE_BACKENDS=cuda_emu CONVMIXER_EXT_NO_TRITON=1 \
   $PY -m pytest -q -p no:cacheprovider tests/test_passes.py tests/test_layer.py \
-  tests/test_reliability.py tests/test_pointwise.py tests/test_strides.py \
-  -k "cuda_emu or index" -x || status=$?
+  tests/test_reliability.py tests/test_pointwise.py tests/test_strides.py tests/test_cuda_paths.py \
+  -k "cuda_emu or index or kernel_paths or activation_ids" -x || status=$?
 if compgen -G "$OUTDIR/report.*" > /dev/null; then
   echo "sanitizer reports:"
   grep -v "^    #[1-9][0-9]" "$OUTDIR"/report.* | head -60
+  status=1
+fi
+# The tier must catch what it is for: a planted bug that takes the 16-byte path on a
+# misaligned tensor has to be reported as a misaligned access.
+echo "planted misalignment (CMX_TEST_IGNORE_ALIGNMENT) must be reported"
+g++ -std=c++20 -O1 -g -fPIC -shared -pthread -fsanitize=address,undefined \
+  -fno-omit-frame-pointer -fvisibility=hidden -DCMX_TEST_IGNORE_ALIGNMENT \
+  csrc/fused_dw_emu.cpp -o "$OUTDIR/_cmx_emu_planted.so"
+planted=$(LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
+  ASAN_OPTIONS="detect_leaks=0" CONVMIXER_EXT_EMU_LIB="$OUTDIR/_cmx_emu_planted.so" \
+  CONVMIXER_EXT_NO_TRITON=1 $PY -c "
+import torch
+from convmixer_ext.backends import get_impl
+x = torch.randn(2 * 3 * 8 * 8 + 1)[1:].view(2, 3, 8, 8)  # 4 bytes past 16-byte alignment
+get_impl('cuda_emu').stats(x, torch.randn(3, 1, 3, 3), torch.randn(3), 'gelu')
+" 2>&1 || true)
+if grep -q "misaligned address" <<< "$planted"; then
+  echo "  reported: $(grep -m1 'misaligned address' <<< "$planted")"
+else
+  echo "  NOT reported: the sanitizer tier misses misaligned vector accesses"
   status=1
 fi
 exit $status

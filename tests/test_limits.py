@@ -26,12 +26,16 @@ def _launchers():
 def test_cuda_plan_limits(cl):
     plan = _launchers().plan
     p = plan(_meta(2, 100_000, 32, 32, cl=cl), 9)  # C beyond 65535: fine on the 1-D grid
-    assert p.blocks == 2 * 100_000 and p.partial_rows == 2
-    assert p.smem_fwd <= 48 * 1024 and p.smem_bwd <= 48 * 1024
+    assert p.partial_rows == 2 * (32 // p.tile_h) * (32 // p.tile_w)
+    for i in range(3):  # F1/F2, B1, B2
+        cb = p.channels_per_block[i]
+        assert p.blocks[i] == p.partial_rows * -(-100_000 // cb)
+        assert p.threads[i] <= 256 and p.smem[i] <= 96 * 1024
     for k in (1, 15, 16, 31):
-        plan(_meta(1, 3, 64, 64, cl=cl), k)
+        q = plan(_meta(1, 3, 64, 64, cl=cl), k)
+        assert max(q.smem) <= 96 * 1024
     with pytest.raises(ValueError, match="CUDA grid limit"):
-        plan(_meta(100_000, 30_000, 32, 32, cl=cl), 3)
+        plan(_meta(300_000, 30_000, 32, 32, cl=cl), 3)
     with pytest.raises(ValueError, match="kernel size must be in"):
         plan(_meta(1, 3, 8, 8, cl=cl), 32)
 

@@ -1,0 +1,116 @@
+"""Every code path of the CUDA kernels, executed (host emulator on the CPU; the real kernels
+on a GPU) and compared pass by pass with the torch twin: NCHW and channels_last, the 16-byte
+vector path and the element path it falls back to (W or C not a multiple of the vector
+width, a misaligned storage offset), several channel blocks with a partial last one, several
+spatial tiles with ragged edge tiles, the tile shrink for large k in channels_last, unrolled
+and generic kernel sizes, even k, with and without the input affine. Each case asserts the
+path the library's planner takes, so a case cannot silently test another one."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from convmixer_ext import torch_backend
+from convmixer_ext.backends import backend_reason, get_impl
+from convmixer_ext.semantics import ACTIVATIONS, rstd_from_var
+from helpers import assert_close
+
+BACKEND = "cuda" if DEVICE == "cuda" else "cuda_emu"
+pytestmark = pytest.mark.skipif(backend_reason(BACKEND, DEVICE) is not None,
+                                reason=f"{BACKEND} unavailable here")
+
+f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+
+# (N, C, H, W, k, dtype, layout, offset, expect_vec, channel blocks > 1, tiles > 1)
+CASES = [
+    (2, 3, 8, 36, 9, f32, "nchw", 0, True, False, True),      # W-tiles 32 + ragged 4
+    (1, 5, 32, 32, 7, f32, "nchw", 0, True, True, False),     # 3 channel blocks, last partial
+    (2, 5, 40, 16, 7, bf16, "nchw", 0, True, True, True),     # 16-bit chunks, H-tiles 32 + 8
+    (2, 3, 9, 7, 5, f32, "nchw", 0, False, False, False),     # W not a multiple of 4
+    (2, 3, 6, 12, 3, f16, "nchw", 0, False, False, False),    # W % 4 == 0 but not % 8
+    (2, 3, 8, 8, 3, f32, "nchw", 1, False, False, False),     # misaligned storage offset
+    (2, 20, 9, 10, 5, f32, "cl", 0, True, True, False),       # chunks of 4 channels, 12 + 8
+    (2, 40, 6, 7, 3, bf16, "cl", 0, True, True, False),       # chunks of 8 channels, 32 + 8
+    (2, 5, 7, 6, 9, f32, "cl", 0, False, False, False),       # odd C: element path
+    (2, 8, 6, 7, 3, f32, "cl", 1, False, False, False),       # CL, misaligned offset
+    (1, 16, 34, 33, 4, f32, "cl", 0, True, True, True),       # even k, ragged tiles, chunks
+    (1, 3, 12, 13, 11, f16, "nchw", 0, False, False, False),  # generic k
+    (1, 8, 12, 12, 11, f32, "cl", 0, True, False, False),     # generic k, CL chunks
+    (1, 8, 20, 20, 13, bf16, "cl", 0, False, True, False),    # large k: CL without chunks
+    (1, 8, 40, 40, 31, f32, "cl", 0, False, True, True),      # k = 31, CL
+    (1, 2, 35, 33, 31, f32, "nchw", 0, False, False, True),   # k = 31, NCHW, ragged tiles
+]
+
+
+def _ids(c):
+    N, C, H, W, k, dt, lay, off = c[:8]
+    return f"{N}x{C}x{H}x{W}-k{k}-{str(dt)[6:]}-{lay}{'-off' if off else ''}"
+
+
+def _make(N, C, H, W, dtype, layout, offset, g):
+    """A tensor of these values in this layout, at a storage offset of `offset` elements."""
+    vals = torch.randn(N, C, H, W, generator=g)
+    shape = (N, H, W, C) if layout == "cl" else (N, C, H, W)
+    buf = torch.empty(vals.numel() + offset, dtype=dtype)
+    t = buf[offset:].view(shape)
+    t.copy_(vals.permute(0, 2, 3, 1) if layout == "cl" else vals)
+    t = t.permute(0, 3, 1, 2) if layout == "cl" else t
+    return t.to(DEVICE) if DEVICE != "cpu" else t
+
+
+@pytest.mark.parametrize("with_affine", [False, True], ids=["plain", "in_affine"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_kernel_paths_match_twin(case, with_affine):
+    N, C, H, W, k, dtype, layout, offset, vec, multi_cb, multi_tile = case
+    g = torch.Generator().manual_seed(5)
+    x = _make(N, C, H, W, dtype, layout, offset, g)
+    dout = _make(N, C, H, W, dtype, layout, offset, g)
+    assert x.storage_offset() == offset
+    assert x.is_contiguous(memory_format=torch.channels_last if layout == "cl"
+                           else torch.contiguous_format)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    w = (r(C, 1, k, k) / k).to(dtype)
+    b = (0.1 * r(C)).to(dtype)
+    gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
+    aff = (1.5 + r(C).abs(), 0.5 + r(C).abs()) if with_affine else None
+    impl = get_impl(BACKEND)
+    plan = impl.k.plan(x, k, 0, with_affine)
+    assert bool(plan.vec) == vec, "the case no longer takes the path it is named for"
+    assert (max(plan.channels_per_block) < C) == multi_cb
+    assert (plan.partial_rows > N) == multi_tile
+
+    act = "gelu"
+    twin = torch_backend
+    mean, var = impl.stats(x, w, b, act, aff)
+    mean_t, var_t = twin.stats(x, w, b, act, aff)
+    assert_close(mean, mean_t, f32, "F1 mean")
+    assert_close(var, var_t, f32, "F1 var")
+    rstd = rstd_from_var(var_t, 1e-5)
+    out = impl.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff)
+    assert out.stride() == x.stride() or offset  # outputs are allocated dense like x
+    assert_close(out, twin.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff), dtype, "F2")
+    dbeta, dgamma = impl.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff)
+    dbeta_t, dgamma_t = twin.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff)
+    assert_close(dbeta, dbeta_t, f32, "B1 dbeta")
+    assert_close(dgamma, dgamma_t, f32, "B1 dgamma")
+    for batch_stats in (True, False):
+        got = impl.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t, dgamma_t, batch_stats,
+                            act, aff)
+        want = twin.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t, dgamma_t,
+                             batch_stats, act, aff)
+        assert_close(got[0], want[0], dtype, f"B2 dx ({batch_stats})")
+        assert_close(got[1], want[1], f32, f"B2 dW ({batch_stats})")
+        assert_close(got[2], want[2], f32, f"B2 db ({batch_stats})")
+        if aff is not None:
+            assert_close(got[3][0], want[3][0], f32, "B2 d(in_scale)")
+            assert_close(got[3][1], want[3][1], f32, "B2 d(in_shift)")
+
+
+def test_activation_ids_reach_the_kernels():
+    """Each activation gives its own result through the library (ids agree end to end)."""
+    impl = get_impl(BACKEND)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g).to(DEVICE)
+    w, b = (torch.randn(4, 1, 3, 3, generator=g) / 3).to(DEVICE), torch.zeros(4).to(DEVICE)
+    for act in ACTIVATIONS:
+        assert_close(impl.stats(x, w, b, act)[0], torch_backend.stats(x, w, b, act)[0],
+                     f32, act)
