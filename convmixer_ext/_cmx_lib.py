@@ -31,15 +31,18 @@ _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 class Shape(ctypes.Structure):
     _fields_ = [("n", _i64), ("c", _i64), ("h", _i64), ("w", _i64), ("stride", _i64 * 4),
                 ("dtype", _i32), ("k", _i32), ("act", _i32), ("has_in_affine", _i32),
-                ("aligned", _i32)]
+                ("aligned", _i32), ("target_blocks", _i32)]
+
+
+PASSES = ("F1", "F2", "B1", "B2")  # index of the per-pass arrays of Plan
 
 
 class Plan(ctypes.Structure):
-    """Per pass (index 0: F1/F2, 1: B1, 2: B2): blocks, threads, channels per block, bytes
-    of dynamic shared memory."""
-    _fields_ = [("partial_rows", _i64), ("tile_h", _i32), ("tile_w", _i32), ("vec", _i32),
-                ("blocks", _i64 * 3), ("threads", _i32 * 3), ("channels_per_block", _i32 * 3),
-                ("smem", _i32 * 3)]
+    """Per pass (index: PASSES): partial rows of its reduction, blocks, threads, channels
+    per block, bytes of dynamic shared memory."""
+    _fields_ = [("tile_h", _i32), ("tile_w", _i32), ("vec", _i32), ("pad_", _i32),
+                ("partial_rows", _i64 * 4), ("blocks", _i64 * 4), ("threads", _i32 * 4),
+                ("channels_per_block", _i32 * 4), ("smem", _i32 * 4)]
 
 
 class Inputs(ctypes.Structure):

@@ -54,20 +54,23 @@ typedef struct {
   int32_t has_in_affine;/* the block input is in_scale*x + in_shift per channel */
   int32_t aligned;      /* x and every tensor sharing its strides start 16-byte aligned
                          * (enables the 16-byte path; the passes also check the pointers) */
+  int32_t target_blocks;/* reductions: split each channel block's (image, tile) items into
+                         * enough parts for about this many blocks; 0: the default */
 } cmx_shape;
 
-/* What the launches over this shape need (16-byte aligned pointers assumed): the number of
- * per-tile partial rows every reduction writes (outputs are [partial_rows, c] float32; dW
- * partials [partial_rows, c, k*k]) and, per pass (0: F1/F2, 1: B1, 2: B2), the 1-D grid,
- * threads, channels per block and dynamic shared memory. */
+/* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the
+ * number of partial rows its reduction writes (its outputs are [partial_rows, c] float32;
+ * dW partials [partial_rows, c, k*k]; F2 has none), the 1-D grid, threads, channels per
+ * block and dynamic shared memory; the spatial tile and whether the 16-byte path is taken. */
 typedef struct {
-  int64_t partial_rows;
   int32_t tile_h, tile_w;
   int32_t vec;                  /* 16-byte global accesses along the contiguous dimension */
-  int64_t blocks[3];
-  int32_t threads[3];
-  int32_t channels_per_block[3];
-  int32_t smem[3];              /* bytes */
+  int32_t pad_;
+  int64_t partial_rows[4];
+  int64_t blocks[4];
+  int32_t threads[4];
+  int32_t channels_per_block[4];
+  int32_t smem[4];              /* bytes */
 } cmx_plan;
 
 /* Inputs. Every vector is dense (stride 1) and every pointer refers to device memory of the

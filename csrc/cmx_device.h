@@ -58,6 +58,7 @@ inline std::mutex g_launch_mutex;
 #define __launch_bounds__(...)
 #define __shared__ static
 #define CMX_UNROLL
+#define CMX_NO_UNROLL
 
 inline void __syncthreads() { cmx_emu::g_barrier->arrive_and_wait(); }
 
@@ -181,6 +182,7 @@ cmx_error_t cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, 
 #include <cuda_runtime.h>
 
 #define CMX_UNROLL _Pragma("unroll")
+#define CMX_NO_UNROLL _Pragma("unroll 1")
 #define CMX_DYN_SMEM(name)                                   \
   extern __shared__ __align__(16) float cmx_dyn_smem_raw[]; \
   float* name = cmx_dyn_smem_raw

@@ -30,6 +30,9 @@ constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit (1-D grid)
 constexpr int kTile = 32;                   // spatial tile edge (the whole ConvMixer plane)
 constexpr int kThreadsTarget = 128;         // preferred threads per block (NCHW)
 constexpr int kMaxCB = 32;                  // channels per block (channel_sum's scratch)
+// Reductions split the (image, tile) items of a channel block into just enough parts to give
+// about this many blocks (8 per SM of a 132-SM GPU): fewer partial rows to write and sum.
+constexpr int64_t kTargetBlocks = 1056;
 
 thread_local char g_error[1024] = "";
 
@@ -55,14 +58,14 @@ int elem_size(int dtype) { return dtype == CMX_FLOAT32 ? 4 : 2; }
 // The unrolled kernel sizes; others run the generic (run-time k) instantiation.
 int unrolled(int K) { return (K == 3 || K == 5 || K == 7 || K == 9) ? K : 0; }
 
-enum Pass { kF, kB1, kB2 };  // F1 and F2 share a geometry
+enum Pass { kF1, kF2, kB1, kB2 };
 
 // Shared memory of a pass for a geometry, in bytes.
 int64_t smem_bytes(const Geom& g, int elem, Pass pass, bool affine) {
   const int RW = 16 / elem, RH = 16 / RW;
   if (pass == kB2)
     return int64_t{BwdSmem(g, RH, RW, unrolled(g.K), affine).total(g.CB)} * 4;
-  return int64_t{FwdSmem(g, RH, RW, pass == kB1, pass == kF).total(g.CB)} * 4;
+  return int64_t{FwdSmem(g, RH, RW, pass == kB1, pass == kF2).total(g.CB)} * 4;
 }
 
 // Everything a launch needs, derived from the shape (and whether its pointers are 16-byte
@@ -100,6 +103,7 @@ int32_t check_shape(const cmx_shape* s) {
 // kThreadsTarget threads, within the shared-memory limit.
 void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   const int elem = elem_size(s->dtype), V = 16 / elem, RW = V, RH = 16 / RW;
+  g.N = static_cast<int>(s->n);
   g.C = static_cast<int>(s->c);
   g.H = static_cast<int>(s->h);
   g.W = static_cast<int>(s->w);
@@ -168,17 +172,24 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   g.tiles_w = cdiv(g.W, g.TW);
   g.tiles_per_img = cdiv(g.H, g.TH) * g.tiles_w;
   g.cblocks = cdiv(g.C, g.CB);
+  const int64_t items = s->n * g.tiles_per_img;
+  const int64_t target = s->target_blocks > 0 ? s->target_blocks : kTargetBlocks;
+  const int64_t parts = pass == kF2 ? items : (target + g.cblocks - 1) / g.cblocks;
+  g.parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, items)));
 }
 
 int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
   if (int32_t e = check_shape(s)) return e;
   Geom& g = p.geo;
   choose(s, pass, aligned, g);
-  p.rows = s->n * g.tiles_per_img;
+  p.rows = s->n > 0 ? g.parts : 0;
   p.blocks = p.rows * g.cblocks;
   p.threads = g.CB * g.GH * g.GW;
   p.smem = static_cast<size_t>(smem_bytes(g, elem_size(s->dtype), pass,
                                           s->has_in_affine != 0));
+  if (s->n * g.tiles_per_img > INT32_MAX)
+    return fail(CMX_E_LIMIT, "x of shape [%lld, %lld, %lld, %lld] has more than 2^31 tiles",
+                (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w);
   if (p.blocks > kMaxBlocks)
     return fail(CMX_E_LIMIT,
                 "x of shape [%lld, %lld, %lld, %lld] needs %lld blocks, more than the CUDA grid "
@@ -333,29 +344,27 @@ CMX_API int32_t cmx_check_device(int32_t device) {
 }
 
 CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
-  Plan f, b1, b2;
+  Plan ps[4];
   const bool aligned = shape && shape->aligned;
-  if (int32_t e = make_plan(shape, kF, aligned, f)) return e;
-  if (int32_t e = make_plan(shape, kB1, aligned, b1)) return e;
-  if (int32_t e = make_plan(shape, kB2, aligned, b2)) return e;
+  for (int i = 0; i < 4; ++i)
+    if (int32_t e = make_plan(shape, static_cast<Pass>(i), aligned, ps[i])) return e;
   if (!plan) return fail(CMX_E_INVALID, "plan is NULL");
-  plan->partial_rows = f.rows;  // one spatial tiling for every pass
-  plan->tile_h = f.geo.TH;
-  plan->tile_w = f.geo.TW;
-  plan->vec = f.geo.vec;
-  const Plan* ps[3] = {&f, &b1, &b2};
-  for (int i = 0; i < 3; ++i) {
-    plan->blocks[i] = ps[i]->blocks;
-    plan->threads[i] = ps[i]->threads;
-    plan->channels_per_block[i] = ps[i]->geo.CB;
-    plan->smem[i] = static_cast<int32_t>(ps[i]->smem);
+  plan->tile_h = ps[0].geo.TH;  // one spatial tiling for every pass
+  plan->tile_w = ps[0].geo.TW;
+  plan->vec = ps[0].geo.vec;
+  for (int i = 0; i < 4; ++i) {
+    plan->partial_rows[i] = i == kF2 ? 0 : ps[i].rows;
+    plan->blocks[i] = ps[i].blocks;
+    plan->threads[i] = ps[i].threads;
+    plan->channels_per_block[i] = ps[i].geo.CB;
+    plan->smem[i] = static_cast<int32_t>(ps[i].smem);
   }
   return CMX_OK;
 }
 
 CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   Plan p;
-  if (int32_t e = make_plan(s, kF, s && s->aligned && aligned16({in->x}), p)) return e;
+  if (int32_t e = make_plan(s, kF1, s && s->aligned && aligned16({in->x}), p)) return e;
   if (p.blocks == 0) return CMX_OK;
   for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->weight, "weight"},
                            {in->bias, "bias"}, {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"},
@@ -374,7 +383,7 @@ CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
 
 CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   Plan p;
-  if (int32_t e = make_plan(s, kF, s && s->aligned && aligned16({in->x, out->y}), p)) return e;
+  if (int32_t e = make_plan(s, kF2, s && s->aligned && aligned16({in->x, out->y}), p)) return e;
   if (p.blocks == 0) return CMX_OK;
   for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->weight, "weight"},
                            {in->bias, "bias"}, {in->mean, "mean"}, {in->rstd, "rstd"},

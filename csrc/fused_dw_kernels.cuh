@@ -40,10 +40,12 @@ enum { kNCHW = 0, kChannelsLast = 1 };
 
 // Launch geometry and strides (named geo in the kernels: g is the activation act(u)).
 struct Geom {
-  int C, H, W, K, PB;
+  int N, C, H, W, K, PB;
   int TH, TW, CB;                // spatial tile, channels per block
   int GH, GW;                    // groups of RH x RW outputs per channel: ceil(TH/RH), ceil(TW/RW)
   int tiles_w, tiles_per_img, cblocks;
+  int parts;                     // blocks per channel block; each takes a contiguous run of
+                                 // the N * tiles_per_img (image, tile) items = a partial row
   int act;                       // CMX_ACT_* (cmx_abi.h)
   int layout;                    // kNCHW (W contiguous) or kChannelsLast (C contiguous)
   int vec;                       // 16-byte global accesses along the contiguous dimension
@@ -101,28 +103,45 @@ __host__ __device__ __forceinline__ int64_t offset_of(const Geom& geo, int64_t b
   return base + static_cast<int64_t>(h) * geo.sH + static_cast<int64_t>(w) * geo.sW;
 }
 
-// ---------------------------------------------------------------- tiles and lanes
-struct Tile {
-  int n, c0, cn;        // image, first channel, channels present (<= CB at the last block)
-  int h0, w0, th, tw;   // th, tw: valid extent of this (possibly edge) tile
-  int64_t row;          // partial row index (n * tiles_per_img + tile)
+// ---------------------------------------------------------------- work, tiles and lanes
+// One-dimensional grid (at most 2^31 - 1 blocks, checked by the planner): block b takes
+// channel block b / parts and the part b % parts of the (image, tile) items, in order
+// (consecutive tiles of a plane on one block: their halos overlap in L1/L2). Every reduction
+// writes one partial row per part, so the partial traffic does not grow with N or the
+// number of tiles.
+struct Work {
+  int c0, cn;            // first channel, channels present (<= CB at the last block)
+  int first, last;       // items [first, last)
+  int part;              // partial row index
 };
 
-// One-dimensional grid (at most 2^31 - 1 blocks, checked by the planner): the tiles of a
-// plane are adjacent blocks (their halos overlap in L2), then channel blocks, then images.
-__device__ __forceinline__ Tile tile_of(const Geom& geo) {
-  Tile t;
+__device__ __forceinline__ Work work_of(const Geom& geo) {
+  Work w;
   const unsigned b = blockIdx.x;  // 32-bit division: a 64-bit one is a called subroutine
-  const int ti = static_cast<int>(b % static_cast<unsigned>(geo.tiles_per_img));
-  const unsigned rest = b / static_cast<unsigned>(geo.tiles_per_img);
-  t.c0 = static_cast<int>(rest % static_cast<unsigned>(geo.cblocks)) * geo.CB;
-  t.n = static_cast<int>(rest / static_cast<unsigned>(geo.cblocks));
-  t.cn = min(geo.CB, geo.C - t.c0);
+  w.part = static_cast<int>(b % static_cast<unsigned>(geo.parts));
+  w.c0 = static_cast<int>(b / static_cast<unsigned>(geo.parts)) * geo.CB;
+  w.cn = min(geo.CB, geo.C - w.c0);
+  const int64_t items = static_cast<int64_t>(geo.N) * geo.tiles_per_img;
+  w.first = static_cast<int>(items * w.part / geo.parts);
+  w.last = static_cast<int>(items * (w.part + 1) / geo.parts);
+  return w;
+}
+
+struct Tile {
+  int n, c0, cn;        // image, first channel, channels present
+  int h0, w0, th, tw;   // th, tw: valid extent of this (possibly edge) tile
+};
+
+__device__ __forceinline__ Tile tile_at(const Geom& geo, const Work& w, int item) {
+  Tile t;
+  t.n = item / geo.tiles_per_img;
+  const int ti = item % geo.tiles_per_img;
+  t.c0 = w.c0;
+  t.cn = w.cn;
   t.h0 = (ti / geo.tiles_w) * geo.TH;
   t.w0 = (ti % geo.tiles_w) * geo.TW;
   t.th = min(geo.TH, geo.H - t.h0);
   t.tw = min(geo.TW, geo.W - t.w0);
-  t.row = static_cast<int64_t>(t.n) * geo.tiles_per_img + ti;
   return t;
 }
 
@@ -134,14 +153,14 @@ struct Lane {
   bool first;   // the channel's first thread (writes its partials)
 };
 
-__device__ __forceinline__ Lane lane_of(const Geom& geo, const Tile& t) {
+__device__ __forceinline__ Lane lane_of(const Geom& geo, const Work& w) {
   const int tpc = geo.GH * geo.GW;
   Lane l;
   l.cl = static_cast<int>(threadIdx.x) / tpc;
   l.grp = static_cast<int>(threadIdx.x) % tpc;
   l.gr = l.grp / geo.GW;
   l.gc = l.grp % geo.GW;
-  l.active = l.cl < t.cn;
+  l.active = l.cl < w.cn;
   l.first = l.grp == 0;
   return l;
 }
@@ -290,7 +309,9 @@ __device__ __forceinline__ void correlate(const float* __restrict__ s, int S,
   if constexpr (KT > 0) {
     constexpr int KS = weight_stride(KT);
     constexpr int NV = round_up(RW + KT - 1, 4);
-    CMX_UNROLL
+    // rows one at a time: a fully unrolled row loop keeps every row's loads in flight and
+    // needs ~130 registers; per row there are up to RH*KT*RW FMAs, so the loop costs little
+    CMX_NO_UNROLL
     for (int rho = 0; rho < RH + KT - 1; ++rho) {
       float v[NV];
       const float* sr = s + (r + rho) * S + c;
@@ -305,20 +326,16 @@ __device__ __forceinline__ void correlate(const float* __restrict__ s, int S,
       CMX_UNROLL
       for (int ro = 0; ro < RH; ++ro) {
         const int i = rho - ro;
-        if (i < 0 || i >= KT) continue;  // resolved at compile time
-        float wv[KS];
+        if (i < 0 || i >= KT) continue;
         CMX_UNROLL
-        for (int e = 0; e < KS; e += 4) {
+        for (int e = 0; e < KS; e += 4) {  // 4 weights at a time: few live registers
           const float4 q = *reinterpret_cast<const float4*>(w + i * KS + e);
-          wv[e] = q.x;
-          wv[e + 1] = q.y;
-          wv[e + 2] = q.z;
-          wv[e + 3] = q.w;
-        }
-        CMX_UNROLL
-        for (int j = 0; j < KT; ++j) {
+          const float wv[4] = {q.x, q.y, q.z, q.w};
           CMX_UNROLL
-          for (int o = 0; o < RW; ++o) acc[ro][o] += v[o + j] * wv[j];
+          for (int j = e; j < e + 4 && j < KT; ++j) {
+            CMX_UNROLL
+            for (int o = 0; o < RW; ++o) acc[ro][o] += v[o + j] * wv[j - e];
+          }
         }
       }
     }
@@ -471,8 +488,9 @@ __device__ __forceinline__ void conv_group(const float* sx, const FwdSmem& L, co
 }
 
 // ---------------------------------------------------------------- F1: statistics
-// Per-block, per-channel mean and centred M2 of g = act(conv(input) + b) over the tile
-// (merged by Chan's formula: stable for large mean offsets), and the count of the tile.
+// Per-part, per-channel mean and centred M2 of g = act(conv(input) + b) over the part's
+// tiles (each tile's centred sums merged in order by Chan's formula: stable for large mean
+// offsets; every thread of a channel merges the same values), and the part's count.
 template <typename T, int KT>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     stats_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
@@ -480,46 +498,54 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
                  float* __restrict__ count_p, InAffine in_aff, Geom geo) {
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
-  const Tile t = tile_of(geo);
-  const Lane l = lane_of(geo, t);
+  const Work wk = work_of(geo);
+  const Lane l = lane_of(geo, wk);
   const int K = KT > 0 ? KT : geo.K;
   const FwdSmem L(geo, RH, RW, false, false);
   float *sw = smem, *sx = smem + L.x(), *red = smem + L.scratch(geo.CB),
         *red2 = red + kMaxThreads;
-  stage_weights(sw, w, t, K, false);
-  stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
-        in_aff.scale != nullptr);
-  __syncthreads();
-  float g[RH][RW];
-  float sum = 0.f;
-  if (l.active) {
-    conv_group<T, KT>(sx, L, sw, geo, l, ld(b, t.c0 + l.cl), g);
-    CMX_UNROLL
-    for (int ro = 0; ro < RH; ++ro)
+  float n_run = 0.f, mean_run = 0.f, m2_run = 0.f;
+  for (int item = wk.first; item < wk.last; ++item) {
+    const Tile t = tile_at(geo, wk, item);
+    if (item == wk.first) stage_weights(sw, w, t, K, false);
+    stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
+          in_aff.scale != nullptr);
+    __syncthreads();
+    float g[RH][RW];
+    float sum = 0.f;
+    if (l.active) {
+      conv_group<T, KT>(sx, L, sw, geo, l, ld(b, t.c0 + l.cl), g);
       CMX_UNROLL
-      for (int o = 0; o < RW; ++o) {
-        g[ro][o] = act_fwd(g[ro][o], geo.act);
-        if (inside(t, l.gr * RH + ro, l.gc * RW + o)) sum += g[ro][o];
-      }
-  }
-  const float cnt = static_cast<float>(t.th * t.tw);
-  const float mean = channel_sum(sum, geo, l, red, red2) / cnt;
-  float m2 = 0.f;
-  if (l.active) {
-    CMX_UNROLL
-    for (int ro = 0; ro < RH; ++ro)
-      CMX_UNROLL
-      for (int o = 0; o < RW; ++o)
-        if (inside(t, l.gr * RH + ro, l.gc * RW + o)) {
-          const float d = g[ro][o] - mean;
-          m2 += d * d;
+      for (int ro = 0; ro < RH; ++ro)
+        CMX_UNROLL
+        for (int o = 0; o < RW; ++o) {
+          g[ro][o] = act_fwd(g[ro][o], geo.act);
+          if (inside(t, l.gr * RH + ro, l.gc * RW + o)) sum += g[ro][o];
         }
+    }
+    const float cnt = static_cast<float>(t.th * t.tw);
+    const float mean = channel_sum(sum, geo, l, red, red2) / cnt;  // (its barriers also
+    float m2 = 0.f;                                               //  retire the staging)
+    if (l.active) {
+      CMX_UNROLL
+      for (int ro = 0; ro < RH; ++ro)
+        CMX_UNROLL
+        for (int o = 0; o < RW; ++o)
+          if (inside(t, l.gr * RH + ro, l.gc * RW + o)) {
+            const float d = g[ro][o] - mean;
+            m2 += d * d;
+          }
+    }
+    m2 = channel_sum(m2, geo, l, red, red2);
+    const float n_new = n_run + cnt, delta = mean - mean_run;
+    mean_run += delta * (cnt / n_new);
+    m2_run += m2 + delta * delta * (n_run * cnt / n_new);
+    n_run = n_new;
   }
-  m2 = channel_sum(m2, geo, l, red, red2);
   if (l.active && l.first) {
-    mean_p[t.row * geo.C + t.c0 + l.cl] = mean;
-    m2_p[t.row * geo.C + t.c0 + l.cl] = m2;
-    if (t.c0 + l.cl == 0) count_p[t.row] = cnt;  // counts on the device: no host copy
+    mean_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = mean_run;
+    m2_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = m2_run;
+    if (wk.c0 + l.cl == 0) count_p[wk.part] = n_run;  // counts on the device: no host copy
   }
 }
 
@@ -533,11 +559,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
                  T* __restrict__ out, InAffine in_aff, Geom geo) {
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
-  const Tile t = tile_of(geo);
-  const Lane l = lane_of(geo, t);
+  const Work wk = work_of(geo);
+  const Lane l = lane_of(geo, wk);
   const int K = KT > 0 ? KT : geo.K;
   const FwdSmem L(geo, RH, RW, false, true);
   float *sw = smem, *sx = smem + L.x(), *sout = smem + L.sout();
+  const Tile t = tile_at(geo, wk, wk.first);  // F2 blocks take one item each (the planner)
   stage_weights(sw, w, t, K, false);
   stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
         in_aff.scale != nullptr);
@@ -562,7 +589,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 
 // ---------------------------------------------------------------- B1: dbeta / dgamma partials
 template <typename T, int KT>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
     bwd_reduce_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                       const T* __restrict__ w, const T* __restrict__ b,
                       const float* __restrict__ mean, const float* __restrict__ rstd,
@@ -570,42 +597,46 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
                       InAffine in_aff, Geom geo) {
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
-  const Tile t = tile_of(geo);
-  const Lane l = lane_of(geo, t);
+  const Work wk = work_of(geo);
+  const Lane l = lane_of(geo, wk);
   const int K = KT > 0 ? KT : geo.K;
   const FwdSmem L(geo, RH, RW, true, false);
   float *sw = smem, *sx = smem + L.x(), *sd = smem + L.dout(geo.CB),
         *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads;
   const InAffine none{nullptr, nullptr, nullptr, nullptr};
-  stage_weights(sw, w, t, K, false);
-  stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
-        in_aff.scale != nullptr);
-  stage(sd, L.tile, dout, geo, t, t.h0, t.w0, L.tile.R, L.tile.S, none, false);
-  __syncthreads();
-  float s1 = 0.f, s2 = 0.f;
-  if (l.active) {
-    const int c = t.c0 + l.cl;
-    const float m = mean[c], rs = rstd[c];
-    float u[RH][RW];
-    conv_group<T, KT>(sx, L, sw, geo, l, ld(b, c), u);
-    const float* d = sd + l.cl * L.tile.P;
-    CMX_UNROLL
-    for (int ro = 0; ro < RH; ++ro)
+  float s1 = 0.f, s2 = 0.f;  // this thread's sums over the part, in order
+  for (int item = wk.first; item < wk.last; ++item) {
+    const Tile t = tile_at(geo, wk, item);
+    if (item == wk.first) stage_weights(sw, w, t, K, false);
+    stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
+          in_aff.scale != nullptr);
+    stage(sd, L.tile, dout, geo, t, t.h0, t.w0, L.tile.R, L.tile.S, none, false);
+    __syncthreads();
+    if (l.active) {
+      const int c = t.c0 + l.cl;
+      const float m = mean[c], rs = rstd[c];
+      float u[RH][RW];
+      conv_group<T, KT>(sx, L, sw, geo, l, ld(b, c), u);
+      const float* d = sd + l.cl * L.tile.P;
       CMX_UNROLL
-      for (int o = 0; o < RW; ++o) {
-        const int r = l.gr * RH + ro, q = l.gc * RW + o;
-        if (inside(t, r, q)) {
-          const float dv = d[r * L.tile.S + q];
-          s1 += dv;
-          s2 += dv * (act_fwd(u[ro][o], geo.act) - m) * rs;
+      for (int ro = 0; ro < RH; ++ro)
+        CMX_UNROLL
+        for (int o = 0; o < RW; ++o) {
+          const int r = l.gr * RH + ro, q = l.gc * RW + o;
+          if (inside(t, r, q)) {
+            const float dv = d[r * L.tile.S + q];
+            s1 += dv;
+            s2 += dv * (act_fwd(u[ro][o], geo.act) - m) * rs;
+          }
         }
-      }
+    }
+    __syncthreads();  // the next tile's staging overwrites sx and sd
   }
   s1 = channel_sum(s1, geo, l, red, red2);
   s2 = channel_sum(s2, geo, l, red, red2);
   if (l.active && l.first) {
-    dbeta_p[t.row * geo.C + t.c0 + l.cl] = s1;
-    dgamma_p[t.row * geo.C + t.c0 + l.cl] = s2;
+    dbeta_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = s1;
+    dgamma_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = s2;
   }
 }
 
@@ -614,18 +645,18 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 // (PA = padding after): the transposed convolution reaches that far. u there needs the input
 // a further (PB before, PA after) around it. dW is accumulated RI tap rows x DJ tap columns
 // per pass over the tile.
-__host__ __device__ constexpr int dw_rows(int KT) { return KT > 0 && KT <= 9 ? 3 : 1; }
+__host__ __device__ constexpr int dw_rows(int KT) { return KT > 0 && KT <= 9 ? 2 : 1; }
 __host__ __device__ constexpr int dw_cols(int KT) { return KT > 0 ? KT : 8; }
 
-// Shared layout of B2 (floats): weights, flipped weights, the input planes (doubly extended
-// region), the du planes (extended region); then the regions that are dead once dx is
-// computed — dout (extended region), the raw x of the tile (with the input affine), the
-// reduction scratch — which the channels_last output buffer and then the dW partial sums
-// of every thread reuse.
+// Shared layout of B2 (floats): weights, flipped weights, the block's dW/db sums over its
+// part (kept across tiles), the input planes (doubly extended region), the du planes
+// (extended region); then the regions that are dead once dx is computed — dout (extended
+// region), the raw x of the tile (with the input affine), the reduction scratch — which the
+// channels_last output buffer and then the dW partial sums of every thread reuse.
 struct BwdSmem {
   int EGH, EGW;  // groups of RH x RW covering the extended region
   Planes in, ext, raw;
-  int wf, red, dwred, out;
+  int wf, acc, red, dwred, out;
   __host__ __device__ BwdSmem(const Geom& g, int RH, int RW, int KT, bool affine)
       : EGH(cdiv(g.GH * RH + g.K - 1, RH)),
         EGW(cdiv(g.GW * RW + g.K - 1, RW)),
@@ -633,11 +664,13 @@ struct BwdSmem {
         ext(EGH * RH, EGW * RW),
         raw(affine ? Planes(g.GH * RH, g.GW * RW) : Planes()),
         wf(weight_floats(g.CB, g.K)),
+        acc(round_up(g.CB * (g.K * g.K + 1), 4)),
         red(kMaxThreads + 32),
         dwred(g.CB * g.GH * g.GW * (dw_rows(KT) * dw_cols(KT) + 1)),
         out(g.layout == kChannelsLast ? g.TH * g.TW * out_channels_stride(g.CB) : 0) {}
   __host__ __device__ int wflip() const { return wf; }
-  __host__ __device__ int x() const { return 2 * wf; }
+  __host__ __device__ int sums() const { return 2 * wf; }
+  __host__ __device__ int x() const { return sums() + acc; }
   __host__ __device__ int du(int CB) const { return x() + in.floats(CB); }
   __host__ __device__ int dout(int CB) const { return du(CB) + ext.floats(CB); }
   __host__ __device__ int rawx(int CB) const { return dout(CB) + ext.floats(CB); }
@@ -652,11 +685,11 @@ struct BwdSmem {
   }
 };
 
-// B2 holds the most live values (dW accumulators besides the correlation's): it is allowed
-// 128 registers (at least 16 resident warps by them); its occupancy is bounded by shared
-// memory anyway, and it does about 3.5x the FMAs per byte of F2 (docs/DESIGN.md).
+// B2 holds the most live values (dW accumulators besides the correlation's): its register
+// count is not capped; its occupancy is bounded by shared memory anyway, and it does about
+// 3.5x the FMAs per byte of F2, so fewer resident warps keep it busy (docs/DESIGN.md).
 template <typename T, int KT>
-__global__ void __launch_bounds__(kMaxThreads, 2)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     bwd_main_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                     const T* __restrict__ w, const T* __restrict__ b,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
@@ -667,159 +700,176 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   constexpr int RI = dw_rows(KT), DJ = dw_cols(KT);
   CMX_DYN_SMEM(smem);
-  const Tile t = tile_of(geo);
-  const Lane l = lane_of(geo, t);
+  const Work wk = work_of(geo);
+  const Lane l = lane_of(geo, wk);
   const int K = KT > 0 ? KT : geo.K;
-  const int KS = weight_stride(K);
+  const int KS = weight_stride(K), KK = K * K;
   const int PA = K - 1 - geo.PB;  // padding after
   const bool affine = in_aff.scale != nullptr;
   const BwdSmem L(geo, RH, RW, KT, affine);
-  float *sw = smem, *swf = smem + L.wflip(), *sx = smem + L.x(), *sd = smem + L.dout(geo.CB),
-        *sdu = smem + L.du(geo.CB), *sraw = smem + L.rawx(geo.CB),
+  float *sw = smem, *swf = smem + L.wflip(), *sums = smem + L.sums(), *sx = smem + L.x(),
+        *sd = smem + L.dout(geo.CB), *sdu = smem + L.du(geo.CB), *sraw = smem + L.rawx(geo.CB),
         *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads,
         *dwred = smem + L.dw(geo.CB), *sout = smem + L.sout(geo.CB);
   const InAffine none{nullptr, nullptr, nullptr, nullptr};
-  const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;  // extended region origin
-  stage_weights(sw, w, t, K, false);
-  stage_weights(swf, w, t, K, true);
-  stage(sx, L.in, x, geo, t, eh0 - geo.PB, ew0 - geo.PB, L.in.R, L.in.S, in_aff, affine);
-  stage(sd, L.ext, dout, geo, t, eh0, ew0, L.ext.R, L.ext.S, none, false);
-  if (affine) stage(sraw, L.raw, x, geo, t, t.h0, t.w0, L.raw.R, L.raw.S, none, false);
-  __syncthreads();
   const int tpc = geo.GH * geo.GW;
-  // 1) du on the extended region (zero outside the image: those terms do not exist)
-  if (l.active) {
-    const int c = t.c0 + l.cl;
-    const float rs = rstd[c], m = mean[c], scale = gamma[c] * rs;
-    const float mb = batch_stats ? dbeta[c] * geo.inv_n : 0.f;
-    const float mg = batch_stats ? dgamma[c] * geo.inv_n : 0.f;
-    const float bias = ld(b, c);
-    const float* d = sd + l.cl * L.ext.P;
-    float* du = sdu + l.cl * L.ext.P;
-    for (int g = l.grp; g < L.EGH * L.EGW; g += tpc) {
-      const int r = (g / L.EGW) * RH, q = (g % L.EGW) * RW;
-      float u[RH][RW];
+  const int per = RI * DJ + 1;
+  for (int it = static_cast<int>(threadIdx.x); it < geo.CB * (KK + 1);
+       it += static_cast<int>(blockDim.x))
+    sums[it] = 0.f;
+  float sdscale = 0.f, sdshift = 0.f;  // this thread's sums over the part, in order
+  for (int item = wk.first; item < wk.last; ++item) {
+    const Tile t = tile_at(geo, wk, item);
+    const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;  // extended region origin
+    if (item == wk.first) {
+      stage_weights(sw, w, t, K, false);
+      stage_weights(swf, w, t, K, true);
+    }
+    stage(sx, L.in, x, geo, t, eh0 - geo.PB, ew0 - geo.PB, L.in.R, L.in.S, in_aff, affine);
+    stage(sd, L.ext, dout, geo, t, eh0, ew0, L.ext.R, L.ext.S, none, false);
+    if (affine) stage(sraw, L.raw, x, geo, t, t.h0, t.w0, L.raw.R, L.raw.S, none, false);
+    __syncthreads();
+    // 1) du on the extended region (zero outside the image: those terms do not exist)
+    if (l.active) {
+      const int c = t.c0 + l.cl;
+      const float rs = rstd[c], m = mean[c], scale = gamma[c] * rs;
+      const float mb = batch_stats ? dbeta[c] * geo.inv_n : 0.f;
+      const float mg = batch_stats ? dgamma[c] * geo.inv_n : 0.f;
+      const float bias = ld(b, c);
+      const float* d = sd + l.cl * L.ext.P;
+      float* du = sdu + l.cl * L.ext.P;
+      for (int g = l.grp; g < L.EGH * L.EGW; g += tpc) {
+        const int r = (g / L.EGW) * RH, q = (g % L.EGW) * RW;
+        float u[RH][RW];
+        CMX_UNROLL
+        for (int ro = 0; ro < RH; ++ro)
+          CMX_UNROLL
+          for (int o = 0; o < RW; ++o) u[ro][o] = bias;
+        correlate<KT, RH, RW>(sx + l.cl * L.in.P, L.in.S, sw + l.cl * K * KS, K, r, q, u);
+        CMX_UNROLL
+        for (int ro = 0; ro < RH; ++ro)
+          CMX_UNROLL
+          for (int o = 0; o < RW; ++o) {
+            const int h = eh0 + r + ro, wc = ew0 + q + o;
+            const int at = (r + ro) * L.ext.S + q + o;
+            float v = 0.f;
+            if (h >= 0 && h < geo.H && wc >= 0 && wc < geo.W) {
+              float dv = d[at];
+              if (batch_stats) dv = dv - mb - (act_fwd(u[ro][o], geo.act) - m) * rs * mg;
+              v = scale * dv * act_grad(u[ro][o], geo.act);
+            }
+            du[at] = v;
+          }
+      }
+    }
+    __syncthreads();
+    // 2) dx = dout + correlation of du with the flipped kernel (the gradient of the block
+    //    input; with the input affine, x's gradient is in_scale times that)
+    float dxv[RH][RW];
+    if (l.active) {
+      const int c = t.c0 + l.cl;
       CMX_UNROLL
       for (int ro = 0; ro < RH; ++ro)
         CMX_UNROLL
-        for (int o = 0; o < RW; ++o) u[ro][o] = bias;
-      correlate<KT, RH, RW>(sx + l.cl * L.in.P, L.in.S, sw + l.cl * K * KS, K, r, q, u);
+        for (int o = 0; o < RW; ++o) dxv[ro][o] = 0.f;
+      correlate<KT, RH, RW>(sdu + l.cl * L.ext.P, L.ext.S, swf + l.cl * K * KS, K, l.gr * RH,
+                            l.gc * RW, dxv);
+      const float* d = sd + l.cl * L.ext.P + PA * L.ext.S + PA;
+      const float* xr = sraw + l.cl * L.raw.P;
+      const float sc = affine ? in_aff.scale[c] : 1.f;
       CMX_UNROLL
       for (int ro = 0; ro < RH; ++ro)
         CMX_UNROLL
         for (int o = 0; o < RW; ++o) {
-          const int h = eh0 + r + ro, wc = ew0 + q + o;
-          const int at = (r + ro) * L.ext.S + q + o;
-          float v = 0.f;
-          if (h >= 0 && h < geo.H && wc >= 0 && wc < geo.W) {
-            float dv = d[at];
-            if (batch_stats) dv = dv - mb - (act_fwd(u[ro][o], geo.act) - m) * rs * mg;
-            v = scale * dv * act_grad(u[ro][o], geo.act);
+          const int r = l.gr * RH + ro, q = l.gc * RW + o;
+          float din = 0.f;
+          if (inside(t, r, q)) {
+            din = d[r * L.ext.S + q] + dxv[ro][o];
+            if (affine) {
+              sdscale += din * xr[r * L.raw.S + q];
+              sdshift += din;
+            }
           }
-          du[at] = v;
+          dxv[ro][o] = din * sc;
         }
     }
-  }
-  __syncthreads();
-  // 2) dx = dout + correlation of du with the flipped kernel (the gradient of the block
-  //    input; with the input affine, x's gradient is in_scale times that)
-  float dxv[RH][RW];
-  float sdscale = 0.f, sdshift = 0.f;
-  if (l.active) {
-    const int c = t.c0 + l.cl;
-    CMX_UNROLL
-    for (int ro = 0; ro < RH; ++ro)
-      CMX_UNROLL
-      for (int o = 0; o < RW; ++o) dxv[ro][o] = 0.f;
-    correlate<KT, RH, RW>(sdu + l.cl * L.ext.P, L.ext.S, swf + l.cl * K * KS, K, l.gr * RH,
-                          l.gc * RW, dxv);
-    const float* d = sd + l.cl * L.ext.P + PA * L.ext.S + PA;
-    const float* xr = sraw + l.cl * L.raw.P;
-    const float sc = affine ? in_aff.scale[c] : 1.f;
-    CMX_UNROLL
-    for (int ro = 0; ro < RH; ++ro)
-      CMX_UNROLL
-      for (int o = 0; o < RW; ++o) {
-        const int r = l.gr * RH + ro, q = l.gc * RW + o;
-        float din = 0.f;
-        if (inside(t, r, q)) {
-          din = d[r * L.ext.S + q] + dxv[ro][o];
-          if (affine) {
-            sdscale += din * xr[r * L.raw.S + q];
-            sdshift += din;
+    store_group<T>(dx, geo, t, l, dxv, sout);
+    __syncthreads();  // dout, raw x and sout are dead from here: dwred reuses them
+    // 3) dW[i][j] += sum_q du[q] x[q + (i, j) - PB] and db += sum_q du[q] over the tile: du
+    //    row chunks correlated with input rows, RI tap rows x DJ tap columns per pass, each
+    //    thread over its share of the tile; the threads' sums added to the block's in a
+    //    fixed order.
+    const int chunks = cdiv(t.tw, RW);
+    for (int i0 = 0; i0 < K; i0 += RI) {
+      for (int j0 = 0; j0 < K; j0 += DJ) {
+        float acc[RI][DJ];
+        float dbs = 0.f;
+        CMX_UNROLL
+        for (int ii = 0; ii < RI; ++ii)
+          CMX_UNROLL
+          for (int jj = 0; jj < DJ; ++jj) acc[ii][jj] = 0.f;
+        if (l.active) {
+          const float* du = sdu + l.cl * L.ext.P + PA * L.ext.S + PA;
+          const float* xin = sx + l.cl * L.in.P + PA * L.in.S + PA + j0;
+          for (int itm = l.grp; itm < t.th * chunks; itm += tpc) {
+            const int r = itm / chunks, q = (itm % chunks) * RW;
+            float d[RW];
+            CMX_UNROLL
+            for (int o = 0; o < RW; ++o) d[o] = q + o < t.tw ? du[r * L.ext.S + q + o] : 0.f;
+            CMX_UNROLL
+            for (int o = 0; o < RW; ++o) dbs += d[o];
+            CMX_UNROLL
+            for (int ii = 0; ii < RI; ++ii) {
+              if (i0 + ii >= K) break;
+              const float* xr = xin + (r + i0 + ii) * L.in.S + q;
+              float v[RW + DJ - 1];
+              CMX_UNROLL
+              for (int e = 0; e < RW + DJ - 1; ++e) v[e] = xr[e];
+              CMX_UNROLL
+              for (int jj = 0; jj < DJ; ++jj)
+                CMX_UNROLL
+                for (int o = 0; o < RW; ++o) acc[ii][jj] += d[o] * v[o + jj];
+            }
           }
         }
-        dxv[ro][o] = din * sc;
+        float* mine = dwred + threadIdx.x * per;
+        CMX_UNROLL
+        for (int ii = 0; ii < RI; ++ii)
+          CMX_UNROLL
+          for (int jj = 0; jj < DJ; ++jj) mine[ii * DJ + jj] = acc[ii][jj];
+        mine[RI * DJ] = dbs;
+        __syncthreads();
+        for (int e2 = static_cast<int>(threadIdx.x); e2 < t.cn * per;
+             e2 += static_cast<int>(blockDim.x)) {
+          const int cl = e2 / per, e = e2 % per;
+          float s = 0.f;
+          for (int th = 0; th < tpc; ++th) s += dwred[(cl * tpc + th) * per + e];
+          if (e == RI * DJ) {
+            if (i0 == 0 && j0 == 0) sums[cl * (KK + 1) + KK] += s;
+          } else if (i0 + e / DJ < K && j0 + e % DJ < K) {
+            sums[cl * (KK + 1) + (i0 + e / DJ) * K + j0 + e % DJ] += s;
+          }
+        }
+        __syncthreads();
       }
+    }
+  }
+  // the part's sums: dW, db, and the input affine's gradients
+  const int64_t prow = static_cast<int64_t>(wk.part) * geo.C + wk.c0;
+  for (int e2 = static_cast<int>(threadIdx.x); e2 < wk.cn * (KK + 1);
+       e2 += static_cast<int>(blockDim.x)) {
+    const int cl = e2 / (KK + 1), e = e2 % (KK + 1);
+    if (e == KK)
+      db_p[prow + cl] = sums[e2];
+    else
+      dw_p[(prow + cl) * KK + e] = sums[e2];
   }
   if (affine) {  // uniform over the grid: every thread of the block takes it
     sdscale = channel_sum(sdscale, geo, l, red, red2);
     sdshift = channel_sum(sdshift, geo, l, red, red2);
     if (l.active && l.first) {
-      in_aff.dscale_p[t.row * geo.C + t.c0 + l.cl] = sdscale;
-      in_aff.dshift_p[t.row * geo.C + t.c0 + l.cl] = sdshift;
-    }
-  }
-  store_group<T>(dx, geo, t, l, dxv, sout);
-  __syncthreads();  // dout, raw x, red and sout are dead from here: dwred reuses them
-  // 3) dW[i][j] = sum_q du[q] x[q + (i, j) - PB] and db = sum_q du[q] over the tile: du row
-  //    chunks correlated with input rows, RI tap rows x DJ tap columns per pass, each thread
-  //    over its share of the tile; the threads' sums reduced in a fixed order.
-  const int KK = K * K;
-  const int chunks = cdiv(t.tw, RW);
-  const int per = RI * DJ + 1;
-  for (int i0 = 0; i0 < K; i0 += RI) {
-    for (int j0 = 0; j0 < K; j0 += DJ) {
-      float acc[RI][DJ];
-      float dbs = 0.f;
-      CMX_UNROLL
-      for (int ii = 0; ii < RI; ++ii)
-        CMX_UNROLL
-        for (int jj = 0; jj < DJ; ++jj) acc[ii][jj] = 0.f;
-      if (l.active) {
-        const float* du = sdu + l.cl * L.ext.P + PA * L.ext.S + PA;
-        const float* xin = sx + l.cl * L.in.P + PA * L.in.S + PA + j0;
-        for (int item = l.grp; item < t.th * chunks; item += tpc) {
-          const int r = item / chunks, q = (item % chunks) * RW;
-          float d[RW];
-          CMX_UNROLL
-          for (int o = 0; o < RW; ++o) d[o] = q + o < t.tw ? du[r * L.ext.S + q + o] : 0.f;
-          CMX_UNROLL
-          for (int o = 0; o < RW; ++o) dbs += d[o];
-          CMX_UNROLL
-          for (int ii = 0; ii < RI; ++ii) {
-            if (i0 + ii >= K) break;
-            const float* xr = xin + (r + i0 + ii) * L.in.S + q;
-            float v[RW + DJ - 1];
-            CMX_UNROLL
-            for (int e = 0; e < RW + DJ - 1; ++e) v[e] = xr[e];
-            CMX_UNROLL
-            for (int jj = 0; jj < DJ; ++jj)
-              CMX_UNROLL
-              for (int o = 0; o < RW; ++o) acc[ii][jj] += d[o] * v[o + jj];
-          }
-        }
-      }
-      float* mine = dwred + threadIdx.x * per;
-      CMX_UNROLL
-      for (int ii = 0; ii < RI; ++ii)
-        CMX_UNROLL
-        for (int jj = 0; jj < DJ; ++jj) mine[ii * DJ + jj] = acc[ii][jj];
-      mine[RI * DJ] = dbs;
-      __syncthreads();
-      for (int it = static_cast<int>(threadIdx.x); it < t.cn * per;
-           it += static_cast<int>(blockDim.x)) {
-        const int cl = it / per, e = it % per;
-        float s = 0.f;
-        for (int th = 0; th < tpc; ++th) s += dwred[(cl * tpc + th) * per + e];
-        const int64_t prow = t.row * geo.C + t.c0 + cl;
-        if (e == RI * DJ) {
-          if (i0 == 0 && j0 == 0) db_p[prow] = s;
-        } else if (i0 + e / DJ < K && j0 + e % DJ < K) {
-          dw_p[prow * KK + (i0 + e / DJ) * K + j0 + e % DJ] = s;
-        }
-      }
-      __syncthreads();
+      in_aff.dscale_p[prow + l.cl] = sdscale;
+      in_aff.dshift_p[prow + l.cl] = sdshift;
     }
   }
 }

@@ -3,14 +3,16 @@ on a GPU) and compared pass by pass with the torch twin: NCHW and channels_last,
 vector path and the element path it falls back to (W or C not a multiple of the vector
 width, a misaligned storage offset), several channel blocks with a partial last one, several
 spatial tiles with ragged edge tiles, the tile shrink for large k in channels_last, unrolled
-and generic kernel sizes, even k, with and without the input affine. Each case asserts the
-path the library's planner takes, so a case cannot silently test another one."""
+and generic kernel sizes, even k, with and without the input affine, and blocks that take
+one (image, tile) item or many (the reductions' parts, merged in order). Each case asserts
+the path the library's planner takes, so a case cannot silently test another one."""
 import pytest
 import torch
 
 from conftest import DEVICE
 from convmixer_ext import torch_backend
-from convmixer_ext.backends import backend_reason, get_impl
+from convmixer_ext.backends import KernelBackend, backend_reason, get_impl, library
+from convmixer_ext.cuda_kernels import Launchers
 from convmixer_ext.semantics import ACTIVATIONS, rstd_from_var
 from helpers import assert_close
 
@@ -57,9 +59,19 @@ def _make(N, C, H, W, dtype, layout, offset, g):
     return t.to(DEVICE) if DEVICE != "cpu" else t
 
 
+def _impl(target_blocks):
+    """The backend, with reductions split for about ``target_blocks`` blocks (1: each block
+    takes every item of its channel block; 0: the library's default)."""
+    if target_blocks == 0:
+        return get_impl(BACKEND)
+    lib = library("cuda" if BACKEND == "cuda" else "emulation")[0]
+    return KernelBackend(Launchers(lib, DEVICE, target_blocks))
+
+
+@pytest.mark.parametrize("target_blocks", [0, 1], ids=["parts", "one-part"])
 @pytest.mark.parametrize("with_affine", [False, True], ids=["plain", "in_affine"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_kernel_paths_match_twin(case, with_affine):
+def test_kernel_paths_match_twin(case, with_affine, target_blocks):
     N, C, H, W, k, dtype, layout, offset, vec, multi_cb, multi_tile = case
     g = torch.Generator().manual_seed(5)
     x = _make(N, C, H, W, dtype, layout, offset, g)
@@ -72,11 +84,13 @@ def test_kernel_paths_match_twin(case, with_affine):
     b = (0.1 * r(C)).to(dtype)
     gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
     aff = (1.5 + r(C).abs(), 0.5 + r(C).abs()) if with_affine else None
-    impl = get_impl(BACKEND)
+    impl = _impl(target_blocks)
     plan = impl.k.plan(x, k, 0, with_affine)
     assert bool(plan.vec) == vec, "the case no longer takes the path it is named for"
     assert (max(plan.channels_per_block) < C) == multi_cb
-    assert (plan.partial_rows > N) == multi_tile
+    assert (plan.tile_h < H or plan.tile_w < W) == multi_tile
+    items = N * -(-H // plan.tile_h) * -(-W // plan.tile_w)
+    assert plan.partial_rows[3] == (1 if target_blocks == 1 else items)  # one part: all items
 
     act = "gelu"
     twin = torch_backend

@@ -26,10 +26,11 @@ def _launchers():
 def test_cuda_plan_limits(cl):
     plan = _launchers().plan
     p = plan(_meta(2, 100_000, 32, 32, cl=cl), 9)  # C beyond 65535: fine on the 1-D grid
-    assert p.partial_rows == 2 * (32 // p.tile_h) * (32 // p.tile_w)
-    for i in range(3):  # F1/F2, B1, B2
+    items = 2 * (32 // p.tile_h) * (32 // p.tile_w)
+    for i in range(4):  # F1, F2, B1, B2
         cb = p.channels_per_block[i]
-        assert p.blocks[i] == p.partial_rows * -(-100_000 // cb)
+        parts = items if i == 1 else p.partial_rows[i]
+        assert 1 <= parts <= items and p.blocks[i] == parts * -(-100_000 // cb)
         assert p.threads[i] <= 256 and p.smem[i] <= 96 * 1024
     for k in (1, 15, 16, 31):
         q = plan(_meta(1, 3, 64, 64, cl=cl), k)
