@@ -150,7 +150,10 @@ def saved_bytes(fn):
 
 
 # --------------------------------------------------------------------------- one case
-def run_case(case, device, reps, bw, fma_rate, check_tol):
+def prepare_case(case, device, check_tol):
+    """(rec, step, module, x): the provider's module checked against an fp32 eager block on
+    the same inputs (a wrong result is recorded in rec["error"], step is then None) and the
+    step to time."""
     N, C, H, W = case["shape"]
     k, dtype, layout, mode, prov = (case["k"], getattr(torch, case["dtype"]), case["layout"],
                                     case["mode"], case["provider"])
@@ -183,7 +186,7 @@ def run_case(case, device, reps, bw, fma_rate, check_tol):
         err = (got.float() - want).abs().max().item()
         if not math.isfinite(err) or err > check_tol[case["dtype"]] * max(want.abs().max().item(), 1.0):
             rec["error"] = f"{what} mismatch vs eager reference: max abs err {err:.3g}"
-            return rec
+            return rec, None, module, x
 
     def step():
         xi = x.detach().requires_grad_(mode == "train_fwdbwd")
@@ -195,9 +198,13 @@ def run_case(case, device, reps, bw, fma_rate, check_tol):
             o.backward(probe)
         return o
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-    med, p20, p80 = _timer(step, device, reps)
+    return rec, step, module, x
+
+
+def finish_case(rec, times, step, module, x, bw, fma_rate):
+    """rec with the times (median, p20, p80 in ms) and the derived figures."""
+    mode, k, device = rec["mode"], rec["k"], rec["device"]
+    med, p20, p80 = times
     numel = x.numel()
     bytes_min = TRAFFIC[mode] * numel * x.element_size()
     fmas = CONV_PASSES[mode] * numel * k * k
@@ -217,6 +224,41 @@ def run_case(case, device, reps, bw, fma_rate, check_tol):
             torch.cuda.synchronize()
             rec["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
     return rec
+
+
+def run_case(case, device, reps, bw, fma_rate, check_tol):
+    rec, step, module, x = prepare_case(case, device, check_tol)
+    if step is None:
+        return rec
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return finish_case(rec, _timer(step, device, reps), step, module, x, bw, fma_rate)
+
+
+def run_group(cases, device, reps, bw, fma_rate, check_tol):
+    """The providers of one case timed side by side: on the CPU their steps alternate, rep by
+    rep, so the machine's drift (frequency, other load) hits every provider alike and the
+    ratios between them are what one run can measure."""
+    prepared = [prepare_case(c, device, check_tol) for c in cases]
+    live = [p for p in prepared if p[1] is not None]
+    times = {id(p[1]): [] for p in live}
+    for _, step, _, _ in live:
+        step()  # warm-up
+    for _ in range(reps):
+        for _, step, _, _ in live:
+            t0 = time.perf_counter()
+            step()
+            times[id(step)].append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for rec, step, module, x in prepared:
+        if step is None:
+            out.append(rec)
+            continue
+        ts = sorted(times[id(step)])
+        pick = lambda q: ts[min(len(ts) - 1, int(q * len(ts)))]  # noqa: E731
+        out.append(finish_case(rec, (statistics.median(ts), pick(0.2), pick(0.8)), step,
+                               module, x, bw, fma_rate))
+    return out
 
 
 # --------------------------------------------------------------------------- whole model
@@ -325,9 +367,9 @@ def markdown(env, records):
              "", f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
              f"commit {str(env.get('git_commit'))[:10]}, {env['date']}"]
     if env["device"] != "cuda":
-        lines += ["", "**CPU figures** (no GPU here): the torch twin vs the eager reference "
-                  "on small shapes; they say nothing about GPU kernel speed. GPU results: "
-                  "benchmarks/results/."]
+        lines += ["", "**CPU figures** (no GPU here): the package's auto and its twin vs "
+                  "the eager reference on small shapes, timed side by side; they say nothing "
+                  "about GPU kernel speed. GPU results: benchmarks/results/."]
     lines += ["", "| shape | dtype | layout | mode | k | provider | ms (p20-p80) | GB/s | "
               "% roofline | vs eager | vs compile | saved for bwd | peak mem |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -420,8 +462,16 @@ def parse(argv):
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")
     p.add_argument("--quick", action="store_true", help="smallest set (CI smoke run)")
+    p.add_argument("--no-predicted", action="store_true",
+                   help="without a GPU, skip the predicted H100 table (static report)")
+    p.add_argument("--static-ks", nargs="+", type=int, default=[3, 5, 7, 9, 15, 31],
+                   help="kernel sizes of the predicted table and plot")
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     return p.parse_args(argv)
+
+
+def _case_key(c):
+    return tuple(c[k] for k in ("shape_name", "dtype", "layout", "mode", "k"))
 
 
 def _shape(s):
@@ -439,9 +489,10 @@ def main(argv=None):
     dev = a.device
     gpu = dev == "cuda"
     if not gpu:
-        print("No GPU: running the honest CPU subset (torch twin vs eager reference, small "
-              "shapes). These are CPU figures; GPU results are committed under "
-              "benchmarks/results/.", flush=True)
+        print("No GPU: running the honest CPU subset (the package's auto and its twin vs the "
+              "eager reference, small shapes). These are CPU figures; GPU results are "
+              "committed under benchmarks/results/. The predicted H100 table follows them.",
+              flush=True)
     shapes = [_shape(s) for s in (a.shapes or (list(GPU_SHAPES)[:3] if gpu else list(CPU_SHAPES)))]
     if a.quick and not a.shapes:
         shapes = [("tiny", (2, 8, 8, 8))]
@@ -450,7 +501,7 @@ def main(argv=None):
     layouts = a.layouts or (["nchw", "channels_last"] if gpu else ["nchw"])
     modes = a.modes or (list(MODES) if gpu else ["eval", "train_fwdbwd"])
     provs = a.providers or providers_available(dev)
-    reps = a.reps or (3 if a.quick else 10)
+    reps = a.reps or (3 if a.quick else 10 if gpu else 30)
     check_tol = {"float32": 1e-3, "bfloat16": 6e-2, "float16": 1e-2}
 
     os.makedirs(a.out, exist_ok=True)
@@ -472,17 +523,25 @@ def main(argv=None):
              for k in ks for p in provs] if not a.no_blocks else []
     try:
         from tqdm import tqdm
-        it = tqdm(cases, desc="cases", file=sys.stdout, mininterval=2)
     except ImportError:
-        it = cases
+        tqdm = None
+    # on the CPU the providers of a case are timed side by side (run_group); on a GPU one
+    # at a time (do_bench flushes L2 between runs)
+    groups = [[c] for c in cases] if gpu else \
+        [[c for c in cases if _case_key(c) == key] for key in dict.fromkeys(map(_case_key, cases))]
     try:
-        for c in it:
+        for group in (tqdm(groups, desc="cases", file=sys.stdout, mininterval=2)
+                      if tqdm else groups):
             try:
-                records.append(run_case(c, dev, reps, env["copy_GBps"] * 1e9, fma_rate,
-                                        check_tol))
+                if gpu:
+                    records.append(run_case(group[0], dev, reps, env["copy_GBps"] * 1e9,
+                                            fma_rate, check_tol))
+                else:
+                    records.extend(run_group(group, dev, reps, env["copy_GBps"] * 1e9,
+                                             fma_rate, check_tol))
             except Exception as e:  # noqa: BLE001 - reported per case, the run goes on
-                records.append(dict(c, shape=list(c["shape"]), device=dev,
-                                    error=f"{type(e).__name__}: {str(e)[:300]}"))
+                records.extend(dict(c, shape=list(c["shape"]), device=dev,
+                                    error=f"{type(e).__name__}: {str(e)[:300]}") for c in group)
             save()
         if a.model:
             records.extend(run_model(dev, getattr(torch, dtypes[0]), ks if not a.quick else ks[:1],
@@ -499,5 +558,21 @@ def main(argv=None):
     print(f"wrote {stem}.json, {stem}.md, {stem}.png")
     if not gpu:
         print("GPU results: see benchmarks/results/ (and the README's headline table).")
+        if not a.quick and not a.no_predicted:
+            predicted(a.out, a.static_ks)
     errors = [r for r in records if "error" in r]
     return 1 if errors else 0
+
+
+def predicted(out, ks):
+    """The static report's PREDICTED H100 table and its plot of predicted time against k,
+    per backend and for eager (compiled facts + the model; no GPU needed)."""
+    print("\n== PREDICTED (no GPU here): the static report, H100 SXM, +-50% ==", flush=True)
+    stem = os.path.join(out, "predicted-H100")
+    try:
+        from benchmarks import static
+        static.main(["--shapes", "cm1536", "--ks", *map(str, ks), "--json", stem + ".json",
+                     "--md", stem + ".md", "--png", stem + ".png"])
+        print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the CPU figures stand alone
+        print(f"no predicted table: {type(e).__name__}: {e}")

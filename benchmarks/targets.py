@@ -168,6 +168,13 @@ def cover_set():
         for act in (0, 1, 2):
             _record_pointwise((2, 40, 7, 9), dtype, "nchw", act, co=24)
         _record_pointwise((2, 40, 7, 9), dtype, "channels_last", 0, co=24)
+    # fp32 GEMMs in IEEE fp32 as well as TF32 (they follow cudnn.allow_tf32)
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = not prev
+    try:
+        _record_pointwise((2, 40, 7, 9), f32, "nchw", 0, co=24)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
 
 
 SETS = {"bench": bench_set, "cover": cover_set}
@@ -207,8 +214,11 @@ def _arg_key(args):
 
 # --------------------------------------------------------------------------- compiling
 def _compile_one(job):
-    """Worker: compile one specialization for one arch; return its facts (or the error)."""
-    name, args, kwargs, arch = job
+    """Worker: compile one specialization for one arch; return its facts (or the error).
+    job = (kernel name, args, kwargs, arch[, with_sass]): with_sass adds the SASS memory
+    instructions by access width and the instruction counts (benchmarks/static.py)."""
+    name, args, kwargs, arch = job[:4]
+    with_sass = len(job) > 4 and job[4]
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -240,6 +250,15 @@ def _compile_one(job):
         f.write(ck.asm["cubin"])
         f.flush()
         res = resource_usage(f.name)
+        if with_sass:
+            from benchmarks.static import access_widths, parse_sass
+            sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", f.name],
+                                             capture_output=True, text=True).stdout)
+            ops = [op for v in sass.values() for op in v]
+            w = access_widths(ops)
+            fact.update(widths=w, instructions=len(ops),
+                        ffma=sum(op.startswith("FFMA") for op in ops),
+                        ldg_bytes=max(w["LDG"], key=w["LDG"].get) if w["LDG"] else 4)
     ptx = ck.asm.get("ptx", "")
     fact.update(regs=max(r["regs"] for r in res), local=max(r["local"] for r in res),
                 shared=int(ck.metadata.shared),

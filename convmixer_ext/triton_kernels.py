@@ -534,11 +534,14 @@ def pw_config(y):
     cfg = dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bp * bn >= 128 * 128 else 4)
     if on_gpu:
         cfg["num_stages"] = 3
-    # fp32 products: IEEE, as the reference's fp32 1x1 conv computes them exactly. The
-    # interpreter's dot mishandles bf16/fp16 operands, so there they are upcast first
-    # (bf16/fp16 products are exact in fp32: the same result as tensor cores give).
+    # fp32 operands: TF32 tensor cores where PyTorch's own 1x1 convolution uses them
+    # (torch.backends.cudnn.allow_tf32, on by default), IEEE fp32 products otherwise, so
+    # results and speed follow eager's. The interpreter's dot mishandles bf16/fp16 operands,
+    # so there they are upcast first (bf16/fp16 products are exact in fp32: the same result
+    # as tensor cores give).
     cfg["UPCAST"] = y.dtype == torch.float32 or not on_gpu
-    cfg["PRECISION"] = "ieee"
+    tf32 = on_gpu and y.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    cfg["PRECISION"] = "tf32" if tf32 else "ieee"
     return cfg
 
 

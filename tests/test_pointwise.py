@@ -242,3 +242,23 @@ def test_pointwise_triton_tiles(monkeypatch, tile):
     names = ["g", "mean", "var", "y.grad", "weight.grad", "bias.grad"]
     for name, got, want in zip(names, res["triton"], res["torch"]):
         assert_close(got, want, torch.float32, name)
+
+
+@pytest.mark.skipif("triton" not in PW, reason="needs the Triton pointwise backend")
+def test_fp32_gemm_precision_follows_cudnn_allow_tf32(monkeypatch):
+    """The fp32 pointwise GEMM uses TF32 exactly where eager's 1x1 convolution does
+    (cudnn.allow_tf32): the GPU configuration the launcher picks, recorded without running."""
+    from convmixer_ext import triton_kernels as tk
+    y = torch.empty(2, 8, 4, 4, device="meta")
+    for allow, want in ((True, "tf32"), (False, "ieee")):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        seen = []
+        with tk.recording(lambda kern, grid, args, kw: seen.append(kw["PRECISION"])):
+            tk.pw_gemm_act_stats(y, torch.empty(8, 8, device="meta"), torch.empty(8, device="meta"),
+                                 torch.empty_like(y), 0)
+        assert seen == [want]
+    with tk.recording(lambda kern, grid, args, kw: seen.append(kw["PRECISION"])):
+        seen.clear()
+        tk.pw_gemm_act_stats(y.bfloat16(), torch.empty(8, 8, device="meta").bfloat16(),
+                             torch.empty(8, device="meta").bfloat16(), y.bfloat16(), 0)
+    assert seen == ["ieee"]  # 16-bit operands: plain tensor-core products, exact in fp32

@@ -1,0 +1,511 @@
+"""Static performance report: compiled facts and a labelled estimate, no GPU needed
+(docs/DESIGN.md, "Performance model").
+
+    python -m benchmarks.static [--shapes cm1536 ...] [--ks 3 7 9] [--sweep] [--json PATH]
+                                [--md PATH] [--png PATH] [--measured results.json]
+
+Per backend (cuda, triton), benchmark shape, dtype, layout, k and pass it records:
+
+- facts [C]: registers, local memory (spills) and shared memory of the kernel the launch
+  uses (cuobjdump of the built CUDA library; the Triton compile of that specialization),
+  the launch geometry (the library's planner; the Triton launchers), resident blocks and
+  warps per SM by the sm_80/sm_90 occupancy rules, the global load/store instructions of
+  the kernel by access width (SASS), bytes moved against the minimum traffic, FMAs
+  including recomputation;
+- an estimate [E] of H100 time: a roofline / issue-rate model with the constants below,
+  good to about +-50%; eager PyTorch is modelled beside it.
+
+CI gates on the facts (tests/test_static.py), never on the estimate. With ``--measured``
+(a JSON written by ``python -m benchmarks`` on a GPU) the report sets measured against
+predicted times.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# H100 SXM constants (docs/DESIGN.md, "Performance model")
+H100 = dict(hbm=3.0e12, l2=5.5e12, sms=132, clock=1.98e9, fp32_fma=67e12 / 2,
+            schedulers=4, smem_bytes_per_clk=128, latency_ns=450, launch_us=3.0)
+ARCH_LIMITS = {  # per SM: warps, blocks, registers, shared memory (bytes), per-block reserve
+    80: dict(warps=64, blocks=32, regs=65536, smem=167936, reserve=1024),
+    90: dict(warps=64, blocks=32, regs=65536, smem=233472, reserve=1024),
+}
+# Occupancy floors (resident warps per SM at k <= 9, sm_80 and sm_90), the gate of
+# tests/test_static.py. F1/F2 stage one tensor per tile with one 16-byte load in flight per
+# thread: 24 warps keep >= 12 KB in flight per SM, above the ~10 KB that 3 TB/s x 450 ns
+# needs across 132 SMs. B1 stages two tensors per tile (twice the bytes in flight per warp).
+# B2 performs ~3.5x the FMAs per byte of F2 (du on the halo, dx, dW), so its time is bound
+# by the FMA pipes, which 8 warps with 16 independent accumulators each keep busy.
+OCCUPANCY_FLOOR = {"F1": 24, "F2": 24, "B1": 16, "B2": 8}
+MODES = {"eval": ("F2",), "train_fwdbwd": ("F1", "F2", "B1", "B2")}
+# minimum HBM traffic per pass in units of |x| (docs/DESIGN.md, "Forward" and "Backward")
+MIN_TRAFFIC = {"F1": 1, "F2": 2, "B1": 2, "B2": 3}
+# eager PyTorch: passes over |x| of the reference block's ops, and the FMA efficiency of
+# PyTorch's native depthwise kernels (assumed: forward / input gradient / weight gradient)
+EAGER_TRAFFIC = {"eval": 9, "train_fwdbwd": 24}
+EAGER_ETA = {"fwd": 0.087, "bwd_input": 0.087, "bwd_weight": 0.016}
+
+
+def tool(name):
+    from benchmarks.targets import tool as t
+    return t(name)
+
+
+# --------------------------------------------------------------------------- occupancy
+def occupancy(arch: int, threads: int, regs: int, smem: int) -> dict:
+    """Resident blocks and warps per SM (the CUDA occupancy rules: warp, block, register
+    (per-warp allocation in units of 256) and shared-memory limits)."""
+    lim = ARCH_LIMITS[arch]
+    warps = max(1, math.ceil(threads / 32))
+    by_warps = lim["warps"] // warps
+    regs_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = (lim["regs"] // regs_warp) // warps
+    by_smem = lim["smem"] // (smem + lim["reserve"]) if smem else lim["blocks"]
+    blocks = max(0, min(lim["blocks"], by_warps, by_regs, by_smem))
+    limiter = min((("warps", by_warps), ("registers", by_regs), ("shared memory", by_smem),
+                   ("blocks", lim["blocks"])), key=lambda kv: kv[1])[0]
+    return dict(blocks=blocks, warps=blocks * warps, limiter=limiter)
+
+
+# --------------------------------------------------------------------------- SASS facts
+_MANGLED = re.compile(r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)Li(\d+)E")
+_DTYPE_OF = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def access_widths(opcodes):
+    """{"LDG": {16: n, ...}, "STG": ..., "LDS": ..., "STS": ...}: memory instructions by
+    access width in bytes."""
+    out = {k: {} for k in ("LDG", "STG", "LDS", "STS", "LDGSTS")}
+    for op in opcodes:
+        base = op.split(".")[0]
+        if base not in out:
+            continue
+        mods = op.split(".")[1:]
+        width = 16 if "128" in mods else 8 if "64" in mods else \
+            2 if ("U16" in mods or "S16" in mods) else 1 if ("U8" in mods or "S8" in mods) else 4
+        out[base][width] = out[base].get(width, 0) + 1
+    return out
+
+
+def parse_sass(text):
+    """{(arch, function): [opcodes]} from cuobjdump -sass output."""
+    funcs, arch, name = {}, None, None
+    for line in text.splitlines():
+        m = re.search(r"arch = sm_(\d+)", line)
+        if m:
+            arch = int(m.group(1))
+            continue
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            funcs[(arch, name)] = []
+            continue
+        if name is not None:
+            m = _INSTR.search(line)
+            if m:
+                funcs[(arch, name)].append(m.group(1))
+    return funcs
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernel_facts(lib_path):
+    """{(arch, kernel, dtype, KT): {regs, stack, local, shared, sass widths, instrs}} of the
+    built CUDA library."""
+    from benchmarks.targets import resource_usage
+    res = resource_usage(lib_path)
+    sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],
+                                     capture_output=True, text=True, check=True).stdout)
+    facts = {}
+    for r in res:
+        m = _MANGLED.search(r["function"])
+        if not m:
+            continue
+        ops = sass.get((r["arch"], r["function"]), [])
+        key = (r["arch"], m.group(1), _DTYPE_OF[m.group(2)], int(m.group(3)))
+        facts[key] = dict(r, widths=access_widths(ops), instructions=len(ops),
+                          ffma=sum(op.startswith("FFMA") for op in ops))
+    return facts
+
+
+# --------------------------------------------------------------------------- the model
+def conv_cost(outputs, K, RH, RW, unrolled=True):
+    """Per-thread-block-independent cost of `outputs` register-blocked correlation outputs:
+    FMAs, shared-memory wavefronts (128 B each: a warp's 16-byte loads of 32 lanes take 4,
+    a broadcast 1) and instructions, per output."""
+    ffma = K * K
+    rows = RH + K - 1
+    if unrolled:
+        nv = math.ceil((RW + K - 1) / 4)
+        lds_window = rows * nv / (RH * RW)           # LDS.128 per output
+        lds_weight = RH * K * math.ceil(K / 4) / (RH * RW)
+        wavefronts = lds_window * 4 + lds_weight     # per warp-output / 32 lanes
+        instr = ffma + lds_window + lds_weight
+    else:  # sliding window: one scalar load per tap per row, RH weight loads per tap
+        lds_window = rows * K / (RH * RW)
+        lds_weight = rows * K * RH / (RH * RW) / 2   # about half of (rho, ro) pairs valid
+        wavefronts = lds_window + lds_weight
+        instr = ffma + lds_window + lds_weight + rows * K * (RW - 1) / (RH * RW)  # moves
+    return dict(ffma=ffma * outputs, wavefronts=wavefronts * outputs / 32,
+                instr=instr * outputs)
+
+
+def estimate(dram, l2, ffma, instr, wavefronts, warps, bytes_per_load, blocks, arch=90):
+    """[E] seconds on an H100 for one kernel: the largest of the DRAM time (slowed when too
+    few bytes are in flight to cover the latency), L2, FP32 FMA, instruction issue and
+    shared-memory times, plus the launch overhead. Returns (seconds, bound)."""
+    c = H100
+    need = c["hbm"] / c["sms"] * c["latency_ns"] * 1e-9          # bytes in flight per SM
+    inflight = warps * 32 * bytes_per_load
+    eff = min(1.0, inflight / need) if warps else 0.0
+    sms_used = min(c["sms"], blocks) / c["sms"] if blocks else 1.0
+    terms = {
+        "DRAM": dram / (c["hbm"] * max(eff, 1e-3)),
+        "L2": l2 / c["l2"],
+        "FMA": ffma / (c["fp32_fma"] * sms_used),
+        "issue": instr / (c["sms"] * c["schedulers"] * 32 * c["clock"] * sms_used),
+        "shared memory": wavefronts * 128 / (c["sms"] * c["smem_bytes_per_clk"] * c["clock"]
+                                             * sms_used),
+    }
+    bound = max(terms, key=terms.get)
+    return terms[bound] + c["launch_us"] * 1e-6, bound
+
+
+def _elem(dtype):
+    return 4 if dtype == "float32" else 2
+
+
+# --------------------------------------------------------------------------- CUDA passes
+_CUDA_KERNEL = {"F1": "stats_kernel", "F2": "apply_kernel", "B1": "bwd_reduce_kernel",
+                "B2": "bwd_main_kernel"}
+
+
+def _planner():
+    from convmixer_ext import backends
+    from convmixer_ext.cuda_kernels import Launchers
+    for kind in ("cuda", "emulation"):
+        lib, _ = backends.library(kind)
+        if lib is not None:
+            return Launchers(lib, "meta")
+    raise RuntimeError("neither library is built: the planner is needed for the CUDA report")
+
+
+def _meta(shape, dtype, layout):
+    import torch
+    x = torch.empty(shape, device="meta", dtype=getattr(torch, dtype))
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def cuda_passes(shape, k, dtype, layout, lib_path):
+    """Facts and estimate of every CUDA pass for one case."""
+    from convmixer_ext import _cmx_lib
+    N, C, H, W = shape
+    e = _elem(dtype)
+    RW = 16 // e
+    RH = 16 // RW
+    x = _meta(shape, dtype, layout)
+    plan = _planner().plan(x, k, 0, False)
+    facts = cuda_kernel_facts(lib_path)
+    KT = k if k in (3, 5, 7, 9) else 0
+    xbytes = N * C * H * W * e
+    elems = N * C * H * W
+    TH, TW = plan.tile_h, plan.tile_w
+    tiles = N * math.ceil(H / TH) * math.ceil(W / TW)
+    GH, GW = math.ceil(TH / RH), math.ceil(TW / RW)
+    out_per_tile = GH * RH * GW * RW           # outputs computed (padded groups)
+    valid_per_tile = TH * TW
+    rows = []
+    for i, name in enumerate(_cmx_lib.PASSES):
+        kern = _CUDA_KERNEL[name]
+        f90 = facts.get((90, kern, dtype, KT), {})
+        f80 = facts.get((80, kern, dtype, KT), {})
+        threads, smem = plan.threads[i], plan.smem[i]
+        occ = {a: occupancy(a, threads, f.get("regs", 0), smem + f.get("shared", 0))
+               for a, f in ((80, f80), (90, f90))}
+        parts = plan.partial_rows[i]
+        # bytes: the minimum, plus weights, partial rows (written, then read by the sums)
+        minimum = MIN_TRAFFIC[name] * xbytes
+        partial = {"F1": 3 * 4, "B1": 2 * 4, "B2": (k * k + 1) * 4}.get(name, 0) * parts * C * 2
+        weights = C * k * k * e * (plan.blocks[i] / max(1, math.ceil(C / plan.channels_per_block[i])))
+        dram = minimum + partial + C * k * k * e
+        # halo re-reads come from L2 (neighbouring tiles of one image are consecutive)
+        halo = ((TH + k - 1) * (TW + k - 1) / (TH * TW) - 1) if (TH < H or TW < W) else 0.0
+        l2 = xbytes * halo * (2 if name in ("B1", "B2") else 1) + weights
+        # FMAs and shared-memory work of the correlations
+        scale = tiles * C / valid_per_tile
+        cc = conv_cost(out_per_tile * valid_per_tile, k, RH, RW, unrolled=KT > 0)
+        cost = {key: v * scale for key, v in cc.items()}
+        if name == "B2":  # du on the extended region, dx, dW (row correlation)
+            ext = math.ceil((GH * RH + k - 1) / RH) * RH * math.ceil((GW * RW + k - 1) / RW) * RW
+            cdu = conv_cost(ext * valid_per_tile, k, RH, RW, unrolled=KT > 0)
+            cost = {key: (cost[key] + cdu[key] * scale) for key in cost}
+            ri, dj = (2 if 0 < k <= 9 else 1), (k if KT else 8)
+            dw_ffma = elems * k * k
+            dw_lds = elems / RW * math.ceil(k / ri) * math.ceil(k / dj) * (1 + ri * (RW + dj - 1))
+            cost["ffma"] += dw_ffma
+            cost["instr"] += dw_ffma + dw_lds
+            cost["wavefronts"] += dw_lds / 32
+        instr = cost["instr"] * 1.15  # address arithmetic, predicates, conversions
+        t, bound = estimate(dram, l2, cost["ffma"], instr, cost["wavefronts"],
+                            occ[90]["warps"], 16 if plan.vec else e, plan.blocks[i])
+        rows.append(dict(
+            backend="cuda", pass_=name, kernel=kern, regs=f90.get("regs"),
+            regs_sm80=f80.get("regs"), local=max(f90.get("local", 0), f80.get("local", 0)),
+            smem_dynamic=smem, smem_static=f90.get("shared", 0), threads=threads,
+            blocks=plan.blocks[i], channels_per_block=plan.channels_per_block[i],
+            tile=[TH, TW], vec=bool(plan.vec), partial_rows=parts,
+            occupancy={a: o for a, o in occ.items()},
+            widths={k2: {str(w): n for w, n in v.items()} for k2, v in
+                    f90.get("widths", {}).items() if v},
+            bytes_min=minimum, bytes=dram, bytes_ratio=dram / minimum, l2_bytes=l2,
+            fma=cost["ffma"], fma_per_element=cost["ffma"] / elems,
+            predicted_ms=t * 1e3, bound=bound))
+    return rows
+
+
+# --------------------------------------------------------------------------- Triton passes
+_TRITON_PASSES = {"_stats_kernel": "F1", "_apply_kernel": "F2", "_bwd_reduce_kernel": "B1",
+                  "_bwd_du_kernel": "B2", "_bwd_dx_kernel": "B2"}
+
+
+def triton_passes(shape, k, dtype, layout):
+    """Facts (from the real-target compile of the exact specializations) and estimate of
+    every Triton kernel of one case."""
+    import torch
+    from benchmarks import targets
+    from convmixer_ext import triton_kernels as tk
+    N, C, H, W = shape
+    e = _elem(dtype)
+    recorded = []
+    with tk.recording(lambda kern, grid, args, kw: recorded.append((kern, grid, args, kw))):
+        targets._record_block(shape, getattr(torch, dtype), layout, k, 0, False,
+                              modes=("train",))
+    xbytes, elems = N * C * H * W * e, N * C * H * W
+    rows = []
+    for kern, grid, args, kw in recorded:
+        name = kern.fn.__name__
+        fact = _triton_fact(name, args, kw)
+        threads = kw.get("num_warps", 4) * 32
+        occ = {a: occupancy(a, threads, fact.get("regs", 0), fact.get("shared", 0))
+               for a in (80, 90)}
+        if name == "_stats_kernel":
+            dram, ffma = xbytes, elems * k * k
+        elif name == "_apply_kernel":
+            dram, ffma = 2 * xbytes, elems * k * k
+        elif name == "_bwd_reduce_kernel":
+            dram, ffma = 2 * xbytes, elems * k * k
+        elif name == "_bwd_du_kernel":
+            dram, ffma = 2 * xbytes + 4 * elems, elems * k * k  # writes du in fp32
+        else:  # dx: du (fp32, halo from L2), dout, x, writes dx; dW partials per program
+            dram, ffma = 4 * elems + 3 * xbytes, 2 * elems * k * k
+        programs = grid[0]
+        block_c = kw.get("BLOCK_C", 1)
+        rows_p = programs // max(1, math.ceil(C / block_c))
+        partial = {"_stats_kernel": 3 * 4, "_bwd_reduce_kernel": 2 * 4,
+                   "_bwd_dx_kernel": (k * k + 1) * 4}.get(name, 0) * rows_p * C * 2
+        dram += partial
+        # every tap is a masked global load through L1/L2 (no shared memory staging)
+        l2 = elems * k * k * (e if name != "_bwd_dx_kernel" else (4 + e)) / 8
+        instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
+        t, bound = estimate(dram, l2, ffma, instr, 0, occ[90]["warps"],
+                            fact.get("ldg_bytes", e), programs)
+        pass_ = _TRITON_PASSES[name]
+        rows.append(dict(
+            backend="triton", pass_=pass_, kernel=name, regs=fact.get("regs"),
+            local=fact.get("local"), smem_static=fact.get("shared"), threads=threads,
+            blocks=programs, occupancy=occ,
+            widths={k2: {str(w): n for w, n in v.items()} for k2, v in
+                    fact.get("widths", {}).items() if v},
+            bytes_min=MIN_TRAFFIC[pass_] * xbytes if name != "_bwd_du_kernel" else 0,
+            bytes=dram, l2_bytes=l2, fma=ffma, fma_per_element=ffma / elems,
+            predicted_ms=t * 1e3, bound=bound, error=fact.get("error")))
+    return rows
+
+
+def _triton_fact(name, args, kw, arch=90):
+    from benchmarks import targets
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
+    return targets._compile_one((name, args, kw, arch, True))
+
+
+# --------------------------------------------------------------------------- eager
+def eager_estimate(shape, k, dtype, mode):
+    """[E] eager PyTorch block: its ops' passes over |x| at the HBM rate plus its depthwise
+    convolutions at the assumed FMA efficiencies (EAGER_ETA)."""
+    N, C, H, W = shape
+    elems = N * C * H * W
+    t = EAGER_TRAFFIC[mode] * elems * _elem(dtype) / H100["hbm"]
+    fma = elems * k * k / H100["fp32_fma"]
+    t += fma / EAGER_ETA["fwd"]
+    if mode == "train_fwdbwd":
+        t += fma / EAGER_ETA["bwd_input"] + fma / EAGER_ETA["bwd_weight"]
+    return t
+
+
+# --------------------------------------------------------------------------- report
+def report(shapes, ks, dtypes, layouts, backends, lib_path):
+    from benchmarks.run import GPU_SHAPES
+    out = []
+    for sname in shapes:
+        shape = GPU_SHAPES[sname]
+        for dtype in dtypes:
+            for layout in layouts:
+                for k in ks:
+                    case = dict(shape_name=sname, shape=list(shape), dtype=dtype,
+                                layout=layout, k=k)
+                    kernels = []
+                    if "cuda" in backends:
+                        kernels += cuda_passes(shape, k, dtype, layout, lib_path)
+                    if "triton" in backends:
+                        kernels += triton_passes(shape, k, dtype, layout)
+                    minimum = {m: sum(MIN_TRAFFIC[p] for p in ps) * math.prod(shape) *
+                               _elem(dtype) / H100["hbm"] * 1e3 for m, ps in MODES.items()}
+                    modes = {}
+                    for mode, passes in MODES.items():
+                        eager = eager_estimate(shape, k, dtype, mode) * 1e3
+                        modes[mode] = dict(eager_ms=eager, roofline_ms=minimum[mode])
+                        for be in backends:
+                            ms = sum(r["predicted_ms"] for r in kernels
+                                     if r["backend"] == be and r["pass_"] in passes)
+                            # the reductions' small torch sums and merges (a few launches)
+                            ms += 0.01 * len(passes)
+                            modes[mode][be] = dict(
+                                predicted_ms=ms, vs_eager=eager / ms,
+                                pct_roofline=100 * minimum[mode] / ms)
+                    out.append(dict(case, kernels=kernels, modes=modes))
+    return out
+
+
+def markdown(rows, measured=None):
+    lines = ["# Static performance report (predicted, H100 SXM)", "",
+             "[C] compiled facts; [E] estimates of the model in docs/DESIGN.md, "
+             "\"Performance model\" (+-50%). Occupancy: resident warps/SM on sm_90.", "",
+             "| shape | dtype | layout | k | mode | eager [E] ms | cuda [E] ms | x eager | "
+             "% roofline | triton [E] ms | x eager |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for mode, m in r["modes"].items():
+            cu, tr = m.get("cuda", {}), m.get("triton", {})
+            f = lambda d, key, fmt: fmt.format(d[key]) if key in d else "—"  # noqa: E731
+            lines.append(f"| {r['shape_name']} | {r['dtype']} | {r['layout']} | {r['k']} | "
+                         f"{mode} | {m['eager_ms']:.2f} | {f(cu, 'predicted_ms', '{:.2f}')} | "
+                         f"{f(cu, 'vs_eager', '{:.1f}x')} | {f(cu, 'pct_roofline', '{:.0f}%')} | "
+                         f"{f(tr, 'predicted_ms', '{:.2f}')} | {f(tr, 'vs_eager', '{:.1f}x')} |")
+    lines += ["", "## Kernels", "", "| shape | dtype | layout | k | backend | pass | kernel | "
+              "regs [C] | spills [C] | smem B [C] | warps/SM sm_80/sm_90 [C] | 16-byte LDG/STG "
+              "[C] | bytes / min [C] | FMA/elem [C] | predicted ms [E] | bound [E] |",
+              "|" + "---|" * 16]
+    for r in rows:
+        for kr in r["kernels"]:
+            w = kr.get("widths", {})
+            v16 = f"{w.get('LDG', {}).get('16', 0)}/{w.get('STG', {}).get('16', 0)}"
+            ratio = f"{kr['bytes'] / kr['bytes_min']:.2f}" if kr.get("bytes_min") else "—"
+            smem = (kr.get("smem_dynamic") or 0) + (kr.get("smem_static") or 0)
+            lines.append(
+                f"| {r['shape_name']} | {r['dtype']} | {r['layout']} | {r['k']} | "
+                f"{kr['backend']} | {kr['pass_']} | {kr['kernel']} | {kr.get('regs')} | "
+                f"{kr.get('local')} | {smem} | {kr['occupancy'][80]['warps']}/"
+                f"{kr['occupancy'][90]['warps']} | {v16} | {ratio} | "
+                f"{kr['fma_per_element']:.0f} | {kr['predicted_ms']:.3f} | {kr['bound']} |")
+    if measured:
+        lines += ["", "## Measured against predicted", "",
+                  "| shape | dtype | layout | k | mode | provider | measured ms | predicted ms "
+                  "| measured / predicted |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            for mode, m in r["modes"].items():
+                for prov in ("cuda", "triton", "eager"):
+                    key = (r["shape_name"], r["dtype"], r["layout"], mode, r["k"], prov)
+                    if key in measured:
+                        pred = m["eager_ms"] if prov == "eager" else m[prov]["predicted_ms"]
+                        lines.append(f"| {' | '.join(map(str, key))} | {measured[key]:.3f} | "
+                                     f"{pred:.3f} | {measured[key] / pred:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["shape_name"], r["dtype"], r["layout"]), []).append(r)
+    n = len(groups)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
+    for ax, (key, rs) in zip(axes.flat, sorted(groups.items())):
+        rs = sorted(rs, key=lambda r: r["k"])
+        ks = [r["k"] for r in rs]
+        ax.plot(ks, [r["modes"]["train_fwdbwd"]["eager_ms"] for r in rs], "k-o", label="eager")
+        for be in ("cuda", "triton"):
+            if be in rs[0]["modes"]["train_fwdbwd"]:
+                ax.plot(ks, [r["modes"]["train_fwdbwd"][be]["predicted_ms"] for r in rs], "-o",
+                        label=be)
+        ax.plot(ks, [r["modes"]["train_fwdbwd"]["roofline_ms"] for r in rs], "k--",
+                label="memory roofline")
+        ax.set_yscale("log")
+        ax.set_xlabel("kernel size k")
+        ax.set_ylabel("predicted ms (training fwd+bwd)")
+        ax.set_title(" ".join(key), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("PREDICTED H100 time (static model, +-50%) vs kernel size", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _measured(path):
+    data = json.load(open(path))
+    out = {}
+    for r in data["records"]:
+        if r.get("kind") == "block" and "ms" in r:
+            prov = {"auto": None}.get(r["provider"], r["provider"])
+            if prov:
+                out[(r["shape_name"], r["dtype"], r["layout"], r["mode"], r["k"], prov)] = r["ms"]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["cm1536", "cm768", "cifar256"])
+    p.add_argument("--ks", nargs="+", type=int, default=[3, 7, 9])
+    p.add_argument("--sweep", action="store_true", help="k = 3, 5, ..., 31 as well")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"])
+    p.add_argument("--backends", nargs="+", default=["cuda", "triton"])
+    p.add_argument("--json", default=os.path.join(ROOT, "build", "static.json"))
+    p.add_argument("--md", default=None)
+    p.add_argument("--png", default=None)
+    p.add_argument("--measured", default=None, help="a GPU benchmark JSON to compare with")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run without TRITON_INTERPRET: the interpreter compiles nothing")
+    from convmixer_ext import _cmx_lib
+    lib_path = _cmx_lib.library_path("cuda")
+    backends = [b for b in a.backends if b != "cuda" or os.path.exists(lib_path)]
+    ks = sorted(set(a.ks + (list(range(3, 32, 2)) if a.sweep else [])))
+    rows = report(a.shapes, ks, a.dtypes, a.layouts, backends, lib_path)
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(dict(schema=1, constants=H100, occupancy_floor=OCCUPANCY_FLOOR,
+                       eager_eta=EAGER_ETA, cases=rows), f, indent=1, default=str)
+    md = markdown(rows, _measured(a.measured) if a.measured else None)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(md)
+    if a.png:
+        plot(rows, a.png)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The static performance report's facts as gates (docs/DESIGN.md, "Performance model"):
+for the benchmark shapes (ConvMixer-1536/20, 768/32, CIFAR-256/8; k = 3/7/9; fp32 and bf16;
+NCHW and channels_last) every CUDA pass keeps its occupancy floor on sm_90, stages with
+16-byte loads and stores its outputs with 16-byte stores, and moves at most 1.15x the
+minimum bytes. The estimate is reported, never asserted."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT = os.path.join(ROOT, "build", "static.json")
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def report():
+    from convmixer_ext import _cmx_lib
+    if not os.path.exists(_cmx_lib.library_path("cuda")):
+        from setup import _find_cuda_home  # noqa: F401 - nvcc here means it must be built
+        pytest.skip("the CUDA library is not built here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.static", "--json", REPORT, "--md",
+                        os.path.join(ROOT, "build", "static.md")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.load(open(REPORT))
+
+
+def _cuda(report):
+    for case in report["cases"]:
+        for k in case["kernels"]:
+            if k["backend"] == "cuda":
+                yield case, k
+
+
+def test_every_benchmark_case_is_reported(report):
+    cases = {(c["shape_name"], c["dtype"], c["layout"], c["k"]) for c in report["cases"]}
+    assert len(cases) == 3 * 2 * 2 * 3
+    for c in report["cases"]:
+        passes = sorted(k["pass_"] for k in c["kernels"] if k["backend"] == "cuda")
+        assert passes == ["B1", "B2", "F1", "F2"], c["shape_name"]
+        assert c["modes"]["train_fwdbwd"]["cuda"]["predicted_ms"] > 0
+
+
+def test_occupancy_floors_on_sm90(report):
+    floor = report["occupancy_floor"]
+    for case, k in _cuda(report):
+        warps = k["occupancy"]["90"]["warps"]
+        assert warps >= floor[k["pass_"]], (case["shape_name"], case["dtype"], case["layout"],
+                                            case["k"], k["pass_"], k["occupancy"])
+
+
+def test_16_byte_accesses_in_staging_and_epilogue(report):
+    for case, k in _cuda(report):
+        assert k["vec"], (case["shape_name"], case["layout"], "not on the 16-byte path")
+        assert k["widths"]["LDG"].get("16", 0) > 0, (k["kernel"], k["widths"])
+        if k["pass_"] in ("F2", "B2"):  # they store a tensor: out, dx
+            assert k["widths"]["STG"].get("16", 0) > 0, (k["kernel"], k["widths"])
+
+
+def test_bytes_moved_within_115_percent_of_the_minimum(report):
+    for case, k in _cuda(report):
+        assert k["bytes_ratio"] <= 1.15, (case["shape_name"], case["dtype"], case["layout"],
+                                          case["k"], k["pass_"], k["bytes_ratio"])
+        assert k["local"] == 0  # no spills
