@@ -223,3 +223,26 @@ def test_no_memory_growth_over_repeated_steps():
     before = rss()
     steps(200)
     assert rss() - before < 40 * 2**20
+
+
+@pytest.mark.parametrize("backend", [b for b in all_backends() if b not in ("eager",)])
+def test_training_step_reads_nothing_back_to_the_host(backend, monkeypatch):
+    """A training step (forward, backward, buffer updates) of a fused layer, the folded
+    pointwise half included, never reads a value back to the host (no .item(), .tolist(),
+    .cpu(), .numpy()): what a CUDA graph needs to capture it. (The partial counts are
+    written by the kernels; "eager" is PyTorch's own BatchNorm, which reads
+    num_batches_tracked for momentum=None only.)"""
+    ref, fused = layer_pair(4, 5, "gelu", backend, torch.float32, DEVICE)
+    fused.pointwise = "torch" if backend in ("torch", "cuda_emu") else "triton"
+    x = torch.randn(2, 4, 6, 7).to(DEVICE).requires_grad_()
+    probe = torch.randn(2, 4, 6, 7).to(DEVICE)
+
+    def refuse(*a, **k):
+        raise AssertionError("a host read-back in the training step")
+
+    for name in ("item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    fused.train()
+    fused(x).backward(probe)
+    monkeypatch.undo()
+    assert x.grad is not None and fused[0].fn[2].num_batches_tracked.item() == 1

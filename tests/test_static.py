@@ -69,3 +69,20 @@ def test_bytes_moved_within_115_percent_of_the_minimum(report):
         assert k["bytes_ratio"] <= 1.15, (case["shape_name"], case["dtype"], case["layout"],
                                           case["k"], k["pass_"], k["bytes_ratio"])
         assert k["local"] == 0  # no spills
+
+
+def test_measured_times_are_set_against_the_prediction(tmp_path):
+    """With a GPU benchmark's JSON, the report lists measured / predicted per case."""
+    from benchmarks import static
+    rows = [dict(shape_name="cm1536", dtype="float32", layout="nchw", k=9, kernels=[],
+                 modes={"eval": {"eager_ms": 4.0, "roofline_ms": 0.27,
+                                 "cuda": {"predicted_ms": 0.5, "vs_eager": 8.0,
+                                          "pct_roofline": 54.0}}})]
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"records": [
+        {"kind": "block", "shape_name": "cm1536", "dtype": "float32", "layout": "nchw",
+         "mode": "eval", "k": 9, "provider": p, "ms": ms}
+        for p, ms in (("cuda", 1.0), ("eager", 3.0))]}))
+    md = static.markdown(rows, static._measured(str(path)))
+    assert "| cm1536 | float32 | nchw | eval | 9 | cuda | 1.000 | 0.500 | 2.00 |" in md
+    assert "| cm1536 | float32 | nchw | eval | 9 | eager | 3.000 | 4.000 | 0.75 |" in md
