@@ -16,7 +16,7 @@ from conftest import DEVICE, all_backends
 from helpers import compare_models, layer_pair
 
 # The Triton interpreter costs seconds per example; the others a fraction of that.
-EXAMPLES = {"triton": 8, "torch": 30, "eager": 30, "cuda_emu": 30, "cuda": 30}
+EXAMPLES = {"triton": 4, "torch": 30, "eager": 30, "cuda_emu": 30, "cuda": 30}
 
 
 class FusedBlock(torch.nn.Module):

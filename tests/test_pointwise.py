@@ -130,7 +130,8 @@ def _model_pair(backend, pointwise, depth=3, k=5, dtype=torch.float32, seed=0):
 def test_folded_model_matches_reference(backend, pointwise):
     """BN2 folded into the next layer's depthwise load (FusedBlocks chain): logits, input
     and every parameter gradient, running statistics after two training steps, then eval."""
-    ref, fused = _model_pair(backend, pointwise)
+    # the interpreter is slow: two layers (one hand-off) there, three elsewhere
+    ref, fused = _model_pair(backend, pointwise, depth=2 if "triton" in (backend, pointwise) else 3)
     assert isinstance(fused.blocks, FusedBlocks)
     assert all(layer.folds_bn2() for layer in fused.blocks)
     x = torch.randn(2, 3, 10, 12, device=DEVICE)
@@ -254,8 +255,8 @@ def test_fp32_gemm_precision_follows_cudnn_allow_tf32(monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
         seen = []
         with tk.recording(lambda kern, grid, args, kw: seen.append(kw["PRECISION"])):
-            tk.pw_gemm_act_stats(y, torch.empty(8, 8, device="meta"), torch.empty(8, device="meta"),
-                                 torch.empty_like(y), 0)
+            tk.pw_gemm_act_stats(y, torch.empty(8, 8, device="meta"),
+                                 torch.empty(8, device="meta"), torch.empty_like(y), 0)
         assert seen == [want]
     with tk.recording(lambda kern, grid, args, kw: seen.append(kw["PRECISION"])):
         seen.clear()
