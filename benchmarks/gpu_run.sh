@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_run.sh                  # all stages (may exceed one 10-min call)
 #   bash benchmarks/gpu_run.sh build test       # stages: build test sanitize graph bench model
+#                                               #         static (predicted vs measured)
 #   BENCH_ARGS="--sweep --model" bash benchmarks/gpu_run.sh bench
 #
 # build: a wheel carried in dist/ (built elsewhere: `make wheel`, then copy build/wheel/*.whl
@@ -23,7 +24,7 @@ mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python}
-STAGES=${*:-build test sanitize graph bench model}
+STAGES=${*:-build test sanitize graph bench model static}
 BENCH_ARGS=${BENCH_ARGS:---shapes cm1536 --modes eval train_fwdbwd --providers eager compile auto cuda triton}
 # whole model: ConvMixer-1536/20 (k=9) and a CIFAR-size one, training step (images/s, peak
 # memory) and inference for eager / compile / auto / fused+pointwise (BN2 folded)
@@ -77,6 +78,14 @@ if has bench; then
   # shellcheck disable=SC2086
   inpkg $PY -m benchmarks --out "$RES" $BENCH_ARGS > "$RES/bench.log" 2>&1 || status=1
   tail -60 "$RES/bench.log"
+fi
+if has static; then
+  echo "== static report: predicted against measured"
+  latest=$(ls -t "$RES"/*.json 2>/dev/null | grep -v -e static -e predicted | head -1)
+  inpkg $PY -m benchmarks.static --shapes cm1536 --json "$RES/static.json" \
+    --md "$RES/static-vs-measured.md" ${latest:+--measured "$latest"} > "$RES/static.log" 2>&1 \
+    || status=1
+  grep -A40 "Measured against predicted" "$RES/static-vs-measured.md" | head -40
 fi
 if has model; then
   echo "== whole-model benchmark: $MODEL_ARGS"

@@ -507,7 +507,8 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     env = environment(dev)
     tag = env["device_name"].split("(")[0].strip().replace(" ", "_") or dev
-    stem = os.path.join(a.out, f"{tag}-{_dt.date.today().isoformat()}")
+    stem = os.path.join(a.out, f"{tag}-{_dt.date.today().isoformat()}"
+                        + ("-model" if a.no_blocks else ""))
     env["copy_GBps"] = copy_bandwidth(dev) / 1e9
     fma_rate = peak_fma_rate(dev)
     env["peak_fma_per_s"] = fma_rate

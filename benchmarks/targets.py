@@ -13,7 +13,9 @@ compiled for its real targets and the facts of the compiled code are recorded:
 
     python -m benchmarks.targets [--set bench cover] [--arch 80 90] [--jobs 2] [--json PATH]
 
-exits 1 if any specialization fails to compile. Compiles are cached by Triton under
+The benchmark set is compiled for every arch given, the covering set for the last one
+(and its GEMMs for every arch: mma and wgmma differ); exits 1 if any specialization fails
+to compile. Compiles are cached by Triton under
 ``TRITON_CACHE_DIR`` (default ``build/triton-cache``), keyed by the kernel source hash,
 the specialization and the target, so only changed kernels are compiled again.
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces the jit functions).
@@ -187,7 +189,7 @@ def specializations(sets=("bench", "cover")):
     seen, out = set(), []
 
     def record(kernel, grid, args, kwargs):
-        key = (kernel.fn.__name__, _arg_key(args), tuple(sorted(kwargs.items())))
+        key = _spec_key((kernel.fn.__name__, args, kwargs))
         if key not in seen:
             seen.add(key)
             out.append((kernel.fn.__name__, args, dict(kwargs)))
@@ -196,6 +198,11 @@ def specializations(sets=("bench", "cover")):
         for s in sets:
             SETS[s]()
     return out
+
+
+def _spec_key(spec):
+    name, args, kwargs = spec
+    return name, _arg_key(args), tuple(sorted(kwargs.items()))
 
 
 def _arg_key(args):
@@ -266,11 +273,21 @@ def _compile_one(job):
     return fact
 
 
+# The covering set is compiled for the newest target only, except the GEMMs (tl.dot: mma on
+# sm_80, wgmma on sm_90); the benchmark set for every target.
+COVER_ALL_ARCHS = ("_pw_gemm_kernel", "_pw_bwd_du_kernel")
+
+
 def compile_all(sets=("bench", "cover"), archs=(80, 90), jobs=None, progress=None):
     """Compile every specialization for every arch; returns the list of facts."""
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
-    specs = specializations(sets)
-    work = [(name, args, kwargs, arch) for arch in archs for name, args, kwargs in specs]
+    bench = specializations(tuple(s for s in sets if s == "bench"))
+    cover = specializations(tuple(s for s in sets if s != "bench"))
+    keys = {_spec_key(sp) for sp in bench}
+    work = [(name, args, kwargs, arch) for arch in archs for name, args, kwargs in bench]
+    work += [(name, args, kwargs, arch) for name, args, kwargs in cover
+             if _spec_key((name, args, kwargs)) not in keys
+             for arch in (archs if name in COVER_ALL_ARCHS else archs[-1:])]
     jobs = jobs or min(len(work), os.cpu_count() or 1)
     facts = []
     if jobs <= 1:
@@ -326,8 +343,9 @@ def main(argv=None):
     by_kernel = {}
     for f in facts:
         by_kernel.setdefault((f["kernel"], f["arch"]), []).append(f)
-    print(f"triton {triton.__version__}: {len(facts)} compiles "
-          f"({len(facts) // max(len(a.arch), 1)} specializations x {len(a.arch)} archs)")
+    print(f"triton {triton.__version__}: {len(facts)} compiles (the benchmark set for "
+          f"{', '.join(f'sm_{x}' for x in a.arch)}, the covering set for sm_{a.arch[-1]} and, "
+          "for the GEMMs, every target)")
     for (kern, arch), fs in sorted(by_kernel.items()):
         ok = [f for f in fs if "error" not in f]
         if ok:

@@ -271,6 +271,26 @@ const T* as(const void* p) {
   return static_cast<const T*>(p);
 }
 
+// One pass: the plan (16-byte path when every pointer given is aligned), the required
+// pointers, the input affine, then launch_for(T{}, integral_constant<KT>, plan) for the
+// shape's dtype and kernel size; the launch error as a message.
+using Required = std::initializer_list<std::pair<const void*, const char*>>;
+
+template <class LaunchFor>
+int32_t run_pass(const cmx_shape* s, const cmx_inputs* in, Pass pass,
+                 std::initializer_list<const void*> aligned_ptrs, Required required,
+                 const char* what, LaunchFor&& launch_for) {
+  Plan p;
+  if (int32_t e = make_plan(s, pass, s && s->aligned && aligned16(aligned_ptrs), p)) return e;
+  if (p.blocks == 0) return CMX_OK;
+  for (auto [ptr, name] : required)
+    if (int32_t e = need(ptr, name)) return e;
+  if (int32_t e = check_in_affine(s, in)) return e;
+  cmx_error_t err = cmx_success;
+  dispatch(s, [&](auto tag, auto kc) { err = launch_for(tag, kc, p); });
+  return check_launch(err, what);
+}
+
 }  // namespace
 }  // namespace cmx
 
@@ -363,94 +383,73 @@ CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
 }
 
 CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
-  Plan p;
-  if (int32_t e = make_plan(s, kF1, s && s->aligned && aligned16({in->x}), p)) return e;
-  if (p.blocks == 0) return CMX_OK;
-  for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->weight, "weight"},
-                           {in->bias, "bias"}, {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"},
-                           {out->count_p, "count_p"}})
-    if (int32_t e = need(ptr, name)) return e;
-  if (int32_t e = check_in_affine(s, in)) return e;
-  cmx_error_t err = cmx_success;
-  dispatch(s, [&](auto tag, auto kc) {
-    using T = decltype(tag);
-    constexpr int KT = decltype(kc)::value;
-    err = launch(stats_kernel<T, KT>, p, in, as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
-                 out->mean_p, out->m2_p, out->count_p, in_affine_of(s, in, nullptr), p.geo);
-  });
-  return check_launch(err, "stats_kernel");
+  if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
+  return run_pass(s, in, kF1, {in->x},
+                  {{in->x, "x"}, {in->weight, "weight"}, {in->bias, "bias"},
+                   {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"}, {out->count_p, "count_p"}},
+                  "stats_kernel", [&](auto tag, auto kc, const Plan& p) {
+                    using T = decltype(tag);
+                    return launch(stats_kernel<T, decltype(kc)::value>, p, in, as<T>(in->x),
+                                  as<T>(in->weight), as<T>(in->bias), out->mean_p, out->m2_p,
+                                  out->count_p, in_affine_of(s, in, nullptr), p.geo);
+                  });
 }
 
 CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
-  Plan p;
-  if (int32_t e = make_plan(s, kF2, s && s->aligned && aligned16({in->x, out->y}), p)) return e;
-  if (p.blocks == 0) return CMX_OK;
-  for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->weight, "weight"},
-                           {in->bias, "bias"}, {in->mean, "mean"}, {in->rstd, "rstd"},
-                           {in->gamma, "gamma"}, {in->beta, "beta"}, {out->y, "out"}})
-    if (int32_t e = need(ptr, name)) return e;
-  if (int32_t e = check_in_affine(s, in)) return e;
-  cmx_error_t err = cmx_success;
-  dispatch(s, [&](auto tag, auto kc) {
-    using T = decltype(tag);
-    constexpr int KT = decltype(kc)::value;
-    err = launch(apply_kernel<T, KT>, p, in, as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
-                 in->mean, in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),
-                 in_affine_of(s, in, nullptr), p.geo);
-  });
-  return check_launch(err, "apply_kernel");
+  if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
+  return run_pass(s, in, kF2, {in->x, out->y},
+                  {{in->x, "x"}, {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
+                   {in->rstd, "rstd"}, {in->gamma, "gamma"}, {in->beta, "beta"},
+                   {out->y, "out"}},
+                  "apply_kernel", [&](auto tag, auto kc, const Plan& p) {
+                    using T = decltype(tag);
+                    return launch(apply_kernel<T, decltype(kc)::value>, p, in, as<T>(in->x),
+                                  as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd,
+                                  in->gamma, in->beta, static_cast<T*>(out->y),
+                                  in_affine_of(s, in, nullptr), p.geo);
+                  });
 }
 
 CMX_API int32_t cmx_bwd_reduce(const cmx_shape* s, const cmx_inputs* in,
                                const cmx_outputs* out) {
-  Plan p;
-  if (int32_t e = make_plan(s, kB1, s && s->aligned && aligned16({in->x, in->dout}), p)) return e;
-  if (p.blocks == 0) return CMX_OK;
-  for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->dout, "dout"},
-                           {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
-                           {in->rstd, "rstd"}, {out->dbeta_p, "dbeta_p"},
-                           {out->dgamma_p, "dgamma_p"}})
-    if (int32_t e = need(ptr, name)) return e;
-  if (int32_t e = check_in_affine(s, in)) return e;
-  cmx_error_t err = cmx_success;
-  dispatch(s, [&](auto tag, auto kc) {
-    using T = decltype(tag);
-    constexpr int KT = decltype(kc)::value;
-    err = launch(bwd_reduce_kernel<T, KT>, p, in, as<T>(in->dout), as<T>(in->x),
-                 as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd, out->dbeta_p,
-                 out->dgamma_p, in_affine_of(s, in, nullptr), p.geo);
-  });
-  return check_launch(err, "bwd_reduce_kernel");
+  if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
+  return run_pass(s, in, kB1, {in->x, in->dout},
+                  {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
+                   {in->mean, "mean"}, {in->rstd, "rstd"}, {out->dbeta_p, "dbeta_p"},
+                   {out->dgamma_p, "dgamma_p"}},
+                  "bwd_reduce_kernel", [&](auto tag, auto kc, const Plan& p) {
+                    using T = decltype(tag);
+                    return launch(bwd_reduce_kernel<T, decltype(kc)::value>, p, in,
+                                  as<T>(in->dout), as<T>(in->x), as<T>(in->weight),
+                                  as<T>(in->bias), in->mean, in->rstd, out->dbeta_p,
+                                  out->dgamma_p, in_affine_of(s, in, nullptr), p.geo);
+                  });
 }
 
 CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
-  Plan p;
-  if (int32_t e = make_plan(s, kB2, s && s->aligned && aligned16({in->x, in->dout, out->y}), p)) return e;
-  if (p.blocks == 0) return CMX_OK;
-  for (auto [ptr, name] : {std::pair<const void*, const char*>{in->x, "x"}, {in->dout, "dout"},
-                           {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
-                           {in->rstd, "rstd"}, {in->gamma, "gamma"}, {out->y, "dx"},
-                           {out->dw_p, "dw_p"}, {out->db_p, "db_p"}})
-    if (int32_t e = need(ptr, name)) return e;
-  if (in->batch_stats)
-    for (auto [ptr, name] : {std::pair<const void*, const char*>{in->dbeta, "dbeta"},
-                             {in->dgamma, "dgamma"}})
-      if (int32_t e = need(ptr, name)) return e;
-  if (int32_t e = check_in_affine(s, in)) return e;
-  if (s->has_in_affine)
-    for (auto [ptr, name] : {std::pair<const void*, const char*>{out->dscale_p, "dscale_p"},
-                             {out->dshift_p, "dshift_p"}})
-      if (int32_t e = need(ptr, name)) return e;
-  cmx_error_t err = cmx_success;
-  dispatch(s, [&](auto tag, auto kc) {
-    using T = decltype(tag);
-    constexpr int KT = decltype(kc)::value;
-    err = launch(bwd_main_kernel<T, KT>, p, in, as<T>(in->dout), as<T>(in->x),
-                 as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd, in->gamma, in->dbeta,
-                 in->dgamma, in->batch_stats != 0, static_cast<T*>(out->y), out->dw_p,
-                 out->db_p, in_affine_of(s, in, out), p.geo);
-  });
-  return check_launch(err, "bwd_main_kernel");
+  if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
+  if (s && s->n > 0) {  // (an empty batch launches nothing and needs no pointers)
+    if (in->batch_stats)
+      for (auto [ptr, name] : {std::pair<const void*, const char*>{in->dbeta, "dbeta"},
+                               {in->dgamma, "dgamma"}})
+        if (int32_t e = need(ptr, name)) return e;
+    if (s->has_in_affine)
+      for (auto [ptr, name] : {std::pair<const void*, const char*>{out->dscale_p, "dscale_p"},
+                               {out->dshift_p, "dshift_p"}})
+        if (int32_t e = need(ptr, name)) return e;
+  }
+  return run_pass(s, in, kB2, {in->x, in->dout, out->y},
+                  {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
+                   {in->mean, "mean"}, {in->rstd, "rstd"}, {in->gamma, "gamma"},
+                   {out->y, "dx"}, {out->dw_p, "dw_p"}, {out->db_p, "db_p"}},
+                  "bwd_main_kernel", [&](auto tag, auto kc, const Plan& p) {
+                    using T = decltype(tag);
+                    return launch(bwd_main_kernel<T, decltype(kc)::value>, p, in,
+                                  as<T>(in->dout), as<T>(in->x), as<T>(in->weight),
+                                  as<T>(in->bias), in->mean, in->rstd, in->gamma, in->dbeta,
+                                  in->dgamma, in->batch_stats != 0, static_cast<T*>(out->y),
+                                  out->dw_p, out->db_p, in_affine_of(s, in, out), p.geo);
+                  });
 }
 
 CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, int64_t h,

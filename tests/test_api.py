@@ -35,17 +35,19 @@ def test_gradcheck_float64(activation, k, training):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_folded_affine(training):
-    """The block input a*x + c (pre): gradients of x, a and c as well as the parameters."""
+    """The block input in_scale*x + in_shift: gradients of x, in_scale and in_shift as well
+    as the parameters."""
     x, w, b, gamma, beta = [t.requires_grad_() for t in _block_args(k=3)]
-    pa = (1 + 0.3 * torch.randn(3, dtype=torch.float64)).requires_grad_()
-    pc = (0.2 * torch.randn(3, dtype=torch.float64)).requires_grad_()
+    in_scale = (1 + 0.3 * torch.randn(3, dtype=torch.float64)).requires_grad_()
+    in_shift = (0.2 * torch.randn(3, dtype=torch.float64)).requires_grad_()
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
 
-    def f(x, w, b, gamma, beta, pa, pc):
+    def f(x, w, b, gamma, beta, in_scale, in_shift):
         return fused_dwconv_block(x, w, b, gamma, beta, rm.clone(), rv.clone(), None,
-                                  training=training, backend="torch", in_affine=(pa, pc))
+                                  training=training, backend="torch",
+                                  in_affine=(in_scale, in_shift))
 
-    assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta, pa, pc))
+    assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta, in_scale, in_shift))
 
 
 def test_torch_compile_fullgraph_matches_eager():

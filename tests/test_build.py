@@ -31,7 +31,8 @@ def test_library_resolves_without_torch(kind):
     path = _lib_path(kind)
     ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
     r = subprocess.run(["ldd", "-r", path], capture_output=True, text=True)
-    assert r.returncode == 0 and "undefined symbol" not in r.stdout + r.stderr, r.stdout
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert "undefined symbol" not in r.stdout + r.stderr, r.stdout + r.stderr
     assert "torch" not in r.stdout and "c10" not in r.stdout, r.stdout
     nm = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True)
     exported = {ln.split()[-1] for ln in nm.stdout.splitlines() if " T " in ln}

@@ -13,8 +13,8 @@ from conftest import DEVICE
 from convmixer_ext import torch_backend
 from convmixer_ext.backends import KernelBackend, backend_reason, get_impl, library
 from convmixer_ext.cuda_kernels import Launchers
-from convmixer_ext.semantics import ACTIVATIONS, rstd_from_var
-from helpers import assert_close
+from convmixer_ext.semantics import ACTIVATIONS
+from helpers import assert_close, compare_passes
 
 BACKEND = "cuda" if DEVICE == "cuda" else "cuda_emu"
 pytestmark = pytest.mark.skipif(backend_reason(BACKEND, DEVICE) is not None,
@@ -92,31 +92,7 @@ def test_kernel_paths_match_twin(case, with_affine, target_blocks):
     items = N * -(-H // plan.tile_h) * -(-W // plan.tile_w)
     assert plan.partial_rows[3] == (1 if target_blocks == 1 else items)  # one part: all items
 
-    act = "gelu"
-    twin = torch_backend
-    mean, var = impl.stats(x, w, b, act, aff)
-    mean_t, var_t = twin.stats(x, w, b, act, aff)
-    assert_close(mean, mean_t, f32, "F1 mean")
-    assert_close(var, var_t, f32, "F1 var")
-    rstd = rstd_from_var(var_t, 1e-5)
-    out = impl.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff)
-    assert out.stride() == x.stride() or offset  # outputs are allocated dense like x
-    assert_close(out, twin.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff), dtype, "F2")
-    dbeta, dgamma = impl.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff)
-    dbeta_t, dgamma_t = twin.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff)
-    assert_close(dbeta, dbeta_t, f32, "B1 dbeta")
-    assert_close(dgamma, dgamma_t, f32, "B1 dgamma")
-    for batch_stats in (True, False):
-        got = impl.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t, dgamma_t, batch_stats,
-                            act, aff)
-        want = twin.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t, dgamma_t,
-                             batch_stats, act, aff)
-        assert_close(got[0], want[0], dtype, f"B2 dx ({batch_stats})")
-        assert_close(got[1], want[1], f32, f"B2 dW ({batch_stats})")
-        assert_close(got[2], want[2], f32, f"B2 db ({batch_stats})")
-        if aff is not None:
-            assert_close(got[3][0], want[3][0], f32, "B2 d(in_scale)")
-            assert_close(got[3][1], want[3][1], f32, "B2 d(in_shift)")
+    compare_passes(impl, x, dout, w, b, gamma, beta, "gelu", aff, dtype)
 
 
 def test_activation_ids_reach_the_kernels():
