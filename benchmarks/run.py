@@ -106,7 +106,12 @@ def _timer(fn, device, reps):
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
+    return _quantiles(ts)
+
+
+def _quantiles(ts):
+    """(median, p20, p80) of host timings in ms."""
+    ts = sorted(ts)
     pick = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))]  # noqa: E731
     return statistics.median(ts), pick(0.2), pick(0.8)
 
@@ -254,10 +259,8 @@ def run_group(cases, device, reps, bw, fma_rate, check_tol):
         if step is None:
             out.append(rec)
             continue
-        ts = sorted(times[id(step)])
-        pick = lambda q: ts[min(len(ts) - 1, int(q * len(ts)))]  # noqa: E731
-        out.append(finish_case(rec, (statistics.median(ts), pick(0.2), pick(0.8)), step,
-                               module, x, bw, fma_rate))
+        out.append(finish_case(rec, _quantiles(times[id(step)]), step, module, x, bw,
+                               fma_rate))
     return out
 
 
