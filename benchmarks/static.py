@@ -98,6 +98,13 @@ def access_widths(opcodes):
     return out
 
 
+def sass_facts(opcodes):
+    """The SASS facts the report keeps of one kernel: memory instructions by access width,
+    the instruction count and the FFMA count."""
+    return dict(widths=access_widths(opcodes), instructions=len(opcodes),
+                ffma=sum(op.startswith("FFMA") for op in opcodes))
+
+
 def parse_sass(text):
     """{(arch, function): [opcodes]} from cuobjdump -sass output."""
     funcs, arch, name = {}, None, None
@@ -133,8 +140,7 @@ def cuda_kernel_facts(lib_path):
             continue
         ops = sass.get((r["arch"], r["function"]), [])
         key = (r["arch"], m.group(1), _DTYPE_OF[m.group(2)], int(m.group(3)))
-        facts[key] = dict(r, widths=access_widths(ops), instructions=len(ops),
-                          ffma=sum(op.startswith("FFMA") for op in ops))
+        facts[key] = dict(r, **sass_facts(ops))
     return facts
 
 

@@ -258,14 +258,12 @@ def _compile_one(job):
         f.flush()
         res = resource_usage(f.name)
         if with_sass:
-            from benchmarks.static import access_widths, parse_sass
+            from benchmarks.static import parse_sass, sass_facts
             sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", f.name],
                                              capture_output=True, text=True).stdout)
-            ops = [op for v in sass.values() for op in v]
-            w = access_widths(ops)
-            fact.update(widths=w, instructions=len(ops),
-                        ffma=sum(op.startswith("FFMA") for op in ops),
-                        ldg_bytes=max(w["LDG"], key=w["LDG"].get) if w["LDG"] else 4)
+            fact.update(sass_facts([op for v in sass.values() for op in v]))
+            ldg = fact["widths"]["LDG"]
+            fact["ldg_bytes"] = max(ldg, key=ldg.get) if ldg else 4
     ptx = ck.asm.get("ptx", "")
     fact.update(regs=max(r["regs"] for r in res), local=max(r["local"] for r in res),
                 shared=int(ck.metadata.shared),
