@@ -29,6 +29,20 @@ BENCH_ARGS=${BENCH_ARGS:---shapes cm1536 --modes eval train_fwdbwd --providers e
 # whole model: ConvMixer-1536/20 (k=9) and a CIFAR-size one, training step (images/s, peak
 # memory) and inference for eager / compile / auto / fused+pointwise (BN2 folded)
 MODEL_ARGS=${MODEL_ARGS:---no-blocks --model --ks 9 --dtypes bfloat16}
+# Per-stage wall-clock caps in seconds (0: none), so that one device call ends with every
+# stage's output even when a stage runs long: T_TEST=180 T_BENCH=150 ... A capped stage is
+# interrupted with SIGINT (the benchmark keeps the cases measured so far).
+cap() { local t=$1; shift; if [[ ${t:-0} -gt 0 ]]; then timeout -s INT -k 10 "$t" "$@"; else "$@"; fi; }
+# The CUDA-tensor test run: in parallel where pytest-xdist is there; the tests that only
+# compile for targets or build (no GPU needed, run by CI) are left out.
+TEST_ARGS=${TEST_ARGS:---ignore=$ROOT/tests/test_targets.py --ignore=$ROOT/tests/test_static.py --ignore=$ROOT/tests/test_build.py --ignore=$ROOT/tests/test_benchmarks.py}
+# (each worker with its share of the cores: OpenMP's spinning threads, 16 per worker, made
+# two CPU gradchecks of 0.3 s run past 150 s under 12 workers)
+if $PY -c "import xdist" 2>/dev/null; then
+  TEST_ARGS="-n ${TEST_WORKERS:-8} $TEST_ARGS"
+  TEST_OMP=$(( $(nproc) / ${TEST_WORKERS:-8} > 0 ? $(nproc) / ${TEST_WORKERS:-8} : 1 ))
+fi
+if $PY -c "import pytest_timeout" 2>/dev/null; then TEST_ARGS="--timeout 150 $TEST_ARGS"; fi
 RUN=$ROOT/build/gpu-run
 mkdir -p "$RUN"
 ln -sfn "$ROOT/benchmarks" "$RUN/benchmarks"
@@ -55,28 +69,33 @@ EOF
 fi
 if has test; then
   echo "== tests (CUDA tensors)"
-  (cd "$RUN" && CONVMIXER_EXT_REQUIRE_BACKENDS=all-kernels $PY -m pytest -q -p no:cacheprovider \
-    --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests") > "$RES/tests.log" 2>&1 || status=1
+  # shellcheck disable=SC2086
+  (cd "$RUN" && if [[ -n ${TEST_OMP:-} ]]; then export OMP_NUM_THREADS=$TEST_OMP; fi &&
+    CONVMIXER_EXT_FAILURE_LOG="$RES/test-failures.log" \
+    CONVMIXER_EXT_REQUIRE_BACKENDS=all-kernels cap "${T_TEST:-0}" $PY -m pytest -rfE \
+    -p no:cacheprovider $TEST_ARGS --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests") \
+    > "$RES/tests.log" 2>&1 || status=1
   tail -15 "$RES/tests.log"
 fi
 if has sanitize; then
   SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     echo "== compute-sanitizer $tool"
-    inpkg "$SAN" --tool "$tool" --error-exitcode 3 $PY "$ROOT/benchmarks/sanitize_cases.py" \
+    quick=0; [[ $tool == racecheck ]] && quick=1   # racecheck: the smaller case set
+    SANITIZE_QUICK=$quick inpkg cap "${T_SANITIZE:-0}" "$SAN" --tool "$tool" --error-exitcode 3 $PY "$ROOT/benchmarks/sanitize_cases.py" \
       > "$RES/sanitizer-$tool.log" 2>&1 || status=1
     tail -3 "$RES/sanitizer-$tool.log"
   done
 fi
 if has graph; then
   echo "== CUDA-graph capture of a training step"
-  inpkg $PY -m benchmarks.graph_check > "$RES/graph.log" 2>&1 || status=1
+  inpkg cap "${T_GRAPH:-0}" $PY -m benchmarks.graph_check > "$RES/graph.log" 2>&1 || status=1
   tail -8 "$RES/graph.log"
 fi
 if has bench; then
   echo "== benchmarks: $BENCH_ARGS"
   # shellcheck disable=SC2086
-  inpkg $PY -m benchmarks --out "$RES" $BENCH_ARGS > "$RES/bench.log" 2>&1 || status=1
+  inpkg cap "${T_BENCH:-0}" $PY -m benchmarks --out "$RES" $BENCH_ARGS > "$RES/bench.log" 2>&1 || status=1
   tail -60 "$RES/bench.log"
 fi
 if has static; then
@@ -90,7 +109,7 @@ fi
 if has model; then
   echo "== whole-model benchmark: $MODEL_ARGS"
   # shellcheck disable=SC2086
-  inpkg $PY -m benchmarks --out "$RES" $MODEL_ARGS > "$RES/bench-model.log" 2>&1 || status=1
+  inpkg cap "${T_MODEL:-0}" $PY -m benchmarks --out "$RES" $MODEL_ARGS > "$RES/bench-model.log" 2>&1 || status=1
   tail -20 "$RES/bench-model.log"
 fi
 exit $status

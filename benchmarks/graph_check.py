@@ -40,10 +40,17 @@ def _state(model):
     return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
 
 
-def _close(a, b, what, rtol=1e-4, atol=1e-5):
+def _close(a, b, what, tol=1e-4):
+    """max |u - v| <= tol * max(max |v|, 1e-2) per tensor: fp32's tolerance relative to the
+    tensor's scale (as the tests' assert_close), not per element, where Inductor's own
+    summation order (reduce-overhead compiles the PyTorch parts too) moves values near 0
+    by more than any per-element relative bound."""
     for i, (u, v) in enumerate(zip(a, b)):
-        if not torch.allclose(u.float(), v.float(), rtol=rtol, atol=atol):
-            return f"{what}[{i}] differs by {(u.float() - v.float()).abs().max().item():.3g}"
+        u, v = u.detach().double(), v.detach().double()
+        err = (u - v).abs().max().item() if v.numel() else 0.0
+        scale = max(v.abs().max().item() if v.numel() else 0.0, 1e-2)
+        if not err <= tol * scale:
+            return f"{what}[{i}] differs by {err:.3g} (scale {scale:.3g})"
     return None
 
 
@@ -107,6 +114,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a GPU")
         return 1
+    # both sides in plain fp32: TF32 convolutions would differ by more than fp32's tolerance
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     failed = 0
     for pointwise in ("unfused", "auto"):
         for name, fn in (("cuda graph of a training step", check_graph),

@@ -265,8 +265,9 @@ def run_group(cases, device, reps, bw, fma_rate, check_tol):
 
 
 # --------------------------------------------------------------------------- whole model
-def run_model(device, dtype, ks, reps, quick):
-    """Images/s of a training step (fwd + bwd + SGD step) and of inference, per provider."""
+def run_model(device, dtype, ks, reps, quick, emit=None):
+    """Images/s of a training step (fwd + bwd + SGD step) and of inference, per provider.
+    ``emit(record)`` is called as each one is measured (an interrupted run keeps them)."""
     from convmixer_ext import convert
     from convmixer_ext.reference import ConvMixer as RefConvMixer
     if device == "cuda":
@@ -290,10 +291,10 @@ def run_model(device, dtype, ks, reps, quick):
             variants = [("auto", "auto", "unfused")] + (
                 [("fused-auto+pw", "auto", "auto")] if device == "cuda" else
                 [("fused-torch", "torch", "unfused"), ("fused-torch+pw", "torch", "torch")])
-            for name, bk, pw in variants:
+            for pname, bk, pw in variants:
                 m = convert(RefConvMixer(dim, depth, k, patch, 1000), backend=bk, pointwise=pw)
                 m.load_state_dict(ref.state_dict())
-                provs[name] = m.to(device=device, dtype=dtype)
+                provs[pname] = m.to(device=device, dtype=dtype)
             x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
             y = torch.randint(0, 1000, (batch,), device=device)
             for pname, model in provs.items():
@@ -330,6 +331,8 @@ def run_model(device, dtype, ks, reps, quick):
                     recs[-1]["train_peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
                 print(f"  {name} k={k} {pname}: train {recs[-1]['train_img_s']:.1f} img/s, "
                       f"infer {recs[-1]['infer_img_s']:.1f} img/s", flush=True)
+                if emit is not None:
+                    emit(recs[-1])
     return recs
 
 
@@ -548,9 +551,11 @@ def main(argv=None):
                                     error=f"{type(e).__name__}: {str(e)[:300]}") for c in group)
             save()
         if a.model:
-            records.extend(run_model(dev, getattr(torch, dtypes[0]), ks if not a.quick else ks[:1],
-                                     reps, a.quick or not gpu))
-            save()
+            def emit(rec):
+                records.append(rec)
+                save()
+            run_model(dev, getattr(torch, dtypes[0]), ks if not a.quick else ks[:1], reps,
+                      a.quick or not gpu, emit)
     except KeyboardInterrupt:
         print("\ninterrupted: keeping the cases measured so far", flush=True)
     save()

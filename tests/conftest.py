@@ -21,6 +21,12 @@ from convmixer_ext.backends import backend_reason  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# under pytest-xdist (the GPU run): the workers share the cores, each with its share of
+# threads (a worker with every core's threads oversubscribes the machine many times over)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 # tests compare with float64 references: the GPU's TF32 matmuls/convolutions (on by default
 # for cuDNN) would be a different computation, so they are off unless a test turns them on
 torch.backends.cudnn.allow_tf32 = False
@@ -47,6 +53,16 @@ def pytest_sessionstart(session):
                if backend_reason(b, DEVICE) is not None}
     if missing:
         raise pytest.UsageError(f"required backends unavailable on {DEVICE}: {missing}")
+
+
+def pytest_runtest_logreport(report):
+    """``CONVMIXER_EXT_FAILURE_LOG=path``: each failure's id and traceback is appended to
+    ``path`` as it happens (by the controller under xdist), so a run stopped at a time limit
+    still says what failed and why."""
+    path = os.environ.get("CONVMIXER_EXT_FAILURE_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} [{report.when}]\n{report.longreprtext[-2500:]}\n\n")
 
 
 def pytest_report_header(config):

@@ -78,6 +78,12 @@ def run_step(model, x, seed, train=True):
     return out, x.grad
 
 
+def _device(model):
+    """Where a model's parameters are (references are built on the CPU; the model under test
+    is on DEVICE)."""
+    return next(model.parameters()).device
+
+
 def _grads(model):
     return {name: None if p.grad is None else p.grad.detach().clone()
             for name, p in model.named_parameters()}
@@ -94,14 +100,15 @@ def compare_models(ref, fused, x, dtype, train=True, steps=1, seed=1, check_grad
     for step in range(steps):
         ref.zero_grad()
         fused.zero_grad()
-        out_r, dx_r = run_step(ref, x.to(torch.float64), seed + step, train)
+        out_r, dx_r = run_step(ref, x.to(device=_device(ref), dtype=torch.float64), seed + step,
+                               train)
         out_f, dx_f = run_step(fused, x, seed + step, train)
         grads_r = _grads(ref) if check_grads else {}
         grads_f = _grads(fused) if check_grads else {}
         runs.append((out_r, dx_r, grads_r, out_f, dx_f, grads_f))
         if ref_lowp is not None:
             ref_lowp.zero_grad()
-            out_l, dx_l = run_step(ref_lowp, x.cpu(), seed + step, train)
+            out_l, dx_l = run_step(ref_lowp, x.to(_device(ref_lowp)), seed + step, train)
             errs = {"out": _maxerr(out_l, out_r), "x.grad": _maxerr(dx_l, dx_r)}
             if check_grads:
                 errs.update({n: _maxerr(g, grads_r[n]) for n, g in _grads(ref_lowp).items()

@@ -52,11 +52,10 @@ def _make(N, C, H, W, dtype, layout, offset, g):
     """A tensor of these values in this layout, at a storage offset of `offset` elements."""
     vals = torch.randn(N, C, H, W, generator=g)
     shape = (N, H, W, C) if layout == "cl" else (N, C, H, W)
-    buf = torch.empty(vals.numel() + offset, dtype=dtype)
+    buf = torch.empty(vals.numel() + offset, dtype=dtype, device=DEVICE)
     t = buf[offset:].view(shape)
     t.copy_(vals.permute(0, 2, 3, 1) if layout == "cl" else vals)
-    t = t.permute(0, 3, 1, 2) if layout == "cl" else t
-    return t.to(DEVICE) if DEVICE != "cpu" else t
+    return t.permute(0, 3, 1, 2) if layout == "cl" else t
 
 
 def _impl(target_blocks):

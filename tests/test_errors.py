@@ -9,15 +9,17 @@ import torch
 import convmixer_ext
 from convmixer_ext import BackendUnavailableError, ConvMixerLayer, fused_dwconv_block
 from convmixer_ext import _cmx_lib, backends
+from conftest import DEVICE
 
 
-def _args(C=3, k=3, dtype=torch.float32):
-    return dict(x=torch.randn(2, C, 5, 5, dtype=dtype), weight=torch.randn(C, 1, k, k, dtype=dtype),
-                bias=torch.randn(C, dtype=dtype), gamma=torch.ones(C), beta=torch.zeros(C))
+def _args(C=3, k=3, dtype=torch.float32, device="cpu"):
+    r = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    return dict(x=r(2, C, 5, 5), weight=r(C, 1, k, k), bias=r(C),
+                gamma=torch.ones(C, device=device), beta=torch.zeros(C, device=device))
 
 
-def _call(**over):
-    a = _args()
+def _call(device="cpu", **over):
+    a = _args(device=device)
     a.update(over)
     return fused_dwconv_block(a.pop("x"), a.pop("weight"), a.pop("bias"), a.pop("gamma"),
                               a.pop("beta"), backend=a.pop("backend", "torch"), **a)
@@ -77,15 +79,19 @@ def test_wrong_device_is_named():
         _call(weight=meta)
 
 
-@pytest.mark.parametrize("backend", ["cuda_emu", "triton"])
+@pytest.mark.parametrize("backend", ["cuda_emu", "triton", "cuda"])
 def test_kernel_backends_refuse_float64_and_huge_k(backend):
-    if convmixer_ext.available_backends()[backend] is not True:
-        pytest.skip(f"{backend} unavailable here: {convmixer_ext.available_backends()[backend]}")
+    # each kernel backend on the tensors it runs on: the emulator on CPU tensors, Triton on
+    # CUDA tensors (CPU tensors in the interpreter), the CUDA library on CUDA tensors
+    device = "cpu" if backend == "cuda_emu" else DEVICE
+    if backends.backend_reason(backend, device) is not None:
+        pytest.skip(f"{backend} unavailable here: {backends.backend_reason(backend, device)}")
+    args = _args(dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="float64"):
-        _call(backend=backend, **{k: v for k, v in _args(dtype=torch.float64).items()
-                                  if k != "gamma" and k != "beta"})
+        _call(device, backend=backend,
+              **{k: v for k, v in args.items() if k not in ("gamma", "beta")})
     with pytest.raises(ValueError, match="kernel_size up to 31"):
-        _call(backend=backend, weight=torch.randn(3, 1, 33, 33))
+        _call(device, backend=backend, weight=torch.randn(3, 1, 33, 33, device=device))
 
 
 def test_auto_runs_every_dtype_and_kernel_size():

@@ -8,7 +8,7 @@ import torch
 from conftest import DEVICE, all_backends
 from convmixer_ext import convert
 from convmixer_ext.reference import ConvMixer as RefConvMixer
-from helpers import assert_close, randomize_bn
+from helpers import _maxerr, assert_close, randomize_bn
 
 
 def _pair(backend, dim=8, depth=2, k=5, activation="gelu", pointwise="unfused"):
@@ -44,9 +44,13 @@ def test_compile_fullgraph_whole_model(pointwise):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_matches_reference_under_autocast(backend, dtype, pointwise):
     """Under torch.autocast the fused model casts like the reference (conv inputs to the
-    autocast dtype, statistics in fp32): same output dtype, values within that dtype's
-    tolerance of the reference under the same autocast, fp32 parameter gradients."""
+    autocast dtype, statistics in fp32): same output dtype, fp32 parameter gradients, and
+    values as close to the float64 reference as the reference under the same autocast is
+    (TOL of the dtype + 4x that reference's own error, as in compare_models: on a GPU the
+    two low-precision models round at different points, so they cannot be held to TOL of
+    each other)."""
     ref, fused = _pair(backend, pointwise=pointwise)
+    ref64 = copy.deepcopy(ref).double().cpu().train()
     x = torch.randn(2, 3, 12, 10, device=DEVICE)
     outs = []
     for m in (ref, fused):
@@ -55,15 +59,19 @@ def test_autocast_matches_reference_under_autocast(backend, dtype, pointwise):
             out = m(x)
         out.float().square().sum().backward()
         outs.append(out)
+    out64 = ref64(x.double().cpu())
+    out64.square().sum().backward()
     assert outs[0].dtype == outs[1].dtype
-    assert_close(outs[1], outs[0].double(), dtype, "autocast logits")
-    for (n, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
+    assert_close(outs[1], out64, dtype, "autocast logits", _maxerr(outs[0], out64))
+    for (n, pr), (_, pf), (_, p64) in zip(ref.named_parameters(), fused.named_parameters(),
+                                          ref64.named_parameters()):
         assert pf.grad.dtype == torch.float32, n
-        assert_close(pf.grad, pr.grad.double(), dtype, n + ".grad")
-    for (n, br), (_, bf) in zip(ref.named_buffers(), fused.named_buffers()):
+        assert_close(pf.grad, p64.grad, dtype, n + ".grad", _maxerr(pr.grad, p64.grad))
+    for (n, br), (_, bf), (_, b64) in zip(ref.named_buffers(), fused.named_buffers(),
+                                          ref64.named_buffers()):
         assert bf.dtype == br.dtype, n
         if br.is_floating_point():
-            assert_close(bf, br, dtype, n)
+            assert_close(bf, b64, dtype, n, _maxerr(br, b64))
 
 
 @pytest.mark.parametrize("pointwise", ["unfused", "torch"])

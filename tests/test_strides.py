@@ -45,7 +45,7 @@ def _run_dw(t, backend, training):
         leaves[n] = v.requires_grad_() if n in grad_args else v
     rm, rv = leaves["running_mean"], leaves["running_var"]
     out = fused_dwconv_block(leaves["x"], leaves["weight"], leaves["bias"], leaves["gamma"],
-                             leaves["beta"], rm, rv, torch.zeros((), dtype=torch.long),
+                             leaves["beta"], rm, rv, torch.zeros((), dtype=torch.long, device=DEVICE),
                              training=training, backend=backend,
                              in_affine=(leaves["in_scale"], leaves["in_shift"]))
     out.backward(leaves["dout"])
@@ -75,12 +75,12 @@ def test_strided_running_buffers_are_updated_in_place(backend):
     t = _dw_inputs()
     rm, rv = strided(t["running_mean"]), strided(t["running_var"])
     base_rm, base_rv = t["running_mean"].clone(), t["running_var"].clone()
-    nbt = torch.zeros((), dtype=torch.long)
+    nbt = torch.zeros((), dtype=torch.long, device=DEVICE)
     fused_dwconv_block(t["x"], t["weight"], t["bias"], t["gamma"], t["beta"], rm, rv, nbt,
                        training=True, backend=backend, momentum=None)
     ref_rm, ref_rv = base_rm.clone(), base_rv.clone()
     fused_dwconv_block(t["x"], t["weight"], t["bias"], t["gamma"], t["beta"], ref_rm, ref_rv,
-                       torch.zeros((), dtype=torch.long), training=True, backend=backend,
+                       torch.zeros((), dtype=torch.long, device=DEVICE), training=True, backend=backend,
                        momentum=None)
     assert int(nbt) == 1
     assert not torch.equal(rm, base_rm)  # written through the view, into its storage
