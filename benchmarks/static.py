@@ -392,7 +392,7 @@ def report(shapes, ks, dtypes, layouts, backends, lib_path):
     return out
 
 
-def markdown(rows, measured=None):
+def markdown(rows, measured=None, measured_on=None):
     lines = ["# Static performance report (predicted, H100 SXM)", "",
              "[C] compiled facts; [E] estimates of the model in docs/DESIGN.md, "
              "\"Performance model\" (+-50%). Occupancy: resident warps/SM on sm_90.", "",
@@ -423,18 +423,47 @@ def markdown(rows, measured=None):
                 f"{kr['occupancy'][90]['warps']} | {v16} | {ratio} | "
                 f"{kr['fma_per_element']:.0f} | {kr['predicted_ms']:.3f} | {kr['bound']} |")
     if measured:
+        pairs = compare(rows, measured)
         lines += ["", "## Measured against predicted", "",
-                  "| shape | dtype | layout | k | mode | provider | measured ms | predicted ms "
-                  "| measured / predicted |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            for mode, m in r["modes"].items():
-                for prov in ("cuda", "triton", "eager"):
-                    key = (r["shape_name"], r["dtype"], r["layout"], mode, r["k"], prov)
-                    if key in measured:
-                        pred = m["eager_ms"] if prov == "eager" else m[prov]["predicted_ms"]
-                        lines.append(f"| {' | '.join(map(str, key))} | {measured[key]:.3f} | "
-                                     f"{pred:.3f} | {measured[key] / pred:.2f} |")
+                  f"Measured on {measured_on or 'a GPU'}; predicted for the H100 SXM model "
+                  "above (an H200 has the same SMs and clock and ~1.4x the HBM bandwidth, so "
+                  "memory-bound predictions for it would be lower still).", "",
+                  "Calibration (geometric mean of measured / predicted, and its range):", "",
+                  "| provider | mode | cases | geo-mean | min | max |", "|---|---|---|---|---|---|"]
+        for c in calibration(pairs):
+            lines.append(f"| {c['provider']} | {c['mode']} | {c['cases']} | {c['geomean']:.2f} | "
+                         f"{c['min']:.2f} | {c['max']:.2f} |")
+        lines += ["", "| shape | dtype | layout | mode | k | provider | measured ms | "
+                  "predicted ms | measured / predicted |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in pairs:
+            lines.append(f"| {' | '.join(map(str, p['key']))} | {p['measured_ms']:.3f} | "
+                         f"{p['predicted_ms']:.3f} | {p['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def compare(rows, measured):
+    """[{key, measured_ms, predicted_ms, ratio}] for every case both have."""
+    out = []
+    for r in rows:
+        for mode, m in r["modes"].items():
+            for prov in ("cuda", "triton", "eager"):
+                key = (r["shape_name"], r["dtype"], r["layout"], mode, r["k"], prov)
+                if key in measured and (prov == "eager" or prov in m):
+                    pred = m["eager_ms"] if prov == "eager" else m[prov]["predicted_ms"]
+                    out.append(dict(key=key, measured_ms=measured[key], predicted_ms=pred,
+                                    ratio=measured[key] / pred))
+    return out
+
+
+def calibration(pairs):
+    """Per (provider, mode): how far the model is from the measurement (geometric mean of
+    measured / predicted and its range) — the factor to read predictions with."""
+    groups = {}
+    for p in pairs:
+        groups.setdefault((p["key"][5], p["key"][3]), []).append(p["ratio"])
+    return [dict(provider=prov, mode=mode, cases=len(rs),
+                 geomean=math.exp(sum(map(math.log, rs)) / len(rs)), min=min(rs), max=max(rs))
+            for (prov, mode), rs in sorted(groups.items())]
 
 
 def plot(rows, path):
@@ -467,10 +496,22 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def _measured(path):
-    data = json.load(open(path))
-    out = {}
-    for r in data["records"]:
+def _devices(paths):
+    names = []
+    for path in paths:
+        with open(path) as f:
+            env = json.load(f).get("environment", {})
+        names.append(f"{env.get('device_name', '?')} ({env.get('date', '?')[:10]})")
+    return ", ".join(dict.fromkeys(names))
+
+
+def _measured(paths):
+    """{(shape, dtype, layout, mode, k, provider): ms} from GPU benchmark JSONs."""
+    records, out = [], {}
+    for path in paths:
+        with open(path) as f:
+            records += json.load(f)["records"]
+    for r in records:
         if r.get("kind") == "block" and "ms" in r:
             prov = {"auto": None}.get(r["provider"], r["provider"])
             if prov:
@@ -490,7 +531,8 @@ def main(argv=None):
     p.add_argument("--json", default=os.path.join(ROOT, "build", "static.json"))
     p.add_argument("--md", default=None)
     p.add_argument("--png", default=None)
-    p.add_argument("--measured", default=None, help="a GPU benchmark JSON to compare with")
+    p.add_argument("--measured", nargs="+", default=None,
+                   help="GPU benchmark JSONs (python -m benchmarks) to compare with")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run without TRITON_INTERPRET: the interpreter compiles nothing")
@@ -500,10 +542,15 @@ def main(argv=None):
     ks = sorted(set(a.ks + (list(range(3, 32, 2)) if a.sweep else [])))
     rows = report(a.shapes, ks, a.dtypes, a.layouts, backends, lib_path)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    measured = _measured(a.measured) if a.measured else None
+    extra = {}
+    if measured:
+        pairs = compare(rows, measured)
+        extra = dict(measured=a.measured, compared=pairs, calibration=calibration(pairs))
     with open(a.json, "w") as f:
         json.dump(dict(schema=1, constants=H100, occupancy_floor=OCCUPANCY_FLOOR,
-                       eager_eta=EAGER_ETA, cases=rows), f, indent=1, default=str)
-    md = markdown(rows, _measured(a.measured) if a.measured else None)
+                       eager_eta=EAGER_ETA, cases=rows, **extra), f, indent=1, default=str)
+    md = markdown(rows, measured, _devices(a.measured) if a.measured else None)
     if a.md:
         with open(a.md, "w") as f:
             f.write(md)

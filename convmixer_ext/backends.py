@@ -225,9 +225,12 @@ def _warn_fallback(chosen: str, why: str) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype,
-                    kernel_size: int = 1, op: str = "depthwise", sync: bool = False) -> str:
+                    kernel_size: int = 1, op: str = "depthwise", sync: bool = False,
+                    channels_last: bool = False, training: bool = True) -> str:
     """The concrete backend running ``op`` for tensors on ``device`` of ``dtype`` with kernel
-    size ``kernel_size``; ``sync``: batch statistics synchronised over a process group."""
+    size ``kernel_size``; ``sync``: batch statistics synchronised over a process group;
+    ``channels_last``, ``training``: the layout of x and the mode (auto's measured choice,
+    see :func:`measured_depthwise_choice`)."""
     check_backend_name(backend, op)
     if backend == "auto":
         env = _env.backend_override()
@@ -238,7 +241,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype,
             if op in OPS[env]:
                 backend = env
     if backend == "auto":
-        return _auto(device, dtype, kernel_size, op, sync)
+        return _auto(device, dtype, kernel_size, op, sync, channels_last, training)
     why = backend_reason(backend, device)
     if why is not None:
         raise BackendUnavailableError(f"backend {backend!r} is not available: {why}")
@@ -256,11 +259,33 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype,
     return backend
 
 
-def _auto(device, dtype, kernel_size, op, sync) -> str:
+def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: bool) -> str:
+    """The fastest depthwise backend on CUDA tensors as measured on an H200
+    (benchmarks/results/NVIDIA_H200-2026-11-26*.md: ConvMixer-1536/20's block, k = 3, 7, 9
+    in fp32 and bf16, both layouts, eval and training step; k = 15 and 31 in bf16 NCHW).
+    The choice did not depend on the dtype except for NCHW eval at k=3, where the two
+    kernels are within 15% of each other (the CUDA library is kept there). Sizes between the
+    measured ones take the nearest measured rule; anything not measured takes the CUDA
+    library, the fastest at k = 7, 9 and 15 everywhere it was timed."""
+    if training and channels_last and kernel_size <= 7:
+        return "eager"   # cuDNN's channels_last depthwise: 1.7-2.3x faster up to k=7, not at 9
+    if training and not channels_last and kernel_size >= 31:
+        return "eager"   # k=31 NCHW training: eager 212 ms, the CUDA library 255 ms
+    if kernel_size <= 3 and (training or channels_last):
+        return "triton"  # k=3: the Triton kernels are 1.2-2.1x faster than the CUDA library
+    return "cuda"
+
+
+def _auto(device, dtype, kernel_size, op, sync, channels_last=False, training=True) -> str:
     fallback = "torch" if sync else "eager"
     if device.type != "cuda" or dtype not in KERNEL_DTYPES or kernel_size > MAX_KERNEL_SIZE:
         return fallback
     if op == "depthwise":
+        pick = measured_depthwise_choice(kernel_size, channels_last, training)
+        if pick == "eager" and not sync:  # (eager cannot synchronise statistics)
+            return "eager"
+        if pick == "triton" and backend_reason("triton", device) is None:
+            return "triton"
         why = backend_reason("cuda", device)
         if why is None:
             return "cuda"

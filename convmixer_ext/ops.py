@@ -23,7 +23,7 @@ from . import eager
 from ._common import (autocast_dtype, batch_stats_plan, check_eps, check_momentum,
                       check_num_batches_tracked, check_strided, refuse_double_backward,
                       sync_stats)
-from ._layout import dense, dense_vec, same_layout
+from ._layout import dense, dense_vec, is_channels_last, same_layout
 from .backends import get_impl, resolve_backend
 from .semantics import check_activation, rstd_from_var, stats_dtype, update_running_stats
 
@@ -305,7 +305,8 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     in_affine = check_in_affine(in_affine, xc, "pre" if pre is not None else "in_affine")
     batch_stats, group, n = batch_stats_plan(training, running_mean, x, process_group, "x")
-    name = resolve_backend(backend, x.device, xc.dtype, k, sync=group is not None)
+    name = resolve_backend(backend, x.device, xc.dtype, k, sync=group is not None,
+                           channels_last=is_channels_last(x), training=training)
     if name == "eager":  # PyTorch's own ops: autocast casts inside them, as in the reference
         return eager.dw_block(x, weight, bias, gamma, beta, running_mean, running_var,
                               num_batches_tracked, training, momentum, eps, activation,

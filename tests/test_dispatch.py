@@ -97,10 +97,38 @@ def test_auto_falls_back_once_with_a_warning_on_an_unsupported_gpu(gpu, cap):
 
 def test_blackwell_runs_the_ptx_without_ptx_falls_back(gpu):
     gpu(cap=(10, 0))
-    assert backends.resolve_backend("auto", CUDA0, torch.float32, 3) == "cuda"
+    assert backends.resolve_backend("auto", CUDA0, torch.float32, 9) == "cuda"
     gpu(archs=["sm_80", "sm_90"])
     with pytest.warns(RuntimeWarning, match="10.0"):
-        assert backends.resolve_backend("auto", CUDA0, torch.float32, 3) == "triton"
+        assert backends.resolve_backend("auto", CUDA0, torch.float32, 9) == "triton"
+
+
+# (k, channels_last, training) -> auto's pick on an H100/H200 with every backend there, from
+# the measured table (benchmarks/results/NVIDIA_H200-2026-11-26.md), written out here by hand
+@pytest.mark.parametrize("k, cl, training, pick", [
+    (3, False, True, "triton"), (3, False, False, "cuda"), (3, True, True, "eager"),
+    (3, True, False, "triton"), (7, False, True, "cuda"), (7, True, True, "eager"),
+    (7, True, False, "cuda"), (9, True, True, "cuda"), (9, False, False, "cuda"),
+    (15, False, True, "cuda"), (31, False, True, "eager"), (31, False, False, "cuda"),
+    (31, True, True, "cuda"), (1, False, True, "triton"), (4, True, True, "eager"),
+])
+def test_auto_takes_the_measured_fastest(gpu, k, cl, training, pick):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert backends.resolve_backend("auto", CUDA0, dtype, k, channels_last=cl,
+                                            training=training) == pick
+
+
+def test_measured_pick_falls_back_where_it_cannot_run(gpu, monkeypatch):
+    # statistics synchronised over a group: eager cannot, the CUDA library takes it
+    assert backends.resolve_backend("auto", CUDA0, torch.float32, 3, sync=True,
+                                    channels_last=True, training=True) == "cuda"
+    # Triton's pick without Triton: the CUDA library, without a warning (it runs)
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: "no triton here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve_backend("auto", CUDA0, torch.float32, 3) == "cuda"
 
 
 def test_missing_library_falls_back_to_eager_without_triton(gpu, monkeypatch):

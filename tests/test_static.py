@@ -87,6 +87,15 @@ def test_measured_times_are_set_against_the_prediction(tmp_path):
         {"kind": "block", "shape_name": "cm1536", "dtype": "float32", "layout": "nchw",
          "mode": "eval", "k": 9, "provider": p, "ms": ms}
         for p, ms in (("cuda", 1.0), ("eager", 3.0))]}))
-    md = static.markdown(rows, static._measured(str(path)))
+    md = static.markdown(rows, static._measured([str(path)]))
     assert "| cm1536 | float32 | nchw | eval | 9 | cuda | 1.000 | 0.500 | 2.00 |" in md
     assert "| cm1536 | float32 | nchw | eval | 9 | eager | 3.000 | 4.000 | 0.75 |" in md
+    # the calibration: per provider and mode, geometric mean and range of the ratios
+    assert "| cuda | eval | 1 | 2.00 | 2.00 | 2.00 |" in md
+    rows[0]["modes"]["train_fwdbwd"] = {"eager_ms": 10.0, "roofline_ms": 1.0,
+                                        "cuda": {"predicted_ms": 2.0}}
+    measured = {("cm1536", "float32", "nchw", "eval", 9, "cuda"): 1.0,
+                ("cm1536", "float32", "nchw", "train_fwdbwd", 9, "cuda"): 8.0}
+    cal = static.calibration(static.compare(rows, measured))
+    assert [(c["mode"], round(c["geomean"], 6)) for c in cal] == [("eval", 2.0),
+                                                                  ("train_fwdbwd", 4.0)]
