@@ -9,6 +9,15 @@
 #                                               #         static (predicted vs measured)
 #   BENCH_ARGS="--sweep --model" bash benchmarks/gpu_run.sh bench
 #
+# Within a 15-minute device budget (2026-11-26, H200: machine start ~30 s, wheel install and
+# self-check ~40 s, the suite ~170 s on 12 workers), two calls did it all; carry dist/:
+#   OUT=/tmp/res PYTHON=python3 TEST_WORKERS=12 T_TEST=170 T_SANITIZE=35 T_GRAPH=50 \
+#     T_BENCH=150 BENCH_ARGS="--shapes cm1536 --modes eval train_fwdbwd --providers eager \
+#     cuda triton triton_tc --dtypes bfloat16 float32" bash benchmarks/gpu_run.sh build test \
+#     sanitize graph bench                       (then tar /tmp/res into $OUT: <= 8 files)
+#   ... SANITIZE_TOOLS=racecheck T_MODEL=100 ... build sanitize bench model (k = 15, 31)
+# torch.compile cases cost ~30 s of compilation each: give them a call of their own.
+#
 # build: a wheel carried in dist/ (built elsewhere: `make wheel`, then copy build/wheel/*.whl
 # to dist/) is installed as is — the cross-version test of one build; otherwise
 # `pip install --no-build-isolation --no-deps .` (a user's install on a machine without
@@ -25,7 +34,7 @@ export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python}
 STAGES=${*:-build test sanitize graph bench model static}
-BENCH_ARGS=${BENCH_ARGS:---shapes cm1536 --modes eval train_fwdbwd --providers eager compile auto cuda triton}
+BENCH_ARGS=${BENCH_ARGS:---shapes cm1536 --modes eval train_fwdbwd --providers eager compile auto cuda triton triton_tc}
 # whole model: ConvMixer-1536/20 (k=9) and a CIFAR-size one, training step (images/s, peak
 # memory) and inference for eager / compile / auto / fused+pointwise (BN2 folded)
 MODEL_ARGS=${MODEL_ARGS:---no-blocks --model --ks 9 --dtypes bfloat16}

@@ -88,7 +88,7 @@ def providers_available(device):
         names += ["compile", "compile-max"]
     names.append("auto")
     if device == "cuda":
-        names += [b for b in ("cuda", "triton") if av[b] is True]
+        names += [b for b in ("cuda", "triton", "triton_tc") if av[b] is True]
     names.append("torch")
     return names
 
@@ -463,7 +463,8 @@ def parse(argv):
     p.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"])
     p.add_argument("--modes", nargs="+", choices=MODES)
     p.add_argument("--providers", nargs="+",
-                   help="eager, compile, compile-max, cuda, triton, torch (default: available)")
+                   help="eager, compile, compile-max, cuda, triton, triton_tc (16-bit dtypes), "
+                        "torch (default: available)")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")
@@ -527,7 +528,8 @@ def main(argv=None):
     cases = [dict(kind="block", shape_name=sn, shape=shp, k=k, dtype=dt, layout=lay, mode=m,
                   provider=p)
              for sn, shp in shapes for dt in dtypes for lay in layouts for m in modes
-             for k in ks for p in provs] if not a.no_blocks else []
+             for k in ks for p in provs
+             if not (p == "triton_tc" and dt == "float32")] if not a.no_blocks else []
     try:
         from tqdm import tqdm
     except ImportError:

@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # H100 SXM constants (docs/DESIGN.md, "Performance model")
-H100 = dict(hbm=3.0e12, l2=5.5e12, sms=132, clock=1.98e9, fp32_fma=67e12 / 2,
+H100 = dict(hbm=3.0e12, l2=5.5e12, sms=132, clock=1.98e9, fp32_fma=67e12 / 2, tc_mac=990e12 / 2,
             schedulers=4, smem_bytes_per_clk=128, latency_ns=450, launch_us=3.0)
 ARCH_LIMITS = {  # per SM: warps, blocks, registers, shared memory (bytes), per-block reserve
     80: dict(warps=64, blocks=32, regs=65536, smem=167936, reserve=1024),
@@ -166,10 +166,12 @@ def conv_cost(outputs, K, RH, RW, unrolled=True):
                 instr=instr * outputs)
 
 
-def estimate(dram, l2, ffma, instr, wavefronts, warps, bytes_per_load, blocks, arch=90):
+def estimate(dram, l2, ffma, instr, wavefronts, warps, bytes_per_load, blocks, arch=90,
+             mma=0.0):
     """[E] seconds on an H100 for one kernel: the largest of the DRAM time (slowed when too
-    few bytes are in flight to cover the latency), L2, FP32 FMA, instruction issue and
-    shared-memory times, plus the launch overhead. Returns (seconds, bound)."""
+    few bytes are in flight to cover the latency), L2, FP32 FMA, tensor-core (``mma``:
+    16-bit multiply-adds, dense rate), instruction issue and shared-memory times, plus the
+    launch overhead. Returns (seconds, bound)."""
     c = H100
     need = c["hbm"] / c["sms"] * c["latency_ns"] * 1e-9          # bytes in flight per SM
     inflight = warps * 32 * bytes_per_load
@@ -179,6 +181,7 @@ def estimate(dram, l2, ffma, instr, wavefronts, warps, bytes_per_load, blocks, a
         "DRAM": dram / (c["hbm"] * max(eff, 1e-3)),
         "L2": l2 / c["l2"],
         "FMA": ffma / (c["fp32_fma"] * sms_used),
+        "tensor cores": mma / (c["tc_mac"] * sms_used),
         "issue": instr / (c["sms"] * c["schedulers"] * 32 * c["clock"] * sms_used),
         "shared memory": wavefronts * 128 / (c["sms"] * c["smem_bytes_per_clk"] * c["clock"]
                                              * sms_used),
@@ -284,9 +287,11 @@ _TRITON_PASSES = {"_stats_kernel": "F1", "_apply_kernel": "F2", "_bwd_reduce_ker
                   "_bwd_du_kernel": "B2", "_bwd_dx_kernel": "B2"}
 
 
-def triton_passes(shape, k, dtype, layout):
+def triton_passes(shape, k, dtype, layout, tc=False):
     """Facts (from the real-target compile of the exact specializations) and estimate of
-    every Triton kernel of one case."""
+    every Triton kernel of one case; ``tc``: the tensor-core launchers ("triton_tc": the
+    convolution of F1, F2, B1 and du as GEMMs of K * KP multiply-adds per (padded) output;
+    issue counted from the tile loads of each kernel row)."""
     import torch
     from benchmarks import targets
     from convmixer_ext import triton_kernels as tk
@@ -295,7 +300,7 @@ def triton_passes(shape, k, dtype, layout):
     recorded = []
     with tk.recording(lambda kern, grid, args, kw: recorded.append((kern, grid, args, kw))):
         targets._record_block(shape, getattr(torch, dtype), layout, k, 0, False,
-                              modes=("train",))
+                              modes=("train",), tc=tc)
     xbytes, elems = N * C * H * W * e, N * C * H * W
     rows = []
     for kern, grid, args, kw in recorded:
@@ -323,17 +328,30 @@ def triton_passes(shape, k, dtype, layout):
         # every tap is a masked global load through L1/L2 (no shared memory staging)
         l2 = elems * k * k * (e if name != "_bwd_dx_kernel" else (4 + e)) / 8
         instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
+        mma = 0.0
+        if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
+            mma = programs * kw["TH"] * kw["TW"] * k * kw["KP"]
+            ffma = 0.0
+            # issue: per program and kernel row, the X_i tile and the Toeplitz gather are
+            # element loads (2-byte LDG [C]) of ~3 instructions each (address, predicate,
+            # load); the rest of the kernel once (its compiled instruction count)
+            tile_loads = kw["TH"] * kw["KP"] + kw["KP"] * kw["TW"]
+            instr = programs * (k * tile_loads * 3 + threads * fact.get("instructions", 0))
+            # the row windows re-read the program's halo tile K times, the gathers its K*K
+            # weights: L1 hits after the first touch (a few KB per program)
+            l2 = programs * ((kw["TH"] + k - 1) * kw["KP"] + k * k) * e
         t, bound = estimate(dram, l2, ffma, instr, 0, occ[90]["warps"],
-                            fact.get("ldg_bytes", e), programs)
+                            fact.get("ldg_bytes", e), programs, mma=mma)
         pass_ = _TRITON_PASSES[name]
         rows.append(dict(
-            backend="triton", pass_=pass_, kernel=name, regs=fact.get("regs"),
+            backend="triton_tc" if tc else "triton", pass_=pass_, kernel=name, regs=fact.get("regs"),
             local=fact.get("local"), smem_static=fact.get("shared"), threads=threads,
             blocks=programs, occupancy=occ,
             widths={k2: {str(w): n for w, n in v.items()} for k2, v in
                     fact.get("widths", {}).items() if v},
             bytes_min=MIN_TRAFFIC[pass_] * xbytes if name != "_bwd_du_kernel" else 0,
-            bytes=dram, l2_bytes=l2, fma=ffma, fma_per_element=ffma / elems,
+            bytes=dram, l2_bytes=l2, fma=ffma, fma_per_element=ffma / elems, mma=mma,
+            mma_per_element=mma / elems, tensor_cores=fact.get("tensor_cores"),
             predicted_ms=t * 1e3, bound=bound, error=fact.get("error")))
     return rows
 
@@ -374,6 +392,8 @@ def report(shapes, ks, dtypes, layouts, backends, lib_path):
                         kernels += cuda_passes(shape, k, dtype, layout, lib_path)
                     if "triton" in backends:
                         kernels += triton_passes(shape, k, dtype, layout)
+                    if "triton_tc" in backends and dtype != "float32":
+                        kernels += triton_passes(shape, k, dtype, layout, tc=True)
                     minimum = {m: sum(MIN_TRAFFIC[p] for p in ps) * math.prod(shape) *
                                _elem(dtype) / H100["hbm"] * 1e3 for m, ps in MODES.items()}
                     modes = {}
@@ -381,6 +401,8 @@ def report(shapes, ks, dtypes, layouts, backends, lib_path):
                         eager = eager_estimate(shape, k, dtype, mode) * 1e3
                         modes[mode] = dict(eager_ms=eager, roofline_ms=minimum[mode])
                         for be in backends:
+                            if not any(r["backend"] == be for r in kernels):
+                                continue
                             ms = sum(r["predicted_ms"] for r in kernels
                                      if r["backend"] == be and r["pass_"] in passes)
                             # the reductions' small torch sums and merges (a few launches)
@@ -397,15 +419,18 @@ def markdown(rows, measured=None, measured_on=None):
              "[C] compiled facts; [E] estimates of the model in docs/DESIGN.md, "
              "\"Performance model\" (+-50%). Occupancy: resident warps/SM on sm_90.", "",
              "| shape | dtype | layout | k | mode | eager [E] ms | cuda [E] ms | x eager | "
-             "% roofline | triton [E] ms | x eager |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "% roofline | triton [E] ms | x eager | triton_tc [E] ms | x eager | % roofline |",
+             "|" + "---|" * 14]
     for r in rows:
         for mode, m in r["modes"].items():
-            cu, tr = m.get("cuda", {}), m.get("triton", {})
+            cu, tr, tc = m.get("cuda", {}), m.get("triton", {}), m.get("triton_tc", {})
             f = lambda d, key, fmt: fmt.format(d[key]) if key in d else "—"  # noqa: E731
             lines.append(f"| {r['shape_name']} | {r['dtype']} | {r['layout']} | {r['k']} | "
                          f"{mode} | {m['eager_ms']:.2f} | {f(cu, 'predicted_ms', '{:.2f}')} | "
                          f"{f(cu, 'vs_eager', '{:.1f}x')} | {f(cu, 'pct_roofline', '{:.0f}%')} | "
-                         f"{f(tr, 'predicted_ms', '{:.2f}')} | {f(tr, 'vs_eager', '{:.1f}x')} |")
+                         f"{f(tr, 'predicted_ms', '{:.2f}')} | {f(tr, 'vs_eager', '{:.1f}x')} | "
+                         f"{f(tc, 'predicted_ms', '{:.2f}')} | {f(tc, 'vs_eager', '{:.1f}x')} | "
+                         f"{f(tc, 'pct_roofline', '{:.0f}%')} |")
     lines += ["", "## Kernels", "", "| shape | dtype | layout | k | backend | pass | kernel | "
               "regs [C] | spills [C] | smem B [C] | warps/SM sm_80/sm_90 [C] | 16-byte LDG/STG "
               "[C] | bytes / min [C] | FMA/elem [C] | predicted ms [E] | bound [E] |",
@@ -479,7 +504,7 @@ def plot(rows, path):
         rs = sorted(rs, key=lambda r: r["k"])
         ks = [r["k"] for r in rs]
         ax.plot(ks, [r["modes"]["train_fwdbwd"]["eager_ms"] for r in rs], "k-o", label="eager")
-        for be in ("cuda", "triton"):
+        for be in ("cuda", "triton", "triton_tc"):
             if be in rs[0]["modes"]["train_fwdbwd"]:
                 ax.plot(ks, [r["modes"]["train_fwdbwd"][be]["predicted_ms"] for r in rs], "-o",
                         label=be)
@@ -527,7 +552,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="k = 3, 5, ..., 31 as well")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"])
-    p.add_argument("--backends", nargs="+", default=["cuda", "triton"])
+    p.add_argument("--backends", nargs="+", default=["cuda", "triton", "triton_tc"])
     p.add_argument("--json", default=os.path.join(ROOT, "build", "static.json"))
     p.add_argument("--md", default=None)
     p.add_argument("--png", default=None)

@@ -93,10 +93,12 @@ def _tensors(shape, dtype, layout, k):
     return x, w, b, v
 
 
-def _record_block(shape, dtype, layout, k, act, in_affine, modes=("train", "eval")):
+def _record_block(shape, dtype, layout, k, act, in_affine, modes=("train", "eval"),
+                  tc=False):
     """Launch every depthwise pass the op runs for these settings (training: F1, F2, B1, B2
-    with batch statistics; eval: F2 and B2 without)."""
-    from convmixer_ext import triton_kernels as tk
+    with batch statistics; eval: F2 and B2 without); ``tc``: the tensor-core launchers."""
+    from convmixer_ext import triton_kernels
+    tk = triton_kernels.tensor_core_launchers if tc else triton_kernels
     x, w, b, v = _tensors(shape, dtype, layout, k)
     aff = (v, v) if in_affine else (None, None)
     tk.k_apply(x, w, b, v, v, v, v, *aff, act)
@@ -138,6 +140,10 @@ def bench_set():
                     _record_block(shape, dtype, layout, k, 0, False, modes=("train",))
                 if name == "cm1536":
                     _record_block(shape, dtype, layout, 9, 0, True, modes=("train",))
+                    if dtype == torch.bfloat16:  # the tensor-core convolution (opt-in)
+                        for k in (3, 7, 9):
+                            _record_block(shape, dtype, layout, k, 0, False,
+                                          modes=("train",), tc=True)
                 _record_pointwise(shape, dtype, layout, 0)
 
 
@@ -166,6 +172,11 @@ def cover_set():
         _record_block(shape, f32, "nchw", 3, 0, False)
     for c in (2, 3, 5, 9, 17, 33):
         _record_block((2, c, 6, 10), f32, "channels_last", 3, 0, False)
+    # the tensor-core convolution: both 16-bit dtypes, both layouts, 16- and 32-wide tiles,
+    # the input affine, batch statistics or not, the smallest to the largest k
+    for k in (1, 2, 3, 9, 16, 31):
+        _record_block((2, 8, 32, 32), bf16, "nchw", k, 0, k == 9, tc=True)
+    _record_block((2, 8, 12, 20), f16, "channels_last", 5, 1, True, tc=True)
     for dtype in (f32, bf16, f16):
         for act in (0, 1, 2):
             _record_pointwise((2, 40, 7, 9), dtype, "nchw", act, co=24)

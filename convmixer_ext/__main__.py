@@ -51,6 +51,11 @@ def _devices():
     return devs
 
 
+# a probe's bound: well above the dtype's rounding of one layer step (fp32 errors are ~1e-7,
+# bf16 ones ~1e-2: 8-bit mantissas through conv, BN and their gradients), far below a bug's
+PROBE_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.1}
+
+
 def probe(backend: str, device: str, dtype=torch.float32):
     """Max relative errors of one training step of a fused layer on ``backend`` against the
     float64 reference layer: {"out": e, "x.grad": e, "params": e}."""
@@ -97,21 +102,22 @@ def main(argv=None) -> int:
              for op in ("depthwise", "pointwise")}
     print(f"auto on {dev} (float32, k=9): depthwise -> {picks['depthwise']}, "
           f"pointwise -> {picks['pointwise']}")
-    print(f"probe on {dev}: one training step of ConvMixerLayer(8, k=7), float32, vs the "
-          f"float64 reference (max relative error)")
+    print(f"probe on {dev}: one training step of ConvMixerLayer(8, k=7), float32 (triton_tc: "
+          f"bfloat16), vs the float64 reference (max relative error)")
     failed = 0
     for name in BACKENDS:
         why = backend_reason(name, dev)
         if why is not None:
             print(f"  {name:9s} skipped: {why}")
             continue
+        dtype = torch.bfloat16 if name == "triton_tc" else torch.float32
         try:
-            errs = probe(name, a.device)
+            errs = probe(name, a.device, dtype)
         except Exception as e:  # noqa: BLE001 - reported, the check goes on
             print(f"  {name:9s} FAILED: {type(e).__name__}: {e}")
             failed += 1
             continue
-        ok = max(errs.values()) < 1e-3
+        ok = max(errs.values()) < PROBE_TOL[dtype]
         failed += not ok
         print(f"  {name:9s} {'ok' if ok else 'FAILED'}   " +
               ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))

@@ -7,6 +7,8 @@ backend     runs on                                     ops
 ==========  ==========================================  =========================
 cuda        CUDA tensors (compiled ``csrc/`` library)   depthwise
 triton      CUDA tensors; CPU under TRITON_INTERPRET=1  depthwise, pointwise
+triton_tc   as triton; float16/bfloat16 x only          depthwise (the convolution on
+            (opt-in: never picked by "auto")            tensor cores, ``tl.dot``)
 cuda_emu    CPU tensors (``csrc/`` on the emulator)     depthwise
 torch       any device and float dtype (the twin:       depthwise, pointwise
             the kernels' passes written in PyTorch)
@@ -33,11 +35,13 @@ from ._layout import out_like
 from ._partials import merge_stats, sum_partials
 from .semantics import ACTIVATIONS, KERNEL_DTYPES, MAX_KERNEL_SIZE
 
-BACKENDS = ("cuda", "triton", "cuda_emu", "torch", "eager")
+BACKENDS = ("cuda", "triton", "triton_tc", "cuda_emu", "torch", "eager")
 OPS = {"cuda": ("depthwise",), "triton": ("depthwise", "pointwise"),
-       "cuda_emu": ("depthwise",), "torch": ("depthwise", "pointwise"),
-       "eager": ("depthwise", "pointwise")}
-_KERNEL_BACKENDS = ("cuda", "triton", "cuda_emu")  # take KERNEL_DTYPES and k <= MAX only
+       "triton_tc": ("depthwise",), "cuda_emu": ("depthwise",),
+       "torch": ("depthwise", "pointwise"), "eager": ("depthwise", "pointwise")}
+# take KERNEL_DTYPES (triton_tc: TENSOR_CORE_DTYPES) and k <= MAX only
+_KERNEL_BACKENDS = ("cuda", "triton", "triton_tc", "cuda_emu")
+TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -182,7 +186,7 @@ def backend_reason(name: str, device=None):
             return f"backend 'cuda' needs CUDA tensors, got {dev_type}"
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         return _cuda_device_reason(index)
-    # triton
+    # triton, triton_tc (the same kernels, the same requirements)
     err = _triton_import_error()
     if err:
         return err
@@ -249,6 +253,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype,
         if dtype not in KERNEL_DTYPES:
             raise TypeError(f"backend {backend!r} supports x of dtype float16, bfloat16 or "
                             f"float32, got {dtype}; use backend='torch' or 'eager' for {dtype}")
+        if backend == "triton_tc" and dtype not in TENSOR_CORE_DTYPES:
+            raise TypeError(f"backend 'triton_tc' supports x of dtype float16 or bfloat16 "
+                            f"(16-bit tensor-core operands), got {dtype}; float32 stays on "
+                            f"exact FP32 FMA: use backend='triton' or 'cuda'")
         if kernel_size > MAX_KERNEL_SIZE:
             raise ValueError(f"backend {backend!r} supports kernel_size up to "
                              f"{MAX_KERNEL_SIZE}, got {kernel_size}; use backend='eager'")
@@ -371,6 +379,9 @@ def get_impl(name: str):
     if name == "triton":
         from . import triton_kernels
         return KernelBackend(triton_kernels)
+    if name == "triton_tc":
+        from . import triton_kernels
+        return KernelBackend(triton_kernels.tensor_core_launchers)
     if name in ("cuda", "cuda_emu"):
         from .cuda_kernels import Launchers
         lib, why = library("cuda" if name == "cuda" else "emulation")

@@ -30,8 +30,10 @@ Triton's interpreter (how CI executes them).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import types
 
 import torch
 import triton
@@ -129,10 +131,69 @@ def _load_in(x_ptr, offs, m, scale_ptr, shift_ptr, c, cmask, IN_AFFINE: tl.const
 
 
 @triton.jit
+def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, sW, tiles_w,
+             tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
+             IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """u = dwconv_K(input) + b of channel ``ch`` over the program's TH x TW tile on tensor
+    cores, as [1, TH*TW] fp32 (row-major: the lanes of :func:`_tile`). UPCAST: the same
+    GEMMs on fp32 copies of the 16-bit operands (under the interpreter).
+
+    Kernel row i is a GEMM (docs/DESIGN.md, "Tensor cores"): ``u[r, :] += X_i[r, :] @ T_i``
+    with ``X_i[r, q] = x[h0 + r + i - PB, w0 - PB + q]`` (TH x KP, q < TW + K - 1, zero
+    outside the image) and the banded Toeplitz ``T_i[q, col] = W[i, q - col]`` for
+    ``0 <= q - col < K`` (KP x TW, built from the row's K weights). x and W are 16-bit, so
+    every product is exact in the fp32 accumulator: the result is the CUDA-core one up to
+    summation order. The input affine ``a*x + c`` is not rounded to 16 bits: the dots take x
+    and the in-image mask M (exact 0/1), ``u = a*(X (*) W) + c*(M (*) W) + b``."""
+    pid = tl.program_id(0)
+    t = (pid % tiles_total) % tiles_per_img
+    h0 = (t // tiles_w) * TH
+    w0 = (t % tiles_w) * TW
+    r = tl.arange(0, TH)
+    q = tl.arange(0, KP)
+    col = tl.arange(0, TW)
+    xcol = w0 - PB + q
+    col_ok = (q < TW + K - 1) & (xcol >= 0) & (xcol < W)
+    d = q[:, None] - col[None, :]
+    band = (d >= 0) & (d < K)
+    wrow = w_ptr + ch * (K * K)
+    xch = x_ptr + base + ch.to(tl.int64) * sC
+    acc = tl.zeros([TH, TW], dtype=tl.float32)
+    accm = tl.zeros([TH, TW], dtype=tl.float32)
+    for i in range(K):
+        xrow = h0 + r + (i - PB)
+        m = ((xrow >= 0) & (xrow < H))[:, None] & col_ok[None, :]
+        xi = tl.load(xch + xrow.to(tl.int64)[:, None] * sH + xcol.to(tl.int64)[None, :] * sW,
+                     mask=m, other=0.0)
+        ti = tl.load(wrow + i * K + d, mask=band, other=0.0)
+        if UPCAST:  # (the interpreter's dot and bool->bf16 cast mishandle 16-bit values;
+            # the products are exact in fp32 either way)
+            xi, ti, mi = xi.to(tl.float32), ti.to(tl.float32), m.to(tl.float32)
+        else:
+            mi = m.to(xi.dtype)
+        acc = tl.dot(xi, ti, acc, input_precision="ieee")
+        if IN_AFFINE:
+            accm = tl.dot(mi, ti, accm, input_precision="ieee")
+    if IN_AFFINE:
+        acc = acc * tl.load(scale_ptr + ch).to(tl.float32) + \
+            accm * tl.load(shift_ptr + ch).to(tl.float32)
+    u = acc + tl.load(b_ptr + ch).to(tl.float32)
+    return tl.reshape(u, (1, TH * TW))
+
+
+@triton.jit
 def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W, sC,
-          sH, sW, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
-          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB."""
+          sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
+          IN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+          TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr):
+    """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB. TC:
+    on tensor cores (:func:`_conv_tc`; one channel per program, 16-bit x): TC = 1, or 2 for
+    the same algorithm with fp32 operands (the interpreter)."""
+    if TC > 0:
+        return _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, cb, H, W, sC, sH, sW,
+                        tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP,
+                        TC == 2)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -154,11 +215,13 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid
 def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count_p, C, H, W,
                   sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                   PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
-                  TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                  TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
+                  KP: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
-                   W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S), ACT)
+                   W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
@@ -176,11 +239,13 @@ def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                   beta_ptr, out_ptr, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
                   tiles_total, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
                   IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
+                  KP: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
-                   W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S), ACT)
+                   W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -194,11 +259,13 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
                        rstd_ptr, dbeta_p, dgamma_p, C, H, W, sN, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
-                       TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                       TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
+                  KP: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
-                   W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S), ACT)
+                   W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
@@ -214,11 +281,13 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
                    tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                    ACT: tl.constexpr, IN_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr):
+                   BLOCK_S: tl.constexpr, TC: tl.constexpr,
+                  KP: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
-              sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S)
+              sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
+              BLOCK_S, TH, TW, TC, KP)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -320,14 +389,19 @@ def _device_of(x):
 
 
 # --------------------------------------------------------------------------- depthwise launchers
-def geometry(shape, strides):
+def geometry(shape, strides, tc=False):
     """Tile shape for a [N, C, H, W] tensor with these strides:
     (TH, TW, BLOCK_C, BLOCK_S, num_warps).
 
     NCHW (W fastest): one channel, a spatial tile of up to 1024 lanes (a whole 32x32 plane).
     channels_last (C fastest): 32 channels x 32 positions, coalesced along C.
+    Tensor cores (``tc``, either layout): one channel, TH x TW of 16 or 32 each (the GEMM
+    tiles' M and N; ``tl.dot`` needs >= 16), BLOCK_S = TH * TW.
     """
     N, C, H, W = shape
+    if tc:
+        th, tw = (32 if H > 16 else 16), (32 if W > 16 else 16)
+        return th, tw, 1, th * tw, 4
     if strides[1] == 1 and C > 1:  # channels_last-like: vectorise over channels
         block_c = min(32, triton.next_power_of_2(C))
         tw = min(8, W)
@@ -341,10 +415,10 @@ def geometry(shape, strides):
     return th, tw, block_c, block_s, num_warps
 
 
-def _plan(x):
+def _plan(x, tc=False):
     """(partial rows, grid, common args, tile constexprs, launch options) of a launch over x."""
     N, C, H, W = x.shape
-    th, tw, block_c, block_s, num_warps = geometry(x.shape, x.stride())
+    th, tw, block_c, block_s, num_warps = geometry(x.shape, x.stride(), tc)
     tiles_w = triton.cdiv(W, tw)
     rows = N * triton.cdiv(H, th) * tiles_w
     grid = (rows * triton.cdiv(C, block_c),)
@@ -354,13 +428,27 @@ def _plan(x):
     return rows, grid, common, tile
 
 
-def num_partial_rows(x) -> int:
-    return _plan(x)[0]
+def num_partial_rows(x, tc=False) -> int:
+    return _plan(x, tc)[0]
 
 
 def _kc(weight, in_scale):
     k = weight.shape[-1]
     return dict(K=k, PB=pad_before(k), IN_AFFINE=in_scale is not None)
+
+
+def _conv_kw(x, weight, tc):
+    """The convolution's constexprs: TC (0: CUDA cores; 1: tensor cores; 2: their algorithm
+    with fp32 operands, under the interpreter) and KP (the GEMM's reduction width: the tile's
+    input columns TW + K - 1, padded to a power of two >= 16)."""
+    if not tc:
+        return dict(TC=0, KP=16)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"the tensor-core convolution takes float16 or bfloat16 x, got "
+                        f"{x.dtype} (float32 stays on exact FP32 FMA: backend='triton')")
+    tw = geometry(x.shape, x.stride(), True)[1]
+    return dict(TC=1 if targets_gpu(x) else 2,
+                KP=max(16, triton.next_power_of_2(tw + weight.shape[-1] - 1)))
 
 
 def _affine_ptrs(stand_in, in_scale, in_shift):
@@ -372,48 +460,49 @@ def _f32(x, *shape):
     return torch.empty(shape, device=x.device, dtype=torch.float32)
 
 
-def k_stats(x, weight, bias, in_scale, in_shift, act):
-    rows, grid, common, tile = _plan(x)
+def k_stats(x, weight, bias, in_scale, in_shift, act, tc=False):
+    rows, grid, common, tile = _plan(x, tc)
     C = x.shape[1]
     mean_p, m2_p, count_p = _f32(x, rows, C), _f32(x, rows, C), _f32(x, rows)
     _launch(_stats_kernel, grid, x,
             (x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean_p, m2_p, count_p,
              *common),
-            dict(_kc(weight, in_scale), ACT=act, **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
     return mean_p, m2_p, count_p
 
 
-def k_apply(x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act):
-    _, grid, common, tile = _plan(x)
+def k_apply(x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act, tc=False):
+    _, grid, common, tile = _plan(x, tc)
     out = torch.empty_like(x)
     _launch(_apply_kernel, grid, x,
             (x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma, beta,
              out, *common),
-            dict(_kc(weight, in_scale), ACT=act, **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
     return out
 
 
-def k_bwd_reduce(dout, x, weight, bias, mean, rstd, in_scale, in_shift, act):
-    rows, grid, common, tile = _plan(x)
+def k_bwd_reduce(dout, x, weight, bias, mean, rstd, in_scale, in_shift, act, tc=False):
+    rows, grid, common, tile = _plan(x, tc)
     C = x.shape[1]
     dbeta_p, dgamma_p = _f32(x, rows, C), _f32(x, rows, C)
     _launch(_bwd_reduce_kernel, grid, x,
             (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, dbeta_p,
              dgamma_p, *common),
-            dict(_kc(weight, in_scale), ACT=act, **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
     return dbeta_p, dgamma_p
 
 
 def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, in_scale,
-               in_shift, act):
+               in_shift, act, tc=False):
     N, C, H, W = x.shape
     k = weight.shape[-1]
-    rows, grid, common, tile = _plan(x)
+    rows, grid, common, tile = _plan(x, tc)
     du = torch.empty_like(x, dtype=torch.float32)
     _launch(_bwd_du_kernel, grid, x,
             (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma,
              dbeta, dgamma, du, 1.0 / max(N * H * W, 1), *common),
-            dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats), **tile))
+            dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats),
+                 **_conv_kw(x, weight, tc), **tile))
     dx = torch.empty_like(x)
     dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
     n_aff = rows if in_scale is not None else 0
@@ -423,6 +512,13 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
             dict(_kc(weight, in_scale), **tile))
     return dx, dw_p, db_p, dscale_p, dshift_p
+
+
+# The launchers with the convolution of F1, F2/eval, B1 and B2's du on tensor cores (backend
+# "triton_tc"); B2's transposed convolution and dW stay on CUDA cores (fp32 du).
+tensor_core_launchers = types.SimpleNamespace(
+    **{f.__name__: functools.partial(f, tc=True)
+       for f in (k_stats, k_apply, k_bwd_reduce, k_bwd_main)})
 
 
 # --------------------------------------------------------------------------- pointwise GEMM

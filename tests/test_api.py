@@ -168,7 +168,7 @@ def test_whole_model_every_backend(backend):
 
 def test_available_backends_reports_each():
     av = convmixer_ext.available_backends()
-    assert set(av) == {"cuda", "triton", "cuda_emu", "torch", "eager"}
+    assert set(av) == {"cuda", "triton", "triton_tc", "cuda_emu", "torch", "eager"}
     assert av["torch"] is True and av["eager"] is True
     for name, v in av.items():
         assert v is True or (isinstance(v, str) and v), name

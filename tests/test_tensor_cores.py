@@ -1,0 +1,103 @@
+"""The "triton_tc" backend: the depthwise convolution of F1, F2/eval, B1 and B2's du as
+banded-Toeplitz GEMMs on tensor cores (docs/DESIGN.md, "Tensor cores"), pass by pass
+against the torch twin. With 16-bit x and weights every product is exact in fp32, so the
+results are the CUDA-core ones up to summation order: the fp32 tolerances of every other
+kernel hold (compare_passes). Under the interpreter the GEMMs run on fp32 copies of the
+16-bit operands (its dot mishandles 16-bit ones); the tensor-core instruction itself is
+checked by the real-target compile (tests/test_targets.py) and a GPU run."""
+import copy
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from convmixer_ext import ConvMixerLayer, fused_dwconv_block
+from convmixer_ext.backends import backend_reason, get_impl, resolve_backend
+from helpers import compare_models, compare_passes, layer_pair
+
+pytestmark = pytest.mark.skipif(backend_reason("triton_tc", DEVICE) is not None,
+                                reason=f"triton_tc unavailable here: "
+                                       f"{backend_reason('triton_tc', DEVICE)}")
+bf16, f16 = torch.bfloat16, torch.float16
+
+# (N, C, H, W, k, dtype, channels_last, input affine): 16- and 32-wide tiles, ragged edge
+# tiles in both directions, several tiles, even k, k = 1 and the largest k
+CASES = [
+    (2, 3, 7, 6, 3, bf16, False, False),     # one 16x16 tile, mostly padding
+    (1, 2, 20, 35, 9, bf16, False, True),    # 32x32 tiles, W ragged (32 + 3)
+    (2, 3, 9, 10, 4, f16, True, False),      # even k, channels_last
+    (1, 2, 33, 17, 7, f16, False, True),     # H ragged (32 + 1), TW 32 over W 17
+    (1, 2, 12, 12, 16, bf16, True, False),   # even k, KP = 32
+    (1, 3, 6, 5, 1, bf16, True, True),       # k = 1
+    (1, 1, 18, 17, 31, bf16, False, True),   # k = 31, KP = 64
+]
+
+
+def _ids(c):
+    return f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-k{c[4]}-{str(c[5])[6:]}{'-cl' if c[6] else ''}" \
+        f"{'-aff' if c[7] else ''}"
+
+
+def _tensors(N, C, H, W, k, dtype, cl, aff, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, dout = (r(N, C, H, W) + 0.2).to(dtype), r(N, C, H, W).to(dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+        dout = dout.contiguous(memory_format=torch.channels_last)
+    w, b = (r(C, 1, k, k) / k).to(dtype), (0.1 * r(C)).to(dtype)
+    gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
+    affine = (1.5 + r(C).abs(), 0.5 + r(C).abs()) if aff else None
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    return (*map(dev, (x, dout, w, b, gamma, beta)),
+            None if affine is None else tuple(map(dev, affine)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_tensor_core_passes_match_twin(case):
+    N, C, H, W, k, dtype, cl, aff = case
+    x, dout, w, b, gamma, beta, affine = _tensors(*case)
+    compare_passes(get_impl("triton_tc"), x, dout, w, b, gamma, beta, "gelu", affine, dtype)
+
+
+def test_tensor_core_results_are_bitwise_reproducible():
+    """Same inputs, same outputs and gradients, to the bit (fixed-order partial sums; no
+    atomics)."""
+    x, dout, w, b, gamma, beta, aff = _tensors(1, 2, 20, 35, 9, bf16, False, True)
+    runs = []
+    for _ in range(2):
+        xs = x.detach().clone().requires_grad_()
+        params = [t.detach().clone().requires_grad_() for t in (w, b, gamma, beta, *aff)]
+        rm, rv = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+        out = fused_dwconv_block(xs, *params[:4], rm, rv, None, training=True,
+                                 backend="triton_tc", in_affine=tuple(params[4:]))
+        out.backward(dout)
+        runs.append([out, xs.grad, rm, rv] + [p.grad for p in params])
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+def test_tensor_core_layer_matches_reference():
+    """ConvMixerLayer(backend="triton_tc") in bf16: outputs, every gradient and the running
+    statistics after two training steps, as accurate as the reference in bf16 (the
+    tolerance of compare_models widened by that reference's own error)."""
+    ref, fused = layer_pair(3, 9, "gelu", "triton_tc", bf16, DEVICE)
+    x = torch.randn(2, 3, 11, 13, generator=torch.Generator().manual_seed(2)).to(DEVICE, bf16)
+    ref_lowp = copy.deepcopy(ref).to(bf16)  # the same weights, in bf16, on the CPU
+    compare_models(ref, fused, x, bf16, train=True, steps=2, ref_lowp=ref_lowp)
+
+
+def test_tensor_core_backend_refuses_float32_and_is_never_auto():
+    x = torch.randn(1, 2, 5, 5, device=DEVICE)
+    w = torch.randn(2, 1, 3, 3, device=DEVICE)
+    v = torch.ones(2, device=DEVICE)
+    with pytest.raises(TypeError, match="float16 or bfloat16.*backend='triton' or 'cuda'"):
+        fused_dwconv_block(x, w, v, v, v, backend="triton_tc")
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        ConvMixerLayer(2, 3, backend="triton_tc").to(DEVICE)(x)
+    for k in (1, 3, 9, 31):
+        for dtype in (bf16, f16):
+            for cl in (False, True):
+                for training in (False, True):
+                    assert resolve_backend("auto", torch.device(DEVICE), dtype, k,
+                                           channels_last=cl, training=training) != "triton_tc"
