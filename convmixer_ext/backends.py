@@ -234,7 +234,37 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype,
     """The concrete backend running ``op`` for tensors on ``device`` of ``dtype`` with kernel
     size ``kernel_size``; ``sync``: batch statistics synchronised over a process group;
     ``channels_last``, ``training``: the layout of x and the mode (auto's measured choice,
-    see :func:`measured_depthwise_choice`)."""
+    see :func:`measured_depthwise_choice`). Raises what a bad choice deserves (an unknown
+    name, an unavailable backend, a dtype or kernel size it does not take)."""
+    name, err = _resolve(backend, device, dtype, kernel_size, op, sync, channels_last,
+                         training)
+    if err is not None:
+        raise _ERRORS[err[0]](err[1])
+    return name
+
+
+_ERRORS = {"value": ValueError, "type": TypeError, "unavailable": BackendUnavailableError}
+
+
+# A constant of a compiled graph (torch.compile): the choice reads the library's files and
+# the environment, which Dynamo cannot trace, and depends only on these arguments, which
+# the graph's guards (x's device, dtype, strides) fix. It returns its error instead of
+# raising it, so that the caller raises the exception itself (as Dynamo passes it on).
+@torch.compiler.assume_constant_result
+def _resolve(backend, device, dtype, kernel_size, op, sync, channels_last, training):
+    try:
+        return _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_last,
+                                 training), None
+    except BackendUnavailableError as e:
+        return None, ("unavailable", str(e))
+    except TypeError as e:
+        return None, ("type", str(e))
+    except ValueError as e:
+        return None, ("value", str(e))
+
+
+def _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_last,
+                      training) -> str:
     check_backend_name(backend, op)
     if backend == "auto":
         env = _env.backend_override()

@@ -7,7 +7,7 @@ import timm.models.convmixer as timm_convmixer
 import torch
 
 import convmixer_ext
-from conftest import DEVICE, all_backends
+from conftest import DEVICE, all_backends, kernel_backends
 from convmixer_ext import ConvMixer, ConvMixerLayer, convert, fused_dwconv_block
 from convmixer_ext.reference import ConvMixer as RefConvMixer, conv_mixer_layer
 from helpers import assert_close, layer_pair, randomize_bn
@@ -50,9 +50,13 @@ def test_gradcheck_folded_affine(training):
     assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta, in_scale, in_shift))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", ["torch", "auto"] + kernel_backends())
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """fullgraph=True: no graph break anywhere, the backend choice included (it reads the
+    library's files and the environment, which Dynamo cannot trace: it is a constant of the
+    compiled graph, guarded by x's device, dtype and layout)."""
     torch._dynamo.reset()
-    ref, fused = layer_pair(4, 5, "gelu", "torch", torch.float32, DEVICE)
+    ref, fused = layer_pair(4, 5, "gelu", backend, torch.float32, DEVICE)
     eager = copy.deepcopy(fused)
     compiled = torch.compile(fused, fullgraph=True)
     g = torch.Generator().manual_seed(0)
