@@ -5,8 +5,8 @@
 # folder) or benchmarks/results/.
 #
 #   bash benchmarks/gpu_run.sh                  # all stages (may exceed one 10-min call)
-#   bash benchmarks/gpu_run.sh build test       # stages: build test sanitize graph bench model
-#                                               #         static (predicted vs measured)
+#   bash benchmarks/gpu_run.sh build test       # stages: build test sanitize graph bench passes
+#                                               #         model static (predicted vs measured)
 #   BENCH_ARGS="--sweep --model" bash benchmarks/gpu_run.sh bench
 #
 # Within a 15-minute device budget (2026-11-26, H200: machine start ~30 s, wheel install and
@@ -33,7 +33,7 @@ mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python}
-STAGES=${*:-build test sanitize graph bench model static}
+STAGES=${*:-build test sanitize graph bench passes model static}
 BENCH_ARGS=${BENCH_ARGS:---shapes cm1536 --modes eval train_fwdbwd --providers eager compile auto cuda triton triton_tc}
 # whole model: ConvMixer-1536/20 (k=9) and a CIFAR-size one, training step (images/s, peak
 # memory) and inference for eager / compile / auto / fused+pointwise (BN2 folded)
@@ -107,12 +107,20 @@ if has bench; then
   inpkg cap "${T_BENCH:-0}" $PY -m benchmarks --out "$RES" $BENCH_ARGS > "$RES/bench.log" 2>&1 || status=1
   tail -60 "$RES/bench.log"
 fi
+if has passes; then
+  echo "== per-pass times (F1, F2, B1, B2 of each kernel backend, alone)"
+  inpkg cap "${T_PASSES:-0}" $PY -m benchmarks.passes --out "$RES" ${PASSES_ARGS:-} \
+    > "$RES/passes.log" 2>&1 || status=1
+  tail -8 "$RES/passes.log"
+fi
 if has static; then
   echo "== static report: predicted against measured"
-  latest=$(ls -t "$RES"/*.json 2>/dev/null | grep -v -e static -e predicted | head -1)
+  # shellcheck disable=SC2046
+  measured=$(ls "$RES"/*.json 2>/dev/null | grep -v -e static -e predicted -e -model)
+  # shellcheck disable=SC2086
   inpkg $PY -m benchmarks.static --shapes cm1536 --json "$RES/static.json" \
-    --md "$RES/static-vs-measured.md" ${latest:+--measured "$latest"} > "$RES/static.log" 2>&1 \
-    || status=1
+    --md "$RES/static-vs-measured.md" ${measured:+--measured $measured} > "$RES/static.log" \
+    2>&1 || status=1
   grep -A40 "Measured against predicted" "$RES/static-vs-measured.md" | head -40
 fi
 if has model; then

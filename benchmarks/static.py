@@ -467,9 +467,19 @@ def markdown(rows, measured=None, measured_on=None):
 
 
 def compare(rows, measured):
-    """[{key, measured_ms, predicted_ms, ratio}] for every case both have."""
+    """[{key, measured_ms, predicted_ms, ratio}] for every case both have: whole blocks
+    (mode eval / train_fwdbwd) and single passes (mode F1, F2, B1, B2; the sum of the
+    pass's kernels)."""
     out = []
     for r in rows:
+        for pass_ in ("F1", "F2", "B1", "B2"):
+            for be in {kr["backend"] for kr in r["kernels"]}:
+                key = (r["shape_name"], r["dtype"], r["layout"], pass_, r["k"], be)
+                pred = sum(kr["predicted_ms"] for kr in r["kernels"]
+                           if kr["backend"] == be and kr["pass_"] == pass_)
+                if key in measured and pred > 0:
+                    out.append(dict(key=key, measured_ms=measured[key], predicted_ms=pred,
+                                    ratio=measured[key] / pred))
         for mode, m in r["modes"].items():
             for prov in ("cuda", "triton", "eager"):
                 key = (r["shape_name"], r["dtype"], r["layout"], mode, r["k"], prov)
@@ -537,6 +547,9 @@ def _measured(paths):
         with open(path) as f:
             records += json.load(f)["records"]
     for r in records:
+        if r.get("kind") == "pass" and "ms" in r:  # benchmarks/passes.py: one pass alone
+            out[(r["shape_name"], r["dtype"], r["layout"], r["pass_"], r["k"],
+                 r["backend"])] = r["ms"]
         if r.get("kind") == "block" and "ms" in r:
             prov = {"auto": None}.get(r["provider"], r["provider"])
             if prov:

@@ -55,3 +55,29 @@ def test_harness_model_section(tmp_path):
     assert saved["auto"] == saved["eager"]  # on the CPU "auto" runs the reference's own ops
     md = next(tmp_path.glob("*.md")).read_text()
     assert "fused-torch+pw" in md
+
+
+def test_pass_timings_smoke(tmp_path):
+    """benchmarks/passes.py on the CPU stand-ins: every pass of every kernel backend here is
+    launched alone and timed; the static report sets such records against its per-pass
+    predictions (a pass's kernels summed)."""
+    from benchmarks import passes, static
+    from conftest import kernel_backends
+    rc = passes.main(["--device", "cpu", "--shapes", "2x3x8x8", "--ks", "3", "--layouts",
+                      "nchw", "--reps", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.load(open(next(tmp_path.glob("passes-*.json"))))
+    recs = data["records"]
+    backends = [b for b in kernel_backends() if b in ("cuda_emu", "triton")]
+    assert {(r["backend"], r["pass_"]) for r in recs} == \
+        {(b, p) for b in backends for p in passes.PASSES}
+    assert all(r["ms"] > 0 and r["ms_p20"] <= r["ms_p80"] for r in recs)
+    # per-pass calibration: measured / predicted of each pass, its kernels' sum
+    rows = [dict(shape_name="cm1536", dtype="float32", layout="nchw", k=9, modes={},
+                 kernels=[dict(backend="triton", pass_="B2", predicted_ms=1.0),
+                          dict(backend="triton", pass_="B2", predicted_ms=3.0),
+                          dict(backend="triton", pass_="F1", predicted_ms=2.0)])]
+    measured = {("cm1536", "float32", "nchw", "B2", 9, "triton"): 8.0,
+                ("cm1536", "float32", "nchw", "F1", 9, "triton"): 1.0}
+    pairs = {p["key"][3]: p["ratio"] for p in static.compare(rows, measured)}
+    assert pairs == {"B2": 2.0, "F1": 0.5}

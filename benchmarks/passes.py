@@ -1,0 +1,118 @@
+"""Per-pass times of the kernel backends (docs/DESIGN.md, "Forward" and "Backward"): F1
+(statistics), F2 (apply / eval), B1 (dbeta, dgamma) and B2 (dx, dW, db) of one block, each
+launched alone through the backend's launchers, so that the static report's per-kernel
+predictions can be set against a measurement pass by pass (the block benchmark times whole
+steps).
+
+    python -m benchmarks.passes [--shapes cm1536] [--ks 3 9] [--dtypes bfloat16 float32]
+                                [--layouts nchw channels_last]
+                                [--backends cuda triton triton_tc] [--out DIR]
+    python -m benchmarks.static --measured <this JSON> ...   # per-pass calibration
+
+GPU: ``triton.testing.do_bench`` (warm-up, L2 flush, median). Without a GPU it times the
+CPU stand-ins (the emulator, the interpreter) at the given shape: only a smoke run, whose
+figures say nothing about GPU speed. Writes ``<out>/passes-<device>-<date>.json`` (records
+of kind "pass": shape_name, shape, dtype, layout, k, backend, pass_, ms, ms_p20, ms_p80).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+
+import torch
+
+from benchmarks.run import HERE, _shape, _timer, environment
+from convmixer_ext.backends import backend_reason, get_impl
+from convmixer_ext.semantics import ACTIVATIONS, rstd_from_var
+
+PASSES = ("F1", "F2", "B1", "B2")
+
+
+def _inputs(shape, dtype, layout, k, device):
+    N, C, H, W = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = r(N, C, H, W).to(dtype).contiguous(memory_format=mf)
+    dout = r(N, C, H, W).to(dtype).contiguous(memory_format=mf)
+    w, b = (r(C, 1, k, k) / k).to(dtype), (0.1 * r(C)).to(dtype)
+    vec = dict(gamma=1 + 0.1 * r(C), beta=0.1 * r(C), mean=0.1 * r(C),
+               rstd=rstd_from_var(1 + r(C).abs(), 1e-5), dbeta=r(C), dgamma=r(C))
+    return x, dout, w, b, vec
+
+
+def pass_steps(impl, x, dout, w, b, v, act):
+    """{pass: a callable launching that pass's kernels once} (the launcher contract of
+    backends.KernelBackend; no reduction of the partials: the kernels alone)."""
+    k = impl.k
+    return {
+        "F1": lambda: k.k_stats(x, w, b, None, None, act),
+        "F2": lambda: k.k_apply(x, w, b, v["mean"], v["rstd"], v["gamma"], v["beta"], None,
+                                None, act),
+        "B1": lambda: k.k_bwd_reduce(dout, x, w, b, v["mean"], v["rstd"], None, None, act),
+        "B2": lambda: k.k_bwd_main(dout, x, w, b, v["mean"], v["rstd"], v["gamma"],
+                                   v["dbeta"], v["dgamma"], True, None, None, act),
+    }
+
+
+def run(shapes, ks, dtypes, layouts, backends, device, reps):
+    records = []
+    for sname, shape in shapes:
+        for dtype in dtypes:
+            for layout in layouts:
+                for k in ks:
+                    x, dout, w, b, v = _inputs(shape, getattr(torch, dtype), layout, k, device)
+                    for be in backends:
+                        if backend_reason(be, device) is not None or \
+                                (be == "triton_tc" and dtype == "float32"):
+                            continue
+                        steps = pass_steps(get_impl(be), x, dout, w, b, v,
+                                           ACTIVATIONS["gelu"])
+                        for name, step in steps.items():
+                            step()  # compile / warm up
+                            med, p20, p80 = _timer(step, device, reps)
+                            records.append(dict(kind="pass", shape_name=sname,
+                                                shape=list(shape), dtype=dtype, layout=layout,
+                                                k=k, backend=be, pass_=name, ms=med,
+                                                ms_p20=p20, ms_p80=p80, device=device))
+                            print(f"{sname} {dtype} {layout} k={k} {be} {name}: {med:.3f} ms",
+                                  flush=True)
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.passes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="+", default=None)
+    p.add_argument("--ks", nargs="+", type=int, default=[3, 9])
+    p.add_argument("--dtypes", nargs="+", default=None,
+                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"],
+                   choices=["nchw", "channels_last"])
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="kernel backends (default: cuda triton triton_tc on a GPU, "
+                        "cuda_emu triton on the CPU)")
+    p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
+    p.add_argument("--out", default=os.path.join(HERE, "out"))
+    a = p.parse_args(argv)
+    gpu = a.device == "cuda"
+    shapes = [_shape(s) for s in (a.shapes or (["cm1536"] if gpu else ["2x4x8x8"]))]
+    backends = a.backends or (["cuda", "triton", "triton_tc"] if gpu else ["cuda_emu", "triton"])
+    dtypes = a.dtypes or (["bfloat16", "float32"] if gpu else ["float32"])
+    records = run(shapes, a.ks, dtypes, a.layouts, backends, a.device, a.reps)
+    env = environment(a.device)
+    tag = env["device_name"].split("(")[0].strip().replace(" ", "_") or a.device
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"passes-{tag}-{_dt.date.today().isoformat()}.json")
+    with open(path, "w") as f:
+        json.dump({"schema": 1, "environment": env, "records": records}, f, indent=1)
+    print(f"wrote {path}")
+    return 0 if records else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
