@@ -9,14 +9,7 @@
 #                                               #         model static (predicted vs measured)
 #   BENCH_ARGS="--sweep --model" bash benchmarks/gpu_run.sh bench
 #
-# Within a 15-minute device budget (2026-11-26, H200: machine start ~30 s, wheel install and
-# self-check ~40 s, the suite ~170 s on 12 workers), two calls did it all; carry dist/:
-#   OUT=/tmp/res PYTHON=python3 TEST_WORKERS=12 T_TEST=170 T_SANITIZE=35 T_GRAPH=50 \
-#     T_BENCH=150 BENCH_ARGS="--shapes cm1536 --modes eval train_fwdbwd --providers eager \
-#     cuda triton triton_tc --dtypes bfloat16 float32" bash benchmarks/gpu_run.sh build test \
-#     sanitize graph bench                       (then tar /tmp/res into $OUT: <= 8 files)
-#   ... SANITIZE_TOOLS=racecheck T_MODEL=100 ... build sanitize bench model (k = 15, 31)
-# torch.compile cases cost ~30 s of compilation each: give them a call of their own.
+# Within a 15-minute device budget: benchmarks/gpu_session.sh (two calls, time caps set).
 #
 # build: a wheel carried in dist/ (built elsewhere: `make wheel`, then copy build/wheel/*.whl
 # to dist/) is installed as is — the cross-version test of one build; otherwise
@@ -118,7 +111,7 @@ if has static; then
   # shellcheck disable=SC2046
   measured=$(ls "$RES"/*.json 2>/dev/null | grep -v -e static -e predicted -e -model)
   # shellcheck disable=SC2086
-  inpkg $PY -m benchmarks.static --shapes cm1536 --json "$RES/static.json" \
+  inpkg cap "${T_STATIC:-0}" $PY -m benchmarks.static --shapes cm1536 --json "$RES/static.json" \
     --md "$RES/static-vs-measured.md" ${measured:+--measured $measured} > "$RES/static.log" \
     2>&1 || status=1
   grep -A40 "Measured against predicted" "$RES/static-vs-measured.md" | head -40
