@@ -58,7 +58,9 @@ def pass_steps(impl, x, dout, w, b, v, act):
     }
 
 
-def run(shapes, ks, dtypes, layouts, backends, device, reps):
+def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records: None):
+    """Time every pass; ``save(records)`` after each backend's four passes (an interrupted
+    run keeps what it measured)."""
     records = []
     for sname, shape in shapes:
         for dtype in dtypes:
@@ -80,6 +82,7 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps):
                                                 ms_p20=p20, ms_p80=p80, device=device))
                             print(f"{sname} {dtype} {layout} k={k} {be} {name}: {med:.3f} ms",
                                   flush=True)
+                        save(records)
     return records
 
 
@@ -103,13 +106,20 @@ def main(argv=None):
     shapes = [_shape(s) for s in (a.shapes or (["cm1536"] if gpu else ["2x4x8x8"]))]
     backends = a.backends or (["cuda", "triton", "triton_tc"] if gpu else ["cuda_emu", "triton"])
     dtypes = a.dtypes or (["bfloat16", "float32"] if gpu else ["float32"])
-    records = run(shapes, a.ks, dtypes, a.layouts, backends, a.device, a.reps)
     env = environment(a.device)
     tag = env["device_name"].split("(")[0].strip().replace(" ", "_") or a.device
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"passes-{tag}-{_dt.date.today().isoformat()}.json")
-    with open(path, "w") as f:
-        json.dump({"schema": 1, "environment": env, "records": records}, f, indent=1)
+
+    def save(records):
+        with open(path, "w") as f:
+            json.dump({"schema": 1, "environment": env, "records": records}, f, indent=1)
+
+    try:
+        records = run(shapes, a.ks, dtypes, a.layouts, backends, a.device, a.reps, save)
+    except KeyboardInterrupt:
+        print("interrupted: keeping the passes timed so far", flush=True)
+        return 1
     print(f"wrote {path}")
     return 0 if records else 1
 
