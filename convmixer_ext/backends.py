@@ -16,8 +16,10 @@ eager       any device and float dtype (PyTorch's own   depthwise, pointwise
             ops with autograd, as the reference runs)
 ==========  ==========================================  =========================
 
-``"auto"``: on CUDA tensors ``cuda`` (depthwise) or ``triton`` where they can run, else
-``eager``; on every other device ``eager`` (never slower than not using the package). With
+``"auto"``: on CUDA tensors the depthwise backend measured fastest for the kernel size,
+layout and mode (:func:`measured_depthwise_choice`), else ``cuda`` or ``triton`` where they
+can run, else ``eager``; the pointwise op takes ``triton`` where it runs; on every other
+device ``eager`` (never slower than not using the package). With
 statistics synchronised over a process group, ``eager`` cannot be used and ``torch`` takes
 its place. ``CONVMIXER_EXT_BACKEND`` overrides ``"auto"``. A CUDA tensor that falls back
 from ``cuda`` warns once, saying why and how to get the kernels.
@@ -302,8 +304,9 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     (benchmarks/results/NVIDIA_H200-2026-11-26*.md: ConvMixer-1536/20's block, k = 3, 7, 9
     in fp32 and bf16, both layouts, eval and training step; k = 15 and 31 in bf16 NCHW).
     The choice did not depend on the dtype except for NCHW eval at k=3, where the two
-    kernels are within 15% of each other (the CUDA library is kept there). Sizes between the
-    measured ones take the nearest measured rule; anything not measured takes the CUDA
+    kernels are within 15% of each other (the CUDA library is kept there). A size between
+    two measured ones takes another backend only where both neighbours agree on it (k = 4-6
+    in channels_last training); sizes below 3 follow k=3; everything else takes the CUDA
     library, the fastest at k = 7, 9 and 15 everywhere it was timed."""
     if training and channels_last and kernel_size <= 7:
         return "eager"   # cuDNN's channels_last depthwise: 1.7-2.3x faster up to k=7, not at 9
