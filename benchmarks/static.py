@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # H100 SXM constants (docs/DESIGN.md, "Performance model")
-H100 = dict(hbm=3.0e12, l2=5.5e12, sms=132, clock=1.98e9, fp32_fma=67e12 / 2, tc_mac=990e12 / 2,
+H100 = dict(hbm=3.0e12, l2=5.5e12, sms=132, clock=1.98e9, fp32_fma=67e12 / 2,
+            tc_mac=990e12 / 2,
             schedulers=4, smem_bytes_per_clk=128, latency_ns=450, launch_us=3.0)
 ARCH_LIMITS = {  # per SM: warps, blocks, registers, shared memory (bytes), per-block reserve
     80: dict(warps=64, blocks=32, regs=65536, smem=167936, reserve=1024),
@@ -344,7 +345,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
                             fact.get("ldg_bytes", e), programs, mma=mma)
         pass_ = _TRITON_PASSES[name]
         rows.append(dict(
-            backend="triton_tc" if tc else "triton", pass_=pass_, kernel=name, regs=fact.get("regs"),
+            backend="triton_tc" if tc else "triton", pass_=pass_, kernel=name,
+            regs=fact.get("regs"),
             local=fact.get("local"), smem_static=fact.get("shared"), threads=threads,
             blocks=programs, occupancy=occ,
             widths={k2: {str(w): n for w, n in v.items()} for k2, v in

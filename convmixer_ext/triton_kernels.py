@@ -259,8 +259,8 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
                        rstd_ptr, dbeta_p, dgamma_p, C, H, W, sN, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
-                       TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                  KP: tl.constexpr):
+                       TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                       TC: tl.constexpr, KP: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,

@@ -44,8 +44,9 @@ def _run_dw(t, backend, training):
         v = strided(v.detach()) if not v.is_contiguous() else v.detach().clone()
         leaves[n] = v.requires_grad_() if n in grad_args else v
     rm, rv = leaves["running_mean"], leaves["running_var"]
+    nbt = torch.zeros((), dtype=torch.long, device=DEVICE)
     out = fused_dwconv_block(leaves["x"], leaves["weight"], leaves["bias"], leaves["gamma"],
-                             leaves["beta"], rm, rv, torch.zeros((), dtype=torch.long, device=DEVICE),
+                             leaves["beta"], rm, rv, nbt,
                              training=training, backend=backend,
                              in_affine=(leaves["in_scale"], leaves["in_shift"]))
     out.backward(leaves["dout"])
@@ -80,8 +81,8 @@ def test_strided_running_buffers_are_updated_in_place(backend):
                        training=True, backend=backend, momentum=None)
     ref_rm, ref_rv = base_rm.clone(), base_rv.clone()
     fused_dwconv_block(t["x"], t["weight"], t["bias"], t["gamma"], t["beta"], ref_rm, ref_rv,
-                       torch.zeros((), dtype=torch.long, device=DEVICE), training=True, backend=backend,
-                       momentum=None)
+                       torch.zeros((), dtype=torch.long, device=DEVICE), training=True,
+                       backend=backend, momentum=None)
     assert int(nbt) == 1
     assert not torch.equal(rm, base_rm)  # written through the view, into its storage
     torch.testing.assert_close(rm, ref_rm, rtol=1e-6, atol=1e-7)
