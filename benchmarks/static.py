@@ -330,11 +330,7 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         l2 = elems * k * k * (e if name != "_bwd_dx_kernel" else (4 + e)) / 8
         instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
         mma = 0.0
-        if kw.get("TC") and name == "_bwd_dx_kernel":  # dx's transposed conv on tensor cores
-            mma = programs * kw["TH"] * kw["TW"] * k * kw["KP"]
-            ffma = elems * k * k  # dW alone on CUDA cores
-            instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
-        elif kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
+        if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
             mma = programs * kw["TH"] * kw["TW"] * k * kw["KP"]
             ffma = 0.0
             # issue: per program and kernel row, the X_i tile and the Toeplitz gather are

@@ -71,17 +71,6 @@ def bwd_reduce(dout, x, weight, bias, mean, rstd, activation, in_affine=None):
     return d.sum(dim=(0, 2, 3)), (d * xh).sum(dim=(0, 2, 3))
 
 
-def bwd_du(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, activation,
-           in_affine=None):
-    """B2's first half: u recomputed, ``du = dL/du`` (fp32, like the kernels' scratch)."""
-    N, C, H, W = x.shape
-    u = conv_u(x, weight, bias, in_affine)
-    xh = (act_fwd(u, activation) - _bcast(mean)) * _bcast(rstd) if batch_stats else None
-    dg = bn_grad(_c(dout, x), xh, _bcast(gamma * rstd), _bcast(dbeta), _bcast(dgamma),
-                 N * H * W, batch_stats)
-    return dg * act_grad(u, activation)
-
-
 def bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, activation,
              in_affine=None):
     """Pass B2: recompute u, g; dg -> du; dx = dout + conv_transpose(du, W); db, dW.
@@ -91,9 +80,12 @@ def bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stat
     sum(dL/dinput)) per channel, the gradients of in_scale and in_shift; otherwise None."""
     N, C, H, W = x.shape
     k = weight.shape[-1]
-    du = bwd_du(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
-                activation, in_affine)
+    u = conv_u(x, weight, bias, in_affine)
     d = _c(dout, x)
+    xh = (act_fwd(u, activation) - _bcast(mean)) * _bcast(rstd) if batch_stats else None
+    dg = bn_grad(d, xh, _bcast(gamma * rstd), _bcast(dbeta), _bcast(dgamma), N * H * W,
+                 batch_stats)
+    du = dg * act_grad(u, activation)
     pb, pa = _pads(k)
     wc = _c(weight, x)
     # dx[q] = sum_i du[q - i + pb] * w[i]: correlation of du (padded pa before, pb after)

@@ -131,25 +131,13 @@ def _load_in(x_ptr, offs, m, scale_ptr, shift_ptr, c, cmask, IN_AFFINE: tl.const
 
 
 @triton.jit
-def _round_bf16(v):
-    """fp32 -> the nearest bfloat16 value (ties to even), kept in fp32: integer arithmetic,
-    the same on a GPU and under the interpreter (whose fp32 -> bf16 cast does not round to
-    nearest)."""
-    b = v.to(tl.uint32, bitcast=True)
-    b = b + 0x7FFF + ((b >> 16) & 1)
-    return ((b >> 16) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, sW, tiles_w,
              tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
              IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
-             UPCAST: tl.constexpr, TRANSPOSED: tl.constexpr):
+             UPCAST: tl.constexpr):
     """u = dwconv_K(input) + b of channel ``ch`` over the program's TH x TW tile on tensor
     cores, as [1, TH*TW] fp32 (row-major: the lanes of :func:`_tile`). UPCAST: the same
-    GEMMs on fp32 copies of the 16-bit operands (under the interpreter). TRANSPOSED: the
-    transposed convolution of B2, ``dx[r, c] = sum_ij du[r + PB - i, c + PB - j] W[i, j]``
-    of the fp32 ``du`` at ``x_ptr`` rounded to bfloat16 (W is bfloat16), no bias.
+    GEMMs on fp32 copies of the 16-bit operands (under the interpreter).
 
     Kernel row i is a GEMM (docs/DESIGN.md, "Tensor cores"): ``u[r, :] += X_i[r, :] @ T_i``
     with ``X_i[r, q] = x[h0 + r + i - PB, w0 - PB + q]`` (TH x KP, q < TW + K - 1, zero
@@ -165,32 +153,20 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     r = tl.arange(0, TH)
     q = tl.arange(0, KP)
     col = tl.arange(0, TW)
-    if TRANSPOSED:  # columns w0 + PB - (K-1) + q;  T'_i[q, col] = W[i, K - 1 - (q - col)]
-        xcol = w0 + (PB - (K - 1)) + q
-    else:
-        xcol = w0 - PB + q
+    xcol = w0 - PB + q
     col_ok = (q < TW + K - 1) & (xcol >= 0) & (xcol < W)
     d = q[:, None] - col[None, :]
     band = (d >= 0) & (d < K)
-    if TRANSPOSED:
-        d = (K - 1) - d
     wrow = w_ptr + ch * (K * K)
     xch = x_ptr + base + ch.to(tl.int64) * sC
     acc = tl.zeros([TH, TW], dtype=tl.float32)
     accm = tl.zeros([TH, TW], dtype=tl.float32)
     for i in range(K):
-        if TRANSPOSED:
-            xrow = h0 + r + (PB - i)
-        else:
-            xrow = h0 + r + (i - PB)
+        xrow = h0 + r + (i - PB)
         m = ((xrow >= 0) & (xrow < H))[:, None] & col_ok[None, :]
         xi = tl.load(xch + xrow.to(tl.int64)[:, None] * sH + xcol.to(tl.int64)[None, :] * sW,
                      mask=m, other=0.0)
         ti = tl.load(wrow + i * K + d, mask=band, other=0.0)
-        if TRANSPOSED:  # du (fp32) rounded to W's bfloat16: the only rounding of this path
-            xi = _round_bf16(xi)
-            if not UPCAST:
-                xi = xi.to(tl.bfloat16)  # exact: already a bfloat16 value
         if UPCAST:  # (the interpreter's dot and bool->bf16 cast mishandle 16-bit values;
             # the products are exact in fp32 either way)
             xi, ti, mi = xi.to(tl.float32), ti.to(tl.float32), m.to(tl.float32)
@@ -202,9 +178,8 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     if IN_AFFINE:
         acc = acc * tl.load(scale_ptr + ch).to(tl.float32) + \
             accm * tl.load(shift_ptr + ch).to(tl.float32)
-    if not TRANSPOSED:
-        acc = acc + tl.load(b_ptr + ch).to(tl.float32)
-    return tl.reshape(acc, (1, TH * TW))
+    u = acc + tl.load(b_ptr + ch).to(tl.float32)
+    return tl.reshape(u, (1, TH * TW))
 
 
 @triton.jit
@@ -218,7 +193,7 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid
     if TC > 0:
         return _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, cb, H, W, sC, sH, sW,
                         tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP,
-                        TC == 2, False)
+                        TC == 2)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -331,9 +306,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
                    dscale_p, dshift_p, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr):
-    """dx (TC > 0: its transposed convolution on tensor cores, :func:`_conv_tc`), per-tile
-    dW and db partials (CUDA cores)."""
+                   BLOCK_S: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -342,10 +315,6 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
     prow = row.to(tl.int64) * C + c
     tl.store(db_p + prow, tl.sum(du, axis=1), mask=cmask)
     acc = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if TC > 0:
-        acc += _conv_tc(du_ptr, w_ptr, w_ptr, w_ptr, w_ptr, base, cb, H, W, sC, sH, sW,
-                        tiles_w, tiles_per_img, tiles_total, K, PB, False, TH, TW, KP,
-                        TC == 2, True)
     for i in range(K):
         # dx[q] += du[q + PB - i] * w[i]   (transposed conv);  dW[i] += du[q] * x[q + i - PB]
         hd = h + (PB - i)
@@ -357,10 +326,9 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
             wx = w + (j - PB)
             md = cmask[:, None] & (hd_ok & (wd >= 0) & (wd < W))[None, :]
             mx = cmask[:, None] & (hx_ok & (wx >= 0) & (wx < W))[None, :]
-            if TC == 0:
-                wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
-                dus = tl.load(du_ptr + base + _offs(c, hd, wd, sC, sH, sW), mask=md, other=0.0)
-                acc += dus * wv.to(tl.float32)[:, None]
+            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
+            dus = tl.load(du_ptr + base + _offs(c, hd, wd, sC, sH, sW), mask=md, other=0.0)
+            acc += dus * wv.to(tl.float32)[:, None]
             xs = _load_in(x_ptr, base + _offs(c, hx, wx, sC, sH, sW), mx, scale_ptr, shift_ptr,
                           c, cmask, IN_AFFINE)
             tl.store(dw_p + prow * (K * K) + (i * K + j), tl.sum(du * xs, axis=1), mask=cmask)
@@ -539,21 +507,15 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
     n_aff = rows if in_scale is not None else 0
     dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
-    # dx's transposed convolution on tensor cores for bfloat16 without the input affine: du
-    # (fp32) is rounded to W's dtype, and bfloat16 has fp32's range (fp16's would overflow or
-    # flush small du); with the affine, dx also feeds the fp32 sums d(in_scale), d(in_shift),
-    # which would inherit du's rounding
-    dx_conv = _conv_kw(x, weight, tc and x.dtype == torch.bfloat16 and in_scale is None)
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, weight, *_affine_ptrs(x, in_scale, in_shift), du, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
-            dict(_kc(weight, in_scale), **dx_conv, **tile))
+            dict(_kc(weight, in_scale), **tile))
     return dx, dw_p, db_p, dscale_p, dshift_p
 
 
 # The launchers with the convolution of F1, F2/eval, B1 and B2's du on tensor cores (backend
-# "triton_tc"), and B2's transposed convolution (dx) for bfloat16 without the input affine;
-# dW stays on CUDA cores.
+# "triton_tc"); B2's transposed convolution and dW stay on CUDA cores (fp32 du).
 tensor_core_launchers = types.SimpleNamespace(
     **{f.__name__: functools.partial(f, tc=True)
        for f in (k_stats, k_apply, k_bwd_reduce, k_bwd_main)})
