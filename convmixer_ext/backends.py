@@ -35,7 +35,7 @@ import torch
 from . import _cmx_lib, _env
 from ._layout import out_like
 from ._partials import merge_stats, sum_partials
-from .semantics import ACTIVATIONS, KERNEL_DTYPES, MAX_KERNEL_SIZE
+from .semantics import ACTIVATIONS, KERNEL_DTYPES, MAX_KERNEL_SIZE, TENSOR_CORE_DTYPES
 
 BACKENDS = ("cuda", "triton", "triton_tc", "cuda_emu", "torch", "eager")
 OPS = {"cuda": ("depthwise",), "triton": ("depthwise", "pointwise"),
@@ -43,7 +43,6 @@ OPS = {"cuda": ("depthwise",), "triton": ("depthwise", "pointwise"),
        "torch": ("depthwise", "pointwise"), "eager": ("depthwise", "pointwise")}
 # take KERNEL_DTYPES (triton_tc: TENSOR_CORE_DTYPES) and k <= MAX only
 _KERNEL_BACKENDS = ("cuda", "triton", "triton_tc", "cuda_emu")
-TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -95,6 +95,7 @@ def pad_before(kernel_size: int) -> int:
 
 # --------------------------------------------------------------------------- dtypes
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)  # backend "triton_tc": 16-bit operands
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._env import triton_interpreter
-from .semantics import ACTIVATIONS, GELU_TANH_COEF, pad_before
+from .semantics import ACTIVATIONS, GELU_TANH_COEF, TENSOR_CORE_DTYPES, pad_before
 
 # Globals used inside @triton.jit code must be tl.constexpr (a plain Python number compiles
 # under the interpreter only).
@@ -87,18 +87,22 @@ def _act_grad(u, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_origin(tiles_w, tiles_per_img, tiles_total, TH: tl.constexpr, TW: tl.constexpr):
+    """This program's partial row and the top-left (h0, w0) of its spatial tile. 1-D grid:
+    the ``tiles_total = N * tiles_per_img`` tiles fastest, then channel blocks."""
+    row = tl.program_id(0) % tiles_total
+    t = row % tiles_per_img
+    return row, (t // tiles_w) * TH, (t % tiles_w) * TW
+
+
+@triton.jit
 def _tile(C, H, W, tiles_w, tiles_per_img, tiles_total, sN, TH: tl.constexpr,
           TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """This program's partial row, channel block, image base offset (int64), channels, tile
-    rows/cols and masks. 1-D grid: the ``tiles_total = N * tiles_per_img`` tiles fastest,
-    then channel blocks."""
-    pid = tl.program_id(0)
-    row = pid % tiles_total
-    cb = pid // tiles_total
+    rows/cols and masks (grid order: :func:`_tile_origin`)."""
+    row, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
+    cb = tl.program_id(0) // tiles_total
     n = row // tiles_per_img
-    t = row % tiles_per_img
-    h0 = (t // tiles_w) * TH
-    w0 = (t % tiles_w) * TW
     s = tl.arange(0, BLOCK_S)
     h = h0 + s // TW
     w = w0 + s % TW
@@ -146,10 +150,7 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     every product is exact in the fp32 accumulator: the result is the CUDA-core one up to
     summation order. The input affine ``a*x + c`` is not rounded to 16 bits: the dots take x
     and the in-image mask M (exact 0/1), ``u = a*(X (*) W) + c*(M (*) W) + b``."""
-    pid = tl.program_id(0)
-    t = (pid % tiles_total) % tiles_per_img
-    h0 = (t // tiles_w) * TH
-    w0 = (t % tiles_w) * TW
+    _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
     r = tl.arange(0, TH)
     q = tl.arange(0, KP)
     col = tl.arange(0, TW)
@@ -281,8 +282,7 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
                    tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                    ACT: tl.constexpr, IN_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                  KP: tl.constexpr):
+                   BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
@@ -437,18 +437,17 @@ def _kc(weight, in_scale):
     return dict(K=k, PB=pad_before(k), IN_AFFINE=in_scale is not None)
 
 
-def _conv_kw(x, weight, tc):
+def _conv_kw(x, weight, tile, tc):
     """The convolution's constexprs: TC (0: CUDA cores; 1: tensor cores; 2: their algorithm
-    with fp32 operands, under the interpreter) and KP (the GEMM's reduction width: the tile's
-    input columns TW + K - 1, padded to a power of two >= 16)."""
+    with fp32 operands, under the interpreter) and KP (the GEMM's reduction width: the
+    plan's tile input columns TW + K - 1, padded to a power of two >= 16)."""
     if not tc:
         return dict(TC=0, KP=16)
-    if x.dtype not in (torch.float16, torch.bfloat16):
+    if x.dtype not in TENSOR_CORE_DTYPES:
         raise TypeError(f"the tensor-core convolution takes float16 or bfloat16 x, got "
                         f"{x.dtype} (float32 stays on exact FP32 FMA: backend='triton')")
-    tw = geometry(x.shape, x.stride(), True)[1]
     return dict(TC=1 if targets_gpu(x) else 2,
-                KP=max(16, triton.next_power_of_2(tw + weight.shape[-1] - 1)))
+                KP=max(16, triton.next_power_of_2(tile["TW"] + weight.shape[-1] - 1)))
 
 
 def _affine_ptrs(stand_in, in_scale, in_shift):
@@ -467,7 +466,7 @@ def k_stats(x, weight, bias, in_scale, in_shift, act, tc=False):
     _launch(_stats_kernel, grid, x,
             (x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean_p, m2_p, count_p,
              *common),
-            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tile, tc), **tile))
     return mean_p, m2_p, count_p
 
 
@@ -477,7 +476,7 @@ def k_apply(x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act, t
     _launch(_apply_kernel, grid, x,
             (x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma, beta,
              out, *common),
-            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tile, tc), **tile))
     return out
 
 
@@ -488,7 +487,7 @@ def k_bwd_reduce(dout, x, weight, bias, mean, rstd, in_scale, in_shift, act, tc=
     _launch(_bwd_reduce_kernel, grid, x,
             (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, dbeta_p,
              dgamma_p, *common),
-            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tile, tc), **tile))
     return dbeta_p, dgamma_p
 
 
@@ -502,7 +501,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
             (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma,
              dbeta, dgamma, du, 1.0 / max(N * H * W, 1), *common),
             dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats),
-                 **_conv_kw(x, weight, tc), **tile))
+                 **_conv_kw(x, weight, tile, tc), **tile))
     dx = torch.empty_like(x)
     dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
     n_aff = rows if in_scale is not None else 0
