@@ -88,11 +88,15 @@ def _act_grad(u, ACT: tl.constexpr):
 
 @triton.jit
 def _tile_origin(tiles_w, tiles_per_img, tiles_total, TH: tl.constexpr, TW: tl.constexpr):
-    """This program's partial row and the top-left (h0, w0) of its spatial tile. 1-D grid:
-    the ``tiles_total = N * tiles_per_img`` tiles fastest, then channel blocks."""
-    row = tl.program_id(0) % tiles_total
+    """This program's partial row, channel block, image and the top-left (h0, w0) of its
+    spatial tile. 1-D grid: the ``tiles_total = N * tiles_per_img`` tiles fastest, then
+    channel blocks."""
+    pid = tl.program_id(0)
+    row = pid % tiles_total
+    cb = pid // tiles_total
+    n = row // tiles_per_img
     t = row % tiles_per_img
-    return row, (t // tiles_w) * TH, (t % tiles_w) * TW
+    return row, cb, n, (t // tiles_w) * TH, (t % tiles_w) * TW
 
 
 @triton.jit
@@ -100,9 +104,7 @@ def _tile(C, H, W, tiles_w, tiles_per_img, tiles_total, sN, TH: tl.constexpr,
           TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """This program's partial row, channel block, image base offset (int64), channels, tile
     rows/cols and masks (grid order: :func:`_tile_origin`)."""
-    row, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
-    cb = tl.program_id(0) // tiles_total
-    n = row // tiles_per_img
+    row, cb, n, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
     s = tl.arange(0, BLOCK_S)
     h = h0 + s // TW
     w = w0 + s % TW
@@ -150,7 +152,7 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     every product is exact in the fp32 accumulator: the result is the CUDA-core one up to
     summation order. The input affine ``a*x + c`` is not rounded to 16 bits: the dots take x
     and the in-image mask M (exact 0/1), ``u = a*(X (*) W) + c*(M (*) W) + b``."""
-    _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
+    _, _, _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
     r = tl.arange(0, TH)
     q = tl.arange(0, KP)
     col = tl.arange(0, TW)
