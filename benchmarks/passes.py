@@ -25,10 +25,10 @@ import sys
 import torch
 
 from benchmarks.run import HERE, _shape, _timer, environment
+from convmixer_ext._cmx_lib import PASSES
 from convmixer_ext.backends import backend_reason, get_impl
 from convmixer_ext.semantics import ACTIVATIONS, rstd_from_var
 
-PASSES = ("F1", "F2", "B1", "B2")
 
 
 def _inputs(shape, dtype, layout, k, device):

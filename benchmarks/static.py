@@ -416,7 +416,9 @@ def report(shapes, ks, dtypes, layouts, backends, lib_path):
     return out
 
 
-def markdown(rows, measured=None, measured_on=None):
+def markdown(rows, compared=None, measured_on=None):
+    """The report as Markdown; ``compared``: :func:`compare`'s pairs, when a measurement is
+    set against it (``measured_on`` names its device)."""
     lines = ["# Static performance report (predicted, H100 SXM)", "",
              "[C] compiled facts; [E] estimates of the model in docs/DESIGN.md, "
              "\"Performance model\" (+-50%). Occupancy: resident warps/SM on sm_90.", "",
@@ -449,20 +451,19 @@ def markdown(rows, measured=None, measured_on=None):
                 f"{kr.get('local')} | {smem} | {kr['occupancy'][80]['warps']}/"
                 f"{kr['occupancy'][90]['warps']} | {v16} | {ratio} | "
                 f"{kr['fma_per_element']:.0f} | {kr['predicted_ms']:.3f} | {kr['bound']} |")
-    if measured:
-        pairs = compare(rows, measured)
+    if compared:
         lines += ["", "## Measured against predicted", "",
                   f"Measured on {measured_on or 'a GPU'}; predicted for the H100 SXM model "
                   "above (an H200 has the same SMs and clock and ~1.4x the HBM bandwidth, so "
                   "memory-bound predictions for it would be lower still).", "",
                   "Calibration (geometric mean of measured / predicted, and its range):", "",
                   "| provider | mode | cases | geo-mean | min | max |", "|---|---|---|---|---|---|"]
-        for c in calibration(pairs):
+        for c in calibration(compared):
             lines.append(f"| {c['provider']} | {c['mode']} | {c['cases']} | {c['geomean']:.2f} | "
                          f"{c['min']:.2f} | {c['max']:.2f} |")
         lines += ["", "| shape | dtype | layout | mode | k | provider | measured ms | "
                   "predicted ms | measured / predicted |", "|---|---|---|---|---|---|---|---|---|"]
-        for p in pairs:
+        for p in compared:
             lines.append(f"| {' | '.join(map(str, p['key']))} | {p['measured_ms']:.3f} | "
                          f"{p['predicted_ms']:.3f} | {p['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -472,9 +473,10 @@ def compare(rows, measured):
     """[{key, measured_ms, predicted_ms, ratio}] for every case both have: whole blocks
     (mode eval / train_fwdbwd) and single passes (mode F1, F2, B1, B2; the sum of the
     pass's kernels)."""
+    from convmixer_ext._cmx_lib import PASSES
     out = []
     for r in rows:
-        for pass_ in ("F1", "F2", "B1", "B2"):
+        for pass_ in PASSES:
             for be in {kr["backend"] for kr in r["kernels"]}:
                 key = (r["shape_name"], r["dtype"], r["layout"], pass_, r["k"], be)
                 pred = sum(kr["predicted_ms"] for kr in r["kernels"]
@@ -582,15 +584,14 @@ def main(argv=None):
     ks = sorted(set(a.ks + (list(range(3, 32, 2)) if a.sweep else [])))
     rows = report(a.shapes, ks, a.dtypes, a.layouts, backends, lib_path)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    measured = _measured(a.measured) if a.measured else None
+    pairs = compare(rows, _measured(a.measured)) if a.measured else None
     extra = {}
-    if measured:
-        pairs = compare(rows, measured)
+    if pairs:
         extra = dict(measured=a.measured, compared=pairs, calibration=calibration(pairs))
     with open(a.json, "w") as f:
         json.dump(dict(schema=1, constants=H100, occupancy_floor=OCCUPANCY_FLOOR,
                        eager_eta=EAGER_ETA, cases=rows, **extra), f, indent=1, default=str)
-    md = markdown(rows, measured, _devices(a.measured) if a.measured else None)
+    md = markdown(rows, pairs, _devices(a.measured) if a.measured else None)
     if a.md:
         with open(a.md, "w") as f:
             f.write(md)

@@ -87,7 +87,7 @@ def test_measured_times_are_set_against_the_prediction(tmp_path):
         {"kind": "block", "shape_name": "cm1536", "dtype": "float32", "layout": "nchw",
          "mode": "eval", "k": 9, "provider": p, "ms": ms}
         for p, ms in (("cuda", 1.0), ("eager", 3.0))]}))
-    md = static.markdown(rows, static._measured([str(path)]))
+    md = static.markdown(rows, static.compare(rows, static._measured([str(path)])))
     assert "| cm1536 | float32 | nchw | eval | 9 | cuda | 1.000 | 0.500 | 2.00 |" in md
     assert "| cm1536 | float32 | nchw | eval | 9 | eager | 3.000 | 4.000 | 0.75 |" in md
     # the calibration: per provider and mode, geometric mean and range of the ratios
