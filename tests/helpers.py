@@ -133,6 +133,22 @@ def compare_models(ref, fused, x, dtype, train=True, steps=1, seed=1, check_grad
             assert torch.equal(b_f.cpu(), b_r.cpu()), name
 
 
+def pass_inputs(N, C, H, W, k, dtype, channels_last, g, device):
+    """(x, dout, w, b, gamma, beta) for a pass-by-pass comparison, drawn from generator ``g``
+    (callers may draw more from it after), x and dout in ``dtype`` and the layout asked for,
+    on ``device``."""
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = (r(N, C, H, W) + 0.2).to(dtype)
+    dout = r(N, C, H, W).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        dout = dout.contiguous(memory_format=torch.channels_last)
+    w = (r(C, 1, k, k) / k).to(dtype)
+    b = (0.1 * r(C)).to(dtype)
+    gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
+    return [t.to(device) for t in (x, dout, w, b, gamma, beta)]
+
+
 def compare_passes(impl, x, dout, w, b, gamma, beta, act, aff, dtype):
     """Every pass of a kernel backend against the torch twin on the same inputs (docs/
     DESIGN.md, "Forward" and "Backward"): F1 statistics, F2 output, B1 sums, B2 gradients

@@ -6,7 +6,7 @@ import torch
 
 from conftest import DEVICE, kernel_backends
 from convmixer_ext.backends import get_impl
-from helpers import compare_passes
+from helpers import compare_passes, pass_inputs
 
 # (N, C, H, W, k, activation, dtype, channels_last)
 CASES = [
@@ -20,26 +20,13 @@ CASES = [
 ]
 
 
-def _tensors(N, C, H, W, k, dtype, cl):
-    g = torch.Generator().manual_seed(11)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x = (r(N, C, H, W) + 0.2).to(dtype)
-    dout = r(N, C, H, W).to(dtype)
-    if cl:
-        x = x.contiguous(memory_format=torch.channels_last)
-        dout = dout.contiguous(memory_format=torch.channels_last)
-    w = (r(C, 1, k, k) / k).to(dtype)
-    b = (0.1 * r(C)).to(dtype)
-    gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
-    return [t.to(DEVICE) for t in (x, dout, w, b, gamma, beta)]
-
-
 @pytest.mark.parametrize("with_affine", [False, True], ids=["plain", "in_affine"])
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[4]}-{c[5]}-{str(c[6])[6:]}{'-cl' if c[7] else ''}")
 def test_passes_match_twin(case, backend, with_affine):
     N, C, H, W, k, act, dtype, cl = case
-    x, dout, w, b, gamma, beta = _tensors(N, C, H, W, k, dtype, cl)
+    x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
+                                             torch.Generator().manual_seed(11), DEVICE)
     # a large shift makes a wrong padding (a*0 + c instead of 0) visible
     aff = ((1.5 + torch.rand(C)).to(DEVICE), (0.5 + torch.rand(C)).to(DEVICE)) \
         if with_affine else None

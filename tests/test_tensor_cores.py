@@ -13,7 +13,7 @@ import torch
 from conftest import DEVICE
 from convmixer_ext import ConvMixerLayer, fused_dwconv_block
 from convmixer_ext.backends import backend_reason, get_impl, resolve_backend
-from helpers import compare_models, compare_passes, layer_pair
+from helpers import compare_models, compare_passes, layer_pair, pass_inputs
 
 pytestmark = pytest.mark.skipif(backend_reason("triton_tc", DEVICE) is not None,
                                 reason=f"triton_tc unavailable here: "
@@ -38,19 +38,13 @@ def _ids(c):
         f"{'-aff' if c[7] else ''}"
 
 
-def _tensors(N, C, H, W, k, dtype, cl, aff, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x, dout = (r(N, C, H, W) + 0.2).to(dtype), r(N, C, H, W).to(dtype)
-    if cl:
-        x = x.contiguous(memory_format=torch.channels_last)
-        dout = dout.contiguous(memory_format=torch.channels_last)
-    w, b = (r(C, 1, k, k) / k).to(dtype), (0.1 * r(C)).to(dtype)
-    gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
+def _tensors(N, C, H, W, k, dtype, cl, aff):
+    """pass_inputs, and the input affine drawn after them from the same generator."""
+    g = torch.Generator().manual_seed(3)
+    x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl, g, DEVICE)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
     affine = (1.5 + r(C).abs(), 0.5 + r(C).abs()) if aff else None
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    return (*map(dev, (x, dout, w, b, gamma, beta)),
-            None if affine is None else tuple(map(dev, affine)))
+    return x, dout, w, b, gamma, beta, affine
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
