@@ -108,7 +108,6 @@ if has passes; then
 fi
 if has static; then
   echo "== static report: predicted against measured"
-  # shellcheck disable=SC2046
   measured=$(ls "$RES"/*.json 2>/dev/null | grep -v -e static -e predicted -e -model)
   # shellcheck disable=SC2086
   inpkg cap "${T_STATIC:-0}" $PY -m benchmarks.static --shapes cm1536 --json "$RES/static.json" \
