@@ -19,16 +19,18 @@ def _maxerr(a, b):
     return (a - b).abs().max().item() if b.numel() else 0.0
 
 
-def assert_close(actual, expected, dtype, what="", slack=None):
+def assert_close(actual, expected, dtype, what="", slack=None, scale=None):
     """max|actual - expected| <= TOL[dtype] * scale (+ 4 * slack: the error of the reference
-    model itself run in ``dtype``, when given — "as accurate as PyTorch in that dtype")."""
+    model itself run in ``dtype``, when given — "as accurate as PyTorch in that dtype").
+    ``scale`` (default: the largest magnitude of ``expected``) may be raised by the caller to
+    the magnitude of the terms ``expected`` sums, where they cancel."""
     actual = actual.detach().to(torch.float64).cpu()
     expected = expected.detach().to(torch.float64).cpu()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{what}: finiteness"
     # floor: quantities that cancel to ~0 by construction (e.g. the conv-bias gradient under
     # batch statistics) are held to an absolute error of TOL * 1e-2, not relative to ~0
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-2)
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-2, scale or 0.0)
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     bound = TOL[dtype] * scale + (4 * slack if slack is not None else 0.0)
     assert err <= bound, (f"{what}: max abs err {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"

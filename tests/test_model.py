@@ -48,9 +48,22 @@ def test_autocast_matches_reference_under_autocast(backend, dtype, pointwise):
     values as close to the float64 reference as the reference under the same autocast is
     (TOL of the dtype + 4x that reference's own error, as in compare_models: on a GPU the
     two low-precision models round at different points, so they cannot be held to TOL of
-    each other)."""
+    each other). A conv bias's gradient is a sum over positions of its output's gradient,
+    whose terms carry the dtype's rounding and cancel (GELU then BatchNorm follow): it is
+    held to TOL relative to the sum of the terms' magnitudes, from the float64 model (an
+    H200 run saw 4e-4 on a 1.2e-2 fp16 bias gradient whose terms summed to larger)."""
     ref, fused = _pair(backend, pointwise=pointwise)
     ref64 = copy.deepcopy(ref).double().cpu().train()
+    terms = {}  # conv name -> max over channels of sum over positions of |d out|
+
+    def keep_terms(name):
+        def hook(mod, inp, out):
+            out.register_hook(lambda g: terms.__setitem__(
+                name, g.abs().sum((0, 2, 3)).max().item()))
+        return hook
+    for name, mod in ref64.named_modules():
+        if isinstance(mod, torch.nn.Conv2d) and mod.bias is not None:
+            mod.register_forward_hook(keep_terms(name))
     x = torch.randn(2, 3, 12, 10, device=DEVICE)
     outs = []
     for m in (ref, fused):
@@ -66,7 +79,10 @@ def test_autocast_matches_reference_under_autocast(backend, dtype, pointwise):
     for (n, pr), (_, pf), (_, p64) in zip(ref.named_parameters(), fused.named_parameters(),
                                           ref64.named_parameters()):
         assert pf.grad.dtype == torch.float32, n
-        assert_close(pf.grad, p64.grad, dtype, n + ".grad", _maxerr(pr.grad, p64.grad))
+        sum_scale = terms.get(n[:-len(".bias")]) if n.endswith(".bias") else None
+        assert_close(pf.grad, p64.grad, dtype, n + ".grad", _maxerr(pr.grad, p64.grad),
+                     scale=sum_scale)
+    assert terms, "no conv bias seen"
     for (n, br), (_, bf), (_, b64) in zip(ref.named_buffers(), fused.named_buffers(),
                                           ref64.named_buffers()):
         assert bf.dtype == br.dtype, n
