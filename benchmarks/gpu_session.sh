@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_session.sh 1   # the suite, memcheck, graph capture, block benchmark
 #   bash benchmarks/gpu_session.sh 2   # racecheck, per-pass times, k = 9..31 with
 #                                      # torch.compile, whole model, static report vs all
+#   bash benchmarks/gpu_session.sh 3   # after a CUDA kernel change, in one call: the suite,
+#                                      # both sanitizers, per-pass and block times, CUDA
+#                                      # against eager at k = 3, 9, 31
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -16,7 +19,7 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 or 2"}
+CALL=${1:?"which call: 1, 2 or 3"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -35,7 +38,13 @@ nchw" T_BENCH=100 BENCH_ARGS="--shapes cm1536 --ks 9 31 --modes eval train_fwdbw
     T_MODEL=70 timeout -k 5 390 bash benchmarks/gpu_run.sh build sanitize passes bench static \
       model || status=$?
     ;;
-  *) echo "call must be 1 or 2"; exit 2 ;;
+  3)
+    TEST_WORKERS=12 T_TEST=90 T_SANITIZE=35 T_PASSES=60 PASSES_ARGS="--ks 3 9 31 --backends \
+cuda" T_BENCH=90 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes train_fwdbwd \
+--providers eager cuda --dtypes bfloat16 float32" \
+      timeout -k 5 370 bash benchmarks/gpu_run.sh build test sanitize passes bench || status=$?
+    ;;
+  *) echo "call must be 1, 2 or 3"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -259,9 +259,12 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
             ext = math.ceil((GH * RH + k - 1) / RH) * RH * math.ceil((GW * RW + k - 1) / RW) * RW
             cdu = conv_cost(ext * valid_per_tile, k, RH, RW, unrolled=KT > 0)
             cost = {key: (cost[key] + cdu[key] * scale) for key in cost}
-            ri, dj = (2 if 0 < k <= 9 else 1), (k if KT else 8)
+            # dW: per unit (a tap row, dj tap columns) and chunk of RW positions, RW du loads
+            # and RW + dj - 1 input loads (scalar) for RW * dj FMAs
+            dj = k if KT else 8
+            units = k * math.ceil(k / dj)
             dw_ffma = elems * k * k
-            dw_lds = elems / RW * math.ceil(k / ri) * math.ceil(k / dj) * (1 + ri * (RW + dj - 1))
+            dw_lds = elems / RW * units * (RW + RW + dj - 1)
             cost["ffma"] += dw_ffma
             cost["instr"] += dw_ffma + dw_lds
             cost["wavefronts"] += dw_lds / 32

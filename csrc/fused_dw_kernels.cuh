@@ -173,11 +173,16 @@ __device__ __forceinline__ bool inside(const Tile& t, int r, int c) {
 // A rectangle of R rows x S columns per channel (S a multiple of 4: rows are 16-byte
 // aligned); channel planes P floats apart, P = 4 (mod 32), so that channels_last staging
 // stores of many channels at one position spread over the banks.
+// With odd_quads the row stride is an odd number of 16-byte quads: rows r and r + 1..7 then
+// start in different banks mod 32 (B2's dW loop reads many rows at once with scalar loads).
+__host__ __device__ constexpr int row_stride(int cols, bool odd_quads) {
+  return odd_quads && round_up(cols, 4) % 8 == 0 ? round_up(cols, 4) + 4 : round_up(cols, 4);
+}
 struct Planes {
   int R, S, P;
   __host__ __device__ Planes() : R(0), S(0), P(0) {}
-  __host__ __device__ Planes(int rows, int cols)
-      : R(rows), S(round_up(cols, 4)), P(round_up(rows * round_up(cols, 4), 32) + 4) {}
+  __host__ __device__ Planes(int rows, int cols, bool odd_quads = false)
+      : R(rows), S(row_stride(cols, odd_quads)), P(round_up(rows * S, 32) + 4) {}
   __host__ __device__ int floats(int CB) const { return R > 0 ? CB * P : 0; }
 };
 
@@ -643,53 +648,64 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
 // ---------------------------------------------------------------- B2: dx, dW / db partials
 // du is needed on an extended region of EGH*RH x EGW*RW positions starting PA before the tile
 // (PA = padding after): the transposed convolution reaches that far. u there needs the input
-// a further (PB before, PA after) around it. dW is accumulated RI tap rows x DJ tap columns
-// per pass over the tile.
-__host__ __device__ constexpr int dw_rows(int KT) { return KT > 0 && KT <= 9 ? 2 : 1; }
+// a further (PB before, PA after) around it.
+//
+// dW / db: the work of a channel is split into tasks, each a unit (one tap row i and DJ tap
+// columns from j0: a register-blocked correlation of du rows with input rows) times a slice
+// of the tile's row chunks (slices s, s+S, s+2S, ...: S slices where the channel's threads
+// outnumber the units). A task adds its sums over each tile to its own slot in shared
+// memory: no barrier and no cross-thread sum per tile; the slots are summed in a fixed order
+// once, when the block's part ends.
 __host__ __device__ constexpr int dw_cols(int KT) { return KT > 0 ? KT : 8; }
 
-// Shared layout of B2 (floats): weights, flipped weights, the block's dW/db sums over its
-// part (kept across tiles), the input planes (doubly extended region), the du planes
-// (extended region); then the regions that are dead once dx is computed — dout (extended
-// region), the raw x of the tile (with the input affine), the reduction scratch — which the
-// channels_last output buffer and then the dW partial sums of every thread reuse.
+struct DwTasks {
+  int JB, U, S;  // column blocks per tap row, units (K * JB), slices
+  __host__ __device__ DwTasks(int K, int KT, int tpc)
+      : JB(cdiv(K, dw_cols(KT))), U(K * JB), S(tpc > U ? tpc / U : 1) {}
+  __host__ __device__ int tasks() const { return U * S; }
+};
+
+// Shared layout of B2 (floats): weights, flipped weights, the dW/db slots of every task
+// (kept across tiles), the input planes (doubly extended region), the du planes (extended
+// region); then the regions that are dead once dx is computed — dout (extended region) and
+// the raw x of the tile (with the input affine) — which the channels_last output buffer
+// reuses, and the reduction scratch of the part's end.
 struct BwdSmem {
   int EGH, EGW;  // groups of RH x RW covering the extended region
   Planes in, ext, raw;
-  int wf, acc, red, dwred, out;
+  int wf, slots, red, out;
   __host__ __device__ BwdSmem(const Geom& g, int RH, int RW, int KT, bool affine)
       : EGH(cdiv(g.GH * RH + g.K - 1, RH)),
         EGW(cdiv(g.GW * RW + g.K - 1, RW)),
-        in(EGH * RH + g.K - 1, EGW * RW + g.K - 1 + RW + (KT > 0 ? 0 : 8)),
+        in(EGH * RH + g.K - 1, EGW * RW + g.K - 1 + RW + (KT > 0 ? 0 : 8), true),
         ext(EGH * RH, EGW * RW),
         raw(affine ? Planes(g.GH * RH, g.GW * RW) : Planes()),
         wf(weight_floats(g.CB, g.K)),
-        acc(round_up(g.CB * (g.K * g.K + 1), 4)),
+        slots(round_up(g.CB * DwTasks(g.K, KT, g.GH * g.GW).tasks() * (dw_cols(KT) + 1), 4)),
         red(kMaxThreads + 32),
-        dwred(g.CB * g.GH * g.GW * (dw_rows(KT) * dw_cols(KT) + 1)),
         out(g.layout == kChannelsLast ? g.TH * g.TW * out_channels_stride(g.CB) : 0) {}
   __host__ __device__ int wflip() const { return wf; }
   __host__ __device__ int sums() const { return 2 * wf; }
-  __host__ __device__ int x() const { return sums() + acc; }
+  __host__ __device__ int x() const { return sums() + slots; }
   __host__ __device__ int du(int CB) const { return x() + in.floats(CB); }
   __host__ __device__ int dout(int CB) const { return du(CB) + ext.floats(CB); }
   __host__ __device__ int rawx(int CB) const { return dout(CB) + ext.floats(CB); }
-  __host__ __device__ int scratch(int CB) const { return rawx(CB) + raw.floats(CB); }
-  __host__ __device__ int sout(int CB) const { return dout(CB); }  // reuse the dead regions
-  __host__ __device__ int dw(int CB) const { return dout(CB); }
+  __host__ __device__ int scratch(int CB) const { return dout(CB); }  // reuse the dead regions
+  __host__ __device__ int sout(int CB) const { return dout(CB); }
   __host__ __device__ int total(int CB) const {
-    int m = scratch(CB) + red;
+    int m = rawx(CB) + raw.floats(CB);
+    if (scratch(CB) + red > m) m = scratch(CB) + red;
     if (sout(CB) + out > m) m = sout(CB) + out;
-    if (dw(CB) + dwred > m) m = dw(CB) + dwred;
     return m;
   }
 };
 
-// B2 holds the most live values (dW accumulators besides the correlation's): its register
-// count is not capped; its occupancy is bounded by shared memory anyway, and it does about
-// 3.5x the FMAs per byte of F2, so fewer resident warps keep it busy (docs/DESIGN.md).
+// B2 holds the most live values (the extended du correlation's and dx's accumulators): it
+// is held to 128 registers (no spill), 4 blocks of 4 warps per SM where shared memory allows;
+// it does about 3.5x the FMAs per byte of F2, so fewer resident warps keep it busy
+// (docs/DESIGN.md).
 template <typename T, int KT>
-__global__ void __launch_bounds__(kMaxThreads, 1)
+__global__ void __launch_bounds__(kMaxThreads, 2)
     bwd_main_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                     const T* __restrict__ w, const T* __restrict__ b,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
@@ -698,7 +714,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
                     float* __restrict__ dw_p, float* __restrict__ db_p, InAffine in_aff,
                     Geom geo) {
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
-  constexpr int RI = dw_rows(KT), DJ = dw_cols(KT);
+  constexpr int DJ = dw_cols(KT);
   CMX_DYN_SMEM(smem);
   const Work wk = work_of(geo);
   const Lane l = lane_of(geo, wk);
@@ -710,12 +726,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   float *sw = smem, *swf = smem + L.wflip(), *sums = smem + L.sums(), *sx = smem + L.x(),
         *sd = smem + L.dout(geo.CB), *sdu = smem + L.du(geo.CB), *sraw = smem + L.rawx(geo.CB),
         *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads,
-        *dwred = smem + L.dw(geo.CB), *sout = smem + L.sout(geo.CB);
+        *sout = smem + L.sout(geo.CB);
   const InAffine none{nullptr, nullptr, nullptr, nullptr};
   const int tpc = geo.GH * geo.GW;
-  const int per = RI * DJ + 1;
-  for (int it = static_cast<int>(threadIdx.x); it < geo.CB * (KK + 1);
-       it += static_cast<int>(blockDim.x))
+  const DwTasks dt(K, KT, tpc);
+  const int per = DJ + 1, cslots = dt.tasks() * per;  // floats per task, per channel
+  for (int it = static_cast<int>(threadIdx.x); it < L.slots; it += static_cast<int>(blockDim.x))
     sums[it] = 0.f;
   float sdscale = 0.f, sdshift = 0.f;  // this thread's sums over the part, in order
   for (int item = wk.first; item < wk.last; ++item) {
@@ -794,75 +810,64 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         }
     }
     store_group<T>(dx, geo, t, l, dxv, sout);
-    __syncthreads();  // dout, raw x and sout are dead from here: dwred reuses them
-    // 3) dW[i][j] += sum_q du[q] x[q + (i, j) - PB] and db += sum_q du[q] over the tile: du
-    //    row chunks correlated with input rows, RI tap rows x DJ tap columns per pass, each
-    //    thread over its share of the tile; the threads' sums added to the block's in a
-    //    fixed order.
-    const int chunks = cdiv(t.tw, RW);
-    for (int i0 = 0; i0 < K; i0 += RI) {
-      for (int j0 = 0; j0 < K; j0 += DJ) {
-        float acc[RI][DJ];
+    // 3) dW[i][j] += sum_q du[q] x[q + (i, j) - PB] and db += sum_q du[q] over the tile, task
+    //    by task (DwTasks): a thread's tasks are its own, their sums go to their own slots
+    if (l.active) {
+      const int chunks = cdiv(t.tw, RW), items = t.th * chunks;
+      const float* du = sdu + l.cl * L.ext.P + PA * L.ext.S + PA;
+      for (int task = l.grp; task < dt.tasks(); task += tpc) {
+        const int u = task % dt.U, s0 = task / dt.U;
+        const int i = u / dt.JB, j0 = (u % dt.JB) * DJ;
+        const float* xin = sx + l.cl * L.in.P + (PA + i) * L.in.S + PA + j0;
+        float acc[DJ];
         float dbs = 0.f;
         CMX_UNROLL
-        for (int ii = 0; ii < RI; ++ii)
+        for (int jj = 0; jj < DJ; ++jj) acc[jj] = 0.f;
+        // items column by column (item = c * th + r): the slices of a warp then read
+        // neighbouring rows, which the odd-quad row stride puts in different banks
+        int r = s0 % t.th, c = s0 / t.th;  // item s0 + n*S: row r, chunk c
+        for (int itm = s0; itm < items; itm += dt.S) {
+          const int q = c * RW;
+          float d[RW];
           CMX_UNROLL
-          for (int jj = 0; jj < DJ; ++jj) acc[ii][jj] = 0.f;
-        if (l.active) {
-          const float* du = sdu + l.cl * L.ext.P + PA * L.ext.S + PA;
-          const float* xin = sx + l.cl * L.in.P + PA * L.in.S + PA + j0;
-          for (int itm = l.grp; itm < t.th * chunks; itm += tpc) {
-            const int r = itm / chunks, q = (itm % chunks) * RW;
-            float d[RW];
-            CMX_UNROLL
-            for (int o = 0; o < RW; ++o) d[o] = q + o < t.tw ? du[r * L.ext.S + q + o] : 0.f;
+          for (int o = 0; o < RW; ++o) d[o] = q + o < t.tw ? du[r * L.ext.S + q + o] : 0.f;
+          if (u == 0) {
             CMX_UNROLL
             for (int o = 0; o < RW; ++o) dbs += d[o];
-            CMX_UNROLL
-            for (int ii = 0; ii < RI; ++ii) {
-              if (i0 + ii >= K) break;
-              const float* xr = xin + (r + i0 + ii) * L.in.S + q;
-              float v[RW + DJ - 1];
-              CMX_UNROLL
-              for (int e = 0; e < RW + DJ - 1; ++e) v[e] = xr[e];
-              CMX_UNROLL
-              for (int jj = 0; jj < DJ; ++jj)
-                CMX_UNROLL
-                for (int o = 0; o < RW; ++o) acc[ii][jj] += d[o] * v[o + jj];
-            }
           }
-        }
-        float* mine = dwred + threadIdx.x * per;
-        CMX_UNROLL
-        for (int ii = 0; ii < RI; ++ii)
+          const float* xr = xin + r * L.in.S + q;
+          float v[RW + DJ - 1];
           CMX_UNROLL
-          for (int jj = 0; jj < DJ; ++jj) mine[ii * DJ + jj] = acc[ii][jj];
-        mine[RI * DJ] = dbs;
-        __syncthreads();
-        for (int e2 = static_cast<int>(threadIdx.x); e2 < t.cn * per;
-             e2 += static_cast<int>(blockDim.x)) {
-          const int cl = e2 / per, e = e2 % per;
-          float s = 0.f;
-          for (int th = 0; th < tpc; ++th) s += dwred[(cl * tpc + th) * per + e];
-          if (e == RI * DJ) {
-            if (i0 == 0 && j0 == 0) sums[cl * (KK + 1) + KK] += s;
-          } else if (i0 + e / DJ < K && j0 + e % DJ < K) {
-            sums[cl * (KK + 1) + (i0 + e / DJ) * K + j0 + e % DJ] += s;
-          }
+          for (int e = 0; e < RW + DJ - 1; ++e) v[e] = xr[e];
+          CMX_UNROLL
+          for (int jj = 0; jj < DJ; ++jj)
+            CMX_UNROLL
+            for (int o = 0; o < RW; ++o) acc[jj] += d[o] * v[o + jj];
+          for (r += dt.S; r >= t.th; r -= t.th) ++c;
         }
-        __syncthreads();
+        float* slot = sums + l.cl * cslots + task * per;
+        CMX_UNROLL
+        for (int jj = 0; jj < DJ; ++jj) slot[jj] += acc[jj];
+        slot[DJ] += dbs;
       }
     }
+    __syncthreads();  // the next tile's staging overwrites what this one read
   }
   // the part's sums: dW, db, and the input affine's gradients
   const int64_t prow = static_cast<int64_t>(wk.part) * geo.C + wk.c0;
+  __syncthreads();  // (a part without items: the slots' zeros, written by other threads)
   for (int e2 = static_cast<int>(threadIdx.x); e2 < wk.cn * (KK + 1);
        e2 += static_cast<int>(blockDim.x)) {
     const int cl = e2 / (KK + 1), e = e2 % (KK + 1);
+    // tap (i, j): unit i*JB + j/DJ, column j%DJ of its slot; db: unit 0's last float
+    const int u = e == KK ? 0 : e / K * dt.JB + e % K / DJ, at = e == KK ? DJ : e % K % DJ;
+    const float* sl = sums + cl * cslots + u * per + at;
+    float v = 0.f;
+    for (int s0 = 0; s0 < dt.S; ++s0) v += sl[s0 * dt.U * per];
     if (e == KK)
-      db_p[prow + cl] = sums[e2];
+      db_p[prow + cl] = v;
     else
-      dw_p[(prow + cl) * KK + e] = sums[e2];
+      dw_p[(prow + cl) * KK + e] = v;
   }
   if (affine) {  // uniform over the grid: every thread of the block takes it
     sdscale = channel_sum(sdscale, geo, l, red, red2);
