@@ -39,10 +39,10 @@ nchw" T_BENCH=100 BENCH_ARGS="--shapes cm1536 --ks 9 31 --modes eval train_fwdbw
       model || status=$?
     ;;
   3)
-    TEST_WORKERS=12 T_TEST=90 T_SANITIZE=35 T_PASSES=60 PASSES_ARGS="--ks 3 9 31 --backends \
-cuda" T_BENCH=90 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes train_fwdbwd \
+    TEST_WORKERS=12 T_TEST=75 T_SANITIZE=35 T_PASSES=50 PASSES_ARGS="--ks 3 9 31 --backends \
+cuda" T_BENCH=70 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes train_fwdbwd \
 --providers eager cuda --dtypes bfloat16 float32" \
-      timeout -k 5 370 bash benchmarks/gpu_run.sh build test sanitize passes bench || status=$?
+      timeout -k 5 330 bash benchmarks/gpu_run.sh build test sanitize passes bench || status=$?
     ;;
   *) echo "call must be 1, 2 or 3"; exit 2 ;;
 esac
