@@ -155,7 +155,23 @@ if bdist_wheel is not None:
             return (python, abi, plat) if self.root_is_pure else ("py3", "none", plat)
 
 
-BUILD_INFO = {"SKIPPED": {}}  # why a library is absent (read by convmixer_ext.backends)
+def _source_commit():
+    """The git commit the package is built from (None outside a git checkout); a dirty tree
+    is marked, so that results name the code that produced them."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True,  # noqa: E731
+                                        text=True, timeout=30)
+        head = run("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# SKIPPED: why a library is absent (read by convmixer_ext.backends); COMMIT: the source's
+BUILD_INFO = {"SKIPPED": {}, "COMMIT": _source_commit()}
 
 
 def _write_build_info(pkg_dir):

@@ -354,6 +354,10 @@ def environment(device):
                                            capture_output=True, text=True).stdout.strip()
     except OSError:
         env["git_commit"] = None
+    # the commit the installed package was built from (a wheel built elsewhere: the
+    # checkout's HEAD above need not be the code that ran)
+    from convmixer_ext import _build_info
+    env["package_commit"] = getattr(_build_info, "COMMIT", None)
     if device == "cuda":
         env["device_name"] = torch.cuda.get_device_name()
         try:
@@ -371,7 +375,8 @@ def environment(device):
 def markdown(env, records):
     lines = [f"# Fused depthwise block — {env['device_name']}",
              "", f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-             f"commit {str(env.get('git_commit'))[:10]}, {env['date']}"]
+             f"commit {str(env.get('git_commit'))[:10]} (package built from "
+             f"{str(env.get('package_commit'))[:16]}), {env['date']}"]
     if env["device"] != "cuda":
         lines += ["", "**CPU figures** (no GPU here): the package's auto and its twin vs "
                   "the eager reference on small shapes, timed side by side; they say nothing "

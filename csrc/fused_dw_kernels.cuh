@@ -652,16 +652,27 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
 //
 // dW / db: the work of a channel is split into tasks, each a unit (one tap row i and DJ tap
 // columns from j0: a register-blocked correlation of du rows with input rows) times a slice
-// of the tile's row chunks (slices s, s+S, s+2S, ...: S slices where the channel's threads
-// outnumber the units). A task adds its sums over each tile to its own slot in shared
+// of the tile's row chunks (items s, s+S, s+2S, ...: S slices where the channel's threads
+// outnumber the units; see dw_slices). A task adds its sums over each tile to its own slot in shared
 // memory: no barrier and no cross-thread sum per tile; the slots are summed in a fixed order
 // once, when the block's part ends.
 __host__ __device__ constexpr int dw_cols(int KT) { return KT > 0 ? KT : 8; }
 
+// The slices S: the one that minimises a thread's share of the channel's dW work,
+// ceil(U*S / tpc) / S units (tasks are dealt to the tpc threads round robin), among
+// S <= 2*tpc/U; the smallest on ties (fewer slots). E.g. 16 threads, 9 units: S = 3 (2/3 of
+// a unit each; S = 1 would leave 7 threads idle and the other 9 a whole unit each).
+__host__ __device__ constexpr int dw_slices(int U, int tpc) {
+  int best = 1;
+  for (int s = 2; s * U <= 2 * tpc; ++s)
+    if (cdiv(U * s, tpc) * best < cdiv(U * best, tpc) * s) best = s;
+  return best;
+}
+
 struct DwTasks {
   int JB, U, S;  // column blocks per tap row, units (K * JB), slices
   __host__ __device__ DwTasks(int K, int KT, int tpc)
-      : JB(cdiv(K, dw_cols(KT))), U(K * JB), S(tpc > U ? tpc / U : 1) {}
+      : JB(cdiv(K, dw_cols(KT))), U(K * JB), S(dw_slices(U, tpc)) {}
   __host__ __device__ int tasks() const { return U * S; }
 };
 

@@ -31,3 +31,24 @@ def test_passes_match_twin(case, backend, with_affine):
     aff = ((1.5 + torch.rand(C)).to(DEVICE), (0.5 + torch.rand(C)).to(DEVICE)) \
         if with_affine else None
     compare_passes(get_impl(backend), x, dout, w, b, gamma, beta, act, aff, dtype)
+
+
+# B2's dW work split (csrc/fused_dw_kernels.cuh, DwTasks): shapes whose tiles give a channel
+# more threads than dW units, so that the units are cut into slices of the tile's row chunks
+# (16x16 fp32 k=3: 5 slices; 17x18 fp32 k=9: 5 slices over ragged rows and a partial chunk;
+# 16x16 bf16 channels_last k=9, 8 channels: 3 slices, two tasks for most threads)
+SPLIT_CASES = [
+    (1, 2, 16, 16, 3, "gelu", torch.float32, False),
+    (1, 3, 17, 18, 9, "gelu", torch.float32, False),
+    (1, 8, 16, 16, 9, "gelu", torch.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b != "triton"])
+@pytest.mark.parametrize("case", SPLIT_CASES,
+                         ids=lambda c: f"{c[2]}x{c[3]}-k{c[4]}-{str(c[6])[6:]}{'-cl' if c[7] else ''}")
+def test_dw_task_split_matches_twin(case, backend):
+    N, C, H, W, k, act, dtype, cl = case
+    x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
+                                             torch.Generator().manual_seed(12), DEVICE)
+    compare_passes(get_impl(backend), x, dout, w, b, gamma, beta, act, None, dtype)
