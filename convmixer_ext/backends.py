@@ -301,16 +301,16 @@ def _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_la
 def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: bool) -> str:
     """The fastest depthwise backend on CUDA tensors as measured on an H200
     (benchmarks/results/NVIDIA_H200-2026-11-26*.md: ConvMixer-1536/20's block, k = 3, 7, 9
-    in fp32 and bf16, both layouts, eval and training step; k = 15 and 31 in bf16 NCHW).
+    in fp32 and bf16, both layouts, eval and training step; k = 15 and 31 in bf16 NCHW;
+    `-run3-b2`: training at k = 3, 9, 31 after B2's dW rework, both dtypes and layouts).
     The choice did not depend on the dtype except for NCHW eval at k=3, where the two
     kernels are within 15% of each other (the CUDA library is kept there). A size between
     two measured ones takes another backend only where both neighbours agree on it (k = 4-6
     in channels_last training); sizes below 3 follow k=3; everything else takes the CUDA
-    library, the fastest at k = 7, 9 and 15 everywhere it was timed."""
+    library, the fastest at k = 7, 9, 15 and 31 everywhere it was timed (k=31 NCHW
+    training: 195 ms against eager's 212 in bf16, 200 against 201 in fp32)."""
     if training and channels_last and kernel_size <= 7:
         return "eager"   # cuDNN's channels_last depthwise: 1.7-2.3x faster up to k=7, not at 9
-    if training and not channels_last and kernel_size >= 31:
-        return "eager"   # k=31 NCHW training: eager 212 ms, the CUDA library 255 ms
     if kernel_size <= 3 and (training or channels_last):
         return "triton"  # k=3: the Triton kernels are 1.2-2.1x faster than the CUDA library
     return "cuda"
