@@ -71,6 +71,11 @@ EOF
 fi
 if has test; then
   echo "== tests (CUDA tensors)"
+  # one process collects first (importing, assertion-rewriting and caching the test modules
+  # and plugins), then the workers start: on a fresh machine 12 workers collecting at once
+  # once spent a whole 75 s stage limit importing hypothesis
+  (cd "$RUN" && cap 60 $PY -m pytest --collect-only -q -p no:cacheprovider \
+    --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests" > "$RES/collect.log" 2>&1) || true
   # shellcheck disable=SC2086
   (cd "$RUN" && if [[ -n ${TEST_OMP:-} ]]; then export OMP_NUM_THREADS=$TEST_OMP; fi &&
     CONVMIXER_EXT_FAILURE_LOG="$RES/test-failures.log" \
