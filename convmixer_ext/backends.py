@@ -8,7 +8,7 @@ backend     runs on                                     ops
 cuda        CUDA tensors (compiled ``csrc/`` library)   depthwise
 triton      CUDA tensors; CPU under TRITON_INTERPRET=1  depthwise, pointwise
 triton_tc   as triton; float16/bfloat16 x only          depthwise (the convolution on
-            (opt-in: never picked by "auto")            tensor cores, ``tl.dot``)
+            ("auto": NCHW at k = 31 only)               tensor cores, ``tl.dot``)
 cuda_emu    CPU tensors (``csrc/`` on the emulator)     depthwise
 torch       any device and float dtype (the twin:       depthwise, pointwise
             the kernels' passes written in PyTorch)
@@ -298,7 +298,8 @@ def _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_la
     return backend
 
 
-def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: bool) -> str:
+def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: bool,
+                              dtype: torch.dtype = torch.float32) -> str:
     """The fastest depthwise backend on CUDA tensors as measured on an H200
     (benchmarks/results/NVIDIA_H200-2026-11-26*.md: ConvMixer-1536/20's block, k = 3, 7, 9
     in fp32 and bf16, both layouts, eval and training step; k = 15 and 31 in bf16 NCHW;
@@ -308,7 +309,12 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     two measured ones takes another backend only where both neighbours agree on it (k = 4-6
     in channels_last training); sizes below 3 follow k=3; everything else takes the CUDA
     library, the fastest at k = 7, 9, 15 and 31 everywhere it was timed (k=31 NCHW
-    training: 195 ms against eager's 212 in bf16, 200 against 201 in fp32)."""
+    training: 195 ms against eager's 212 in bf16, 200 against 201 in fp32) — but for 16-bit
+    x in NCHW at k = 31, where the tensor-core kernels were faster still (training 141 ms,
+    eval 7.6 against the CUDA library's 12.0; at k = 9 they were 2x slower, and k = 15 and
+    channels_last were not timed with them)."""
+    if dtype in TENSOR_CORE_DTYPES and not channels_last and kernel_size >= 31:
+        return "triton_tc"
     if training and channels_last and kernel_size <= 7:
         return "eager"   # cuDNN's channels_last depthwise: 1.7-2.3x faster up to k=7, not at 9
     if kernel_size <= 3 and (training or channels_last):
@@ -321,11 +327,11 @@ def _auto(device, dtype, kernel_size, op, sync, channels_last=False, training=Tr
     if device.type != "cuda" or dtype not in KERNEL_DTYPES or kernel_size > MAX_KERNEL_SIZE:
         return fallback
     if op == "depthwise":
-        pick = measured_depthwise_choice(kernel_size, channels_last, training)
+        pick = measured_depthwise_choice(kernel_size, channels_last, training, dtype)
         if pick == "eager" and not sync:  # (eager cannot synchronise statistics)
             return "eager"
-        if pick == "triton" and backend_reason("triton", device) is None:
-            return "triton"
+        if pick in ("triton", "triton_tc") and backend_reason(pick, device) is None:
+            return pick
         why = backend_reason("cuda", device)
         if why is None:
             return "cuda"

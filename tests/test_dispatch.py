@@ -2,6 +2,7 @@
 mocked: architecture-safe dispatch (a device the library has no code for falls back, with
 one warning saying why and how to get the kernels), never slower than PyTorch where no
 kernel applies, and the explicit choices' errors."""
+import functools
 import warnings
 
 import pytest
@@ -116,8 +117,26 @@ def test_auto_takes_the_measured_fastest(gpu, k, cl, training, pick):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # 16-bit NCHW at k=31: the tensor-core kernels measured fastest of all
+            want = "triton_tc" if dtype != torch.float32 and k == 31 and not cl else pick
             assert backends.resolve_backend("auto", CUDA0, dtype, k, channels_last=cl,
-                                            training=training) == pick
+                                            training=training) == want, dtype
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_auto_tensor_cores_at_k31_only_where_measured(gpu, monkeypatch, training):
+    auto = functools.partial(backends.resolve_backend, "auto", CUDA0, training=training)
+    assert auto(torch.bfloat16, 31) == "triton_tc"
+    assert auto(torch.float16, 31) == "triton_tc"
+    assert auto(torch.float32, 31) == "cuda"               # fp32 stays on exact FP32 FMA
+    assert auto(torch.bfloat16, 31, channels_last=True) == "cuda"   # not timed with them
+    assert auto(torch.bfloat16, 15) == "cuda"              # not timed at 15; 2x slower at 9
+    assert auto(torch.bfloat16, 9) == "cuda"
+    # without Triton: the CUDA library, which runs it, without a warning
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: "no triton here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert auto(torch.bfloat16, 31) == "cuda"
 
 
 def test_measured_pick_falls_back_where_it_cannot_run(gpu, monkeypatch):
