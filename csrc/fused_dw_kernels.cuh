@@ -683,12 +683,14 @@ struct DwTasks {
 // reuses, and the reduction scratch of the part's end.
 struct BwdSmem {
   int EGH, EGW;  // groups of RH x RW covering the extended region
+  int inq;       // input columns staged (the input plane's rows are longer: odd quads)
   Planes in, ext, raw;
   int wf, slots, red, out;
   __host__ __device__ BwdSmem(const Geom& g, int RH, int RW, int KT, bool affine)
       : EGH(cdiv(g.GH * RH + g.K - 1, RH)),
         EGW(cdiv(g.GW * RW + g.K - 1, RW)),
-        in(EGH * RH + g.K - 1, EGW * RW + g.K - 1 + RW + (KT > 0 ? 0 : 8), true),
+        inq(round_up(EGW * RW + g.K - 1 + RW + (KT > 0 ? 0 : 8), 4)),
+        in(EGH * RH + g.K - 1, inq, true),
         ext(EGH * RH, EGW * RW),
         raw(affine ? Planes(g.GH * RH, g.GW * RW) : Planes()),
         wf(weight_floats(g.CB, g.K)),
@@ -752,7 +754,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
       stage_weights(sw, w, t, K, false);
       stage_weights(swf, w, t, K, true);
     }
-    stage(sx, L.in, x, geo, t, eh0 - geo.PB, ew0 - geo.PB, L.in.R, L.in.S, in_aff, affine);
+    stage(sx, L.in, x, geo, t, eh0 - geo.PB, ew0 - geo.PB, L.in.R, L.inq, in_aff, affine);
     stage(sd, L.ext, dout, geo, t, eh0, ew0, L.ext.R, L.ext.S, none, false);
     if (affine) stage(sraw, L.raw, x, geo, t, t.h0, t.w0, L.raw.R, L.raw.S, none, false);
     __syncthreads();
