@@ -158,11 +158,12 @@ def conv_cost(outputs, K, RH, RW, unrolled=True):
         lds_weight = RH * K * math.ceil(K / 4) / (RH * RW)
         wavefronts = lds_window * 4 + lds_weight     # per warp-output / 32 lanes
         instr = ffma + lds_window + lds_weight
-    else:  # sliding window: one scalar load per tap per row, RH weight loads per tap
-        lds_window = rows * K / (RH * RW)
-        lds_weight = rows * K * RH / (RH * RW) / 2   # about half of (rho, ro) pairs valid
-        wavefronts = lds_window + lds_weight
-        instr = ffma + lds_window + lds_weight + rows * K * (RW - 1) / (RH * RW)  # moves
+    else:  # run-time k: per row and 4 taps, RW + 3 inputs and 4 weights per output row
+        groups = math.ceil(K / 4)
+        lds_window = rows * groups * math.ceil((RW + 3) / 4) / (RH * RW)
+        lds_weight = RH * K * groups / (RH * RW)
+        wavefronts = lds_window * 4 + lds_weight
+        instr = ffma + lds_window + lds_weight + rows * groups * RH / (RH * RW)  # guards
     return dict(ffma=ffma * outputs, wavefronts=wavefronts * outputs / 32,
                 instr=instr * outputs)
 
@@ -274,6 +275,7 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
         rows.append(dict(
             backend="cuda", pass_=name, kernel=kern, regs=f90.get("regs"),
             regs_sm80=f80.get("regs"), local=max(f90.get("local", 0), f80.get("local", 0)),
+            stack=max(f90.get("stack", 0), f80.get("stack", 0)),
             smem_dynamic=smem, smem_static=f90.get("shared", 0), threads=threads,
             blocks=plan.blocks[i], channels_per_block=plan.channels_per_block[i],
             tile=[TH, TW], vec=bool(plan.vec), partial_rows=parts,
@@ -439,7 +441,7 @@ def markdown(rows, compared=None, measured_on=None):
                          f"{f(tc, 'predicted_ms', '{:.2f}')} | {f(tc, 'vs_eager', '{:.1f}x')} | "
                          f"{f(tc, 'pct_roofline', '{:.0f}%')} |")
     lines += ["", "## Kernels", "", "| shape | dtype | layout | k | backend | pass | kernel | "
-              "regs [C] | spills [C] | smem B [C] | warps/SM sm_80/sm_90 [C] | 16-byte LDG/STG "
+              "regs [C] | spills + stack B [C] | smem B [C] | warps/SM sm_80/sm_90 [C] | 16-byte LDG/STG "
               "[C] | bytes / min [C] | FMA/elem [C] | predicted ms [E] | bound [E] |",
               "|" + "---|" * 16]
     for r in rows:
@@ -451,7 +453,8 @@ def markdown(rows, compared=None, measured_on=None):
             lines.append(
                 f"| {r['shape_name']} | {r['dtype']} | {r['layout']} | {r['k']} | "
                 f"{kr['backend']} | {kr['pass_']} | {kr['kernel']} | {kr.get('regs')} | "
-                f"{kr.get('local')} | {smem} | {kr['occupancy'][80]['warps']}/"
+                f"{(kr.get('local') or 0) + (kr.get('stack') or 0)} | {smem} | "
+                f"{kr['occupancy'][80]['warps']}/"
                 f"{kr['occupancy'][90]['warps']} | {v16} | {ratio} | "
                 f"{kr['fma_per_element']:.0f} | {kr['predicted_ms']:.3f} | {kr['bound']} |")
     if compared:

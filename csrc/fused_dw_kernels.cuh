@@ -345,34 +345,42 @@ __device__ __forceinline__ void correlate(const float* __restrict__ s, int S,
       }
     }
   } else {
-    // run-time k: a sliding window of RW values per input row, one new shared load per tap
+    // run-time k: the row's taps 4 at a time, as above — one 16-byte load of 4 weights per
+    // output row and RW + 3 input values (16-byte loads) per 4 taps; the last 4 may pass K
+    // (weights and inputs there are read, not used: every plane ends >= 4 floats of slack)
     const int KS = weight_stride(K);
+    constexpr int NV = round_up(RW + 3, 4);
     for (int rho = 0; rho < RH + K - 1; ++rho) {
       const float* sr = s + (r + rho) * S + c;
-      float v[RW];
-      CMX_UNROLL
-      for (int o = 0; o < RW; ++o) v[o] = sr[o];
-      for (int j = 0; j < K; ++j) {
+      for (int e = 0; e < K; e += 4) {
+        float v[NV];
+        CMX_UNROLL
+        for (int q = 0; q < NV; q += 4) {
+          const float4 f = *reinterpret_cast<const float4*>(sr + e + q);
+          v[q] = f.x;
+          v[q + 1] = f.y;
+          v[q + 2] = f.z;
+          v[q + 3] = f.w;
+        }
+        const int jn = K - e;  // taps of this group inside the row (>= 4 but in the last)
         CMX_UNROLL
         for (int ro = 0; ro < RH; ++ro) {
           const int i = rho - ro;
-          if (i >= 0 && i < K) {
-            const float wv = w[i * KS + j];
-            CMX_UNROLL
-            for (int o = 0; o < RW; ++o) acc[ro][o] += v[o] * wv;
-          }
-        }
-        if (j + 1 < K) {
+          if (i < 0 || i >= K) continue;
+          const float4 f = *reinterpret_cast<const float4*>(w + i * KS + e);
+          const float wv[4] = {f.x, f.y, f.z, f.w};
           CMX_UNROLL
-          for (int o = 0; o + 1 < RW; ++o) v[o] = v[o + 1];
-          v[RW - 1] = sr[j + RW];
+          for (int j = 0; j < 4; ++j) {
+            if (j >= jn) break;
+            CMX_UNROLL
+            for (int o = 0; o < RW; ++o) acc[ro][o] += v[o + j] * wv[j];
+          }
         }
       }
     }
   }
 }
 
-// ---------------------------------------------------------------- block reductions
 // Per-channel sums over the block: every thread puts its value in red, then the channel's
 // sum is taken by thread cl in a fixed order (deterministic) and broadcast through red2.
 // Every thread of the block must call it.
@@ -713,12 +721,15 @@ struct BwdSmem {
   }
 };
 
-// B2 holds the most live values (the extended du correlation's and dx's accumulators): it
-// is held to 128 registers (no spill), 4 blocks of 4 warps per SM where shared memory allows;
+// B2 holds the most live values (the extended du correlation's and dx's accumulators): with
+// 16-bit x it is held to 128 registers (no spill), 4 blocks of 4 warps per SM where shared
+// memory allows; fp32 is not capped (at 128 its instantiations get stack frames);
 // it does about 3.5x the FMAs per byte of F2, so fewer resident warps keep it busy
 // (docs/DESIGN.md).
+template <typename T>
+constexpr int b2_min_blocks() { return sizeof(T) == 2 ? 2 : 1; }
 template <typename T, int KT>
-__global__ void __launch_bounds__(kMaxThreads, 2)
+__global__ void __launch_bounds__(kMaxThreads, b2_min_blocks<T>())
     bwd_main_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                     const T* __restrict__ w, const T* __restrict__ b,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
