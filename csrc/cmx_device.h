@@ -56,6 +56,7 @@ inline std::mutex g_launch_mutex;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __maxnreg__(...)
 #define __shared__ static
 #define CMX_UNROLL
 #define CMX_NO_UNROLL

@@ -723,13 +723,19 @@ struct BwdSmem {
 
 // B2 holds the most live values (the extended du correlation's and dx's accumulators): with
 // 16-bit x it is held to 128 registers (no spill), 4 blocks of 4 warps per SM where shared
-// memory allows; fp32 is not capped (at 128 its instantiations get stack frames);
+// memory allows; fp32 to 168 on sm_90 (3 blocks; at 128 it gets stack frames);
 // it does about 3.5x the FMAs per byte of F2, so fewer resident warps keep it busy
 // (docs/DESIGN.md).
 template <typename T>
-constexpr int b2_min_blocks() { return sizeof(T) == 2 ? 2 : 1; }
+constexpr int b2_max_registers() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return sizeof(T) == 2 ? 128 : 255;  // (sm_80: fp32 at 168 gets a stack frame at run-time k)
+#else
+  return sizeof(T) == 2 ? 128 : 168;
+#endif
+}
 template <typename T, int KT>
-__global__ void __launch_bounds__(kMaxThreads, b2_min_blocks<T>())
+__global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>())
     bwd_main_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                     const T* __restrict__ w, const T* __restrict__ b,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
