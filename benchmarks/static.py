@@ -441,8 +441,9 @@ def markdown(rows, compared=None, measured_on=None):
                          f"{f(tc, 'predicted_ms', '{:.2f}')} | {f(tc, 'vs_eager', '{:.1f}x')} | "
                          f"{f(tc, 'pct_roofline', '{:.0f}%')} |")
     lines += ["", "## Kernels", "", "| shape | dtype | layout | k | backend | pass | kernel | "
-              "regs [C] | spills + stack B [C] | smem B [C] | warps/SM sm_80/sm_90 [C] | 16-byte LDG/STG "
-              "[C] | bytes / min [C] | FMA/elem [C] | predicted ms [E] | bound [E] |",
+              "regs [C] | spills + stack B [C] | smem B [C] | warps/SM sm_80/sm_90 [C] | "
+              "16-byte LDG/STG [C] | bytes / min [C] | FMA/elem [C] | predicted ms [E] | "
+              "bound [E] |",
               "|" + "---|" * 16]
     for r in rows:
         for kr in r["kernels"]:

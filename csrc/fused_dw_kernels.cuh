@@ -381,6 +381,7 @@ __device__ __forceinline__ void correlate(const float* __restrict__ s, int S,
   }
 }
 
+// ---------------------------------------------------------------- block reductions
 // Per-channel sums over the block: every thread puts its value in red, then the channel's
 // sum is taken by thread cl in a fixed order (deterministic) and broadcast through red2.
 // Every thread of the block must call it.
@@ -661,9 +662,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
 // dW / db: the work of a channel is split into tasks, each a unit (one tap row i and DJ tap
 // columns from j0: a register-blocked correlation of du rows with input rows) times a slice
 // of the tile's row chunks (items s, s+S, s+2S, ...: S slices where the channel's threads
-// outnumber the units; see dw_slices). A task adds its sums over each tile to its own slot in shared
-// memory: no barrier and no cross-thread sum per tile; the slots are summed in a fixed order
-// once, when the block's part ends.
+// outnumber the units; see dw_slices). A task adds its sums over each tile to its own slot
+// in shared memory: no barrier and no cross-thread sum per tile; the slots are summed in a
+// fixed order once, when the block's part ends.
 __host__ __device__ constexpr int dw_cols(int KT) { return KT > 0 ? KT : 8; }
 
 // The slices S: the one that minimises a thread's share of the channel's dW work,
