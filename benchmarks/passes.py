@@ -30,7 +30,6 @@ from convmixer_ext.backends import backend_reason, get_impl
 from convmixer_ext.semantics import ACTIVATIONS, rstd_from_var
 
 
-
 def _inputs(shape, dtype, layout, k, device):
     N, C, H, W = shape
     g = torch.Generator(device="cpu").manual_seed(0)

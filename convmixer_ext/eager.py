@@ -35,14 +35,13 @@ def batch_norm(g, gamma, beta, running_mean, running_var, num_batches_tracked, t
             if momentum is None:
                 factor = 1.0 / float(num_batches_tracked)
     bn_training = training or running_mean is None
-    strided = training and running_mean is not None and not (
-        running_mean.is_contiguous() and running_var.is_contiguous())
-    if not strided:
-        return F.batch_norm(g, running_mean, running_var, gamma, beta, bn_training, factor, eps)
     # PyTorch's CUDA batch norm updates a non-contiguous running buffer in a copy and drops
-    # it (measured on an H200: the view's storage kept its old values); the buffers are
-    # updated in dense copies and written back through the views
-    rm, rv = running_mean.contiguous(), running_var.contiguous()
+    # it (measured on an H200: the view's storage kept its old values); a buffer it updates
+    # is given dense (`contiguous` is the buffer itself when it is dense already) and a copy
+    # is written back through its view
+    rm, rv = running_mean, running_var
+    if training and running_mean is not None:
+        rm, rv = running_mean.contiguous(), running_var.contiguous()
     out = F.batch_norm(g, rm, rv, gamma, beta, bn_training, factor, eps)
     for view, dense in ((running_mean, rm), (running_var, rv)):
         if dense is not view:  # (the batch norm's backward keeps a dense one: left as is)

@@ -20,9 +20,14 @@ CASES = [
 ]
 
 
+def _dtype_layout(case):
+    """The dtype and layout part of a case's test id: "float32", "bfloat16-cl"."""
+    return f"{str(case[6])[6:]}{'-cl' if case[7] else ''}"
+
+
 @pytest.mark.parametrize("with_affine", [False, True], ids=["plain", "in_affine"])
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[4]}-{c[5]}-{str(c[6])[6:]}{'-cl' if c[7] else ''}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[4]}-{c[5]}-{_dtype_layout(c)}")
 def test_passes_match_twin(case, backend, with_affine):
     N, C, H, W, k, act, dtype, cl = case
     x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
@@ -46,7 +51,7 @@ SPLIT_CASES = [
 
 @pytest.mark.parametrize("backend", [b for b in kernel_backends() if b != "triton"])
 @pytest.mark.parametrize("case", SPLIT_CASES,
-                         ids=lambda c: f"{c[2]}x{c[3]}-k{c[4]}-{str(c[6])[6:]}{'-cl' if c[7] else ''}")
+                         ids=lambda c: f"{c[2]}x{c[3]}-k{c[4]}-{_dtype_layout(c)}")
 def test_dw_task_split_matches_twin(case, backend):
     N, C, H, W, k, act, dtype, cl = case
     x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
