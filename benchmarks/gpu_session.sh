@@ -9,9 +9,9 @@
 #   bash benchmarks/gpu_session.sh 1   # the suite, memcheck, graph capture, block benchmark
 #   bash benchmarks/gpu_session.sh 2   # racecheck, per-pass times, k = 9..31 with
 #                                      # torch.compile, whole model, static report vs all
-#   bash benchmarks/gpu_session.sh 3   # after a CUDA kernel change, in one call: the suite,
+#   bash benchmarks/gpu_session.sh 3   # after a kernel change, in one call: the suite,
 #                                      # both sanitizers, per-pass and block times, CUDA
-#                                      # against eager at k = 3, 9, 31
+#                                      # and tensor cores against eager at k = 3, 9, 31
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -39,10 +39,10 @@ nchw" T_BENCH=100 BENCH_ARGS="--shapes cm1536 --ks 9 31 --modes eval train_fwdbw
       model || status=$?
     ;;
   3)
-    TEST_WORKERS=12 T_TEST=75 T_SANITIZE=35 T_PASSES=50 PASSES_ARGS="--ks 3 9 31 --backends \
-cuda" T_BENCH=70 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes train_fwdbwd \
---providers eager cuda --dtypes bfloat16 float32" \
-      timeout -k 5 330 bash benchmarks/gpu_run.sh build test sanitize passes bench || status=$?
+    TEST_WORKERS=12 T_TEST=75 T_SANITIZE=35 T_PASSES=70 PASSES_ARGS="--ks 3 9 31 --backends \
+cuda triton_tc" T_BENCH=90 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes train_fwdbwd \
+--providers eager cuda triton_tc --dtypes bfloat16 float32" \
+      timeout -k 5 370 bash benchmarks/gpu_run.sh build test sanitize passes bench || status=$?
     ;;
   *) echo "call must be 1, 2 or 3"; exit 2 ;;
 esac

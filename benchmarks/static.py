@@ -336,16 +336,30 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
         mma = 0.0
         if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
-            mma = programs * kw["TH"] * kw["TW"] * k * kw["KP"]
+            TH, TW, KP = kw["TH"], kw["TW"], kw["KP"]
             ffma = 0.0
             # issue: per program and kernel row, the X_i tile and the Toeplitz gather are
             # element loads (2-byte LDG [C]) of ~3 instructions each (address, predicate,
             # load); the rest of the kernel once (its compiled instruction count)
-            tile_loads = kw["TH"] * kw["KP"] + kw["KP"] * kw["TW"]
-            instr = programs * (k * tile_loads * 3 + threads * fact.get("instructions", 0))
-            # the row windows re-read the program's halo tile K times, the gathers its K*K
-            # weights: L1 hits after the first touch (a few KB per program)
-            l2 = programs * ((kw["TH"] + k - 1) * kw["KP"] + k * k) * e
+            if name != "_bwd_dx_kernel":
+                mma = programs * TH * TW * k * KP
+                tile_instr = k * (TH * KP + KP * TW) * 3
+                # the row windows re-read the program's halo tile K times, the gathers its
+                # K*K weights: L1 hits after the first touch (a few KB per program)
+                l2 = programs * ((TH + k - 1) * KP + k * k) * e
+            else:  # B2: dx per kernel row (TH x KP x TW), dW per halo row (MP x TW x MP;
+                # twice with the input affine), every GEMM twice (du's hi and lo terms)
+                MP, halo = kw["MP"], TH + k - 1
+                n_dw = 2 if kw["IN_AFFINE"] else 1
+                mma = programs * 2 * (TH * TW * k * KP + n_dw * halo * TW * MP * MP)
+                # a du element: load (3) + scale + split into two 16-bit terms (~10); an
+                # x or weight element: load (3); float16 reads the halo once more (scale)
+                du_elems = k * TH * KP + halo * MP * TW
+                tile_instr = (du_elems * 14 + (k * KP * TW + halo * TW * MP) * 3
+                              + (kw["RP"] * KP * 4 if dtype == "float16" else 0))
+                # the halo of du (fp32) and x, the weights: re-read from L1 after the first
+                l2 = programs * (halo * KP * 4 + halo * (TW + k - 1) * e + k * k * e)
+            instr = programs * (tile_instr + threads * fact.get("instructions", 0))
         t, bound = estimate(dram, l2, ffma, instr, 0, occ[90]["warps"],
                             fact.get("ldg_bytes", e), programs, mma=mma)
         pass_ = _TRITON_PASSES[name]

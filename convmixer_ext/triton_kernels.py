@@ -12,7 +12,8 @@ spatial tile for channels_last). Kernels recompute ``u = dwconv(x) + b``:
 - ``_bwd_reduce_kernel`` B1: per-tile ``sum(dout)``, ``sum(dout*xhat)``;
 - ``_bwd_du_kernel``     B2a: ``du = dg * act'(u)`` into an fp32 scratch tensor (Triton has
   no addressable shared memory to keep it on the halo, as the CUDA kernels do);
-- ``_bwd_dx_kernel``     B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db``, ``dW``.
+- ``_bwd_dx_kernel``     B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db``, ``dW``
+  (on tensor cores for "triton_tc": ``_bwd_tc``).
 
 Pointwise block: ``_pw_gemm_kernel`` (GEMM with bias/activation/BN2-statistics epilogue) and
 ``_pw_bwd_du_kernel`` (the same GEMM recomputing ``u``, forming ``du`` in its epilogue).
@@ -134,6 +135,122 @@ def _load_in(x_ptr, offs, m, scale_ptr, shift_ptr, c, cmask, IN_AFFINE: tl.const
     if IN_AFFINE:
         v = tl.where(m, v * _load_c(scale_ptr, c, cmask) + _load_c(shift_ptr, c, cmask), 0.0)
     return v
+
+
+@triton.jit
+def _round16(v, BF16: tl.constexpr):
+    """fp32 -> the nearest bfloat16 (BF16) or float16 value, ties to even, kept in fp32. The
+    bfloat16 rounding is integer arithmetic: the same on a GPU and under the interpreter,
+    whose fp32 -> bfloat16 cast truncates."""
+    if BF16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return ((b >> 16) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _dot_split(a, b, acc, BF16: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b for fp32 ``a`` and 16-bit ``b`` on tensor cores, ``a`` entering as the sum
+    of two 16-bit operands ``hi = round(a)`` and ``lo = round(a - hi)`` (``a - hi`` is exact),
+    so that it keeps 16 (bfloat16) or 22 (float16) significant bits instead of 8 or 11
+    (docs/DESIGN.md, "Tensor cores"). UPCAST: the same GEMMs on fp32 copies (interpreter)."""
+    hi = _round16(a, BF16)
+    lo = _round16(a - hi, BF16)
+    if UPCAST:
+        bf = b.to(tl.float32)
+        acc = tl.dot(hi, bf, acc, input_precision="ieee")
+        return tl.dot(lo, bf, acc, input_precision="ieee")
+    acc = tl.dot(hi.to(b.dtype), b, acc)
+    return tl.dot(lo.to(b.dtype), b, acc)
+
+
+@triton.jit
+def _pow2_scale(m):
+    """(s, 1/s): the power of two s that takes the magnitude ``m`` (fp32, >= 0) into [1, 4)
+    ([0, 1) for m below the smallest normal number); applying and undoing it is exact."""
+    e = tl.minimum(tl.maximum((m.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 1), 253)
+    return ((254 - e) << 23).to(tl.float32, bitcast=True), (e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H, W, sC, sH, sW,
+            tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
+            IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
+            MP: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
+    """B2 of channel ``ch`` over the program's TH x TW tile on tensor cores: stores the tile's
+    dW partial (K x K at ``dw_p + prow * K * K``) and returns the transposed convolution
+    ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du is the fp32 scratch,
+    entering the GEMMs through :func:`_dot_split`; x and W are 16-bit and exact.
+
+    dx, kernel row i: ``D_i @ T'_i`` with ``D_i[r, q] = du[h0 + r + PB - i, w0 + PB - (K-1) + q]``
+    (TH x KP) and ``T'_i[q, c] = W[i, K - 1 - (q - c)]`` for ``0 <= q - c < K`` (KP x TW).
+    dW: one GEMM per halo row r' (TH + K - 1 of them), ``dW += A_r' @ B_r'`` with
+    ``A_r'[i, c] = du[h0 + r' - i, w0 + c]`` (the tile's own du: 0 <= r' - i < TH; MP x TW) and
+    ``B_r'[c, j] = x[h0 + r' - PB, w0 + c + j - PB]`` (TW x MP): dW[i, j] comes out whole, no
+    band diagonals to extract. With the input affine, ``dW = a (du * x) + c (du * M)``, M the
+    in-image mask. For float16 (whose range is not fp32's) du is scaled by the power of two
+    that takes the halo's largest |du| into [1, 4), undone on the fp32 results."""
+    _, _, _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
+    BF16: tl.constexpr = w_ptr.dtype.element_ty == tl.bfloat16
+    r = tl.arange(0, TH)
+    q = tl.arange(0, KP)
+    col = tl.arange(0, TW)
+    duch = du_ptr + base + ch.to(tl.int64) * sC
+    xch = x_ptr + base + ch.to(tl.int64) * sC
+    dcol = w0 + (PB - (K - 1)) + q
+    dcol_ok = (q < TW + K - 1) & (dcol >= 0) & (dcol < W)
+    dcol_off = dcol.to(tl.int64)[None, :] * sW
+    s = 1.0
+    inv_s = 1.0
+    if not BF16:  # one scale for the halo: every du this program reads
+        rr = tl.arange(0, RP)
+        hh = h0 + (PB - (K - 1)) + rr
+        hm = ((rr < TH + K - 1) & (hh >= 0) & (hh < H))[:, None] & dcol_ok[None, :]
+        halo = tl.load(duch + hh.to(tl.int64)[:, None] * sH + dcol_off, mask=hm, other=0.0)
+        s, inv_s = _pow2_scale(tl.max(tl.max(tl.abs(halo), axis=1), axis=0))
+    # dx: the transposed convolution, kernel row by kernel row
+    d = q[:, None] - col[None, :]
+    band = (d >= 0) & (d < K)
+    wflip = w_ptr + ch * (K * K) + (K - 1) - d
+    acc = tl.zeros([TH, TW], dtype=tl.float32)
+    for i in range(K):
+        hrow = h0 + r + (PB - i)
+        m = ((hrow >= 0) & (hrow < H))[:, None] & dcol_ok[None, :]
+        di = tl.load(duch + hrow.to(tl.int64)[:, None] * sH + dcol_off, mask=m, other=0.0)
+        ti = tl.load(wflip + i * K, mask=band, other=0.0)
+        acc = _dot_split(di * s, ti, acc, BF16, UPCAST)
+    # dW: halo row by halo row
+    ij = tl.arange(0, MP)
+    a_col = w0 + col
+    a_off = a_col.to(tl.int64)[None, :] * sW
+    a_ok = (a_col < W)[None, :]
+    b_col = w0 + col[:, None] + (ij[None, :] - PB)
+    b_ok = (b_col >= 0) & (b_col < W) & (ij < K)[None, :]
+    b_off = b_col.to(tl.int64) * sW
+    accw = tl.zeros([MP, MP], dtype=tl.float32)
+    accm = tl.zeros([MP, MP], dtype=tl.float32)
+    for rp in range(TH + K - 1):
+        ar = rp - ij
+        hd = h0 + ar
+        am = ((ij < K) & (ar >= 0) & (ar < TH) & (hd < H))[:, None] & a_ok
+        a = tl.load(duch + hd.to(tl.int64)[:, None] * sH + a_off, mask=am, other=0.0) * s
+        hx = h0 + rp - PB
+        bm = b_ok & (hx >= 0) & (hx < H)
+        b = tl.load(xch + hx.to(tl.int64) * sH + b_off, mask=bm, other=0.0)
+        accw = _dot_split(a, b, accw, BF16, UPCAST)
+        if IN_AFFINE:
+            if UPCAST:  # (the interpreter's bool -> 16-bit cast mishandles the mask)
+                accm = _dot_split(a, bm.to(tl.float32), accm, BF16, UPCAST)
+            else:
+                accm = _dot_split(a, bm.to(b.dtype), accm, BF16, UPCAST)
+    if IN_AFFINE:
+        accw = accw * tl.load(scale_ptr + ch).to(tl.float32) + \
+            accm * tl.load(shift_ptr + ch).to(tl.float32)
+    tl.store(dw_p + prow * (K * K) + (ij[:, None] * K + ij[None, :]), accw * inv_s,
+             mask=(ij < K)[:, None] & (ij < K)[None, :])
+    return tl.reshape(acc * inv_s, (1, TH * TW))
 
 
 @triton.jit
@@ -308,7 +425,10 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
                    dscale_p, dshift_p, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr):
+                   BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
+                   MP: tl.constexpr, RP: tl.constexpr):
+    """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
+    cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`)."""
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -317,23 +437,31 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
     prow = row.to(tl.int64) * C + c
     tl.store(db_p + prow, tl.sum(du, axis=1), mask=cmask)
     acc = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    for i in range(K):
-        # dx[q] += du[q + PB - i] * w[i]   (transposed conv);  dW[i] += du[q] * x[q + i - PB]
-        hd = h + (PB - i)
-        hx = h + (i - PB)
-        hd_ok = valid & (hd >= 0) & (hd < H)
-        hx_ok = valid & (hx >= 0) & (hx < H)
-        for j in tl.static_range(K):
-            wd = w + (PB - j)
-            wx = w + (j - PB)
-            md = cmask[:, None] & (hd_ok & (wd >= 0) & (wd < W))[None, :]
-            mx = cmask[:, None] & (hx_ok & (wx >= 0) & (wx < W))[None, :]
-            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
-            dus = tl.load(du_ptr + base + _offs(c, hd, wd, sC, sH, sW), mask=md, other=0.0)
-            acc += dus * wv.to(tl.float32)[:, None]
-            xs = _load_in(x_ptr, base + _offs(c, hx, wx, sC, sH, sW), mx, scale_ptr, shift_ptr,
-                          c, cmask, IN_AFFINE)
-            tl.store(dw_p + prow * (K * K) + (i * K + j), tl.sum(du * xs, axis=1), mask=cmask)
+    if TC > 0:
+        acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p,
+                       row.to(tl.int64) * C + cb, base, cb, H, W, sC, sH, sW, tiles_w,
+                       tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, MP, RP,
+                       TC == 2)
+    else:
+        for i in range(K):
+            # dx[q] += du[q + PB - i] * w[i] (transposed conv); dW[i] += du[q] * x[q + i - PB]
+            hd = h + (PB - i)
+            hx = h + (i - PB)
+            hd_ok = valid & (hd >= 0) & (hd < H)
+            hx_ok = valid & (hx >= 0) & (hx < H)
+            for j in tl.static_range(K):
+                wd = w + (PB - j)
+                wx = w + (j - PB)
+                md = cmask[:, None] & (hd_ok & (wd >= 0) & (wd < W))[None, :]
+                mx = cmask[:, None] & (hx_ok & (wx >= 0) & (wx < W))[None, :]
+                wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
+                dus = tl.load(du_ptr + base + _offs(c, hd, wd, sC, sH, sW), mask=md,
+                              other=0.0)
+                acc += dus * wv.to(tl.float32)[:, None]
+                xs = _load_in(x_ptr, base + _offs(c, hx, wx, sC, sH, sW), mx, scale_ptr,
+                              shift_ptr, c, cmask, IN_AFFINE)
+                tl.store(dw_p + prow * (K * K) + (i * K + j), tl.sum(du * xs, axis=1),
+                         mask=cmask)
     if IN_AFFINE:  # acc is dL/d(block input); the stored input's gradient is in_scale * acc
         xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         accm = tl.where(m, acc, 0.0)
@@ -452,6 +580,14 @@ def _conv_kw(x, weight, tile, tc):
                 KP=max(16, triton.next_power_of_2(tile["TW"] + weight.shape[-1] - 1)))
 
 
+def _bwd_conv_kw(x, weight, tile, tc):
+    """B2b's constexprs: :func:`_conv_kw`'s, MP (dW's GEMM dimensions: k padded to a power
+    of two >= 16) and RP (the halo's rows TH + k - 1, padded to a power of two)."""
+    k = weight.shape[-1]
+    return dict(_conv_kw(x, weight, tile, tc), MP=max(16, triton.next_power_of_2(k)),
+                RP=triton.next_power_of_2(tile["TH"] + k - 1))
+
+
 def _affine_ptrs(stand_in, in_scale, in_shift):
     """Pointers for the input affine; a stand-in tensor (never read) when there is none."""
     return (stand_in, stand_in) if in_scale is None else (in_scale, in_shift)
@@ -511,12 +647,12 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, weight, *_affine_ptrs(x, in_scale, in_shift), du, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
-            dict(_kc(weight, in_scale), **tile))
+            dict(_kc(weight, in_scale), **_bwd_conv_kw(x, weight, tile, tc), **tile))
     return dx, dw_p, db_p, dscale_p, dshift_p
 
 
-# The launchers with the convolution of F1, F2/eval, B1 and B2's du on tensor cores (backend
-# "triton_tc"); B2's transposed convolution and dW stay on CUDA cores (fp32 du).
+# The launchers with every convolution on tensor cores (backend "triton_tc"): F1, F2/eval,
+# B1, B2's du, its transposed convolution and dW.
 tensor_core_launchers = types.SimpleNamespace(
     **{f.__name__: functools.partial(f, tc=True)
        for f in (k_stats, k_apply, k_bwd_reduce, k_bwd_main)})

@@ -85,8 +85,8 @@ def test_tensor_core_convolution_is_on_tensor_cores(facts):
     assert {f["arch"] for f in tc} == {80, 90}
     assert {"bfloat16", "float16"} <= {d for f in tc for d in f["dtypes"]}
     assert {1, 2, 3, 9, 16, 31} <= {f["constexprs"]["K"] for f in tc}  # (3: benchmark set)
-    assert {"_stats_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_du_kernel"} == \
-        {f["kernel"] for f in tc}
+    assert {"_stats_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_du_kernel",
+            "_bwd_dx_kernel"} == {f["kernel"] for f in tc}
     assert all(f["tensor_cores"] for f in tc), [f["kernel"] for f in tc if not f["tensor_cores"]]
     assert not any(f["tensor_cores"] for f in tk if f["constexprs"].get("TC") == 0)
 

@@ -1,10 +1,12 @@
-"""The "triton_tc" backend: the depthwise convolution of F1, F2/eval, B1 and B2's du as
-banded-Toeplitz GEMMs on tensor cores (docs/DESIGN.md, "Tensor cores"), pass by pass
-against the torch twin. With 16-bit x and weights every product is exact in fp32, so the
-results are the CUDA-core ones up to summation order: the fp32 tolerances of every other
-kernel hold (compare_passes). Under the interpreter the GEMMs run on fp32 copies of the
-16-bit operands (its dot mishandles 16-bit ones); the tensor-core instruction itself is
-checked by the real-target compile (tests/test_targets.py) and a GPU run."""
+"""The "triton_tc" backend: every depthwise convolution of F1, F2/eval, B1 and B2 (du, the
+transposed convolution and dW) as GEMMs on tensor cores (docs/DESIGN.md, "Tensor cores"), pass
+by pass against the torch twin. With 16-bit x and weights every forward product is exact in
+fp32; B2's fp32 du enters its GEMMs as two 16-bit terms (16 or 22 significant bits), so the
+results are the CUDA-core ones up to summation order and that split: the fp32 tolerances of
+every other kernel hold (compare_passes), and fail with du rounded once. Under the interpreter
+the GEMMs run on fp32 copies of the 16-bit operands (its dot mishandles 16-bit ones); the
+tensor-core instruction itself is checked by the real-target compile (tests/test_targets.py)
+and a GPU run."""
 import copy
 
 import pytest
@@ -52,6 +54,30 @@ def test_tensor_core_passes_match_twin(case):
     N, C, H, W, k, dtype, cl, aff = case
     x, dout, w, b, gamma, beta, affine = _tensors(*case)
     compare_passes(get_impl("triton_tc"), x, dout, w, b, gamma, beta, "gelu", affine, dtype)
+
+
+@pytest.mark.parametrize("gamma_scale", [1e-7, 1e6], ids=["tiny-du", "huge-du"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # dx: inf, as the twin's
+def test_tensor_core_b2_keeps_fp32_range_in_float16(gamma_scale):
+    """float16 has 5 exponent bits: du (fp32) from a BN gamma of 1e-7 falls below its normal
+    range (a plain float16 split keeps ~3 of its bits: dW off by ~15%) and from 1e6 beyond
+    its largest value (inf). B2 scales each program's du by a power of two first, so dW and
+    db keep the fp32 tolerance."""
+    from convmixer_ext import torch_backend as twin
+    from convmixer_ext.semantics import rstd_from_var
+    from helpers import assert_close
+    x, dout, w, b, gamma, beta, _ = _tensors(1, 2, 33, 17, 7, f16, False, False)
+    gamma = gamma * gamma_scale
+    mean, var = twin.stats(x, w, b, "gelu", None)
+    rstd = rstd_from_var(var, 1e-5)
+    dbeta, dgamma = twin.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", None)
+    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, True, "gelu", None)
+    _, dw, db, _ = get_impl("triton_tc").bwd_main(*args)
+    _, dw_t, db_t, _ = twin.bwd_main(*args)
+    for got, want, what in ((dw, dw_t, "B2 dW"), (db, db_t, "B2 db")):
+        m = want.abs().max()  # relative to their own magnitude (assert_close floors at 1e-2)
+        assert 0 < m < float("inf")
+        assert_close(got / m, want / m, torch.float32, what)
 
 
 def test_tensor_core_results_are_bitwise_reproducible():
