@@ -338,12 +338,14 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
             TH, TW, KP = kw["TH"], kw["TW"], kw["KP"]
             ffma = 0.0
-            # issue: per program and kernel row, the X_i tile and the Toeplitz gather are
-            # element loads (2-byte LDG [C]) of ~3 instructions each (address, predicate,
-            # load); the rest of the kernel once (its compiled instruction count)
+            # issue: per program and kernel row, the Toeplitz gather is element loads (2-byte
+            # LDG [C]) of ~3 instructions each (address, predicate, load), the row windows
+            # start 16-byte aligned: vector loads (16-byte LDGSTS [C]) where W allows them;
+            # the rest of the kernel once (its compiled instruction count)
+            vec = 16 // e if W % (16 // e) == 0 else 1
             if name != "_bwd_dx_kernel":
                 mma = programs * TH * TW * k * KP
-                tile_instr = k * (TH * KP + KP * TW) * 3
+                tile_instr = k * (TH * KP / vec + KP * TW) * 3
                 # the row windows re-read the program's halo tile K times, the gathers its
                 # K*K weights: L1 hits after the first touch (a few KB per program)
                 l2 = programs * ((TH + k - 1) * KP + k * k) * e
@@ -352,10 +354,12 @@ def triton_passes(shape, k, dtype, layout, tc=False):
                 MP, halo = kw["MP"], TH + k - 1
                 n_dw = 2 if kw["IN_AFFINE"] else 1
                 mma = programs * 2 * (TH * TW * k * KP + n_dw * halo * TW * MP * MP)
-                # a du element: load (3) + scale + split into two 16-bit terms (~10); an
-                # x or weight element: load (3); float16 reads the halo once more (scale)
+                # a du element (fp32 rows, 16-byte loads where W allows): its load + scale +
+                # split into two 16-bit terms (~11); a weight or x gather element: load (3);
+                # float16 reads the halo once more (scale)
+                vec4 = 4 if W % 4 == 0 else 1
                 du_elems = k * TH * KP + halo * MP * TW
-                tile_instr = (du_elems * 14 + (k * KP * TW + halo * TW * MP) * 3
+                tile_instr = (du_elems * (11 + 3 / vec4) + (k * KP * TW + halo * TW * MP) * 3
                               + (kw["RP"] * KP * 4 if dtype == "float16" else 0))
                 # the halo of du (fp32) and x, the weights: re-read from L1 after the first
                 l2 = programs * (halo * KP * 4 + halo * (TW + k - 1) * e + k * k * e)

@@ -178,14 +178,15 @@ def _pow2_scale(m):
 def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H, W, sC, sH, sW,
             tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
             IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
-            MP: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
+            DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
     """B2 of channel ``ch`` over the program's TH x TW tile on tensor cores: stores the tile's
     dW partial (K x K at ``dw_p + prow * K * K``) and returns the transposed convolution
     ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du is the fp32 scratch,
     entering the GEMMs through :func:`_dot_split`; x and W are 16-bit and exact.
 
-    dx, kernel row i: ``D_i @ T'_i`` with ``D_i[r, q] = du[h0 + r + PB - i, w0 + PB - (K-1) + q]``
-    (TH x KP) and ``T'_i[q, c] = W[i, K - 1 - (q - c)]`` for ``0 <= q - c < K`` (KP x TW).
+    dx, kernel row i: ``D_i @ T'_i`` with ``D_i[r, q] = du[h0 + r + PB - i, w0 + PB - (K-1) -
+    DO + q]`` (TH x KP, zero outside the image) and ``T'_i[q, c] = W[i, K - 1 - (q - DO -
+    c)]`` for ``0 <= q - DO - c < K`` (KP x TW); DO as XO of :func:`_conv_tc`, for fp32.
     dW: one GEMM per halo row r' (TH + K - 1 of them), ``dW += A_r' @ B_r'`` with
     ``A_r'[i, c] = du[h0 + r' - i, w0 + c]`` (the tile's own du: 0 <= r' - i < TH; MP x TW) and
     ``B_r'[c, j] = x[h0 + r' - PB, w0 + c + j - PB]`` (TW x MP): dW[i, j] comes out whole, no
@@ -199,8 +200,8 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     col = tl.arange(0, TW)
     duch = du_ptr + base + ch.to(tl.int64) * sC
     xch = x_ptr + base + ch.to(tl.int64) * sC
-    dcol = w0 + (PB - (K - 1)) + q
-    dcol_ok = (q < TW + K - 1) & (dcol >= 0) & (dcol < W)
+    dcol = w0 + (PB - (K - 1) - DO) + q
+    dcol_ok = (dcol >= 0) & (dcol < W)
     dcol_off = dcol.to(tl.int64)[None, :] * sW
     s = 1.0
     inv_s = 1.0
@@ -211,7 +212,7 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
         halo = tl.load(duch + hh.to(tl.int64)[:, None] * sH + dcol_off, mask=hm, other=0.0)
         s, inv_s = _pow2_scale(tl.max(tl.max(tl.abs(halo), axis=1), axis=0))
     # dx: the transposed convolution, kernel row by kernel row
-    d = q[:, None] - col[None, :]
+    d = q[:, None] - DO - col[None, :]
     band = (d >= 0) & (d < K)
     wflip = w_ptr + ch * (K * K) + (K - 1) - d
     acc = tl.zeros([TH, TW], dtype=tl.float32)
@@ -257,15 +258,18 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
 def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, sW, tiles_w,
              tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
              IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
-             UPCAST: tl.constexpr):
+             XO: tl.constexpr, UPCAST: tl.constexpr):
     """u = dwconv_K(input) + b of channel ``ch`` over the program's TH x TW tile on tensor
     cores, as [1, TH*TW] fp32 (row-major: the lanes of :func:`_tile`). UPCAST: the same
     GEMMs on fp32 copies of the 16-bit operands (under the interpreter).
 
     Kernel row i is a GEMM (docs/DESIGN.md, "Tensor cores"): ``u[r, :] += X_i[r, :] @ T_i``
-    with ``X_i[r, q] = x[h0 + r + i - PB, w0 - PB + q]`` (TH x KP, q < TW + K - 1, zero
-    outside the image) and the banded Toeplitz ``T_i[q, col] = W[i, q - col]`` for
-    ``0 <= q - col < K`` (KP x TW, built from the row's K weights). x and W are 16-bit, so
+    with ``X_i[r, q] = x[h0 + r + i - PB, w0 - PB - XO + q]`` (TH x KP, zero outside the
+    image) and the banded Toeplitz ``T_i[q, col] = W[i, q - XO - col]`` for
+    ``0 <= q - XO - col < K`` (KP x TW, built from the row's K weights). XO
+    (:func:`_col_shift`) starts the rows on a 16-byte boundary: vector loads. Columns of
+    X_i outside the band meet zeros of T_i: a non-finite x there (0 * inf) reaches the
+    whole output row (docs/DESIGN.md, "Tensor cores"). x and W are 16-bit, so
     every product is exact in the fp32 accumulator: the result is the CUDA-core one up to
     summation order. The input affine ``a*x + c`` is not rounded to 16 bits: the dots take x
     and the in-image mask M (exact 0/1), ``u = a*(X (*) W) + c*(M (*) W) + b``."""
@@ -273,9 +277,9 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     r = tl.arange(0, TH)
     q = tl.arange(0, KP)
     col = tl.arange(0, TW)
-    xcol = w0 - PB + q
-    col_ok = (q < TW + K - 1) & (xcol >= 0) & (xcol < W)
-    d = q[:, None] - col[None, :]
+    xcol = w0 - (PB + XO) + q
+    col_ok = (xcol >= 0) & (xcol < W)  # (uniform over aligned groups: vector loads)
+    d = q[:, None] - XO - col[None, :]
     band = (d >= 0) & (d < K)
     wrow = w_ptr + ch * (K * K)
     xch = x_ptr + base + ch.to(tl.int64) * sC
@@ -306,13 +310,14 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
 def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W, sC,
           sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
           IN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-          TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr):
+          TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
+          XO: tl.constexpr):
     """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB. TC:
     on tensor cores (:func:`_conv_tc`; one channel per program, 16-bit x): TC = 1, or 2 for
     the same algorithm with fp32 operands (the interpreter)."""
     if TC > 0:
         return _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, cb, H, W, sC, sH, sW,
-                        tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP,
+                        tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, XO,
                         TC == 2)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
@@ -336,12 +341,12 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count
                   sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                   PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                   TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                  KP: tl.constexpr):
+                  KP: tl.constexpr, XO: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
@@ -360,12 +365,12 @@ def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                   tiles_total, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
                   IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                  KP: tl.constexpr):
+                  KP: tl.constexpr, XO: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -380,12 +385,12 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
                        tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                        TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                       TC: tl.constexpr, KP: tl.constexpr):
+                       TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
@@ -401,12 +406,13 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
                    tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                    ACT: tl.constexpr, IN_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr):
+                   BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
+                   XO: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
               sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
-              BLOCK_S, TH, TW, TC, KP)
+              BLOCK_S, TH, TW, TC, KP, XO)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -426,7 +432,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-                   MP: tl.constexpr, RP: tl.constexpr):
+                   XO: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr):
     """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
     cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`)."""
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
@@ -440,7 +446,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
     if TC > 0:
         acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p,
                        row.to(tl.int64) * C + cb, base, cb, H, W, sC, sH, sW, tiles_w,
-                       tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, MP, RP,
+                       tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, DO, MP, RP,
                        TC == 2)
     else:
         for i in range(K):
@@ -567,24 +573,38 @@ def _kc(weight, in_scale):
     return dict(K=k, PB=pad_before(k), IN_AFFINE=in_scale is not None)
 
 
+def _col_shift(pb, elem_bytes):
+    """Columns a tensor-core row window starts early so that it starts on a 16-byte boundary
+    (w0 - pb - shift is a multiple of 16 / elem_bytes; w0 is one with TW = 16 or 32)."""
+    return -pb % (16 // elem_bytes)
+
+
 def _conv_kw(x, weight, tile, tc):
     """The convolution's constexprs: TC (0: CUDA cores; 1: tensor cores; 2: their algorithm
-    with fp32 operands, under the interpreter) and KP (the GEMM's reduction width: the
-    plan's tile input columns TW + K - 1, padded to a power of two >= 16)."""
+    with fp32 operands, under the interpreter), XO (:func:`_col_shift` of the x rows) and KP
+    (the GEMM's reduction width: the window's TW + K - 1 columns after XO, padded to a power
+    of two >= 16)."""
     if not tc:
-        return dict(TC=0, KP=16)
+        return dict(TC=0, KP=16, XO=0)
     if x.dtype not in TENSOR_CORE_DTYPES:
         raise TypeError(f"the tensor-core convolution takes float16 or bfloat16 x, got "
                         f"{x.dtype} (float32 stays on exact FP32 FMA: backend='triton')")
-    return dict(TC=1 if targets_gpu(x) else 2,
-                KP=max(16, triton.next_power_of_2(tile["TW"] + weight.shape[-1] - 1)))
+    k = weight.shape[-1]
+    xo = _col_shift(pad_before(k), x.element_size())
+    return dict(TC=1 if targets_gpu(x) else 2, XO=xo,
+                KP=max(16, triton.next_power_of_2(tile["TW"] + k - 1 + xo)))
 
 
 def _bwd_conv_kw(x, weight, tile, tc):
-    """B2b's constexprs: :func:`_conv_kw`'s, MP (dW's GEMM dimensions: k padded to a power
-    of two >= 16) and RP (the halo's rows TH + k - 1, padded to a power of two)."""
+    """B2b's constexprs: :func:`_conv_kw`'s with KP wide enough for the transposed
+    convolution's fp32 du rows too (DO: their :func:`_col_shift`), MP (dW's GEMM dimensions:
+    k padded to a power of two >= 16) and RP (the halo's rows TH + k - 1, padded to a power
+    of two)."""
     k = weight.shape[-1]
-    return dict(_conv_kw(x, weight, tile, tc), MP=max(16, triton.next_power_of_2(k)),
+    kw = _conv_kw(x, weight, tile, tc)
+    do = _col_shift(k - 1 - pad_before(k), 4) if tc else 0
+    kw["KP"] = max(kw["KP"], triton.next_power_of_2(tile["TW"] + k - 1 + do))
+    return dict(kw, DO=do, MP=max(16, triton.next_power_of_2(k)),
                 RP=triton.next_power_of_2(tile["TH"] + k - 1))
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import DEVICE
 from convmixer_ext import ConvMixerLayer, fused_dwconv_block
 from convmixer_ext.backends import backend_reason, get_impl, resolve_backend
-from helpers import compare_models, compare_passes, layer_pair, pass_inputs
+from helpers import assert_close, compare_models, compare_passes, layer_pair, pass_inputs
 
 pytestmark = pytest.mark.skipif(backend_reason("triton_tc", DEVICE) is not None,
                                 reason=f"triton_tc unavailable here: "
@@ -65,7 +65,6 @@ def test_tensor_core_b2_keeps_fp32_range_in_float16(gamma_scale):
     db keep the fp32 tolerance."""
     from convmixer_ext import torch_backend as twin
     from convmixer_ext.semantics import rstd_from_var
-    from helpers import assert_close
     x, dout, w, b, gamma, beta, _ = _tensors(1, 2, 33, 17, 7, f16, False, False)
     gamma = gamma * gamma_scale
     mean, var = twin.stats(x, w, b, "gelu", None)
@@ -78,6 +77,34 @@ def test_tensor_core_b2_keeps_fp32_range_in_float16(gamma_scale):
         m = want.abs().max()  # relative to their own magnitude (assert_close floors at 1e-2)
         assert 0 < m < float("inf")
         assert_close(got / m, want / m, torch.float32, what)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # 0 * inf, on purpose
+def test_tensor_core_non_finite_values_never_vanish():
+    """A banded GEMM multiplies every input column of a tile row by the band's zeros, so a
+    non-finite x or du reaches the tile rows that read it (documented, docs/DESIGN.md,
+    "Tensor cores"): never a finite result where the reference has none, and rows away from
+    it keep the reference's values. The windows start up to 7 (x) or 3 (fp32 du) columns
+    early (16-byte aligned loads): column 29 is read by the tile at w0 = 32 too."""
+    from convmixer_ext import torch_backend as twin
+    x, dout, w, b, gamma, beta, _ = _tensors(1, 1, 16, 64, 3, bf16, False, False)
+    x_inf = x.clone()
+    x_inf[0, 0, 5, 29] = float("inf")
+    dout[0, 0, 9, 29] = float("inf")
+    mean, rstd = torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE)
+    impl = get_impl("triton_tc")
+    out = impl.apply(x_inf, w, b, mean, rstd, gamma, beta, "gelu", None)
+    out_t = twin.apply(x_inf, w, b, mean, rstd, gamma, beta, "gelu", None)
+    z = torch.zeros(1, device=DEVICE)
+    args = (dout, x, w, b, mean, rstd, gamma, z, z, False, "gelu", None)
+    dx, dx_t = impl.bwd_main(*args)[0], twin.bwd_main(*args)[0]
+    for got, want, row, what in ((out, out_t, 5, "F2 out"), (dx, dx_t, 9, "B2 dx")):
+        bad = ~torch.isfinite(want)
+        assert bad.any() and not torch.isfinite(got[bad]).any(), what
+        away = torch.ones(16, dtype=torch.bool)
+        away[row - 1:row + 2] = False  # the rows a k = 3 window at that row reaches
+        assert torch.isfinite(got[..., away, :]).all(), what
+        assert_close(got[..., away, :], want[..., away, :], bf16, what)
 
 
 def test_tensor_core_results_are_bitwise_reproducible():
