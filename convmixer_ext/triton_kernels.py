@@ -175,6 +175,20 @@ def _pow2_scale(m):
 
 
 @triton.jit
+def _du_rows(duch, hrow, dcol, H, W, sH, sW, row_ok):
+    """du (fp32) of a plane at rows hrow (where row_ok) and columns dcol, 0 outside the
+    image."""
+    m = (row_ok & (hrow < H))[:, None] & ((dcol >= 0) & (dcol < W))[None, :]
+    return tl.load(duch + hrow.to(tl.int64)[:, None] * sH + dcol.to(tl.int64)[None, :] * sW,
+                   mask=m, other=0.0)
+
+
+@triton.jit
+def _abs_max(v):
+    return tl.max(tl.max(tl.abs(v), axis=1), axis=0)
+
+
+@triton.jit
 def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H, W, sC, sH, sW,
             tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
             IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
@@ -184,9 +198,10 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du is the fp32 scratch,
     entering the GEMMs through :func:`_dot_split`; x and W are 16-bit and exact.
 
-    dx, kernel row i: ``D_i @ T'_i`` with ``D_i[r, q] = du[h0 + r + PB - i, w0 + PB - (K-1) -
-    DO + q]`` (TH x KP, zero outside the image) and ``T'_i[q, c] = W[i, K - 1 - (q - DO -
-    c)]`` for ``0 <= q - DO - c < K`` (KP x TW); DO as XO of :func:`_conv_tc`, for fp32.
+    dx, kernel row i, per 16 columns c0 + [0, 16) as in :func:`_conv_tc`: ``D_i @ T'_i`` with
+    ``D_i[r, q] = du[h0 + r + PB - i, w0 + c0 + PB - (K-1) - DO + q]`` (TH x KP, zero outside
+    the image) and ``T'_i[q, c] = W[i, K - 1 - (q - DO - c)]`` for ``0 <= q - DO - c < K``
+    (KP x 16); DO: XO's counterpart for fp32 rows.
     dW: one GEMM per halo row r' (TH + K - 1 of them), ``dW += A_r' @ B_r'`` with
     ``A_r'[i, c] = du[h0 + r' - i, w0 + c]`` (the tile's own du: 0 <= r' - i < TH; MP x TW) and
     ``B_r'[c, j] = x[h0 + r' - PB, w0 + c + j - PB]`` (TW x MP): dW[i, j] comes out whole, no
@@ -200,28 +215,32 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     col = tl.arange(0, TW)
     duch = du_ptr + base + ch.to(tl.int64) * sC
     xch = x_ptr + base + ch.to(tl.int64) * sC
-    dcol = w0 + (PB - (K - 1) - DO) + q
-    dcol_ok = (dcol >= 0) & (dcol < W)
-    dcol_off = dcol.to(tl.int64)[None, :] * sW
+    dcol = w0 + (PB - (K - 1) - DO) + q  # the window of dx columns w0 .. w0 + 15 (+ 16)
     s = 1.0
     inv_s = 1.0
     if not BF16:  # one scale for the halo: every du this program reads
         rr = tl.arange(0, RP)
         hh = h0 + (PB - (K - 1)) + rr
-        hm = ((rr < TH + K - 1) & (hh >= 0) & (hh < H))[:, None] & dcol_ok[None, :]
-        halo = tl.load(duch + hh.to(tl.int64)[:, None] * sH + dcol_off, mask=hm, other=0.0)
-        s, inv_s = _pow2_scale(tl.max(tl.max(tl.abs(halo), axis=1), axis=0))
+        hok = (rr < TH + K - 1) & (hh >= 0) & (hh < H)
+        m = tl.maximum(_abs_max(_du_rows(duch, hh, dcol, H, W, sH, sW, hok)),
+                       _abs_max(_du_rows(duch, hh, dcol + (TW - 16), H, W, sH, sW, hok)))
+        s, inv_s = _pow2_scale(m)
     # dx: the transposed convolution, kernel row by kernel row
-    d = q[:, None] - DO - col[None, :]
+    c16 = tl.arange(0, 16)
+    d = q[:, None] - DO - c16[None, :]
     band = (d >= 0) & (d < K)
     wflip = w_ptr + ch * (K * K) + (K - 1) - d
-    acc = tl.zeros([TH, TW], dtype=tl.float32)
+    acc0 = tl.zeros([TH, 16], dtype=tl.float32)
+    acc1 = tl.zeros([TH, 16], dtype=tl.float32)
     for i in range(K):
-        hrow = h0 + r + (PB - i)
-        m = ((hrow >= 0) & (hrow < H))[:, None] & dcol_ok[None, :]
-        di = tl.load(duch + hrow.to(tl.int64)[:, None] * sH + dcol_off, mask=m, other=0.0)
         ti = tl.load(wflip + i * K, mask=band, other=0.0)
-        acc = _dot_split(di * s, ti, acc, BF16, UPCAST)
+        hrow = h0 + r + (PB - i)
+        acc0 = _dot_split(_du_rows(duch, hrow, dcol, H, W, sH, sW, hrow >= 0) * s, ti, acc0,
+                          BF16, UPCAST)
+        if TW > 16:
+            acc1 = _dot_split(_du_rows(duch, hrow, dcol + 16, H, W, sH, sW, hrow >= 0) * s, ti,
+                              acc1, BF16, UPCAST)
+    acc = _join_cols(acc0, acc1, TH, TW)
     # dW: halo row by halo row
     ij = tl.arange(0, MP)
     a_col = w0 + col
@@ -251,7 +270,37 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
             accm * tl.load(shift_ptr + ch).to(tl.float32)
     tl.store(dw_p + prow * (K * K) + (ij[:, None] * K + ij[None, :]), accw * inv_s,
              mask=(ij < K)[:, None] & (ij < K)[None, :])
-    return tl.reshape(acc * inv_s, (1, TH * TW))
+    return acc * inv_s
+
+
+@triton.jit
+def _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc, accm, IN_AFFINE: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """(acc + X @ T, accm + M @ T) for the x rows ``xrow`` at columns ``xcol`` of a plane
+    (X: 0 outside the image, M: the in-image mask; 16-bit x and T on tensor cores). UPCAST:
+    the same GEMMs on fp32 copies (the interpreter's dot and bool -> 16-bit cast mishandle
+    16-bit values; the products are exact in fp32 either way)."""
+    m = ((xrow >= 0) & (xrow < H))[:, None] & ((xcol >= 0) & (xcol < W))[None, :]
+    xi = tl.load(xch + xrow.to(tl.int64)[:, None] * sH + xcol.to(tl.int64)[None, :] * sW,
+                 mask=m, other=0.0)
+    if UPCAST:
+        xi, ti, mi = xi.to(tl.float32), ti.to(tl.float32), m.to(tl.float32)
+    else:
+        mi = m.to(xi.dtype)
+    acc = tl.dot(xi, ti, acc, input_precision="ieee")
+    if IN_AFFINE:
+        accm = tl.dot(mi, ti, accm, input_precision="ieee")
+    return acc, accm
+
+
+@triton.jit
+def _join_cols(a0, a1, TH: tl.constexpr, TW: tl.constexpr):
+    """The [TH, 16] column halves a0 | a1 (a1 only when TW = 32) as the program's
+    [1, TH * TW] row-major lanes."""
+    if TW > 16:
+        return tl.reshape(tl.permute(tl.join(a0, a1), (0, 2, 1)), (1, TH * TW))
+    else:
+        return tl.reshape(a0, (1, TH * TW))
 
 
 @triton.jit
@@ -263,11 +312,12 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     cores, as [1, TH*TW] fp32 (row-major: the lanes of :func:`_tile`). UPCAST: the same
     GEMMs on fp32 copies of the 16-bit operands (under the interpreter).
 
-    Kernel row i is a GEMM (docs/DESIGN.md, "Tensor cores"): ``u[r, :] += X_i[r, :] @ T_i``
-    with ``X_i[r, q] = x[h0 + r + i - PB, w0 - PB - XO + q]`` (TH x KP, zero outside the
-    image) and the banded Toeplitz ``T_i[q, col] = W[i, q - XO - col]`` for
-    ``0 <= q - XO - col < K`` (KP x TW, built from the row's K weights). XO
-    (:func:`_col_shift`) starts the rows on a 16-byte boundary: vector loads. Columns of
+    Kernel row i is a GEMM per 16 output columns c0 + [0, 16) (docs/DESIGN.md, "Tensor
+    cores"): ``u[r, c0 + c] += (X_i @ T_i)[r, c]`` with ``X_i[r, q] = x[h0 + r + i - PB, w0 +
+    c0 - PB - XO + q]`` (TH x KP, zero outside the image) and the banded Toeplitz ``T_i[q, c]
+    = W[i, q - XO - c]`` for ``0 <= q - XO - c < K`` (KP x 16, built from the row's K
+    weights, the same for c0 = 0 and 16). XO (:func:`_col_shift`) starts the rows on a
+    16-byte boundary: vector loads. Columns of
     X_i outside the band meet zeros of T_i: a non-finite x there (0 * inf) reaches the
     whole output row (docs/DESIGN.md, "Tensor cores"). x and W are 16-bit, so
     every product is exact in the fp32 accumulator: the result is the CUDA-core one up to
@@ -276,34 +326,30 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     _, _, _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
     r = tl.arange(0, TH)
     q = tl.arange(0, KP)
-    col = tl.arange(0, TW)
-    xcol = w0 - (PB + XO) + q
-    col_ok = (xcol >= 0) & (xcol < W)  # (uniform over aligned groups: vector loads)
+    col = tl.arange(0, 16)
+    xcol = w0 - (PB + XO) + q  # the window of output columns w0 .. w0 + 15; + 16: the next
     d = q[:, None] - XO - col[None, :]
     band = (d >= 0) & (d < K)
     wrow = w_ptr + ch * (K * K)
     xch = x_ptr + base + ch.to(tl.int64) * sC
-    acc = tl.zeros([TH, TW], dtype=tl.float32)
-    accm = tl.zeros([TH, TW], dtype=tl.float32)
+    acc0 = tl.zeros([TH, 16], dtype=tl.float32)
+    acc1 = tl.zeros([TH, 16], dtype=tl.float32)
+    accm0 = tl.zeros([TH, 16], dtype=tl.float32)
+    accm1 = tl.zeros([TH, 16], dtype=tl.float32)
     for i in range(K):
-        xrow = h0 + r + (i - PB)
-        m = ((xrow >= 0) & (xrow < H))[:, None] & col_ok[None, :]
-        xi = tl.load(xch + xrow.to(tl.int64)[:, None] * sH + xcol.to(tl.int64)[None, :] * sW,
-                     mask=m, other=0.0)
         ti = tl.load(wrow + i * K + d, mask=band, other=0.0)
-        if UPCAST:  # (the interpreter's dot and bool->bf16 cast mishandle 16-bit values;
-            # the products are exact in fp32 either way)
-            xi, ti, mi = xi.to(tl.float32), ti.to(tl.float32), m.to(tl.float32)
-        else:
-            mi = m.to(xi.dtype)
-        acc = tl.dot(xi, ti, acc, input_precision="ieee")
-        if IN_AFFINE:
-            accm = tl.dot(mi, ti, accm, input_precision="ieee")
+        xrow = h0 + r + (i - PB)
+        acc0, accm0 = _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc0, accm0, IN_AFFINE,
+                                UPCAST)
+        if TW > 16:
+            acc1, accm1 = _dot_rows(xch, xrow, xcol + 16, H, W, sH, sW, ti, acc1, accm1,
+                                    IN_AFFINE, UPCAST)
     if IN_AFFINE:
-        acc = acc * tl.load(scale_ptr + ch).to(tl.float32) + \
-            accm * tl.load(shift_ptr + ch).to(tl.float32)
-    u = acc + tl.load(b_ptr + ch).to(tl.float32)
-    return tl.reshape(u, (1, TH * TW))
+        a = tl.load(scale_ptr + ch).to(tl.float32)
+        c = tl.load(shift_ptr + ch).to(tl.float32)
+        acc0 = acc0 * a + accm0 * c
+        acc1 = acc1 * a + accm1 * c
+    return _join_cols(acc0, acc1, TH, TW) + tl.load(b_ptr + ch).to(tl.float32)
 
 
 @triton.jit
@@ -579,11 +625,11 @@ def _col_shift(pb, elem_bytes):
     return -pb % (16 // elem_bytes)
 
 
-def _conv_kw(x, weight, tile, tc):
+def _conv_kw(x, weight, tc):
     """The convolution's constexprs: TC (0: CUDA cores; 1: tensor cores; 2: their algorithm
     with fp32 operands, under the interpreter), XO (:func:`_col_shift` of the x rows) and KP
-    (the GEMM's reduction width: the window's TW + K - 1 columns after XO, padded to a power
-    of two >= 16)."""
+    (the GEMMs' reduction width: the 16 + K - 1 input columns of 16 output columns after XO,
+    padded to a power of two >= 16)."""
     if not tc:
         return dict(TC=0, KP=16, XO=0)
     if x.dtype not in TENSOR_CORE_DTYPES:
@@ -592,7 +638,7 @@ def _conv_kw(x, weight, tile, tc):
     k = weight.shape[-1]
     xo = _col_shift(pad_before(k), x.element_size())
     return dict(TC=1 if targets_gpu(x) else 2, XO=xo,
-                KP=max(16, triton.next_power_of_2(tile["TW"] + k - 1 + xo)))
+                KP=max(16, triton.next_power_of_2(16 + k - 1 + xo)))
 
 
 def _bwd_conv_kw(x, weight, tile, tc):
@@ -601,9 +647,9 @@ def _bwd_conv_kw(x, weight, tile, tc):
     k padded to a power of two >= 16) and RP (the halo's rows TH + k - 1, padded to a power
     of two)."""
     k = weight.shape[-1]
-    kw = _conv_kw(x, weight, tile, tc)
+    kw = _conv_kw(x, weight, tc)
     do = _col_shift(k - 1 - pad_before(k), 4) if tc else 0
-    kw["KP"] = max(kw["KP"], triton.next_power_of_2(tile["TW"] + k - 1 + do))
+    kw["KP"] = max(kw["KP"], triton.next_power_of_2(16 + k - 1 + do))
     return dict(kw, DO=do, MP=max(16, triton.next_power_of_2(k)),
                 RP=triton.next_power_of_2(tile["TH"] + k - 1))
 
@@ -624,7 +670,7 @@ def k_stats(x, weight, bias, in_scale, in_shift, act, tc=False):
     _launch(_stats_kernel, grid, x,
             (x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean_p, m2_p, count_p,
              *common),
-            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tile, tc), **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
     return mean_p, m2_p, count_p
 
 
@@ -634,7 +680,7 @@ def k_apply(x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act, t
     _launch(_apply_kernel, grid, x,
             (x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma, beta,
              out, *common),
-            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tile, tc), **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
     return out
 
 
@@ -645,7 +691,7 @@ def k_bwd_reduce(dout, x, weight, bias, mean, rstd, in_scale, in_shift, act, tc=
     _launch(_bwd_reduce_kernel, grid, x,
             (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, dbeta_p,
              dgamma_p, *common),
-            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tile, tc), **tile))
+            dict(_kc(weight, in_scale), ACT=act, **_conv_kw(x, weight, tc), **tile))
     return dbeta_p, dgamma_p
 
 
@@ -659,7 +705,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
             (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma,
              dbeta, dgamma, du, 1.0 / max(N * H * W, 1), *common),
             dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats),
-                 **_conv_kw(x, weight, tile, tc), **tile))
+                 **_conv_kw(x, weight, tc), **tile))
     dx = torch.empty_like(x)
     dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
     n_aff = rows if in_scale is not None else 0
