@@ -357,11 +357,12 @@ def triton_passes(shape, k, dtype, layout, tc=False):
                 n_dw = 2 if kw["IN_AFFINE"] else 1
                 mma = programs * 2 * (TH * TW * k * KP + n_dw * halo * TW * MP * MP)
                 # a du element (fp32 rows, 16-byte loads where W allows): its load + scale +
-                # split into two 16-bit terms (~11); a weight or x gather element: load (3);
-                # float16 reads the halo once more (scale)
+                # split into two 16-bit terms (~5: two paired conversions, a widening, a
+                # subtraction [C]); a weight or x gather element: load (3); float16 reads the
+                # halo once more (scale)
                 vec4 = 4 if W % 4 == 0 else 1
                 du_elems = k * TH * KP * TW / 16 + halo * MP * TW
-                tile_instr = (du_elems * (11 + 3 / vec4) + (k * KP * 16 + halo * TW * MP) * 3
+                tile_instr = (du_elems * (5 + 3 / vec4) + (k * KP * 16 + halo * TW * MP) * 3
                               + (kw["RP"] * KP * TW / 16 * 4 if dtype == "float16" else 0))
                 # the halo of du (fp32) and x, the weights: re-read from L1 after the first
                 l2 = programs * (halo * (TW + k - 1) * (4 + e) + k * k * e)

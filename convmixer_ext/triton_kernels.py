@@ -153,17 +153,21 @@ def _round16(v, BF16: tl.constexpr):
 @triton.jit
 def _dot_split(a, b, acc, BF16: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b for fp32 ``a`` and 16-bit ``b`` on tensor cores, ``a`` entering as the sum
-    of two 16-bit operands ``hi = round(a)`` and ``lo = round(a - hi)`` (``a - hi`` is exact),
-    so that it keeps 16 (bfloat16) or 22 (float16) significant bits instead of 8 or 11
-    (docs/DESIGN.md, "Tensor cores"). UPCAST: the same GEMMs on fp32 copies (interpreter)."""
-    hi = _round16(a, BF16)
-    lo = _round16(a - hi, BF16)
+    of two 16-bit operands ``hi = rn(a)`` and ``lo = rn(a - hi)`` (``a - hi`` is exact), so
+    that it keeps 16 (bfloat16) or 22 (float16) significant bits instead of 8 or 11
+    (docs/DESIGN.md, "Tensor cores"). On a GPU the roundings are the hardware's
+    round-to-nearest-even conversions; UPCAST (the interpreter): the same values from
+    :func:`_round16`, the GEMMs on fp32 copies."""
     if UPCAST:
+        hi = _round16(a, BF16)
+        lo = _round16(a - hi, BF16)
         bf = b.to(tl.float32)
         acc = tl.dot(hi, bf, acc, input_precision="ieee")
         return tl.dot(lo, bf, acc, input_precision="ieee")
-    acc = tl.dot(hi.to(b.dtype), b, acc)
-    return tl.dot(lo.to(b.dtype), b, acc)
+    hi = a.to(b.dtype, fp_downcast_rounding="rtne")
+    lo = (a - hi.to(tl.float32)).to(b.dtype, fp_downcast_rounding="rtne")
+    acc = tl.dot(hi, b, acc)
+    return tl.dot(lo, b, acc)
 
 
 @triton.jit
