@@ -343,11 +343,12 @@ def triton_passes(shape, k, dtype, layout, tc=False):
             # start 16-byte aligned: vector loads (16-byte LDGSTS [C]) where W allows them;
             # the rest of the kernel once (its compiled instruction count)
             vec = 16 // e if W % (16 // e) == 0 else 1
-            # every GEMM covers 16 output columns: X_i or D_i is TH x KP, the Toeplitz
-            # operand KP x 16, gathered once per kernel row for both column halves
+            # every GEMM covers CW output columns: X_i or D_i is TH x KP, the Toeplitz
+            # operand KP x CW, gathered once per kernel row for the TW / CW column parts
+            CW = kw["CW"]
             if name != "_bwd_dx_kernel":
                 mma = programs * TH * TW * k * KP
-                tile_instr = k * (TH * KP * TW / 16 / vec + KP * 16) * 3
+                tile_instr = k * (TH * KP * TW / CW / vec + KP * CW) * 3
                 # the row windows re-read the program's halo tile K times, the gathers its
                 # K*K weights: L1 hits after the first touch (a few KB per program)
                 l2 = programs * ((TH + k - 1) * (TW + k - 1) + k * k) * e
@@ -361,9 +362,9 @@ def triton_passes(shape, k, dtype, layout, tc=False):
                 # subtraction [C]); a weight or x gather element: load (3); float16 reads the
                 # halo once more (scale)
                 vec4 = 4 if W % 4 == 0 else 1
-                du_elems = k * TH * KP * TW / 16 + halo * MP * TW
-                tile_instr = (du_elems * (5 + 3 / vec4) + (k * KP * 16 + halo * TW * MP) * 3
-                              + (kw["RP"] * KP * TW / 16 * 4 if dtype == "float16" else 0))
+                du_elems = k * TH * KP * TW / CW + halo * MP * TW
+                tile_instr = (du_elems * (5 + 3 / vec4) + (k * KP * CW + halo * TW * MP) * 3
+                              + (kw["RP"] * KP * TW / CW * 4 if dtype == "float16" else 0))
                 # the halo of du (fp32) and x, the weights: re-read from L1 after the first
                 l2 = programs * (halo * (TW + k - 1) * (4 + e) + k * k * e)
             instr = programs * (tile_instr + threads * fact.get("instructions", 0))

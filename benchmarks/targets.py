@@ -273,8 +273,13 @@ def _compile_one(job):
             sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", f.name],
                                              capture_output=True, text=True).stdout)
             fact.update(sass_facts([op for v in sass.values() for op in v]))
-            ldg = fact["widths"]["LDG"]
-            fact["ldg_bytes"] = max(ldg, key=ldg.get) if ldg else 4
+            # the global load width that moves the most bytes (static count x width),
+            # cp.async (LDGSTS) included: the loads carrying the DRAM traffic, not the most
+            # numerous ones (a tensor-core kernel's 2-byte Toeplitz gathers hit L1)
+            ldg = dict(fact["widths"]["LDG"])
+            for w, n in fact["widths"].get("LDGSTS", {}).items():
+                ldg[w] = ldg.get(w, 0) + n
+            fact["ldg_bytes"] = max(ldg, key=lambda w: w * ldg[w]) if ldg else 4
     ptx = ck.asm.get("ptx", "")
     fact.update(regs=max(r["regs"] for r in res), local=max(r["local"] for r in res),
                 shared=int(ck.metadata.shared),

@@ -196,16 +196,17 @@ def _abs_max(v):
 def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H, W, sC, sH, sW,
             tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
             IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
-            DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr):
+            CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
+            UPCAST: tl.constexpr):
     """B2 of channel ``ch`` over the program's TH x TW tile on tensor cores: stores the tile's
     dW partial (K x K at ``dw_p + prow * K * K``) and returns the transposed convolution
     ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du is the fp32 scratch,
     entering the GEMMs through :func:`_dot_split`; x and W are 16-bit and exact.
 
-    dx, kernel row i, per 16 columns c0 + [0, 16) as in :func:`_conv_tc`: ``D_i @ T'_i`` with
+    dx, kernel row i, per CW columns c0 + [0, CW) as in :func:`_conv_tc`: ``D_i @ T'_i`` with
     ``D_i[r, q] = du[h0 + r + PB - i, w0 + c0 + PB - (K-1) - DO + q]`` (TH x KP, zero outside
     the image) and ``T'_i[q, c] = W[i, K - 1 - (q - DO - c)]`` for ``0 <= q - DO - c < K``
-    (KP x 16); DO: XO's counterpart for fp32 rows.
+    (KP x CW); DO: XO's counterpart for fp32 rows.
     dW: one GEMM per halo row r' (TH + K - 1 of them), ``dW += A_r' @ B_r'`` with
     ``A_r'[i, c] = du[h0 + r' - i, w0 + c]`` (the tile's own du: 0 <= r' - i < TH; MP x TW) and
     ``B_r'[c, j] = x[h0 + r' - PB, w0 + c + j - PB]`` (TW x MP): dW[i, j] comes out whole, no
@@ -219,7 +220,7 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     col = tl.arange(0, TW)
     duch = du_ptr + base + ch.to(tl.int64) * sC
     xch = x_ptr + base + ch.to(tl.int64) * sC
-    dcol = w0 + (PB - (K - 1) - DO) + q  # the window of dx columns w0 .. w0 + 15 (+ 16)
+    dcol = w0 + (PB - (K - 1) - DO) + q  # the window of dx columns w0 .. w0 + CW - 1 (+ CW)
     s = 1.0
     inv_s = 1.0
     if not BF16:  # one scale for the halo: every du this program reads
@@ -227,24 +228,24 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
         hh = h0 + (PB - (K - 1)) + rr
         hok = (rr < TH + K - 1) & (hh >= 0) & (hh < H)
         m = tl.maximum(_abs_max(_du_rows(duch, hh, dcol, H, W, sH, sW, hok)),
-                       _abs_max(_du_rows(duch, hh, dcol + (TW - 16), H, W, sH, sW, hok)))
+                       _abs_max(_du_rows(duch, hh, dcol + (TW - CW), H, W, sH, sW, hok)))
         s, inv_s = _pow2_scale(m)
     # dx: the transposed convolution, kernel row by kernel row
-    c16 = tl.arange(0, 16)
-    d = q[:, None] - DO - c16[None, :]
+    ccw = tl.arange(0, CW)
+    d = q[:, None] - DO - ccw[None, :]
     band = (d >= 0) & (d < K)
     wflip = w_ptr + ch * (K * K) + (K - 1) - d
-    acc0 = tl.zeros([TH, 16], dtype=tl.float32)
-    acc1 = tl.zeros([TH, 16], dtype=tl.float32)
+    acc0 = tl.zeros([TH, CW], dtype=tl.float32)
+    acc1 = tl.zeros([TH, CW], dtype=tl.float32)
     for i in range(K):
         ti = tl.load(wflip + i * K, mask=band, other=0.0)
         hrow = h0 + r + (PB - i)
         acc0 = _dot_split(_du_rows(duch, hrow, dcol, H, W, sH, sW, hrow >= 0) * s, ti, acc0,
                           BF16, UPCAST)
-        if TW > 16:
-            acc1 = _dot_split(_du_rows(duch, hrow, dcol + 16, H, W, sH, sW, hrow >= 0) * s, ti,
+        if TW > CW:
+            acc1 = _dot_split(_du_rows(duch, hrow, dcol + CW, H, W, sH, sW, hrow >= 0) * s, ti,
                               acc1, BF16, UPCAST)
-    acc = _join_cols(acc0, acc1, TH, TW)
+    acc = _join_cols(acc0, acc1, TH, TW, CW)
     # dW: halo row by halo row
     ij = tl.arange(0, MP)
     a_col = w0 + col
@@ -298,10 +299,10 @@ def _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc, accm, IN_AFFINE: tl.conste
 
 
 @triton.jit
-def _join_cols(a0, a1, TH: tl.constexpr, TW: tl.constexpr):
-    """The [TH, 16] column halves a0 | a1 (a1 only when TW = 32) as the program's
+def _join_cols(a0, a1, TH: tl.constexpr, TW: tl.constexpr, CW: tl.constexpr):
+    """The [TH, CW] column halves a0 | a1 (a1 only when TW = 2 CW) as the program's
     [1, TH * TW] row-major lanes."""
-    if TW > 16:
+    if TW > CW:
         return tl.reshape(tl.permute(tl.join(a0, a1), (0, 2, 1)), (1, TH * TW))
     else:
         return tl.reshape(a0, (1, TH * TW))
@@ -311,17 +312,17 @@ def _join_cols(a0, a1, TH: tl.constexpr, TW: tl.constexpr):
 def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, sW, tiles_w,
              tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
              IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
-             XO: tl.constexpr, UPCAST: tl.constexpr):
+             XO: tl.constexpr, CW: tl.constexpr, UPCAST: tl.constexpr):
     """u = dwconv_K(input) + b of channel ``ch`` over the program's TH x TW tile on tensor
     cores, as [1, TH*TW] fp32 (row-major: the lanes of :func:`_tile`). UPCAST: the same
     GEMMs on fp32 copies of the 16-bit operands (under the interpreter).
 
-    Kernel row i is a GEMM per 16 output columns c0 + [0, 16) (docs/DESIGN.md, "Tensor
+    Kernel row i is a GEMM per CW output columns c0 + [0, CW) (docs/DESIGN.md, "Tensor
     cores"): ``u[r, c0 + c] += (X_i @ T_i)[r, c]`` with ``X_i[r, q] = x[h0 + r + i - PB, w0 +
     c0 - PB - XO + q]`` (TH x KP, zero outside the image) and the banded Toeplitz ``T_i[q, c]
-    = W[i, q - XO - c]`` for ``0 <= q - XO - c < K`` (KP x 16, built from the row's K
-    weights, the same for c0 = 0 and 16). XO (:func:`_col_shift`) starts the rows on a
-    16-byte boundary: vector loads. Columns of
+    = W[i, q - XO - c]`` for ``0 <= q - XO - c < K`` (KP x CW, built from the row's K
+    weights, the same for c0 = 0 and CW). XO (:func:`_col_shift`) starts the rows on a
+    16-byte boundary: vector loads; CW (:func:`_gemm_cols`) is 16 or the whole tile. Columns of
     X_i outside the band meet zeros of T_i: a non-finite x there (0 * inf) reaches the
     whole output row (docs/DESIGN.md, "Tensor cores"). x and W are 16-bit, so
     every product is exact in the fp32 accumulator: the result is the CUDA-core one up to
@@ -330,30 +331,30 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     _, _, _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
     r = tl.arange(0, TH)
     q = tl.arange(0, KP)
-    col = tl.arange(0, 16)
-    xcol = w0 - (PB + XO) + q  # the window of output columns w0 .. w0 + 15; + 16: the next
+    col = tl.arange(0, CW)
+    xcol = w0 - (PB + XO) + q  # the window of output columns w0 .. w0 + CW - 1 (+ CW)
     d = q[:, None] - XO - col[None, :]
     band = (d >= 0) & (d < K)
     wrow = w_ptr + ch * (K * K)
     xch = x_ptr + base + ch.to(tl.int64) * sC
-    acc0 = tl.zeros([TH, 16], dtype=tl.float32)
-    acc1 = tl.zeros([TH, 16], dtype=tl.float32)
-    accm0 = tl.zeros([TH, 16], dtype=tl.float32)
-    accm1 = tl.zeros([TH, 16], dtype=tl.float32)
+    acc0 = tl.zeros([TH, CW], dtype=tl.float32)
+    acc1 = tl.zeros([TH, CW], dtype=tl.float32)
+    accm0 = tl.zeros([TH, CW], dtype=tl.float32)
+    accm1 = tl.zeros([TH, CW], dtype=tl.float32)
     for i in range(K):
         ti = tl.load(wrow + i * K + d, mask=band, other=0.0)
         xrow = h0 + r + (i - PB)
         acc0, accm0 = _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc0, accm0, IN_AFFINE,
                                 UPCAST)
-        if TW > 16:
-            acc1, accm1 = _dot_rows(xch, xrow, xcol + 16, H, W, sH, sW, ti, acc1, accm1,
+        if TW > CW:
+            acc1, accm1 = _dot_rows(xch, xrow, xcol + CW, H, W, sH, sW, ti, acc1, accm1,
                                     IN_AFFINE, UPCAST)
     if IN_AFFINE:
         a = tl.load(scale_ptr + ch).to(tl.float32)
         c = tl.load(shift_ptr + ch).to(tl.float32)
         acc0 = acc0 * a + accm0 * c
         acc1 = acc1 * a + accm1 * c
-    return _join_cols(acc0, acc1, TH, TW) + tl.load(b_ptr + ch).to(tl.float32)
+    return _join_cols(acc0, acc1, TH, TW, CW) + tl.load(b_ptr + ch).to(tl.float32)
 
 
 @triton.jit
@@ -361,14 +362,14 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid
           sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
           IN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
           TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-          XO: tl.constexpr):
+          XO: tl.constexpr, CW: tl.constexpr):
     """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB. TC:
     on tensor cores (:func:`_conv_tc`; one channel per program, 16-bit x): TC = 1, or 2 for
     the same algorithm with fp32 operands (the interpreter)."""
     if TC > 0:
         return _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, cb, H, W, sC, sH, sW,
                         tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, XO,
-                        TC == 2)
+                        CW, TC == 2)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -391,12 +392,13 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count
                   sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                   PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                   TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                  KP: tl.constexpr, XO: tl.constexpr):
+                  KP: tl.constexpr, XO: tl.constexpr,
+                  CW: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
@@ -415,12 +417,13 @@ def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                   tiles_total, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
                   IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                  KP: tl.constexpr, XO: tl.constexpr):
+                  KP: tl.constexpr, XO: tl.constexpr,
+                  CW: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -435,12 +438,13 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
                        tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                        TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                       TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr):
+                       TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr,
+                       CW: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
@@ -457,12 +461,12 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
                    ACT: tl.constexpr, IN_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-                   XO: tl.constexpr):
+                   XO: tl.constexpr, CW: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
               sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
-              BLOCK_S, TH, TW, TC, KP, XO)
+              BLOCK_S, TH, TW, TC, KP, XO, CW)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -482,7 +486,8 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-                   XO: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr):
+                   XO: tl.constexpr, CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr,
+                   RP: tl.constexpr):
     """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
     cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`)."""
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
@@ -496,8 +501,8 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
     if TC > 0:
         acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p,
                        row.to(tl.int64) * C + cb, base, cb, H, W, sC, sH, sW, tiles_w,
-                       tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, DO, MP, RP,
-                       TC == 2)
+                       tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, CW, DO, MP,
+                       RP, TC == 2)
     else:
         for i in range(K):
             # dx[q] += du[q + PB - i] * w[i] (transposed conv); dW[i] += du[q] * x[q + i - PB]
@@ -629,31 +634,44 @@ def _col_shift(pb, elem_bytes):
     return -pb % (16 // elem_bytes)
 
 
+def _gemm_cols(tw, k, shift):
+    """(CW, KP) of tensor-core GEMMs over a TW-wide tile: the output columns each covers and
+    its reduction width, the CW + k - 1 input columns after ``shift`` padded to a power of
+    two >= 16. CW = 16 (both halves of a 32-wide tile share one KP x 16 Toeplitz operand), or
+    the whole tile where that needs no wider KP (k >= 19 at TW = 32: half the row windows,
+    twice the Toeplitz elements). The forward passes take TW = 16 here, always 16 columns:
+    their row windows are 16-byte vector loads, the Toeplitz gather is element by element;
+    B2's fp32 du windows cost a 16-bit split per element and take the wider GEMM."""
+    kp = lambda cw: max(16, triton.next_power_of_2(cw + k - 1 + shift))  # noqa: E731
+    cw = tw if kp(tw) == kp(16) else 16
+    return cw, kp(cw)
+
+
 def _conv_kw(x, weight, tc):
     """The convolution's constexprs: TC (0: CUDA cores; 1: tensor cores; 2: their algorithm
-    with fp32 operands, under the interpreter), XO (:func:`_col_shift` of the x rows) and KP
-    (the GEMMs' reduction width: the 16 + K - 1 input columns of 16 output columns after XO,
-    padded to a power of two >= 16)."""
+    with fp32 operands, under the interpreter), XO (:func:`_col_shift` of the x rows), CW
+    and KP (:func:`_gemm_cols`)."""
     if not tc:
-        return dict(TC=0, KP=16, XO=0)
+        return dict(TC=0, KP=16, XO=0, CW=16)
     if x.dtype not in TENSOR_CORE_DTYPES:
         raise TypeError(f"the tensor-core convolution takes float16 or bfloat16 x, got "
                         f"{x.dtype} (float32 stays on exact FP32 FMA: backend='triton')")
     k = weight.shape[-1]
     xo = _col_shift(pad_before(k), x.element_size())
-    return dict(TC=1 if targets_gpu(x) else 2, XO=xo,
-                KP=max(16, triton.next_power_of_2(16 + k - 1 + xo)))
+    cw, kp = _gemm_cols(16, k, xo)
+    return dict(TC=1 if targets_gpu(x) else 2, XO=xo, CW=cw, KP=kp)
 
 
 def _bwd_conv_kw(x, weight, tile, tc):
-    """B2b's constexprs: :func:`_conv_kw`'s with KP wide enough for the transposed
-    convolution's fp32 du rows too (DO: their :func:`_col_shift`), MP (dW's GEMM dimensions:
-    k padded to a power of two >= 16) and RP (the halo's rows TH + k - 1, padded to a power
-    of two)."""
+    """B2b's constexprs: :func:`_conv_kw`'s, with CW and KP those of the transposed
+    convolution's fp32 du rows (DO: their :func:`_col_shift`), MP (dW's GEMM dimensions: k
+    padded to a power of two >= 16) and RP (the halo's rows TH + k - 1, padded to a power of
+    two)."""
     k = weight.shape[-1]
     kw = _conv_kw(x, weight, tc)
     do = _col_shift(k - 1 - pad_before(k), 4) if tc else 0
-    kw["KP"] = max(kw["KP"], triton.next_power_of_2(16 + k - 1 + do))
+    if tc:
+        kw["CW"], kw["KP"] = _gemm_cols(tile["TW"], k, do)
     return dict(kw, DO=do, MP=max(16, triton.next_power_of_2(k)),
                 RP=triton.next_power_of_2(tile["TH"] + k - 1))
 
