@@ -139,9 +139,10 @@ def _load_in(x_ptr, offs, m, scale_ptr, shift_ptr, c, cmask, IN_AFFINE: tl.const
 
 @triton.jit
 def _round16(v, BF16: tl.constexpr):
-    """fp32 -> the nearest bfloat16 (BF16) or float16 value, ties to even, kept in fp32. The
-    bfloat16 rounding is integer arithmetic: the same on a GPU and under the interpreter,
-    whose fp32 -> bfloat16 cast truncates."""
+    """fp32 -> the nearest bfloat16 (BF16) or float16 value, ties to even, kept in fp32, for
+    the interpreter: its fp32 -> bfloat16 cast truncates, so bfloat16 is rounded with
+    integer arithmetic (on a GPU :func:`_dot_split` uses the hardware's conversions, which
+    round the same way)."""
     if BF16:
         b = v.to(tl.uint32, bitcast=True)
         b = b + 0x7FFF + ((b >> 16) & 1)
