@@ -32,6 +32,7 @@ CASES = [
     (1, 2, 12, 12, 16, bf16, True, False),   # even k, KP = 32
     (1, 3, 6, 5, 1, bf16, True, True),       # k = 1
     (1, 1, 18, 17, 31, bf16, False, True),   # k = 31, KP = 64
+    (1, 2, 19, 40, 21, f16, True, False),    # k >= 19: B2's 32-column GEMMs, two tiles in W
 ]
 
 
