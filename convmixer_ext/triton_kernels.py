@@ -180,12 +180,13 @@ def _pow2_scale(m):
 
 
 @triton.jit
-def _du_rows(duch, hrow, dcol, H, W, sH, sW, row_ok):
-    """du (fp32) of a plane at rows hrow (where row_ok) and columns dcol, 0 outside the
-    image."""
-    m = (row_ok & (hrow < H))[:, None] & ((dcol >= 0) & (dcol < W))[None, :]
-    return tl.load(duch + hrow.to(tl.int64)[:, None] * sH + dcol.to(tl.int64)[None, :] * sW,
-                   mask=m, other=0.0)
+def _plane_rows(plane, hrow, col, H, W, sH, sW, row_ok):
+    """(values, mask): a plane's rows hrow (where row_ok) at columns col, 0 outside the image
+    (the row windows of the tensor-core GEMMs)."""
+    m = (row_ok & (hrow < H))[:, None] & ((col >= 0) & (col < W))[None, :]
+    v = tl.load(plane + hrow.to(tl.int64)[:, None] * sH + col.to(tl.int64)[None, :] * sW,
+                mask=m, other=0.0)
+    return v, m
 
 
 @triton.jit
@@ -227,9 +228,10 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     if not BF16:  # one scale for the halo: every du this program reads
         rr = tl.arange(0, RP)
         hh = h0 + (PB - (K - 1)) + rr
-        hok = (rr < TH + K - 1) & (hh >= 0) & (hh < H)
-        m = tl.maximum(_abs_max(_du_rows(duch, hh, dcol, H, W, sH, sW, hok)),
-                       _abs_max(_du_rows(duch, hh, dcol + (TW - CW), H, W, sH, sW, hok)))
+        hok = (rr < TH + K - 1) & (hh >= 0)
+        m = _abs_max(_plane_rows(duch, hh, dcol, H, W, sH, sW, hok)[0])
+        if TW > CW:
+            m = tl.maximum(m, _abs_max(_plane_rows(duch, hh, dcol + CW, H, W, sH, sW, hok)[0]))
         s, inv_s = _pow2_scale(m)
     # dx: the transposed convolution, kernel row by kernel row
     ccw = tl.arange(0, CW)
@@ -241,27 +243,23 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     for i in range(K):
         ti = tl.load(wflip + i * K, mask=band, other=0.0)
         hrow = h0 + r + (PB - i)
-        acc0 = _dot_split(_du_rows(duch, hrow, dcol, H, W, sH, sW, hrow >= 0) * s, ti, acc0,
-                          BF16, UPCAST)
+        acc0 = _dot_split(_plane_rows(duch, hrow, dcol, H, W, sH, sW, hrow >= 0)[0] * s, ti,
+                          acc0, BF16, UPCAST)
         if TW > CW:
-            acc1 = _dot_split(_du_rows(duch, hrow, dcol + CW, H, W, sH, sW, hrow >= 0) * s, ti,
-                              acc1, BF16, UPCAST)
+            acc1 = _dot_split(_plane_rows(duch, hrow, dcol + CW, H, W, sH, sW, hrow >= 0)[0] * s,
+                              ti, acc1, BF16, UPCAST)
     acc = _join_cols(acc0, acc1, TH, TW, CW)
     # dW: halo row by halo row
     ij = tl.arange(0, MP)
-    a_col = w0 + col
-    a_off = a_col.to(tl.int64)[None, :] * sW
-    a_ok = (a_col < W)[None, :]
     b_col = w0 + col[:, None] + (ij[None, :] - PB)
     b_ok = (b_col >= 0) & (b_col < W) & (ij < K)[None, :]
     b_off = b_col.to(tl.int64) * sW
     accw = tl.zeros([MP, MP], dtype=tl.float32)
     accm = tl.zeros([MP, MP], dtype=tl.float32)
     for rp in range(TH + K - 1):
-        ar = rp - ij
-        hd = h0 + ar
-        am = ((ij < K) & (ar >= 0) & (ar < TH) & (hd < H))[:, None] & a_ok
-        a = tl.load(duch + hd.to(tl.int64)[:, None] * sH + a_off, mask=am, other=0.0) * s
+        ar = rp - ij  # the tile's own du rows
+        a = _plane_rows(duch, h0 + ar, w0 + col, H, W, sH, sW,
+                        (ij < K) & (ar >= 0) & (ar < TH))[0] * s
         hx = h0 + rp - PB
         bm = b_ok & (hx >= 0) & (hx < H)
         b = tl.load(xch + hx.to(tl.int64) * sH + b_off, mask=bm, other=0.0)
@@ -286,9 +284,7 @@ def _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc, accm, IN_AFFINE: tl.conste
     (X: 0 outside the image, M: the in-image mask; 16-bit x and T on tensor cores). UPCAST:
     the same GEMMs on fp32 copies (the interpreter's dot and bool -> 16-bit cast mishandle
     16-bit values; the products are exact in fp32 either way)."""
-    m = ((xrow >= 0) & (xrow < H))[:, None] & ((xcol >= 0) & (xcol < W))[None, :]
-    xi = tl.load(xch + xrow.to(tl.int64)[:, None] * sH + xcol.to(tl.int64)[None, :] * sW,
-                 mask=m, other=0.0)
+    xi, m = _plane_rows(xch, xrow, xcol, H, W, sH, sW, xrow >= 0)
     if UPCAST:
         xi, ti, mi = xi.to(tl.float32), ti.to(tl.float32), m.to(tl.float32)
     else:
@@ -487,8 +483,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-                   XO: tl.constexpr, CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr,
-                   RP: tl.constexpr):
+                   CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr):
     """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
     cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`)."""
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
@@ -664,16 +659,15 @@ def _conv_kw(x, weight, tc):
 
 
 def _bwd_conv_kw(x, weight, tile, tc):
-    """B2b's constexprs: :func:`_conv_kw`'s, with CW and KP those of the transposed
-    convolution's fp32 du rows (DO: their :func:`_col_shift`), MP (dW's GEMM dimensions: k
-    padded to a power of two >= 16) and RP (the halo's rows TH + k - 1, padded to a power of
-    two)."""
+    """B2b's constexprs: TC as in :func:`_conv_kw`, DO (:func:`_col_shift` of the transposed
+    convolution's fp32 du rows), their CW and KP (:func:`_gemm_cols`), MP (dW's GEMM
+    dimensions: k padded to a power of two >= 16) and RP (the halo's rows TH + k - 1,
+    padded to a power of two)."""
     k = weight.shape[-1]
     kw = _conv_kw(x, weight, tc)
     do = _col_shift(k - 1 - pad_before(k), 4) if tc else 0
-    if tc:
-        kw["CW"], kw["KP"] = _gemm_cols(tile["TW"], k, do)
-    return dict(kw, DO=do, MP=max(16, triton.next_power_of_2(k)),
+    cw, kp = _gemm_cols(tile["TW"], k, do) if tc else (kw["CW"], kw["KP"])
+    return dict(TC=kw["TC"], CW=cw, KP=kp, DO=do, MP=max(16, triton.next_power_of_2(k)),
                 RP=triton.next_power_of_2(tile["TH"] + k - 1))
 
 
