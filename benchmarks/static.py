@@ -126,6 +126,44 @@ def parse_sass(text):
     return funcs
 
 
+_ADDR_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
+
+
+def loop_bodies(text):
+    """[instructions of each loop body] of the one function in cuobjdump -sass output, in
+    address order: a loop is a backward branch (``BRA`` to an earlier address), its body the
+    instructions from the target to the branch. The static count holds one pass through
+    each body; ``dynamic_instructions`` adds the others."""
+    addrs, loops = [], []
+    for line in text.splitlines():
+        m = _ADDR_INSTR.search(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        addrs.append(addr)
+        if m.group(2).startswith("BRA"):
+            t = re.search(r"0x([0-9a-f]+)", m.group(3))
+            if t and int(t.group(1), 16) < addr:
+                loops.append(len(addrs) - addrs.index(int(t.group(1), 16)))
+    return loops
+
+
+def dynamic_instructions(fact, trips):
+    """[E] instructions one thread issues: the static count plus each loop body once per
+    further iteration, the loops (``fact["loops"]``, address order) matched with ``trips``
+    (the kernel's loops in source order; a loop the compiler unrolled has no backward
+    branch, its copies are in the static count; with fewer loops than ``trips``, the
+    shortest were unrolled). None when there are more loops than ``trips``."""
+    loops = fact.get("loops", [])
+    if not loops:
+        return fact.get("instructions", 0)
+    if len(loops) > len(trips):
+        return None
+    longest = sorted(sorted(range(len(trips)), key=lambda i: -trips[i])[:len(loops)])
+    trips = [trips[i] for i in longest]
+    return fact["instructions"] + sum(b * (t - 1) for b, t in zip(loops, trips))
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_kernel_facts(lib_path):
     """{(arch, kernel, dtype, KT): {regs, stack, local, shared, sass widths, instrs}} of the
@@ -297,7 +335,7 @@ def triton_passes(shape, k, dtype, layout, tc=False):
     """Facts (from the real-target compile of the exact specializations) and estimate of
     every Triton kernel of one case; ``tc``: the tensor-core launchers ("triton_tc": the
     convolution of F1, F2, B1 and du as GEMMs of K * KP multiply-adds per (padded) output;
-    issue counted from the tile loads of each kernel row)."""
+    issue counted from the compiled code and its loops: :func:`dynamic_instructions`)."""
     import torch
     from benchmarks import targets
     from convmixer_ext import triton_kernels as tk
@@ -338,17 +376,12 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
             TH, TW, KP = kw["TH"], kw["TW"], kw["KP"]
             ffma = 0.0
-            # issue: per program and kernel row, the Toeplitz gather is element loads (2-byte
-            # LDG [C]) of ~3 instructions each (address, predicate, load), the row windows
-            # start 16-byte aligned: vector loads (16-byte LDGSTS [C]) where W allows them;
-            # the rest of the kernel once (its compiled instruction count)
-            vec = 16 // e if W % (16 // e) == 0 else 1
-            # every GEMM covers CW output columns: X_i or D_i is TH x KP, the Toeplitz
-            # operand KP x CW, gathered once per kernel row for the TW / CW column parts
-            CW = kw["CW"]
+            # issue: every thread runs the compiled code once, its loops (kernel rows; B2's
+            # dW: halo rows) once per iteration; the row windows start 16-byte aligned
+            # (vector loads where W allows), the Toeplitz gathers are element loads [C]
             if name != "_bwd_dx_kernel":
                 mma = programs * TH * TW * k * KP
-                tile_instr = k * (TH * KP * TW / CW / vec + KP * CW) * 3
+                trips = [k]
                 # the row windows re-read the program's halo tile K times, the gathers its
                 # K*K weights: L1 hits after the first touch (a few KB per program)
                 l2 = programs * ((TH + k - 1) * (TW + k - 1) + k * k) * e
@@ -357,17 +390,13 @@ def triton_passes(shape, k, dtype, layout, tc=False):
                 MP, halo = kw["MP"], TH + k - 1
                 n_dw = 2 if kw["IN_AFFINE"] else 1
                 mma = programs * 2 * (TH * TW * k * KP + n_dw * halo * TW * MP * MP)
-                # a du element (fp32 rows, 16-byte loads where W allows): its load + scale +
-                # split into two 16-bit terms (~5: two paired conversions, a widening, a
-                # subtraction [C]); a weight or x gather element: load (3); float16 reads the
-                # halo once more (scale)
-                vec4 = 4 if W % 4 == 0 else 1
-                du_elems = k * TH * KP * TW / CW + halo * MP * TW
-                tile_instr = (du_elems * (5 + 3 / vec4) + (k * KP * CW + halo * TW * MP) * 3
-                              + (kw["RP"] * KP * TW / CW * 4 if dtype == "float16" else 0))
+                trips = [k, halo]
                 # the halo of du (fp32) and x, the weights: re-read from L1 after the first
                 l2 = programs * (halo * (TW + k - 1) * (4 + e) + k * k * e)
-            instr = programs * (tile_instr + threads * fact.get("instructions", 0))
+            per_thread = dynamic_instructions(fact, trips)
+            if per_thread is None:
+                raise RuntimeError(f"{name}: loops {fact.get('loops')} do not match {trips}")
+            instr = programs * threads * per_thread
         t, bound = estimate(dram, l2, ffma, instr, 0, occ[90]["warps"],
                             fact.get("ldg_bytes", e), programs, mma=mma)
         pass_ = _TRITON_PASSES[name]

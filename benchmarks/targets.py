@@ -269,10 +269,12 @@ def _compile_one(job):
         f.flush()
         res = resource_usage(f.name)
         if with_sass:
-            from benchmarks.static import parse_sass, sass_facts
-            sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", f.name],
-                                             capture_output=True, text=True).stdout)
-            fact.update(sass_facts([op for v in sass.values() for op in v]))
+            from benchmarks.static import loop_bodies, parse_sass, sass_facts
+            text = subprocess.run([tool("cuobjdump"), "-sass", f.name], capture_output=True,
+                                  text=True).stdout
+            sass = parse_sass(text)
+            fact.update(sass_facts([op for v in sass.values() for op in v]),
+                        loops=loop_bodies(text))
             # the global load width that moves the most bytes (static count x width),
             # cp.async (LDGSTS) included: the loads carrying the DRAM traffic, not the most
             # numerous ones (a tensor-core kernel's 2-byte Toeplitz gathers hit L1)
@@ -283,8 +285,30 @@ def _compile_one(job):
     ptx = ck.asm.get("ptx", "")
     fact.update(regs=max(r["regs"] for r in res), local=max(r["local"] for r in res),
                 shared=int(ck.metadata.shared),
-                tensor_cores="wgmma" in ptx or "mma.sync" in ptx)
+                tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
+                gemms=mma_gemms(ck.asm.get("ttgir", "")))
     return fact
+
+
+_MMA_LAYOUT = re.compile(r"^(#mma\w*) = #ttg\.nvidia_mma<\{.*?warpsPerCTA = \[(\d+), (\d+)\], "
+                         r"instrShape = \[(\d+), (\d+)", re.M)
+_DOT = re.compile(r"tt\.dot .*-> tensor<(\d+)x(\d+)xf32, (#mma\w*)>")
+
+
+def mma_gemms(ttgir: str):
+    """[{"M", "N", "warps", "copies"}] of every tensor-core GEMM (tt.dot) in a kernel's
+    TTGIR: its accumulator shape, the warps its layout places along M and N, and how many
+    warps compute the same accumulator elements (copies > 1: a layout that covers more rows
+    or columns than the GEMM has, e.g. 4 warps of 16 rows on a 32-row GEMM)."""
+    layouts = {m.group(1): tuple(int(m.group(i)) for i in (2, 3, 4, 5))
+               for m in _MMA_LAYOUT.finditer(ttgir)}
+    out = []
+    for m in _DOT.finditer(ttgir):
+        M, N = int(m.group(1)), int(m.group(2))
+        wm, wn, im, in_ = layouts[m.group(3)]
+        copies = max(1, wm * im // M) * max(1, wn * in_ // N)
+        out.append(dict(M=M, N=N, warps=[wm, wn], copies=copies))
+    return out
 
 
 # The covering set is compiled for the newest target only, except the GEMMs (tl.dot: mma on

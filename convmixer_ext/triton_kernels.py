@@ -583,12 +583,15 @@ def geometry(shape, strides, tc=False):
     NCHW (W fastest): one channel, a spatial tile of up to 1024 lanes (a whole 32x32 plane).
     channels_last (C fastest): 32 channels x 32 positions, coalesced along C.
     Tensor cores (``tc``, either layout): one channel, TH x TW of 16 or 32 each (the GEMM
-    tiles' M and N; ``tl.dot`` needs >= 16), BLOCK_S = TH * TW.
+    tiles' M and N; ``tl.dot`` needs >= 16), BLOCK_S = TH * TW, and TH / 16 warps: Triton
+    lays an accumulating loop's GEMMs out with every warp along M, 16 rows each, so more
+    warps than TH / 16 would compute copies of the same rows and of everything after them
+    (the real-target compile checks it: ``gemms`` in benchmarks/targets.py).
     """
     N, C, H, W = shape
     if tc:
         th, tw = (32 if H > 16 else 16), (32 if W > 16 else 16)
-        return th, tw, 1, th * tw, 4
+        return th, tw, 1, th * tw, th // 16
     if strides[1] == 1 and C > 1:  # channels_last-like: vectorise over channels
         block_c = min(32, triton.next_power_of_2(C))
         tw = min(8, W)

@@ -100,3 +100,33 @@ def test_measured_times_are_set_against_the_prediction(tmp_path):
     cal = static.calibration(static.compare(rows, measured))
     assert [(c["mode"], round(c["geomean"], 6)) for c in cal] == [("eval", 2.0),
                                                                   ("train_fwdbwd", 4.0)]
+
+
+_SASS = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IADD3 R2, R1, 0x1, RZ ;
+        /*0020*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   LDG.E R3, desc[UR4][R6.64] ;
+        /*0050*/                   FADD R3, R3, 1 ;
+        /*0060*/              @!P1 BRA 0x40 ;
+        /*0070*/              @!P2 BRA 0x90 ;
+        /*0080*/                   STG.E desc[UR4][R6.64], R3 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_loop_bodies_and_dynamic_instructions():
+    """The issue count of a kernel with loops: each backward branch is a loop whose body
+    (target .. branch) runs once per iteration; forward branches are not loops."""
+    from benchmarks.static import dynamic_instructions, loop_bodies
+    loops = loop_bodies(_SASS)
+    assert loops == [3, 3]
+    fact = dict(instructions=10, loops=loops)
+    assert dynamic_instructions(fact, [9, 40]) == 10 + 3 * 8 + 3 * 39
+    assert dynamic_instructions(dict(instructions=10, loops=[]), [9]) == 10  # unrolled
+    assert dynamic_instructions(fact, [9]) is None  # more loops than the kernel has
+    # one of two loops unrolled: the shorter one
+    assert dynamic_instructions(dict(instructions=10, loops=[3]), [3, 18]) == 10 + 3 * 17
+    assert dynamic_instructions(dict(instructions=10, loops=[3]), [20, 18]) == 10 + 3 * 19
