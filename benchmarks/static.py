@@ -385,12 +385,13 @@ def triton_passes(shape, k, dtype, layout, tc=False):
                 # the row windows re-read the program's halo tile K times, the gathers its
                 # K*K weights: L1 hits after the first touch (a few KB per program)
                 l2 = programs * ((TH + k - 1) * (TW + k - 1) + k * k) * e
-            else:  # B2: dx per kernel row (TH x KP x TW), dW per halo row (MP x TW x MP;
-                # twice with the input affine), every GEMM twice (du's hi and lo terms)
-                MP, halo = kw["MP"], TH + k - 1
+            else:  # B2: dx per kernel row (TH x KP x TW, twice: du's hi and lo terms), dW
+                # per kernel row and 16 columns (32 x TH x KX: hi and lo rows; twice with the
+                # input affine)
+                halo = TH + k - 1
                 n_dw = 2 if kw["IN_AFFINE"] else 1
-                mma = programs * 2 * (TH * TW * k * KP + n_dw * halo * TW * MP * MP)
-                trips = [k, halo]
+                mma = programs * k * (2 * TH * TW * KP + n_dw * TW // 16 * 32 * TH * kw["KX"])
+                trips = [k, k]
                 # the halo of du (fp32) and x, the weights: re-read from L1 after the first
                 l2 = programs * (halo * (TW + k - 1) * (4 + e) + k * k * e)
             per_thread = dynamic_instructions(fact, trips)

@@ -195,11 +195,50 @@ def _abs_max(v):
 
 
 @triton.jit
+def _du_cols(duch, h0, wc, m, H, W, sH, sW, s, TH: tl.constexpr, DT: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """[32, TH]: s * du[h0 + r, wc + m mod 16] (0 outside the image) as B2's dW operand, rows
+    m < 16 its high 16-bit terms rn(du), the others its low ones rn(du - rn(du)) (as
+    :func:`_dot_split`; DT the 16-bit type; UPCAST: the same values in fp32)."""
+    r = tl.arange(0, TH)
+    col = wc + m % 16
+    hh = h0 + r
+    ok = (col < W)[:, None] & (hh < H)[None, :]
+    v = tl.load(duch + col.to(tl.int64)[:, None] * sW + hh.to(tl.int64)[None, :] * sH,
+                mask=ok, other=0.0) * s
+    lo_rows = (m >= 16)[:, None]
+    if UPCAST:
+        hi = _round16(v, DT == tl.bfloat16)
+        return tl.where(lo_rows, _round16(v - hi, DT == tl.bfloat16), hi)
+    hi = v.to(DT, fp_downcast_rounding="rtne")
+    lo = (v - hi.to(tl.float32)).to(DT, fp_downcast_rounding="rtne")
+    return tl.where(lo_rows, lo, hi)
+
+
+@triton.jit
+def _band_sums(a, xch, xrow, xcol, H, W, sH, sW, band, IN_AFFINE: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """(sum_m P[m, band[m, j]] for P = a @ X, the same for P = a @ M): one kernel row's dW
+    (and its in-image-mask term) over 16 columns, X the x rows ``xrow`` at columns ``xcol``
+    (0 outside the image), M its in-image mask."""
+    xi, mk = _plane_rows(xch, xrow, xcol, H, W, sH, sW, xrow >= 0)
+    if UPCAST:
+        xi, mi = xi.to(tl.float32), mk.to(tl.float32)
+    else:
+        mi = mk.to(xi.dtype)
+    dw = tl.sum(tl.gather(tl.dot(a, xi, input_precision="ieee"), band, axis=1), axis=0)
+    dm = tl.zeros_like(dw)
+    if IN_AFFINE:
+        dm = tl.sum(tl.gather(tl.dot(a, mi, input_precision="ieee"), band, axis=1), axis=0)
+    return dw, dm
+
+
+@triton.jit
 def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H, W, sC, sH, sW,
             tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
             IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
             CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
-            UPCAST: tl.constexpr):
+            XO: tl.constexpr, KX: tl.constexpr, UPCAST: tl.constexpr):
     """B2 of channel ``ch`` over the program's TH x TW tile on tensor cores: stores the tile's
     dW partial (K x K at ``dw_p + prow * K * K``) and returns the transposed convolution
     ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du is the fp32 scratch,
@@ -209,12 +248,14 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     ``D_i[r, q] = du[h0 + r + PB - i, w0 + c0 + PB - (K-1) - DO + q]`` (TH x KP, zero outside
     the image) and ``T'_i[q, c] = W[i, K - 1 - (q - DO - c)]`` for ``0 <= q - DO - c < K``
     (KP x CW); DO: XO's counterpart for fp32 rows.
-    dW: one GEMM per halo row r' (TH + K - 1 of them), ``dW += A_r' @ B_r'`` with
-    ``A_r'[i, c] = du[h0 + r' - i, w0 + c]`` (the tile's own du: 0 <= r' - i < TH; MP x TW) and
-    ``B_r'[c, j] = x[h0 + r' - PB, w0 + c + j - PB]`` (TW x MP): dW[i, j] comes out whole, no
-    band diagonals to extract. With the input affine, ``dW = a (du * x) + c (du * M)``, M the
-    in-image mask. For float16 (whose range is not fp32's) du is scaled by the power of two
-    that takes the halo's largest |du| into [1, 4), undone on the fp32 results."""
+    dW, kernel row i, per 16 columns c0 + [0, 16): ``P = A @ X_i`` (32 x KX) with ``A[m, r] =
+    du[h0 + r, w0 + c0 + m mod 16]`` (the tile's own du, transposed; rows m < 16 its high
+    16-bit terms, m >= 16 its low ones: one GEMM for both, built once per program) and X_i
+    the forward's row window (:func:`_conv_tc` with XO, KX its KP); then ``dW[i, j] = sum_m
+    P[m, m mod 16 + j + XO]``, the band of P, taken by ``tl.gather``. With the input affine,
+    ``dW = a (du * x) + c (du * M)``, M the in-image mask. For float16 (whose range is not
+    fp32's) du is scaled by the power of two that takes the halo's largest |du| into [1, 4),
+    undone on the fp32 results."""
     _, _, _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
     BF16: tl.constexpr = w_ptr.dtype.element_ty == tl.bfloat16
     r = tl.arange(0, TH)
@@ -249,26 +290,28 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
             acc1 = _dot_split(_plane_rows(duch, hrow, dcol + CW, H, W, sH, sW, hrow >= 0)[0] * s,
                               ti, acc1, BF16, UPCAST)
     acc = _join_cols(acc0, acc1, TH, TW, CW)
-    # dW: halo row by halo row
+    # dW: kernel row by kernel row, 16 columns at a time
+    m = tl.arange(0, 32)
     ij = tl.arange(0, MP)
-    b_col = w0 + col[:, None] + (ij[None, :] - PB)
-    b_ok = (b_col >= 0) & (b_col < W) & (ij < K)[None, :]
-    b_off = b_col.to(tl.int64) * sW
+    band = tl.minimum((m % 16)[:, None] + ij[None, :] + XO, KX - 1)  # (j >= K: unused)
+    xcol = w0 - (PB + XO) + tl.arange(0, KX)
+    a0 = _du_cols(duch, h0, w0, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty, UPCAST)
+    a1 = a0
+    if TW > 16:
+        a1 = _du_cols(duch, h0, w0 + 16, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty,
+                      UPCAST)
     accw = tl.zeros([MP, MP], dtype=tl.float32)
     accm = tl.zeros([MP, MP], dtype=tl.float32)
-    for rp in range(TH + K - 1):
-        ar = rp - ij  # the tile's own du rows
-        a = _plane_rows(duch, h0 + ar, w0 + col, H, W, sH, sW,
-                        (ij < K) & (ar >= 0) & (ar < TH))[0] * s
-        hx = h0 + rp - PB
-        bm = b_ok & (hx >= 0) & (hx < H)
-        b = tl.load(xch + hx.to(tl.int64) * sH + b_off, mask=bm, other=0.0)
-        accw = _dot_split(a, b, accw, BF16, UPCAST)
-        if IN_AFFINE:
-            if UPCAST:  # (the interpreter's bool -> 16-bit cast mishandles the mask)
-                accm = _dot_split(a, bm.to(tl.float32), accm, BF16, UPCAST)
-            else:
-                accm = _dot_split(a, bm.to(b.dtype), accm, BF16, UPCAST)
+    for i in range(K):
+        xrow = h0 + r + (i - PB)
+        dw, dm = _band_sums(a0, xch, xrow, xcol, H, W, sH, sW, band, IN_AFFINE, UPCAST)
+        if TW > 16:
+            dw1, dm1 = _band_sums(a1, xch, xrow, xcol + 16, H, W, sH, sW, band, IN_AFFINE,
+                                  UPCAST)
+            dw += dw1
+            dm += dm1
+        accw = tl.where(ij[:, None] == i, dw[None, :], accw)
+        accm = tl.where(ij[:, None] == i, dm[None, :], accm)
     if IN_AFFINE:
         accw = accw * tl.load(scale_ptr + ch).to(tl.float32) + \
             accm * tl.load(shift_ptr + ch).to(tl.float32)
@@ -483,7 +526,8 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-                   CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr):
+                   CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
+                   XO: tl.constexpr, KX: tl.constexpr):
     """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
     cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`)."""
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
@@ -498,7 +542,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr,
         acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p,
                        row.to(tl.int64) * C + cb, base, cb, H, W, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, CW, DO, MP,
-                       RP, TC == 2)
+                       RP, XO, KX, TC == 2)
     else:
         for i in range(K):
             # dx[q] += du[q + PB - i] * w[i] (transposed conv); dW[i] += du[q] * x[q + i - PB]
@@ -663,15 +707,16 @@ def _conv_kw(x, weight, tc):
 
 def _bwd_conv_kw(x, weight, tile, tc):
     """B2b's constexprs: TC as in :func:`_conv_kw`, DO (:func:`_col_shift` of the transposed
-    convolution's fp32 du rows), their CW and KP (:func:`_gemm_cols`), MP (dW's GEMM
-    dimensions: k padded to a power of two >= 16) and RP (the halo's rows TH + k - 1,
-    padded to a power of two)."""
+    convolution's fp32 du rows), their CW and KP (:func:`_gemm_cols`), MP (dW's rows and
+    columns: k padded to a power of two >= 16), RP (the halo's rows TH + k - 1, padded to
+    a power of two), XO and KX (the forward's x row windows, :func:`_conv_kw`'s XO and KP:
+    dW's GEMMs take them)."""
     k = weight.shape[-1]
     kw = _conv_kw(x, weight, tc)
     do = _col_shift(k - 1 - pad_before(k), 4) if tc else 0
     cw, kp = _gemm_cols(tile["TW"], k, do) if tc else (kw["CW"], kw["KP"])
     return dict(TC=kw["TC"], CW=cw, KP=kp, DO=do, MP=max(16, triton.next_power_of_2(k)),
-                RP=triton.next_power_of_2(tile["TH"] + k - 1))
+                RP=triton.next_power_of_2(tile["TH"] + k - 1), XO=kw["XO"], KX=kw["KP"])
 
 
 def _affine_ptrs(stand_in, in_scale, in_shift):

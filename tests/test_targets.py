@@ -93,19 +93,15 @@ def test_tensor_core_convolution_is_on_tensor_cores(facts):
 
 def test_tensor_core_gemms_compute_no_row_twice(facts):
     """Every tensor-core GEMM of the convolution lays its warps over distinct accumulator
-    rows and columns (a TH-row GEMM under more than TH / 16 warps would have warps repeat
-    the same rows, and the activation, statistics and stores after it, for nothing); the
-    only copies are those of dW's GEMM, whose MP x MP accumulator (16 x 16 up to k = 16) has
-    fewer rows than the program has warps of 16."""
+    rows and columns: a TH-row GEMM under more than TH / 16 warps would have warps repeat
+    the same rows, and the activation, statistics and stores after them, for nothing."""
     tc = [f for f in facts["triton_kernels"] if f["constexprs"].get("TC") == 1]
     assert tc and all(f["gemms"] for f in tc)
     for f in tc:
-        rows = 16 * f["num_warps"]
         for g in f["gemms"]:
-            allowed = 1 if g["M"] >= rows else rows // g["M"]
-            assert g["copies"] <= allowed, (f["kernel"], f["constexprs"], g)
-            if f["kernel"] != "_bwd_dx_kernel":
-                assert g["copies"] == 1 and g["M"] == f["constexprs"]["TH"], (f, g)
+            assert g["copies"] == 1, (f["kernel"], f["constexprs"], f["num_warps"], g)
+        if f["kernel"] != "_bwd_dx_kernel":
+            assert {g["M"] for g in f["gemms"]} == {f["constexprs"]["TH"]}, f
 
 
 def test_no_spills_and_shared_memory_within_limits(facts):
