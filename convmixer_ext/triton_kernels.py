@@ -381,7 +381,7 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     acc1 = tl.zeros([TH, CW], dtype=tl.float32)
     accm0 = tl.zeros([TH, CW], dtype=tl.float32)
     accm1 = tl.zeros([TH, CW], dtype=tl.float32)
-    for i in range(K):
+    for i in tl.range(K, loop_unroll_factor=K if KP <= 32 else 1):  # (docs/DESIGN.md)
         ti = tl.load(wrow + i * K + d, mask=band, other=0.0)
         xrow = h0 + r + (i - PB)
         acc0, accm0 = _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc0, accm0, IN_AFFINE,
