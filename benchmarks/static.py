@@ -372,7 +372,7 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         # every tap is a masked global load through L1/L2 (no shared memory staging)
         l2 = elems * k * k * (e if name != "_bwd_dx_kernel" else (4 + e)) / 8
         instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
-        mma = 0.0
+        mma, per_thread = 0.0, None
         if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
             TH, TW, KP = kw["TH"], kw["TW"], kw["KP"]
             ffma = 0.0
@@ -411,6 +411,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
             bytes_min=MIN_TRAFFIC[pass_] * xbytes if name != "_bwd_du_kernel" else 0,
             bytes=dram, l2_bytes=l2, fma=ffma, fma_per_element=ffma / elems, mma=mma,
             mma_per_element=mma / elems, tensor_cores=fact.get("tensor_cores"),
+            instructions_per_thread=per_thread, loops=fact.get("loops"),
+            gemms=fact.get("gemms"),
             predicted_ms=t * 1e3, bound=bound, error=fact.get("error")))
     return rows
 
@@ -536,7 +538,7 @@ def compare(rows, measured):
     out = []
     for r in rows:
         for pass_ in PASSES:
-            for be in {kr["backend"] for kr in r["kernels"]}:
+            for be in sorted({kr["backend"] for kr in r["kernels"]}):
                 key = (r["shape_name"], r["dtype"], r["layout"], pass_, r["k"], be)
                 pred = sum(kr["predicted_ms"] for kr in r["kernels"]
                            if kr["backend"] == be and kr["pass_"] == pass_)

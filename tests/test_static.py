@@ -102,6 +102,23 @@ def test_measured_times_are_set_against_the_prediction(tmp_path):
                                                                   ("train_fwdbwd", 4.0)]
 
 
+def test_tensor_core_rows_issue_count_their_loops(report):
+    """Every tensor-core kernel of the report carries the instructions a thread issues
+    (its loops counted per iteration: more than the static count wherever a loop stayed
+    rolled) and GEMMs without warp copies."""
+    rows = [(c["k"], k) for c in report["cases"] for k in c["kernels"]
+            if k["backend"] == "triton_tc"]
+    assert rows
+    rolled = 0
+    for k, row in rows:
+        assert row["gemms"] and all(g["copies"] == 1 for g in row["gemms"]), row
+        assert row["instructions_per_thread"] > 0, row
+        if row["loops"]:
+            rolled += 1
+            assert row["instructions_per_thread"] >= sum(row["loops"]) * (k - 1), row
+    assert rolled  # B2b's loops stay rolled: the count above is exercised
+
+
 _SASS = """
         Function : k
         /*0000*/                   MOV R1, c[0x0][0x28] ;
