@@ -81,7 +81,8 @@ def occupancy(arch: int, threads: int, regs: int, smem: int) -> dict:
 # --------------------------------------------------------------------------- SASS facts
 _MANGLED = re.compile(r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)Li(\d+)E")
 _DTYPE_OF = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
-_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+# one SASS instruction: (address, opcode, operands)
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
 
 
 def access_widths(opcodes):
@@ -122,11 +123,8 @@ def parse_sass(text):
         if name is not None:
             m = _INSTR.search(line)
             if m:
-                funcs[(arch, name)].append(m.group(1))
+                funcs[(arch, name)].append(m.group(2))
     return funcs
-
-
-_ADDR_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
 
 
 def loop_bodies(text):
@@ -136,7 +134,7 @@ def loop_bodies(text):
     each body; ``dynamic_instructions`` adds the others."""
     addrs, loops = [], []
     for line in text.splitlines():
-        m = _ADDR_INSTR.search(line)
+        m = _INSTR.search(line)
         if not m:
             continue
         addr = int(m.group(1), 16)
@@ -376,8 +374,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
             TH, TW, KP = kw["TH"], kw["TW"], kw["KP"]
             ffma = 0.0
-            # issue: every thread runs the compiled code once, its loops (kernel rows; B2's
-            # dW: halo rows) once per iteration; the row windows start 16-byte aligned
+            # issue: every thread runs the compiled code once, its loops (kernel rows: the
+            # forward's; B2's dx and dW) once per iteration; the row windows start 16-byte aligned
             # (vector loads where W allows), the Toeplitz gathers are element loads [C]
             if name != "_bwd_dx_kernel":
                 mma = programs * TH * TW * k * KP

@@ -141,7 +141,7 @@ def _load_in(x_ptr, offs, m, scale_ptr, shift_ptr, c, cmask, IN_AFFINE: tl.const
 def _round16(v, BF16: tl.constexpr):
     """fp32 -> the nearest bfloat16 (BF16) or float16 value, ties to even, kept in fp32, for
     the interpreter: its fp32 -> bfloat16 cast truncates, so bfloat16 is rounded with
-    integer arithmetic (on a GPU :func:`_dot_split` uses the hardware's conversions, which
+    integer arithmetic (on a GPU :func:`_split16` uses the hardware's conversions, which
     round the same way)."""
     if BF16:
         b = v.to(tl.uint32, bitcast=True)
@@ -152,23 +152,28 @@ def _round16(v, BF16: tl.constexpr):
 
 
 @triton.jit
-def _dot_split(a, b, acc, BF16: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b for fp32 ``a`` and 16-bit ``b`` on tensor cores, ``a`` entering as the sum
-    of two 16-bit operands ``hi = rn(a)`` and ``lo = rn(a - hi)`` (``a - hi`` is exact), so
-    that it keeps 16 (bfloat16) or 22 (float16) significant bits instead of 8 or 11
-    (docs/DESIGN.md, "Tensor cores"). On a GPU the roundings are the hardware's
-    round-to-nearest-even conversions; UPCAST (the interpreter): the same values from
-    :func:`_round16`, the GEMMs on fp32 copies."""
+def _split16(a, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """(hi, lo): fp32 ``a`` as the sum of two 16-bit (DT) terms ``hi = rn(a)`` and ``lo = rn(a
+    - hi)`` (``a - hi`` is exact), which keep 16 (bfloat16) or 22 (float16) significant bits
+    instead of 8 or 11 (docs/DESIGN.md, "Tensor cores"). On a GPU the roundings are the
+    hardware's round-to-nearest-even conversions; UPCAST (the interpreter): the same values
+    from :func:`_round16`, kept in fp32."""
     if UPCAST:
-        hi = _round16(a, BF16)
-        lo = _round16(a - hi, BF16)
-        bf = b.to(tl.float32)
-        acc = tl.dot(hi, bf, acc, input_precision="ieee")
-        return tl.dot(lo, bf, acc, input_precision="ieee")
-    hi = a.to(b.dtype, fp_downcast_rounding="rtne")
-    lo = (a - hi.to(tl.float32)).to(b.dtype, fp_downcast_rounding="rtne")
-    acc = tl.dot(hi, b, acc)
-    return tl.dot(lo, b, acc)
+        hi = _round16(a, DT == tl.bfloat16)
+        return hi, _round16(a - hi, DT == tl.bfloat16)
+    hi = a.to(DT, fp_downcast_rounding="rtne")
+    return hi, (a - hi.to(tl.float32)).to(DT, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _dot_split(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b for fp32 ``a`` and 16-bit ``b`` on tensor cores, ``a`` entering as its two
+    16-bit terms (:func:`_split16`); UPCAST: the GEMMs on fp32 copies."""
+    hi, lo = _split16(a, b.dtype, UPCAST)
+    if UPCAST:
+        b = b.to(tl.float32)
+    acc = tl.dot(hi, b, acc, input_precision="ieee")
+    return tl.dot(lo, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -198,21 +203,28 @@ def _abs_max(v):
 def _du_cols(duch, h0, wc, m, H, W, sH, sW, s, TH: tl.constexpr, DT: tl.constexpr,
              UPCAST: tl.constexpr):
     """[32, TH]: s * du[h0 + r, wc + m mod 16] (0 outside the image) as B2's dW operand, rows
-    m < 16 its high 16-bit terms rn(du), the others its low ones rn(du - rn(du)) (as
-    :func:`_dot_split`; DT the 16-bit type; UPCAST: the same values in fp32)."""
+    m < 16 its high 16-bit terms, the others its low ones (:func:`_split16`; DT the 16-bit
+    type)."""
     r = tl.arange(0, TH)
     col = wc + m % 16
     hh = h0 + r
     ok = (col < W)[:, None] & (hh < H)[None, :]
     v = tl.load(duch + col.to(tl.int64)[:, None] * sW + hh.to(tl.int64)[None, :] * sH,
                 mask=ok, other=0.0) * s
-    lo_rows = (m >= 16)[:, None]
+    hi, lo = _split16(v, DT, UPCAST)
+    return tl.where((m >= 16)[:, None], lo, hi)
+
+
+@triton.jit
+def _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST: tl.constexpr):
+    """(X, M): the x rows ``xrow`` at columns ``xcol`` of a plane (0 outside the image) and
+    their in-image mask, as 16-bit GEMM operands; UPCAST: in fp32 (the interpreter's dot and
+    bool -> 16-bit cast mishandle 16-bit values; the products are exact in fp32 either
+    way)."""
+    xi, m = _plane_rows(xch, xrow, xcol, H, W, sH, sW, xrow >= 0)
     if UPCAST:
-        hi = _round16(v, DT == tl.bfloat16)
-        return tl.where(lo_rows, _round16(v - hi, DT == tl.bfloat16), hi)
-    hi = v.to(DT, fp_downcast_rounding="rtne")
-    lo = (v - hi.to(tl.float32)).to(DT, fp_downcast_rounding="rtne")
-    return tl.where(lo_rows, lo, hi)
+        return xi.to(tl.float32), m.to(tl.float32)
+    return xi, m.to(xi.dtype)
 
 
 @triton.jit
@@ -221,11 +233,7 @@ def _band_sums(a, xch, xrow, xcol, H, W, sH, sW, band, IN_AFFINE: tl.constexpr,
     """(sum_m P[m, band[m, j]] for P = a @ X, the same for P = a @ M): one kernel row's dW
     (and its in-image-mask term) over 16 columns, X the x rows ``xrow`` at columns ``xcol``
     (0 outside the image), M its in-image mask."""
-    xi, mk = _plane_rows(xch, xrow, xcol, H, W, sH, sW, xrow >= 0)
-    if UPCAST:
-        xi, mi = xi.to(tl.float32), mk.to(tl.float32)
-    else:
-        mi = mk.to(xi.dtype)
+    xi, mi = _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST)
     dw = tl.sum(tl.gather(tl.dot(a, xi, input_precision="ieee"), band, axis=1), axis=0)
     dm = tl.zeros_like(dw)
     if IN_AFFINE:
@@ -270,10 +278,11 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
         rr = tl.arange(0, RP)
         hh = h0 + (PB - (K - 1)) + rr
         hok = (rr < TH + K - 1) & (hh >= 0)
-        m = _abs_max(_plane_rows(duch, hh, dcol, H, W, sH, sW, hok)[0])
+        hmax = _abs_max(_plane_rows(duch, hh, dcol, H, W, sH, sW, hok)[0])
         if TW > CW:
-            m = tl.maximum(m, _abs_max(_plane_rows(duch, hh, dcol + CW, H, W, sH, sW, hok)[0]))
-        s, inv_s = _pow2_scale(m)
+            hmax = tl.maximum(hmax, _abs_max(_plane_rows(duch, hh, dcol + CW, H, W, sH, sW,
+                                                         hok)[0]))
+        s, inv_s = _pow2_scale(hmax)
     # dx: the transposed convolution, kernel row by kernel row
     ccw = tl.arange(0, CW)
     d = q[:, None] - DO - ccw[None, :]
@@ -285,10 +294,10 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
         ti = tl.load(wflip + i * K, mask=band, other=0.0)
         hrow = h0 + r + (PB - i)
         acc0 = _dot_split(_plane_rows(duch, hrow, dcol, H, W, sH, sW, hrow >= 0)[0] * s, ti,
-                          acc0, BF16, UPCAST)
+                          acc0, UPCAST)
         if TW > CW:
             acc1 = _dot_split(_plane_rows(duch, hrow, dcol + CW, H, W, sH, sW, hrow >= 0)[0] * s,
-                              ti, acc1, BF16, UPCAST)
+                              ti, acc1, UPCAST)
     acc = _join_cols(acc0, acc1, TH, TW, CW)
     # dW: kernel row by kernel row, 16 columns at a time
     m = tl.arange(0, 32)
@@ -323,15 +332,11 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
 @triton.jit
 def _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc, accm, IN_AFFINE: tl.constexpr,
               UPCAST: tl.constexpr):
-    """(acc + X @ T, accm + M @ T) for the x rows ``xrow`` at columns ``xcol`` of a plane
-    (X: 0 outside the image, M: the in-image mask; 16-bit x and T on tensor cores). UPCAST:
-    the same GEMMs on fp32 copies (the interpreter's dot and bool -> 16-bit cast mishandle
-    16-bit values; the products are exact in fp32 either way)."""
-    xi, m = _plane_rows(xch, xrow, xcol, H, W, sH, sW, xrow >= 0)
+    """(acc + X @ T, accm + M @ T) for X, M of :func:`_x_window` (16-bit x and T on tensor
+    cores; UPCAST: the same GEMMs on fp32 copies)."""
+    xi, mi = _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST)
     if UPCAST:
-        xi, ti, mi = xi.to(tl.float32), ti.to(tl.float32), m.to(tl.float32)
-    else:
-        mi = m.to(xi.dtype)
+        ti = ti.to(tl.float32)
     acc = tl.dot(xi, ti, acc, input_precision="ieee")
     if IN_AFFINE:
         accm = tl.dot(mi, ti, accm, input_precision="ieee")
