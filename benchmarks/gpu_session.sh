@@ -11,7 +11,7 @@
 #                                      # torch.compile, whole model, static report vs all
 #   bash benchmarks/gpu_session.sh 3   # after a kernel change, in one call: the suite,
 #                                      # both sanitizers, per-pass and block times, CUDA
-#                                      # and tensor cores against eager at k = 3, 9, 31
+#                                      # and tensor cores against eager at k = 3, 9, 31 (eval and training)
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -40,7 +40,7 @@ nchw" T_BENCH=100 BENCH_ARGS="--shapes cm1536 --ks 9 31 --modes eval train_fwdbw
     ;;
   3)
     TEST_WORKERS=12 T_TEST=75 T_SANITIZE=35 T_PASSES=70 PASSES_ARGS="--ks 3 9 31 --backends \
-cuda triton_tc" T_BENCH=90 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes train_fwdbwd \
+cuda triton_tc" T_BENCH=95 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes eval train_fwdbwd \
 --providers eager cuda triton_tc --dtypes bfloat16 float32" \
       timeout -k 5 370 bash benchmarks/gpu_run.sh build test sanitize passes bench || status=$?
     ;;
