@@ -12,6 +12,10 @@
 #   bash benchmarks/gpu_session.sh 3   # after a kernel change, in one call: the suite,
 #                                      # both sanitizers, per-pass and block times, CUDA
 #                                      # and tensor cores against eager at k = 3, 9, 31 (eval and training)
+#   bash benchmarks/gpu_session.sh 4   # 16-bit NCHW, for "auto" and the model: each kernel
+#                                      # of the tensor-core passes under the profiler, the
+#                                      # kernel backends side by side at k = 3..15, and (where
+#                                      # Nsight Compute is there) the counters of B2's kernels
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -44,7 +48,28 @@ cuda triton_tc" T_BENCH=95 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes eval 
 --providers eager cuda triton_tc --dtypes bfloat16 float32" \
       timeout -k 5 370 bash benchmarks/gpu_run.sh build test sanitize passes bench || status=$?
     ;;
-  *) echo "call must be 1, 2 or 3"; exit 2 ;;
+  4)
+    T_PASSES=80 PASSES_ARGS="--ks 3 9 31 --dtypes bfloat16 --layouts nchw --backends \
+triton_tc --kernels" T_BENCH=130 BENCH_ARGS="--shapes cm1536 --ks 3 7 9 15 --modes eval \
+train_fwdbwd --providers cuda triton triton_tc --dtypes bfloat16 --layouts nchw" \
+      timeout -k 5 300 bash benchmarks/gpu_run.sh build passes bench || status=$?
+    NCU=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null)
+    if [[ -n "$NCU" ]]; then
+      echo "== Nsight Compute: B2 of triton_tc, bf16 NCHW, k = 9"
+      (cd build/gpu-run && timeout -k 5 60 "$NCU" --kernel-name regex:_bwd_d[ux] --launch-count 4 \
+        --csv --metrics gpu__time_duration.sum,smsp__inst_executed.sum,dram__bytes_read.sum,\
+dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active,\
+launch__registers_per_thread,launch__grid_size,launch__block_size,\
+sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
+smsp__issue_active.avg.pct_of_peak_sustained_active \
+        python -m benchmarks.passes --ks 9 --dtypes bfloat16 --layouts nchw --backends \
+triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-b2-k9.csv" 2>&1 || echo "ncu: rc $?"
+      tail -30 "$OUT/ncu-b2-k9.csv"
+    else
+      echo "no Nsight Compute (ncu) on this machine"
+    fi
+    ;;
+  *) echo "call must be 1, 2, 3 or 4"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -6,12 +6,14 @@ steps).
 
     python -m benchmarks.passes [--shapes cm1536] [--ks 3 9] [--dtypes bfloat16 float32]
                                 [--layouts nchw channels_last]
-                                [--backends cuda triton triton_tc] [--out DIR]
+                                [--backends cuda triton triton_tc] [--kernels] [--out DIR]
     python -m benchmarks.static --measured <this JSON> ...   # per-pass calibration
 
 GPU: ``triton.testing.do_bench`` (warm-up, L2 flush, median). Without a GPU it times the
 CPU stand-ins (the emulator, the interpreter) at the given shape: only a smoke run, whose
-figures say nothing about GPU speed. Writes ``<out>/passes-<device>-<date>.json`` (records
+figures say nothing about GPU speed. ``--kernels`` (GPU) also records each kernel a pass
+launches, with its mean time under the CUDA profiler (kind "kernel": ..., pass_, kernel,
+us, calls per pass), so that a pass of several kernels (B2: dx and dW) splits. Writes ``<out>/passes-<device>-<date>.json`` (records
 of kind "pass": shape_name, shape, dtype, layout, k, backend, pass_, ms, ms_p20, ms_p80).
 """
 from __future__ import annotations
@@ -57,7 +59,27 @@ def pass_steps(impl, x, dout, w, b, v, act):
     }
 
 
-def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records: None):
+def kernel_times(step, launches=5):
+    """{kernel name: (mean us per launch, launches per step)} of ``launches`` runs of
+    ``step`` under the CUDA profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(launches):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None)
+        if total is None:
+            total = getattr(e, "cuda_time_total", 0)
+        if total > 0 and e.count:
+            out[e.key] = (total / e.count, e.count / launches)
+    return out
+
+
+def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records: None,
+        kernels=False):
     """Time every pass; ``save(records)`` after each backend's four passes (an interrupted
     run keeps what it measured)."""
     records = []
@@ -81,6 +103,14 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records
                                                 ms_p20=p20, ms_p80=p80, device=device))
                             print(f"{sname} {dtype} {layout} k={k} {be} {name}: {med:.3f} ms",
                                   flush=True)
+                            if kernels and device == "cuda":
+                                for kname, (us, calls) in kernel_times(step).items():
+                                    records.append(dict(kind="kernel", shape_name=sname,
+                                                        dtype=dtype, layout=layout, k=k,
+                                                        backend=be, pass_=name, kernel=kname,
+                                                        us=us, calls=calls))
+                                    print(f"    {kname[:60]}: {us:.1f} us x {calls:g}",
+                                          flush=True)
                         save(records)
     return records
 
@@ -99,6 +129,8 @@ def main(argv=None):
                    help="kernel backends (default: cuda triton triton_tc on a GPU, "
                         "cuda_emu triton on the CPU)")
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
+    p.add_argument("--kernels", action="store_true",
+                   help="also each kernel's time under the CUDA profiler (GPU only)")
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
@@ -115,7 +147,8 @@ def main(argv=None):
             json.dump({"schema": 1, "environment": env, "records": records}, f, indent=1)
 
     try:
-        records = run(shapes, a.ks, dtypes, a.layouts, backends, a.device, a.reps, save)
+        records = run(shapes, a.ks, dtypes, a.layouts, backends, a.device, a.reps, save,
+                      kernels=a.kernels)
     except KeyboardInterrupt:
         print("interrupted: keeping the passes timed so far", flush=True)
         return 1
