@@ -8,7 +8,7 @@ backend     runs on                                     ops
 cuda        CUDA tensors (compiled ``csrc/`` library)   depthwise
 triton      CUDA tensors; CPU under TRITON_INTERPRET=1  depthwise, pointwise
 triton_tc   as triton; float16/bfloat16 x only          depthwise (the convolution on
-            ("auto": NCHW at k = 31 only)               tensor cores, ``tl.dot``)
+            ("auto": NCHW, every k)                     tensor cores, ``tl.dot``)
 cuda_emu    CPU tensors (``csrc/`` on the emulator)     depthwise
 torch       any device and float dtype (the twin:       depthwise, pointwise
             the kernels' passes written in PyTorch)
@@ -300,20 +300,26 @@ def _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_la
 
 def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: bool,
                               dtype: torch.dtype = torch.float32) -> str:
-    """The fastest depthwise backend on CUDA tensors as measured on an H200
-    (benchmarks/results/NVIDIA_H200-2026-11-26*.md: ConvMixer-1536/20's block, k = 3, 7, 9
-    in fp32 and bf16, both layouts, eval and training step; k = 15 and 31 in bf16 NCHW;
-    `-run3-b2`: training at k = 3, 9, 31 after B2's dW rework, both dtypes and layouts).
-    The choice did not depend on the dtype except for NCHW eval at k=3, where the two
-    kernels are within 15% of each other (the CUDA library is kept there). A size between
-    two measured ones takes another backend only where both neighbours agree on it (k = 4-6
-    in channels_last training); sizes below 3 follow k=3; everything else takes the CUDA
-    library, the fastest at k = 7, 9, 15 and 31 everywhere it was timed (k=31 NCHW
-    training: 195 ms against eager's 212 in bf16, 200 against 201 in fp32) — but for 16-bit
-    x in NCHW at k = 31, where the tensor-core kernels were faster still (training 141 ms,
-    eval 7.6 against the CUDA library's 12.0; at k = 9 they were 2x slower, and k = 15 and
-    channels_last were not timed with them)."""
-    if dtype in TENSOR_CORE_DTYPES and not channels_last and kernel_size >= 31:
+    """The fastest depthwise backend on CUDA tensors as measured on ConvMixer-1536/20's block
+    (benchmarks/results/).
+
+    16-bit x in NCHW: the tensor-core kernels, measured on an H100 (`-run4*`, bf16, k = 3,
+    7, 9, 15, 31, eval and training step, against the CUDA library and the Triton CUDA-core
+    kernels): fastest at every size (eval 0.36 / 0.59 / 0.71 / 1.09 / 3.5 ms against the
+    CUDA library's 0.45 / 0.64 / 0.76 / 1.94 / 7.9; training 2.9 / 5.0 / 6.1 / 9.2 / 33 ms
+    against 3.7 / 5.3 / 6.2 / 21 / 123, and the Triton CUDA-core kernels' 3.3 ms at k = 3),
+    the gap closest at k = 9 in training (1-5%). float16 runs the same kernels (plus one
+    scaling pass over B2's halo) and was not timed: it follows bfloat16. The price is
+    memory: like "triton", a training step keeps an fp32 du scratch (peak 772 MiB against
+    the CUDA library's 384 MiB on that block).
+
+    Everything else, measured on an H200 (`NVIDIA_H200-2026-11-26*`: k = 3, 7, 9 in fp32
+    and bf16, both layouts, eval and training step; k = 15 and 31 in bf16 NCHW; `-run3-b2`:
+    training at k = 3, 9, 31 after B2's dW rework): the choice did not depend on the dtype.
+    A size between two measured ones takes another backend only where both neighbours agree
+    on it (k = 4-6 in channels_last training); sizes below 3 follow k=3; everything else
+    takes the CUDA library (k=31 NCHW training in fp32: 200 ms against eager's 201)."""
+    if dtype in TENSOR_CORE_DTYPES and not channels_last:
         return "triton_tc"
     if training and channels_last and kernel_size <= 7:
         return "eager"   # cuDNN's channels_last depthwise: 1.7-2.3x faster up to k=7, not at 9
