@@ -34,9 +34,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # H100 SXM constants (docs/DESIGN.md, "Performance model")
+# issue_stall: the cycles a warp waits, on average, between two of its instructions; with n
+# resident warps per scheduler, issue runs at n / (n + issue_stall) of one instruction per
+# cycle. Fit to the H100 per-kernel times of the tensor-core kernels (run4: 0.30-0.63 of
+# the full rate at 2-9 warps per scheduler; Nsight Compute's issue-active 40% and 52% for
+# B2's two kernels at k = 9), within about +-20% of each.
 H100 = dict(hbm=3.0e12, l2=5.5e12, sms=132, clock=1.98e9, fp32_fma=67e12 / 2,
             tc_mac=990e12 / 2,
-            schedulers=4, smem_bytes_per_clk=128, latency_ns=450, launch_us=3.0)
+            schedulers=4, smem_bytes_per_clk=128, latency_ns=450, launch_us=3.0,
+            issue_stall=6.0)
 ARCH_LIMITS = {  # per SM: warps, blocks, registers, shared memory (bytes), per-block reserve
     80: dict(warps=64, blocks=32, regs=65536, smem=167936, reserve=1024),
     90: dict(warps=64, blocks=32, regs=65536, smem=233472, reserve=1024),
@@ -204,12 +210,20 @@ def conv_cost(outputs, K, RH, RW, unrolled=True):
                 instr=instr * outputs)
 
 
+def issue_rate(warps_per_sm):
+    """[E] the fraction of one instruction per cycle a scheduler issues with
+    ``warps_per_sm / 4`` resident warps to choose from (H100["issue_stall"])."""
+    n = warps_per_sm / H100["schedulers"]
+    return n / (n + H100["issue_stall"]) if n > 0 else 1.0
+
+
 def estimate(dram, l2, ffma, instr, wavefronts, warps, bytes_per_load, blocks, arch=90,
              mma=0.0):
     """[E] seconds on an H100 for one kernel: the largest of the DRAM time (slowed when too
     few bytes are in flight to cover the latency), L2, FP32 FMA, tensor-core (``mma``:
-    16-bit multiply-adds, dense rate), instruction issue and shared-memory times, plus the
-    launch overhead. Returns (seconds, bound)."""
+    16-bit multiply-adds, dense rate), instruction issue (at the rate ``warps`` resident warps
+    per SM sustain: :func:`issue_rate`) and shared-memory times, plus the launch overhead.
+    Returns (seconds, bound)."""
     c = H100
     need = c["hbm"] / c["sms"] * c["latency_ns"] * 1e-9          # bytes in flight per SM
     inflight = warps * 32 * bytes_per_load
@@ -220,7 +234,8 @@ def estimate(dram, l2, ffma, instr, wavefronts, warps, bytes_per_load, blocks, a
         "L2": l2 / c["l2"],
         "FMA": ffma / (c["fp32_fma"] * sms_used),
         "tensor cores": mma / (c["tc_mac"] * sms_used),
-        "issue": instr / (c["sms"] * c["schedulers"] * 32 * c["clock"] * sms_used),
+        "issue": instr / (c["sms"] * c["schedulers"] * 32 * c["clock"] * sms_used
+                          * issue_rate(warps)),
         "shared memory": wavefronts * 128 / (c["sms"] * c["smem_bytes_per_clk"] * c["clock"]
                                              * sms_used),
     }

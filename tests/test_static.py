@@ -147,3 +147,18 @@ def test_loop_bodies_and_dynamic_instructions():
     # one of two loops unrolled: the shorter one
     assert dynamic_instructions(dict(instructions=10, loops=[3]), [3, 18]) == 10 + 3 * 17
     assert dynamic_instructions(dict(instructions=10, loops=[3]), [20, 18]) == 10 + 3 * 19
+
+
+def test_issue_rate_grows_with_resident_warps():
+    """The estimate's issue rate: n / (n + stall) of one instruction per cycle with n warps
+    per scheduler (fit to H100 kernel times); an issue-bound estimate shrinks as occupancy
+    grows and never beats the full rate."""
+    from benchmarks.static import H100, estimate, issue_rate
+    n_half = 4 * H100["issue_stall"]  # warps per SM at which a scheduler issues half the time
+    assert issue_rate(n_half) == pytest.approx(0.5)
+    rates = [issue_rate(w) for w in (4, 8, 16, 32, 64)]
+    assert rates == sorted(rates) and 0 < rates[0] and rates[-1] < 1
+    t = [estimate(0, 0, 0, 1e12, 0, w, 16, 10**6)[0] for w in (8, 16, 32)]
+    assert t[0] > t[1] > t[2]
+    full = 1e12 / (H100["sms"] * H100["schedulers"] * 32 * H100["clock"])
+    assert t[2] > full
