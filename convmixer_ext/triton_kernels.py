@@ -200,19 +200,42 @@ def _abs_max(v):
 
 
 @triton.jit
-def _du_cols(duch, h0, wc, m, H, W, sH, sW, s, TH: tl.constexpr, DT: tl.constexpr,
-             UPCAST: tl.constexpr):
+def _du_cols(duch, dloch, h0, wc, m, H, W, sH, sW, s, TH: tl.constexpr, DT: tl.constexpr,
+             SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     """[32, TH]: s * du[h0 + r, wc + m mod 16] (0 outside the image) as B2's dW operand, rows
     m < 16 its high 16-bit terms, the others its low ones (:func:`_split16`; DT the 16-bit
-    type)."""
+    type). SPLIT: du is stored as those terms already (high at duch, low at dloch)."""
     r = tl.arange(0, TH)
     col = wc + m % 16
     hh = h0 + r
     ok = (col < W)[:, None] & (hh < H)[None, :]
-    v = tl.load(duch + col.to(tl.int64)[:, None] * sW + hh.to(tl.int64)[None, :] * sH,
-                mask=ok, other=0.0) * s
-    hi, lo = _split16(v, DT, UPCAST)
-    return tl.where((m >= 16)[:, None], lo, hi)
+    off = col.to(tl.int64)[:, None] * sW + hh.to(tl.int64)[None, :] * sH
+    lo_row = (m >= 16)[:, None]
+    if SPLIT:
+        hi = tl.load(duch + off, mask=ok & ~lo_row, other=0.0)
+        lo = tl.load(dloch + off, mask=ok & lo_row, other=0.0)
+        if UPCAST:
+            hi, lo = hi.to(tl.float32), lo.to(tl.float32)
+    else:
+        hi, lo = _split16(tl.load(duch + off, mask=ok, other=0.0) * s, DT, UPCAST)
+    return tl.where(lo_row, lo, hi)
+
+
+@triton.jit
+def _dot_du_rows(duch, dloch, hrow, dcol, H, W, sH, sW, s, ti, acc, SPLIT: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """acc + D @ T for the du rows ``hrow`` at columns ``dcol`` (0 outside the image), D
+    entering as its two 16-bit terms: split here from the fp32 scratch (times ``s``), or
+    (SPLIT) loaded as stored, high at duch and low at dloch."""
+    ok = hrow >= 0
+    if SPLIT:
+        hi = _plane_rows(duch, hrow, dcol, H, W, sH, sW, ok)[0]
+        lo = _plane_rows(dloch, hrow, dcol, H, W, sH, sW, ok)[0]
+        if UPCAST:
+            hi, lo, ti = hi.to(tl.float32), lo.to(tl.float32), ti.to(tl.float32)
+        acc = tl.dot(hi, ti, acc, input_precision="ieee")
+        return tl.dot(lo, ti, acc, input_precision="ieee")
+    return _dot_split(_plane_rows(duch, hrow, dcol, H, W, sH, sW, ok)[0] * s, ti, acc, UPCAST)
 
 
 @triton.jit
@@ -242,20 +265,23 @@ def _band_sums(a, xch, xrow, xcol, H, W, sH, sW, band, IN_AFFINE: tl.constexpr,
 
 
 @triton.jit
-def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H, W, sC, sH, sW,
-            tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
+def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, base, ch, H, W,
+            sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
             IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
             CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
-            XO: tl.constexpr, KX: tl.constexpr, UPCAST: tl.constexpr):
+            XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     """B2 of channel ``ch`` over the program's TH x TW tile on tensor cores: stores the tile's
     dW partial (K x K at ``dw_p + prow * K * K``) and returns the transposed convolution
-    ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du is the fp32 scratch,
-    entering the GEMMs through :func:`_dot_split`; x and W are 16-bit and exact.
+    ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du enters the GEMMs as
+    its two 16-bit terms (:func:`_split16`): split here from the fp32 scratch, or (SPLIT,
+    bfloat16) stored split by B2a at du_ptr (high) and dulo_ptr (low), which leaves the
+    loop's operands to go from memory to the tensor cores unconverted; x and W are 16-bit
+    and exact.
 
     dx, kernel row i, per CW columns c0 + [0, CW) as in :func:`_conv_tc`: ``D_i @ T'_i`` with
     ``D_i[r, q] = du[h0 + r + PB - i, w0 + c0 + PB - (K-1) - DO + q]`` (TH x KP, zero outside
     the image) and ``T'_i[q, c] = W[i, K - 1 - (q - DO - c)]`` for ``0 <= q - DO - c < K``
-    (KP x CW); DO: XO's counterpart for fp32 rows.
+    (KP x CW); DO: XO's counterpart for du's rows.
     dW, kernel row i, per 16 columns c0 + [0, 16): ``P = A @ X_i`` (32 x KX) with ``A[m, r] =
     du[h0 + r, w0 + c0 + m mod 16]`` (the tile's own du, transposed; rows m < 16 its high
     16-bit terms, m >= 16 its low ones: one GEMM for both, built once per program) and X_i
@@ -270,6 +296,7 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     q = tl.arange(0, KP)
     col = tl.arange(0, TW)
     duch = du_ptr + base + ch.to(tl.int64) * sC
+    dloch = dulo_ptr + base + ch.to(tl.int64) * sC
     xch = x_ptr + base + ch.to(tl.int64) * sC
     dcol = w0 + (PB - (K - 1) - DO) + q  # the window of dx columns w0 .. w0 + CW - 1 (+ CW)
     s = 1.0
@@ -293,22 +320,22 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p, prow, base, ch, H,
     for i in range(K):
         ti = tl.load(wflip + i * K, mask=band, other=0.0)
         hrow = h0 + r + (PB - i)
-        acc0 = _dot_split(_plane_rows(duch, hrow, dcol, H, W, sH, sW, hrow >= 0)[0] * s, ti,
-                          acc0, UPCAST)
+        acc0 = _dot_du_rows(duch, dloch, hrow, dcol, H, W, sH, sW, s, ti, acc0, SPLIT, UPCAST)
         if TW > CW:
-            acc1 = _dot_split(_plane_rows(duch, hrow, dcol + CW, H, W, sH, sW, hrow >= 0)[0] * s,
-                              ti, acc1, UPCAST)
+            acc1 = _dot_du_rows(duch, dloch, hrow, dcol + CW, H, W, sH, sW, s, ti, acc1, SPLIT,
+                                UPCAST)
     acc = _join_cols(acc0, acc1, TH, TW, CW)
     # dW: kernel row by kernel row, 16 columns at a time
     m = tl.arange(0, 32)
     ij = tl.arange(0, MP)
     band = tl.minimum((m % 16)[:, None] + ij[None, :] + XO, KX - 1)  # (j >= K: unused)
     xcol = w0 - (PB + XO) + tl.arange(0, KX)
-    a0 = _du_cols(duch, h0, w0, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty, UPCAST)
+    a0 = _du_cols(duch, dloch, h0, w0, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty, SPLIT,
+                  UPCAST)
     a1 = a0
     if TW > 16:
-        a1 = _du_cols(duch, h0, w0 + 16, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty,
-                      UPCAST)
+        a1 = _du_cols(duch, dloch, h0, w0 + 16, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty,
+                      SPLIT, UPCAST)
     accw = tl.zeros([MP, MP], dtype=tl.float32)
     accm = tl.zeros([MP, MP], dtype=tl.float32)
     for i in range(K):
@@ -501,12 +528,15 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
 
 @triton.jit
 def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-                   gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, inv_n, C, H, W, sN, sC, sH, sW,
-                   tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
-                   ACT: tl.constexpr, IN_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
-                   TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-                   XO: tl.constexpr, CW: tl.constexpr):
+                   gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, dulo_ptr, db_p, inv_n, C, H, W, sN,
+                   sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
+                   PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr,
+                   BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
+                   KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, SPLIT: tl.constexpr):
+    """du = dg * act'(u) into the scratch: fp32 at du_ptr, or (SPLIT: bfloat16 on tensor
+    cores) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at dulo_ptr,
+    with the tile's db partial taken here from the fp32 values (B2b never sees them)."""
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
@@ -522,32 +552,41 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
         d = d - _load_c(dbeta_ptr, c, cmask) * inv_n \
             - xh * (_load_c(dgamma_ptr, c, cmask) * inv_n)
     du = scale * d * _act_grad(u, ACT)
-    tl.store(du_ptr + offs, du, mask=m)
+    if SPLIT:
+        hi, lo = _split16(du, du_ptr.dtype.element_ty, TC == 2)
+        tl.store(du_ptr + offs, hi.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(dulo_ptr + offs, lo.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(db_p + row.to(tl.int64) * C + c, tl.sum(tl.where(m, du, 0.0), axis=1),
+                 mask=cmask)
+    else:
+        tl.store(du_ptr + offs, du, mask=m)
 
 
 @triton.jit
-def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dx_ptr, dw_p, db_p,
-                   dscale_p, dshift_p, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
+def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dx_ptr, dw_p,
+                   db_p, dscale_p, dshift_p, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
                    CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
-                   XO: tl.constexpr, KX: tl.constexpr):
+                   XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr):
     """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
-    cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`)."""
+    cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`). SPLIT: du
+    comes as B2a's two 16-bit terms, db from B2a."""
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
-    du = tl.load(du_ptr + offs, mask=m, other=0.0)
     prow = row.to(tl.int64) * C + c
-    tl.store(db_p + prow, tl.sum(du, axis=1), mask=cmask)
+    if not SPLIT:
+        du = tl.load(du_ptr + offs, mask=m, other=0.0)
+        tl.store(db_p + prow, tl.sum(du, axis=1), mask=cmask)
     acc = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if TC > 0:
-        acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dw_p,
+        acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p,
                        row.to(tl.int64) * C + cb, base, cb, H, W, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, CW, DO, MP,
-                       RP, XO, KX, TC == 2)
+                       RP, XO, KX, SPLIT, TC == 2)
     else:
         for i in range(K):
             # dx[q] += du[q + PB - i] * w[i] (transposed conv); dW[i] += du[q] * x[q + i - PB]
@@ -710,18 +749,33 @@ def _conv_kw(x, weight, tc):
     return dict(TC=1 if targets_gpu(x) else 2, XO=xo, CW=cw, KP=kp)
 
 
+def _split_du(x, tc) -> bool:
+    """Whether B2a stores du as its two 16-bit terms (bfloat16 on tensor cores; float16 keeps
+    the fp32 scratch: B2b scales each halo into float16's range before splitting it)."""
+    return bool(tc) and x.dtype == torch.bfloat16
+
+
 def _bwd_conv_kw(x, weight, tile, tc):
-    """B2b's constexprs: TC as in :func:`_conv_kw`, DO (:func:`_col_shift` of the transposed
-    convolution's fp32 du rows), their CW and KP (:func:`_gemm_cols`), MP (dW's rows and
-    columns: k padded to a power of two >= 16), RP (the halo's rows TH + k - 1, padded to
-    a power of two), XO and KX (the forward's x row windows, :func:`_conv_kw`'s XO and KP:
-    dW's GEMMs take them)."""
+    """B2b's constexprs: TC as in :func:`_conv_kw`, SPLIT (:func:`_split_du`), DO
+    (:func:`_col_shift` of the transposed convolution's du rows: 16-bit ones where that
+    needs no wider GEMM, else 4-byte aligned), their CW and KP (:func:`_gemm_cols`), MP
+    (dW's rows and columns: k padded to a power of two >= 16), RP (the halo's rows TH + k - 1,
+    padded to a power of two), XO and KX (the forward's x row windows, :func:`_conv_kw`'s XO
+    and KP: dW's GEMMs take them)."""
     k = weight.shape[-1]
     kw = _conv_kw(x, weight, tc)
-    do = _col_shift(k - 1 - pad_before(k), 4) if tc else 0
-    cw, kp = _gemm_cols(tile["TW"], k, do) if tc else (kw["CW"], kw["KP"])
+    split = _split_du(x, tc)
+    if tc:
+        do = _col_shift(k - 1 - pad_before(k), 4)
+        cw, kp = _gemm_cols(tile["TW"], k, do)
+        do2 = _col_shift(k - 1 - pad_before(k), 2)
+        if split and _gemm_cols(tile["TW"], k, do2) == (cw, kp):
+            do = do2
+    else:
+        do, cw, kp = 0, kw["CW"], kw["KP"]
     return dict(TC=kw["TC"], CW=cw, KP=kp, DO=do, MP=max(16, triton.next_power_of_2(k)),
-                RP=triton.next_power_of_2(tile["TH"] + k - 1), XO=kw["XO"], KX=kw["KP"])
+                RP=triton.next_power_of_2(tile["TH"] + k - 1), XO=kw["XO"], KX=kw["KP"],
+                SPLIT=split)
 
 
 def _affine_ptrs(stand_in, in_scale, in_shift):
@@ -770,18 +824,22 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     N, C, H, W = x.shape
     k = weight.shape[-1]
     rows, grid, common, tile = _plan(x, tc)
-    du = torch.empty_like(x, dtype=torch.float32)
+    split = _split_du(x, tc)
+    if split:  # du's high and low 16-bit terms (the bytes of one fp32 scratch)
+        du, dulo = torch.empty_like(x), torch.empty_like(x)
+    else:
+        du = dulo = torch.empty_like(x, dtype=torch.float32)
+    dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
     _launch(_bwd_du_kernel, grid, x,
             (dout, x, weight, bias, *_affine_ptrs(x, in_scale, in_shift), mean, rstd, gamma,
-             dbeta, dgamma, du, 1.0 / max(N * H * W, 1), *common),
+             dbeta, dgamma, du, dulo, db_p, 1.0 / max(N * H * W, 1), *common),
             dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats),
-                 **_conv_kw(x, weight, tc), **tile))
+                 **_conv_kw(x, weight, tc), **tile, SPLIT=split))
     dx = torch.empty_like(x)
-    dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
     n_aff = rows if in_scale is not None else 0
     dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
     _launch(_bwd_dx_kernel, grid, x,
-            (dout, x, weight, *_affine_ptrs(x, in_scale, in_shift), du, dx, dw_p, db_p,
+            (dout, x, weight, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
             dict(_kc(weight, in_scale), **_bwd_conv_kw(x, weight, tile, tc), **tile))
     return dx, dw_p, db_p, dscale_p, dshift_p
