@@ -37,6 +37,7 @@ MODEL_ARGS=${MODEL_ARGS:---no-blocks --model --ks 9 --dtypes bfloat16}
 cap() { local t=$1; shift; if [[ ${t:-0} -gt 0 ]]; then timeout -s INT -k 10 "$t" "$@"; else "$@"; fi; }
 # The CUDA-tensor test run: in parallel where pytest-xdist is there; the tests that only
 # compile for targets or build (no GPU needed, run by CI) are left out.
+TEST_PATHS=${TEST_PATHS:-$ROOT/tests}   # (a call with little device time: a few test files)
 TEST_ARGS=${TEST_ARGS:---ignore=$ROOT/tests/test_targets.py --ignore=$ROOT/tests/test_static.py --ignore=$ROOT/tests/test_build.py --ignore=$ROOT/tests/test_benchmarks.py}
 # (each worker with its share of the cores: OpenMP's spinning threads, 16 per worker, made
 # two CPU gradchecks of 0.3 s run past 150 s under 12 workers)
@@ -75,12 +76,12 @@ if has test; then
   # and plugins), then the workers start: on a fresh machine 12 workers collecting at once
   # once spent a whole 75 s stage limit importing hypothesis
   (cd "$RUN" && cap 60 $PY -m pytest --collect-only -q -p no:cacheprovider \
-    --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests" > "$RES/collect.log" 2>&1) || true
+    --rootdir="$ROOT" -c "$ROOT/pyproject.toml" $TEST_PATHS > "$RES/collect.log" 2>&1) || true
   # shellcheck disable=SC2086
   (cd "$RUN" && if [[ -n ${TEST_OMP:-} ]]; then export OMP_NUM_THREADS=$TEST_OMP; fi &&
     CONVMIXER_EXT_FAILURE_LOG="$RES/test-failures.log" \
     CONVMIXER_EXT_REQUIRE_BACKENDS=all-kernels cap "${T_TEST:-0}" $PY -m pytest -rfE \
-    -p no:cacheprovider $TEST_ARGS --rootdir="$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests") \
+    -p no:cacheprovider $TEST_ARGS --rootdir="$ROOT" -c "$ROOT/pyproject.toml" $TEST_PATHS) \
     > "$RES/tests.log" 2>&1 || status=1
   tail -15 "$RES/tests.log"
 fi
