@@ -17,8 +17,8 @@
 #                                      # kernel backends side by side at k = 3..15, and (where
 #                                      # Nsight Compute is there) the counters of B2's kernels
 #   bash benchmarks/gpu_session.sh 5   # after a tensor-core change, in ~3 minutes: its tests,
-#                                      # each kernel's time (and B2 without B2b's register
-#                                      # cap, A/B), bf16 NCHW blocks against the CUDA library
+#                                      # each kernel's time, bf16 NCHW blocks against the
+#                                      # CUDA library
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -78,15 +78,6 @@ triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-b2-k9.csv" 2>&1 || echo "ncu: rc $?"
 triton_tc --kernels" T_BENCH=60 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes eval \
 train_fwdbwd --providers cuda triton_tc --dtypes bfloat16 --layouts nchw" \
       timeout -k 5 220 bash benchmarks/gpu_run.sh build test passes bench || status=$?
-    echo "== A/B: B2 without B2b's register cap"
-    (cd build/gpu-run && timeout -k 5 40 python3 -c "
-import sys, convmixer_ext.triton_kernels as tk
-tk._bwd_launch_opts = lambda x, kw: {}
-from benchmarks import passes
-sys.exit(passes.main(['--ks', '3', '9', '31', '--dtypes', 'bfloat16', '--layouts', 'nchw',
-                      '--backends', 'triton_tc', '--kernels', '--out', '$OUT/no-cap']))
-" > "$OUT/passes-no-cap.log" 2>&1) || status=1
-    grep -A2 "B2:" "$OUT/passes-no-cap.log"
     ;;
   *) echo "call must be 1, 2, 3, 4 or 5"; exit 2 ;;
 esac

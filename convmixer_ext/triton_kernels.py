@@ -778,18 +778,6 @@ def _bwd_conv_kw(x, weight, tile, tc):
                 SPLIT=split)
 
 
-def _bwd_launch_opts(x, conv_kw):
-    """B2b's launch options on tensor cores: ``maxnreg``, the registers that let as many of
-    its 32x32-tile programs reside on an H100 SM as shared memory does (17 KB a program while
-    KP = 32: 12 programs, 85 registers; 24 KB at KP = 64: 9, 113). Left to itself the compiler takes
-    132-198 registers (10-14 warps per SM); the kernel is issue-bound, and more warps to
-    issue from outweigh the few instructions the cap adds (k = 9: 4136 -> 4472 per thread,
-    14 -> 24 warps per SM, no spills [C]; docs/DESIGN.md, "Tensor cores")."""
-    if conv_kw["TC"] != 1:
-        return {}
-    return dict(maxnreg=80 if conv_kw["KP"] <= 32 else 112)
-
-
 def _affine_ptrs(stand_in, in_scale, in_shift):
     """Pointers for the input affine; a stand-in tensor (never read) when there is none."""
     return (stand_in, stand_in) if in_scale is None else (in_scale, in_shift)
@@ -848,13 +836,12 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
             dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats),
                  **_conv_kw(x, weight, tc), **tile, SPLIT=split))
     dx = torch.empty_like(x)
-    bkw = _bwd_conv_kw(x, weight, tile, tc)
     n_aff = rows if in_scale is not None else 0
     dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, weight, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
-            dict(_kc(weight, in_scale), **bkw, **tile, **_bwd_launch_opts(x, bkw)))
+            dict(_kc(weight, in_scale), **_bwd_conv_kw(x, weight, tile, tc), **tile))
     return dx, dw_p, db_p, dscale_p, dshift_p
 
 

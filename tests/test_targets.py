@@ -104,24 +104,6 @@ def test_tensor_core_gemms_compute_no_row_twice(facts):
             assert {g["M"] for g in f["gemms"]} == {f["constexprs"]["TH"]}, f
 
 
-def test_tensor_core_b2_registers_do_not_limit_occupancy(facts):
-    """B2b on tensor cores is issue-bound with few warps resident: its register cap
-    (``maxnreg``) lets as many of its programs reside as shared memory does, up to 24 warps
-    per SM (12 programs: a 32x32 tile's shared memory on sm_90), on both targets and for
-    both dtypes (spills: the next test). Fails without the cap (132-198 registers: 10-14
-    warps per SM where shared memory allows 18-24)."""
-    from benchmarks.static import occupancy
-    b2 = [f for f in facts["triton_kernels"]
-          if f["kernel"] == "_bwd_dx_kernel" and f["constexprs"].get("TC") == 1]
-    assert {f["arch"] for f in b2} == {80, 90} and {1, 9, 31} <= {f["constexprs"]["K"] for f in b2}
-    for f in b2:
-        threads = f["num_warps"] * 32
-        got = occupancy(f["arch"], threads, f["regs"], f["shared"])["warps"]
-        smem_only = occupancy(f["arch"], threads, 1, f["shared"])["warps"]
-        assert got >= min(smem_only, 24), (f["constexprs"]["K"], f["dtypes"], f["arch"],
-                                           f["regs"], f["maxnreg"], f["shared"], got)
-
-
 def test_no_spills_and_shared_memory_within_limits(facts):
     from benchmarks.targets import SMEM_LIMIT
     for f in facts["triton_kernels"]:
