@@ -15,7 +15,8 @@
 #   bash benchmarks/gpu_session.sh 4   # 16-bit NCHW, for "auto" and the model: each kernel
 #                                      # of the tensor-core passes under the profiler, the
 #                                      # kernel backends side by side at k = 3..15, and (where
-#                                      # Nsight Compute is there) the counters of B2's kernels
+#                                      # Nsight Compute is there) the counters and stall
+#                                      # reasons of B2a, B2b and F2
 #   bash benchmarks/gpu_session.sh 5   # after a tensor-core change, in ~3 minutes: its tests,
 #                                      # each kernel's time, bf16 NCHW blocks against the
 #                                      # CUDA library
@@ -58,16 +59,20 @@ train_fwdbwd --providers cuda triton triton_tc --dtypes bfloat16 --layouts nchw"
       timeout -k 5 300 bash benchmarks/gpu_run.sh build passes bench || status=$?
     NCU=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null)
     if [[ -n "$NCU" ]]; then
-      echo "== Nsight Compute: B2 of triton_tc, bf16 NCHW, k = 9"
-      (cd build/gpu-run && timeout -k 5 60 "$NCU" --kernel-name regex:_bwd_d[ux] --launch-count 4 \
-        --csv --metrics gpu__time_duration.sum,smsp__inst_executed.sum,dram__bytes_read.sum,\
-dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active,\
-launch__registers_per_thread,launch__grid_size,launch__block_size,\
+      # one launch of each kernel: issue, occupancy, pipes, DRAM, and where warps stall
+      for kern in _bwd_dx_kernel _bwd_du_kernel _apply_kernel; do
+        echo "== Nsight Compute: $kern of triton_tc, bf16 NCHW, k = 9"
+        (cd build/gpu-run && timeout -k 5 45 "$NCU" --kernel-name "$kern" --launch-count 1 \
+          --csv --section WarpStateStats --metrics gpu__time_duration.sum,\
+smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,\
+sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,\
+launch__grid_size,launch__block_size,\
 sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
 smsp__issue_active.avg.pct_of_peak_sustained_active \
-        python -m benchmarks.passes --ks 9 --dtypes bfloat16 --layouts nchw --backends \
-triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-b2-k9.csv" 2>&1 || echo "ncu: rc $?"
-      tail -30 "$OUT/ncu-b2-k9.csv"
+          python -m benchmarks.passes --ks 9 --dtypes bfloat16 --layouts nchw --backends \
+triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-$kern-k9.csv" 2>&1 || echo "ncu: rc $?"
+        grep -i "stall\|issue_active\|duration" "$OUT/ncu-$kern-k9.csv" | cut -d, -f5,13- | head -40
+      done
     else
       echo "no Nsight Compute (ncu) on this machine"
     fi
