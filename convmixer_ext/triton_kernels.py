@@ -251,16 +251,27 @@ def _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _band_sums(a, xch, xrow, xcol, H, W, sH, sW, band, IN_AFFINE: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """(sum_m P[m, band[m, j]] for P = a @ X, the same for P = a @ M): one kernel row's dW
-    (and its in-image-mask term) over 16 columns, X the x rows ``xrow`` at columns ``xcol``
-    (0 outside the image), M its in-image mask."""
+def _band_sums(a0, a1, xch, xrow, xcol, H, W, sH, sW, band, TWO: tl.constexpr,
+               IN_AFFINE: tl.constexpr, UPCAST: tl.constexpr):
+    """(sum_m P[m, band[m, j]] for P = a0 @ X0 (+ a1 @ X1 where TWO), the same for the
+    in-image masks M0 (M1)): one kernel row's dW (and its mask term) over 16 columns (32
+    where TWO), X0 the x rows ``xrow`` at columns ``xcol`` (0 outside the image), X1 the same
+    16 columns on. Both column blocks share the band, so their GEMMs accumulate into one P
+    and the band is gathered and summed once."""
     xi, mi = _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST)
-    dw = tl.sum(tl.gather(tl.dot(a, xi, input_precision="ieee"), band, axis=1), axis=0)
+    p = tl.dot(a0, xi, input_precision="ieee")
+    pm = p
+    if IN_AFFINE:
+        pm = tl.dot(a0, mi, input_precision="ieee")
+    if TWO:
+        xi, mi = _x_window(xch, xrow, xcol + 16, H, W, sH, sW, UPCAST)
+        p = tl.dot(a1, xi, p, input_precision="ieee")
+        if IN_AFFINE:
+            pm = tl.dot(a1, mi, pm, input_precision="ieee")
+    dw = tl.sum(tl.gather(p, band, axis=1), axis=0)
     dm = tl.zeros_like(dw)
     if IN_AFFINE:
-        dm = tl.sum(tl.gather(tl.dot(a, mi, input_precision="ieee"), band, axis=1), axis=0)
+        dm = tl.sum(tl.gather(pm, band, axis=1), axis=0)
     return dw, dm
 
 
@@ -340,12 +351,8 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
     accm = tl.zeros([MP, MP], dtype=tl.float32)
     for i in range(K):
         xrow = h0 + r + (i - PB)
-        dw, dm = _band_sums(a0, xch, xrow, xcol, H, W, sH, sW, band, IN_AFFINE, UPCAST)
-        if TW > 16:
-            dw1, dm1 = _band_sums(a1, xch, xrow, xcol + 16, H, W, sH, sW, band, IN_AFFINE,
-                                  UPCAST)
-            dw += dw1
-            dm += dm1
+        dw, dm = _band_sums(a0, a1, xch, xrow, xcol, H, W, sH, sW, band, TW > 16, IN_AFFINE,
+                            UPCAST)
         accw = tl.where(ij[:, None] == i, dw[None, :], accw)
         accm = tl.where(ij[:, None] == i, dm[None, :], accm)
     if IN_AFFINE:
