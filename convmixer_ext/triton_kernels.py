@@ -297,7 +297,9 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
     du[h0 + r, w0 + c0 + m mod 16]`` (the tile's own du, transposed; rows m < 16 its high
     16-bit terms, m >= 16 its low ones: one GEMM for both, built once per program) and X_i
     the forward's row window (:func:`_conv_tc` with XO, KX its KP); then ``dW[i, j] = sum_m
-    P[m, m mod 16 + j + XO]``, the band of P, taken by ``tl.gather``. With the input affine,
+    P[m, m mod 16 + j + XO]``, the band of P, taken by ``tl.gather``. The band is the same for
+    both 16-column blocks of a 32-wide tile: their GEMMs accumulate into one P
+    (:func:`_band_sums`). With the input affine,
     ``dW = a (du * x) + c (du * M)``, M the in-image mask. For float16 (whose range is not
     fp32's) du is scaled by the power of two that takes the halo's largest |du| into [1, 4),
     undone on the fp32 results."""
@@ -336,7 +338,7 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
             acc1 = _dot_du_rows(duch, dloch, hrow, dcol + CW, H, W, sH, sW, s, ti, acc1, SPLIT,
                                 UPCAST)
     acc = _join_cols(acc0, acc1, TH, TW, CW)
-    # dW: kernel row by kernel row, 16 columns at a time
+    # dW: kernel row by kernel row, both 16-column blocks into one band
     m = tl.arange(0, 32)
     ij = tl.arange(0, MP)
     band = tl.minimum((m % 16)[:, None] + ij[None, :] + XO, KX - 1)  # (j >= K: unused)
