@@ -47,7 +47,7 @@ nchw" T_BENCH=100 BENCH_ARGS="--shapes cm1536 --ks 9 31 --modes eval train_fwdbw
       model || status=$?
     ;;
   3)
-    TEST_WORKERS=12 T_TEST=75 T_SANITIZE=35 T_PASSES=70 PASSES_ARGS="--ks 3 9 31 --backends \
+    TEST_WORKERS=12 T_TEST=95 T_SANITIZE=35 T_PASSES=70 PASSES_ARGS="--ks 3 9 31 --backends \
 cuda triton_tc" T_BENCH=95 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes eval train_fwdbwd \
 --providers eager cuda triton_tc --dtypes bfloat16 float32" \
       timeout -k 5 370 bash benchmarks/gpu_run.sh build test sanitize passes bench || status=$?

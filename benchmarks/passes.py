@@ -68,8 +68,15 @@ def kernel_times(step, launches=5):
         for _ in range(launches):
             step()
         torch.cuda.synchronize()
+    return per_launch(prof.key_averages(), launches)
+
+
+def per_launch(events, launches):
+    """{name: (mean us per launch, launches per step)} of profiler averages (``key``,
+    ``count`` and the device time, ``device_time_total`` or, in older torch,
+    ``cuda_time_total``), events without device time left out."""
     out = {}
-    for e in prof.key_averages():
+    for e in events:
         total = getattr(e, "device_time_total", None)
         if total is None:
             total = getattr(e, "cuda_time_total", 0)

@@ -81,3 +81,19 @@ def test_pass_timings_smoke(tmp_path):
                 ("cm1536", "float32", "nchw", "F1", 9, "triton"): 1.0}
     pairs = {p["key"][3]: p["ratio"] for p in static.compare(rows, measured)}
     assert pairs == {"B2": 2.0, "F1": 0.5}
+
+
+def test_per_kernel_times_average_per_launch():
+    """passes --kernels: the profiler's per-kernel totals become the mean time of one launch
+    and the launches per step; host-only events (no device time) are left out; older torch
+    names the device total cuda_time_total."""
+    from types import SimpleNamespace as E
+
+    from benchmarks.passes import per_launch
+    events = [E(key="_bwd_dx_kernel", count=5, device_time_total=500.0),
+              E(key="_bwd_du_kernel", count=10, device_time_total=300.0),
+              E(key="cudaLaunchKernel", count=15, device_time_total=0.0),
+              E(key="old_torch_kernel", count=5, cuda_time_total=50.0)]
+    assert per_launch(events, launches=5) == {"_bwd_dx_kernel": (100.0, 1.0),
+                                              "_bwd_du_kernel": (30.0, 2.0),
+                                              "old_torch_kernel": (10.0, 1.0)}
