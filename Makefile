@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy pytest hypothesis timm ninja matplotlib tqdm pytest-benchmark scikit-learn \
-        "setuptools>=70.1" wheel
+DEPS := numpy pytest pytest-xdist hypothesis timm ninja matplotlib tqdm pytest-benchmark \
+        scikit-learn "setuptools>=70.1" wheel
 # The oldest supported pair (the GPU image's): a second venv for `make test-compat`.
 COMPAT_VENV ?= .venv-compat
 CPY := $(COMPAT_VENV)/bin/python
@@ -21,6 +21,10 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 # Kernel backends whose absence fails the tests instead of skipping them.
 REQUIRE ?= all-kernels
+# `make test` runs the suite in this many processes (one core each; a test file stays in
+# one process, so its module fixtures run once); 1: serially.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,)
 
 .PHONY: setup build test test-asan wheel test-compat bench clean
 
@@ -35,7 +39,8 @@ build: setup
 	CONVMIXER_EXT_BUILD_EMU=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
-	CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(if $(XDIST),OMP_NUM_THREADS=1) CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) \
+	  $(VPY) -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
 # The CUDA kernels' host-emulation build under AddressSanitizer + UBSan (memory safety of
 # global and shared-memory accesses without a GPU).
