@@ -246,10 +246,9 @@ def _compile_one(job):
     kernel = getattr(tk, name)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+    consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
     fact = dict(kernel=name, arch=arch, constexprs={k: v for k, v in consts.items()},
                 num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages"),
-                maxnreg=kwargs.get("maxnreg"),
                 dtypes=sorted({str(a.dtype)[6:] for a in args if hasattr(a, "dtype")}))
     try:
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)

@@ -166,14 +166,21 @@ def _split16(a, DT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dot_split(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b for fp32 ``a`` and 16-bit ``b`` on tensor cores, ``a`` entering as its two
-    16-bit terms (:func:`_split16`); UPCAST: the GEMMs on fp32 copies."""
-    hi, lo = _split16(a, b.dtype, UPCAST)
+def _dot_terms(hi, lo, b, acc, UPCAST: tl.constexpr):
+    """acc + (hi + lo) @ b on tensor cores, ``hi`` and ``lo`` the two 16-bit terms of an fp32
+    operand (:func:`_split16`); UPCAST: the GEMMs on fp32 copies."""
     if UPCAST:
-        b = b.to(tl.float32)
+        hi, lo, b = hi.to(tl.float32), lo.to(tl.float32), b.to(tl.float32)
     acc = tl.dot(hi, b, acc, input_precision="ieee")
     return tl.dot(lo, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _dot_split(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b for fp32 ``a`` and 16-bit ``b`` on tensor cores, ``a`` entering as its two
+    16-bit terms (:func:`_split16`, :func:`_dot_terms`)."""
+    hi, lo = _split16(a, b.dtype, UPCAST)
+    return _dot_terms(hi, lo, b, acc, UPCAST)
 
 
 @triton.jit
@@ -229,12 +236,8 @@ def _dot_du_rows(duch, dloch, hrow, dcol, H, W, sH, sW, s, ti, acc, SPLIT: tl.co
     (SPLIT) loaded as stored, high at duch and low at dloch."""
     ok = hrow >= 0
     if SPLIT:
-        hi = _plane_rows(duch, hrow, dcol, H, W, sH, sW, ok)[0]
-        lo = _plane_rows(dloch, hrow, dcol, H, W, sH, sW, ok)[0]
-        if UPCAST:
-            hi, lo, ti = hi.to(tl.float32), lo.to(tl.float32), ti.to(tl.float32)
-        acc = tl.dot(hi, ti, acc, input_precision="ieee")
-        return tl.dot(lo, ti, acc, input_precision="ieee")
+        return _dot_terms(_plane_rows(duch, hrow, dcol, H, W, sH, sW, ok)[0],
+                          _plane_rows(dloch, hrow, dcol, H, W, sH, sW, ok)[0], ti, acc, UPCAST)
     return _dot_split(_plane_rows(duch, hrow, dcol, H, W, sH, sW, ok)[0] * s, ti, acc, UPCAST)
 
 
@@ -775,11 +778,11 @@ def _bwd_conv_kw(x, weight, tile, tc):
     kw = _conv_kw(x, weight, tc)
     split = _split_du(x, tc)
     if tc:
-        do = _col_shift(k - 1 - pad_before(k), 4)
+        pa = k - 1 - pad_before(k)  # the transposed convolution's padding before
+        do = _col_shift(pa, 4)
         cw, kp = _gemm_cols(tile["TW"], k, do)
-        do2 = _col_shift(k - 1 - pad_before(k), 2)
-        if split and _gemm_cols(tile["TW"], k, do2) == (cw, kp):
-            do = do2
+        if split and _gemm_cols(tile["TW"], k, _col_shift(pa, 2)) == (cw, kp):
+            do = _col_shift(pa, 2)
     else:
         do, cw, kp = 0, kw["CW"], kw["KP"]
     return dict(TC=kw["TC"], CW=cw, KP=kp, DO=do, MP=max(16, triton.next_power_of_2(k)),
@@ -833,7 +836,8 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     N, C, H, W = x.shape
     k = weight.shape[-1]
     rows, grid, common, tile = _plan(x, tc)
-    split = _split_du(x, tc)
+    bkw = _bwd_conv_kw(x, weight, tile, tc)
+    split = bkw["SPLIT"]
     if split:  # du's high and low 16-bit terms (the bytes of one fp32 scratch)
         du, dulo = torch.empty_like(x), torch.empty_like(x)
     else:
@@ -850,7 +854,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, weight, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
-            dict(_kc(weight, in_scale), **_bwd_conv_kw(x, weight, tile, tc), **tile))
+            dict(_kc(weight, in_scale), **bkw, **tile))
     return dx, dw_p, db_p, dscale_p, dshift_p
 
 
