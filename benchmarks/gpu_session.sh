@@ -20,6 +20,8 @@
 #   bash benchmarks/gpu_session.sh 5   # after a tensor-core change, in ~3 minutes: its tests,
 #                                      # each kernel's time, bf16 NCHW blocks against the
 #                                      # CUDA library
+#   bash benchmarks/gpu_session.sh 6   # call 5, then Nsight Compute's stall reasons for
+#                                      # B2b, B2a and eval (~6 minutes)
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -27,11 +29,31 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1, 2 or 3"}
+CALL=${1:?"which call: 1 to 6"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
 status=0
+# Nsight Compute on one launch of each named tensor-core kernel (bf16 NCHW, k = 9): issue,
+# occupancy, pipes, DRAM, and where warps stall (WarpStateStats).
+nsight() {
+  local NCU kern
+  NCU=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null)
+  if [[ -z "$NCU" ]]; then echo "no Nsight Compute (ncu) on this machine"; return 0; fi
+  for kern in "$@"; do
+    echo "== Nsight Compute: $kern of triton_tc, bf16 NCHW, k = 9"
+    (cd build/gpu-run && timeout -k 5 45 "$NCU" --kernel-name "$kern" --launch-count 1 \
+      --csv --section WarpStateStats --metrics gpu__time_duration.sum,\
+smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,\
+sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,\
+launch__grid_size,launch__block_size,\
+sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
+smsp__issue_active.avg.pct_of_peak_sustained_active \
+      python -m benchmarks.passes --ks 9 --dtypes bfloat16 --layouts nchw --backends \
+triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-$kern-k9.csv" 2>&1 || echo "ncu: rc $?"
+    grep -i "stall\|issue_active\|duration" "$OUT/ncu-$kern-k9.csv" | cut -d, -f5,13- | head -40
+  done
+}
 case "$CALL" in
   1)
     TEST_WORKERS=12 T_TEST=170 T_SANITIZE=35 SANITIZE_TOOLS=memcheck T_GRAPH=50 \
@@ -57,34 +79,17 @@ cuda triton_tc" T_BENCH=95 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes eval 
 triton_tc --kernels" T_BENCH=130 BENCH_ARGS="--shapes cm1536 --ks 3 7 9 15 --modes eval \
 train_fwdbwd --providers cuda triton triton_tc --dtypes bfloat16 --layouts nchw" \
       timeout -k 5 300 bash benchmarks/gpu_run.sh build passes bench || status=$?
-    NCU=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null)
-    if [[ -n "$NCU" ]]; then
-      # one launch of each kernel: issue, occupancy, pipes, DRAM, and where warps stall
-      for kern in _bwd_dx_kernel _bwd_du_kernel _apply_kernel; do
-        echo "== Nsight Compute: $kern of triton_tc, bf16 NCHW, k = 9"
-        (cd build/gpu-run && timeout -k 5 45 "$NCU" --kernel-name "$kern" --launch-count 1 \
-          --csv --section WarpStateStats --metrics gpu__time_duration.sum,\
-smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,\
-sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,\
-launch__grid_size,launch__block_size,\
-sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
-smsp__issue_active.avg.pct_of_peak_sustained_active \
-          python -m benchmarks.passes --ks 9 --dtypes bfloat16 --layouts nchw --backends \
-triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-$kern-k9.csv" 2>&1 || echo "ncu: rc $?"
-        grep -i "stall\|issue_active\|duration" "$OUT/ncu-$kern-k9.csv" | cut -d, -f5,13- | head -40
-      done
-    else
-      echo "no Nsight Compute (ncu) on this machine"
-    fi
+    nsight _bwd_dx_kernel _bwd_du_kernel _apply_kernel
     ;;
-  5)
+  5|6)
     TEST_PATHS="$PWD/tests/test_tensor_cores.py $PWD/tests/test_dispatch.py" TEST_WORKERS=8 \
     T_TEST=60 T_PASSES=50 PASSES_ARGS="--ks 3 9 31 --dtypes bfloat16 --layouts nchw --backends \
 triton_tc --kernels" T_BENCH=60 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes eval \
 train_fwdbwd --providers cuda triton_tc --dtypes bfloat16 --layouts nchw" \
       timeout -k 5 220 bash benchmarks/gpu_run.sh build test passes bench || status=$?
+    [[ "$CALL" == 6 ]] && nsight _bwd_dx_kernel _bwd_du_kernel _apply_kernel
     ;;
-  *) echo "call must be 1, 2, 3, 4 or 5"; exit 2 ;;
+  *) echo "call must be 1, 2, 3, 4, 5 or 6"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"
