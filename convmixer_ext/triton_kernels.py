@@ -810,15 +810,32 @@ def _conv_kw(x, weight, tc):
     return dict(TC=1 if targets_gpu(x) else 2, XO=xo, CW=cw, KP=kp, TPRE=kp <= 32)
 
 
-def _toeplitz(weight, KP, XO, CW):
-    """[C, K, KP, CW]: every channel's and kernel row's banded Toeplitz operand of
-    :func:`_conv_tc`, ``T[c, i, q, j] = W[c, i, q - XO - j]`` inside the band, 0 outside."""
+def _toeplitz_index(k, KP, XO, CW, flip, device):
+    """[k * KP * CW] int64: where :func:`_toeplitz` takes each element in a channel's k*k
+    weights and one zero after them (index k*k, outside the band); ``flip``: of the weight
+    with its columns reversed. Built with device ops (capturable by a CUDA graph)."""
+    q = torch.arange(KP, device=device)[:, None]
+    d = q - XO - torch.arange(CW, device=device)[None, :]
+    j = (k - 1 - d) if flip else d
+    i = torch.arange(k, device=device)[:, None, None]
+    return torch.where(((d >= 0) & (d < k))[None], i * k + j[None], k * k).reshape(-1)
+
+
+_toeplitz_index_cached = functools.lru_cache(maxsize=64)(_toeplitz_index)
+
+
+def _toeplitz(weight, KP, XO, CW, flip=False):
+    """[C, K * KP * CW]: every channel's and kernel row's banded Toeplitz operand of
+    :func:`_conv_tc`, ``T[c, i, q, j] = W[c, i, q - XO - j]`` inside the band, 0 outside
+    (``flip``: of W with its columns reversed, for B2's transposed convolution). Two device
+    ops per launch (a zero appended to each channel's weights, one gather): the index is
+    geometry, cached per device (rebuilt while a CUDA graph captures, so that the cached
+    tensor never lives in a graph's memory pool)."""
     C, k = weight.shape[0], weight.shape[-1]
-    d = (torch.arange(KP, device=weight.device)[:, None] - XO
-         - torch.arange(CW, device=weight.device)[None, :])
-    d = torch.where((d >= 0) & (d < k), d, k)  # k: the zero appended to each row
-    w = torch.nn.functional.pad(weight.reshape(C, k, k), (0, 1))
-    return w[:, :, d]
+    dev = weight.device
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    idx = (_toeplitz_index if capturing else _toeplitz_index_cached)(k, KP, XO, CW, flip, dev)
+    return torch.nn.functional.pad(weight.reshape(C, k * k), (0, 1)).index_select(1, idx)
 
 
 def _conv_weight(weight, kw):
@@ -922,7 +939,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     dx = torch.empty_like(x)
     n_aff = rows if in_scale is not None else 0
     dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
-    wt = _toeplitz(weight.flip(-1), bkw["KP"], bkw["DO"], bkw["CW"]) if bkw["TPRE"] else weight
+    wt = _toeplitz(weight, bkw["KP"], bkw["DO"], bkw["CW"], flip=True) if bkw["TPRE"] else weight
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, wt, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
