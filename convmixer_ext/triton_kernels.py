@@ -312,8 +312,7 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
             sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
             IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
             CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
-            XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr, TPRE: tl.constexpr,
-            UPCAST: tl.constexpr):
+            XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
     """B2 of channel ``ch`` over the program's TH x TW tile on tensor cores: stores the tile's
     dW partial (K x K at ``dw_p + prow * K * K``) and returns the transposed convolution
     ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du enters the GEMMs as
@@ -325,9 +324,8 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
     dx, kernel row i, per CW columns c0 + [0, CW) as in :func:`_conv_tc`: ``D_i @ T'_i`` with
     ``D_i[r, q] = du[h0 + r + PB - i, w0 + c0 + PB - (K-1) - DO + q]`` (TH x KP, zero outside
     the image) and ``T'_i[q, c] = W[i, K - 1 - (q - DO - c)]`` for ``0 <= q - DO - c < K``
-    (KP x CW; gathered from the row's weights, or, TPRE, read whole from ``w_ptr``, which
-    then holds every channel's T'_i: :func:`_toeplitz` of the flipped weight); DO: XO's
-    counterpart for du's rows.
+    (KP x CW, read whole from ``w_ptr``, which holds every channel's T'_i: :func:`_toeplitz`
+    of the flipped weight); DO: XO's counterpart for du's rows.
     dW, kernel row i, per 16 columns c0 + [0, 16): ``P = A @ X_i`` (32 x KX) with ``A[m, r] =
     du[h0 + r, w0 + c0 + m mod 16]`` (the tile's own du, transposed; rows m < 16 its high
     16-bit terms, m >= 16 its low ones: one GEMM for both, built once per program) and X_i
@@ -360,18 +358,11 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
         s, inv_s = _pow2_scale(hmax)
     # dx: the transposed convolution, kernel row by kernel row
     ccw = tl.arange(0, CW)
-    d = q[:, None] - DO - ccw[None, :]
-    band = (d >= 0) & (d < K)
-    wflip = w_ptr + ch * (K * K) + (K - 1) - d
-    if TPRE:
-        wflip = w_ptr + ch.to(tl.int64) * (K * KP * CW) + (q[:, None] * CW + ccw[None, :])
+    trow = w_ptr + ch.to(tl.int64) * (K * KP * CW) + (q[:, None] * CW + ccw[None, :])
     acc0 = tl.zeros([TH, CW], dtype=tl.float32)
     acc1 = tl.zeros([TH, CW], dtype=tl.float32)
     for i in range(K):
-        if TPRE:
-            ti = tl.load(wflip + i * (KP * CW))
-        else:
-            ti = tl.load(wflip + i * K, mask=band, other=0.0)
+        ti = tl.load(trow + i * (KP * CW))
         hrow = h0 + r + (PB - i)
         acc0 = _dot_du_rows(duch, dloch, hrow, dcol, H, W, sH, sW, s, ti, acc0, SPLIT, UPCAST)
         if TW > CW:
@@ -433,7 +424,7 @@ def _join_cols(a0, a1, TH: tl.constexpr, TW: tl.constexpr, CW: tl.constexpr):
 def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, sW, tiles_w,
              tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
              IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
-             XO: tl.constexpr, CW: tl.constexpr, TPRE: tl.constexpr, UPCAST: tl.constexpr):
+             XO: tl.constexpr, CW: tl.constexpr, UPCAST: tl.constexpr):
     """u = dwconv_K(input) + b of channel ``ch`` over the program's TH x TW tile on tensor
     cores, as [1, TH*TW] fp32 (row-major: the lanes of :func:`_tile`). UPCAST: the same
     GEMMs on fp32 copies of the 16-bit operands (under the interpreter).
@@ -441,10 +432,9 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     Kernel row i is a GEMM per CW output columns c0 + [0, CW) (docs/DESIGN.md, "Tensor
     cores"): ``u[r, c0 + c] += (X_i @ T_i)[r, c]`` with ``X_i[r, q] = x[h0 + r + i - PB, w0 +
     c0 - PB - XO + q]`` (TH x KP, zero outside the image) and the banded Toeplitz ``T_i[q, c]
-    = W[i, q - XO - c]`` for ``0 <= q - XO - c < K`` (KP x CW, the same for c0 = 0 and CW):
-    gathered here from the row's K weights, or (TPRE) read whole from ``w_ptr``, which then
-    holds every channel's T_i (:func:`_toeplitz`; 16-byte loads instead of a masked 2-byte
-    gather per element). XO (:func:`_col_shift`) starts the rows on a
+    = W[i, q - XO - c]`` for ``0 <= q - XO - c < K`` (KP x CW, the same for c0 = 0 and CW),
+    read whole from ``w_ptr``, which holds every channel's T_i (:func:`_toeplitz`: 16-byte
+    loads, where a gather from the weights took a masked 2-byte load per element). XO (:func:`_col_shift`) starts the rows on a
     16-byte boundary: vector loads; CW (:func:`_gemm_cols`) is 16 or the whole tile. Columns of
     X_i outside the band meet zeros of T_i: a non-finite x there (0 * inf) reaches the
     whole output row (docs/DESIGN.md, "Tensor cores"). x and W are 16-bit, so
@@ -456,21 +446,14 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     q = tl.arange(0, KP)
     col = tl.arange(0, CW)
     xcol = w0 - (PB + XO) + q  # the window of output columns w0 .. w0 + CW - 1 (+ CW)
-    d = q[:, None] - XO - col[None, :]
-    band = (d >= 0) & (d < K)
-    wrow = w_ptr + ch * (K * K)
-    if TPRE:
-        wrow = w_ptr + ch.to(tl.int64) * (K * KP * CW) + (q[:, None] * CW + col[None, :])
+    trow = w_ptr + ch.to(tl.int64) * (K * KP * CW) + (q[:, None] * CW + col[None, :])
     xch = x_ptr + base + ch.to(tl.int64) * sC
     acc0 = tl.zeros([TH, CW], dtype=tl.float32)
     acc1 = tl.zeros([TH, CW], dtype=tl.float32)
     accm0 = tl.zeros([TH, CW], dtype=tl.float32)
     accm1 = tl.zeros([TH, CW], dtype=tl.float32)
     for i in tl.range(K, loop_unroll_factor=K if KP <= 32 else 1):  # (docs/DESIGN.md)
-        if TPRE:
-            ti = tl.load(wrow + i * (KP * CW))
-        else:
-            ti = tl.load(wrow + i * K + d, mask=band, other=0.0)
+        ti = tl.load(trow + i * (KP * CW))
         xrow = h0 + r + (i - PB)
         acc0, accm0 = _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc0, accm0, IN_AFFINE,
                                 UPCAST)
@@ -490,15 +473,15 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid
           sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
           IN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
           TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-          XO: tl.constexpr, CW: tl.constexpr, TPRE: tl.constexpr):
+          XO: tl.constexpr, CW: tl.constexpr):
     """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB. TC:
     on tensor cores (:func:`_conv_tc`; one channel per program, 16-bit x): TC = 1, or 2 for
-    the same algorithm with fp32 operands (the interpreter); TPRE: w_ptr holds the Toeplitz
+    the same algorithm with fp32 operands (the interpreter), w_ptr then holding the Toeplitz
     operands (:func:`_toeplitz`)."""
     if TC > 0:
         return _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, cb, H, W, sC, sH, sW,
                         tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, XO,
-                        CW, TPRE, TC == 2)
+                        CW, TC == 2)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -522,12 +505,12 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count
                   PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                   TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                   KP: tl.constexpr, XO: tl.constexpr,
-                  CW: tl.constexpr, TPRE: tl.constexpr):
+                  CW: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, TPRE), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
@@ -547,12 +530,12 @@ def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                   IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                   KP: tl.constexpr, XO: tl.constexpr,
-                  CW: tl.constexpr, TPRE: tl.constexpr):
+                  CW: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, TPRE), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -568,12 +551,12 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                        TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                        TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr,
-                       CW: tl.constexpr, TPRE: tl.constexpr):
+                       CW: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
                    W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, TPRE), ACT)
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
@@ -590,8 +573,7 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
                    PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr,
                    BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                   KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, TPRE: tl.constexpr,
-                   SPLIT: tl.constexpr):
+                   KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, SPLIT: tl.constexpr):
     """du = dg * act'(u) into the scratch: fp32 at du_ptr, or (SPLIT: bfloat16 on tensor
     cores) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at dulo_ptr,
     with the tile's db partial taken here from the fp32 values (B2b never sees them)."""
@@ -599,7 +581,7 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
     u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
               sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
-              BLOCK_S, TH, TW, TC, KP, XO, CW, TPRE)
+              BLOCK_S, TH, TW, TC, KP, XO, CW)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -627,8 +609,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
                    CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
-                   XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr,
-                   TPRE: tl.constexpr):
+                   XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr):
     """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
     cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`). SPLIT: du
     comes as B2a's two 16-bit terms, db from B2a."""
@@ -645,7 +626,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
         acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p,
                        row.to(tl.int64) * C + cb, base, cb, H, W, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, CW, DO, MP,
-                       RP, XO, KX, SPLIT, TPRE, TC == 2)
+                       RP, XO, KX, SPLIT, TC == 2)
     else:
         for i in range(K):
             # dx[q] += du[q + PB - i] * w[i] (transposed conv); dW[i] += du[q] * x[q + i - PB]
@@ -796,18 +777,16 @@ def _gemm_cols(tw, k, shift):
 def _conv_kw(x, weight, tc):
     """The convolution's constexprs: TC (0: CUDA cores; 1: tensor cores; 2: their algorithm
     with fp32 operands, under the interpreter), XO (:func:`_col_shift` of the x rows), CW
-    and KP (:func:`_gemm_cols`), TPRE (the Toeplitz operands built before the launch,
-    :func:`_toeplitz`: while KP <= 32, 1 KiB per kernel row and channel, read from L2; a
-    wider KP would read more than the x plane's bytes per program from L2 at every row)."""
+    and KP (:func:`_gemm_cols`)."""
     if not tc:
-        return dict(TC=0, KP=16, XO=0, CW=16, TPRE=False)
+        return dict(TC=0, KP=16, XO=0, CW=16)
     if x.dtype not in TENSOR_CORE_DTYPES:
         raise TypeError(f"the tensor-core convolution takes float16 or bfloat16 x, got "
                         f"{x.dtype} (float32 stays on exact FP32 FMA: backend='triton')")
     k = weight.shape[-1]
     xo = _col_shift(pad_before(k), x.element_size())
     cw, kp = _gemm_cols(16, k, xo)
-    return dict(TC=1 if targets_gpu(x) else 2, XO=xo, CW=cw, KP=kp, TPRE=kp <= 32)
+    return dict(TC=1 if targets_gpu(x) else 2, XO=xo, CW=cw, KP=kp)
 
 
 def _toeplitz_index(k, KP, XO, CW, flip, device):
@@ -839,8 +818,9 @@ def _toeplitz(weight, KP, XO, CW, flip=False):
 
 
 def _conv_weight(weight, kw):
-    """What the convolution's w_ptr takes: the weight, or (TPRE) its Toeplitz operands."""
-    return _toeplitz(weight, kw["KP"], kw["XO"], kw["CW"]) if kw["TPRE"] else weight
+    """What the convolution's w_ptr takes: the weight, or on tensor cores its Toeplitz
+    operands."""
+    return _toeplitz(weight, kw["KP"], kw["XO"], kw["CW"]) if kw["TC"] else weight
 
 
 def _split_du(x, tc) -> bool:
@@ -855,8 +835,7 @@ def _bwd_conv_kw(x, weight, tile, tc):
     needs no wider GEMM, else 4-byte aligned), their CW and KP (:func:`_gemm_cols`), MP
     (dW's rows and columns: k padded to a power of two >= 16), RP (the halo's rows TH + k - 1,
     padded to a power of two), XO and KX (the forward's x row windows, :func:`_conv_kw`'s XO
-    and KP: dW's GEMMs take them), TPRE (the transposed convolution's Toeplitz operands built
-    before the launch, as :func:`_conv_kw`'s)."""
+    and KP: dW's GEMMs take them)."""
     k = weight.shape[-1]
     kw = _conv_kw(x, weight, tc)
     split = _split_du(x, tc)
@@ -870,7 +849,7 @@ def _bwd_conv_kw(x, weight, tile, tc):
         do, cw, kp = 0, kw["CW"], kw["KP"]
     return dict(TC=kw["TC"], CW=cw, KP=kp, DO=do, MP=max(16, triton.next_power_of_2(k)),
                 RP=triton.next_power_of_2(tile["TH"] + k - 1), XO=kw["XO"], KX=kw["KP"],
-                SPLIT=split, TPRE=bool(tc) and kp <= 32)
+                SPLIT=split)
 
 
 def _affine_ptrs(stand_in, in_scale, in_shift):
@@ -939,7 +918,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     dx = torch.empty_like(x)
     n_aff = rows if in_scale is not None else 0
     dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
-    wt = _toeplitz(weight, bkw["KP"], bkw["DO"], bkw["CW"], flip=True) if bkw["TPRE"] else weight
+    wt = _toeplitz(weight, bkw["KP"], bkw["DO"], bkw["CW"], flip=True) if tc else weight
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, wt, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
