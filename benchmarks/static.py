@@ -403,8 +403,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
                 l2 = programs * ((TH + k - 1) * (TW + k - 1) * e + wbytes)
                 dram += C * wbytes
             else:  # B2: dx per kernel row (TH x KP x TW, twice: du's hi and lo terms), dW
-                # per kernel row and 16 columns (32 x TH x KX: hi and lo rows; twice with the
-                # input affine)
+                # per kernel row and 16 columns (16 x TH x KX, twice: hi and lo terms; twice
+                # more with the input affine)
                 halo = TH + k - 1
                 n_dw = 2 if kw["IN_AFFINE"] else 1
                 mma = programs * k * (2 * TH * TW * KP + n_dw * TW // 16 * 32 * TH * kw["KX"])

@@ -238,23 +238,19 @@ def _abs_max(v):
 @triton.jit
 def _du_cols(duch, dloch, h0, wc, m, H, W, sH, sW, s, TH: tl.constexpr, DT: tl.constexpr,
              SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """[32, TH]: s * du[h0 + r, wc + m mod 16] (0 outside the image) as B2's dW operand, rows
-    m < 16 its high 16-bit terms, the others its low ones (:func:`_split16`; DT the 16-bit
-    type). SPLIT: du is stored as those terms already (high at duch, low at dloch)."""
+    """(hi, lo), [16, TH] each: s * du[h0 + r, wc + m] (0 outside the image) as B2's dW
+    operand, its high and low 16-bit terms (:func:`_split16`; DT the 16-bit type). SPLIT: du
+    is stored as those terms already (high at duch, low at dloch)."""
     r = tl.arange(0, TH)
-    col = wc + m % 16
+    col = wc + m
     hh = h0 + r
     ok = (col < W)[:, None] & (hh < H)[None, :]
     off = col.to(tl.int64)[:, None] * sW + hh.to(tl.int64)[None, :] * sH
-    lo_row = (m >= 16)[:, None]
     if SPLIT:
-        hi = tl.load(duch + off, mask=ok & ~lo_row, other=0.0)
-        lo = tl.load(dloch + off, mask=ok & lo_row, other=0.0)
-        if UPCAST:
-            hi, lo = hi.to(tl.float32), lo.to(tl.float32)
-    else:
-        hi, lo = _split16(tl.load(duch + off, mask=ok, other=0.0) * s, DT, UPCAST)
-    return tl.where(lo_row, lo, hi)
+        hi = tl.load(duch + off, mask=ok, other=0.0)
+        lo = tl.load(dloch + off, mask=ok, other=0.0)
+        return hi, lo
+    return _split16(tl.load(duch + off, mask=ok, other=0.0) * s, DT, UPCAST)
 
 
 @triton.jit
@@ -283,23 +279,24 @@ def _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _band_sums(a0, a1, xch, xrow, xcol, H, W, sH, sW, band, TWO: tl.constexpr,
+def _band_sums(h0, l0, h1, l1, xch, xrow, xcol, H, W, sH, sW, band, TWO: tl.constexpr,
                IN_AFFINE: tl.constexpr, UPCAST: tl.constexpr):
-    """(sum_m P[m, band[m, j]] for P = a0 @ X0 (+ a1 @ X1 where TWO), the same for the
-    in-image masks M0 (M1)): one kernel row's dW (and its mask term) over 16 columns (32
-    where TWO), X0 the x rows ``xrow`` at columns ``xcol`` (0 outside the image), X1 the same
-    16 columns on. Both column blocks share the band, so their GEMMs accumulate into one P
-    and the band is gathered and summed once."""
+    """(sum_m P[m, band[m, j]] for P = (h0 + l0) @ X0 (+ (h1 + l1) @ X1 where TWO), the same
+    for the in-image masks M0 (M1)): one kernel row's dW (and its mask term) over 16 columns
+    (32 where TWO), h, l the high and low terms of the transposed du (:func:`_du_cols`), X0
+    the x rows ``xrow`` at columns ``xcol`` (0 outside the image), X1 the same 16 columns on.
+    Both terms and both column blocks share the band, so all four GEMMs accumulate into one
+    16-row P and the band is gathered and summed once."""
     xi, mi = _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST)
-    p = tl.dot(a0, xi, input_precision="ieee")
+    p = _dot_terms(h0, l0, xi, tl.zeros([16, xi.shape[1]], dtype=tl.float32), UPCAST)
     pm = p
     if IN_AFFINE:
-        pm = tl.dot(a0, mi, input_precision="ieee")
+        pm = _dot_terms(h0, l0, mi, tl.zeros_like(p), UPCAST)
     if TWO:
         xi, mi = _x_window(xch, xrow, xcol + 16, H, W, sH, sW, UPCAST)
-        p = tl.dot(a1, xi, p, input_precision="ieee")
+        p = _dot_terms(h1, l1, xi, p, UPCAST)
         if IN_AFFINE:
-            pm = tl.dot(a1, mi, pm, input_precision="ieee")
+            pm = _dot_terms(h1, l1, mi, pm, UPCAST)
     dw = tl.sum(tl.gather(p, band, axis=1), axis=0)
     dm = tl.zeros_like(dw)
     if IN_AFFINE:
@@ -326,12 +323,12 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
     the image) and ``T'_i[q, c] = W[i, K - 1 - (q - DO - c)]`` for ``0 <= q - DO - c < K``
     (KP x CW, read whole from ``w_ptr``, which holds every channel's T'_i: :func:`_toeplitz`
     of the flipped weight); DO: XO's counterpart for du's rows.
-    dW, kernel row i, per 16 columns c0 + [0, 16): ``P = A @ X_i`` (32 x KX) with ``A[m, r] =
-    du[h0 + r, w0 + c0 + m mod 16]`` (the tile's own du, transposed; rows m < 16 its high
-    16-bit terms, m >= 16 its low ones: one GEMM for both, built once per program) and X_i
-    the forward's row window (:func:`_conv_tc` with XO, KX its KP); then ``dW[i, j] = sum_m
-    P[m, m mod 16 + j + XO]``, the band of P, taken by ``tl.gather``. The band is the same for
-    both 16-column blocks of a 32-wide tile: their GEMMs accumulate into one P
+    dW, kernel row i, per 16 columns c0 + [0, 16): ``P = (A_hi + A_lo) @ X_i`` (16 x KX) with
+    ``A[m, r] = du[h0 + r, w0 + c0 + m]`` (the tile's own du, transposed, as its high and low
+    16-bit terms: two GEMMs into one P, the operands built once per program) and X_i the
+    forward's row window (:func:`_conv_tc` with XO, KX its KP or 32); then ``dW[i, j] = sum_m
+    P[m, m + j + XO]``, the band of P, taken by ``tl.gather``. The band is the same for both
+    16-column blocks of a 32-wide tile: their GEMMs accumulate into the same P
     (:func:`_band_sums`). With the input affine,
     ``dW = a (du * x) + c (du * M)``, M the in-image mask. For float16 (whose range is not
     fp32's) du is scaled by the power of two that takes the halo's largest |du| into [1, 4),
@@ -370,22 +367,22 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
                                 UPCAST)
     acc = _join_cols(acc0, acc1, TH, TW, CW)
     # dW: kernel row by kernel row, both 16-column blocks into one band
-    m = tl.arange(0, 32)
+    m = tl.arange(0, 16)
     ij = tl.arange(0, MP)
-    band = tl.minimum((m % 16)[:, None] + ij[None, :] + XO, KX - 1)  # (j >= K: unused)
+    band = tl.minimum(m[:, None] + ij[None, :] + XO, KX - 1)  # (j >= K: unused)
     xcol = w0 - (PB + XO) + tl.arange(0, KX)
-    a0 = _du_cols(duch, dloch, h0, w0, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty, SPLIT,
-                  UPCAST)
-    a1 = a0
+    hi0, lo0 = _du_cols(duch, dloch, h0, w0, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty,
+                        SPLIT, UPCAST)
+    hi1, lo1 = hi0, lo0
     if TW > 16:
-        a1 = _du_cols(duch, dloch, h0, w0 + 16, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty,
-                      SPLIT, UPCAST)
+        hi1, lo1 = _du_cols(duch, dloch, h0, w0 + 16, m, H, W, sH, sW, s, TH,
+                            x_ptr.dtype.element_ty, SPLIT, UPCAST)
     accw = tl.zeros([MP, MP], dtype=tl.float32)
     accm = tl.zeros([MP, MP], dtype=tl.float32)
     for i in range(K):
         xrow = h0 + r + (i - PB)
-        dw, dm = _band_sums(a0, a1, xch, xrow, xcol, H, W, sH, sW, band, TW > 16, IN_AFFINE,
-                            UPCAST)
+        dw, dm = _band_sums(hi0, lo0, hi1, lo1, xch, xrow, xcol, H, W, sH, sW, band, TW > 16,
+                            IN_AFFINE, UPCAST)
         accw = tl.where(ij[:, None] == i, dw[None, :], accw)
         accm = tl.where(ij[:, None] == i, dm[None, :], accm)
     if IN_AFFINE:
@@ -835,7 +832,8 @@ def _bwd_conv_kw(x, weight, tile, tc):
     needs no wider GEMM, else 4-byte aligned), their CW and KP (:func:`_gemm_cols`), MP
     (dW's rows and columns: k padded to a power of two >= 16), RP (the halo's rows TH + k - 1,
     padded to a power of two), XO and KX (the forward's x row windows, :func:`_conv_kw`'s XO
-    and KP: dW's GEMMs take them)."""
+    and KP, at least 32: dW's GEMMs take them, 16 rows, and at 16 columns (k = 1) both warps
+    would compute the same 16 x 16)."""
     k = weight.shape[-1]
     kw = _conv_kw(x, weight, tc)
     split = _split_du(x, tc)
@@ -848,7 +846,8 @@ def _bwd_conv_kw(x, weight, tile, tc):
     else:
         do, cw, kp = 0, kw["CW"], kw["KP"]
     return dict(TC=kw["TC"], CW=cw, KP=kp, DO=do, MP=max(16, triton.next_power_of_2(k)),
-                RP=triton.next_power_of_2(tile["TH"] + k - 1), XO=kw["XO"], KX=kw["KP"],
+                RP=triton.next_power_of_2(tile["TH"] + k - 1), XO=kw["XO"],
+                KX=max(32, kw["KP"]),
                 SPLIT=split)
 
 
