@@ -22,6 +22,10 @@
 #                                      # CUDA library
 #   bash benchmarks/gpu_session.sh 6   # call 5, then Nsight Compute's stall reasons for
 #                                      # B2b, B2a and eval (~6 minutes)
+#   bash benchmarks/gpu_session.sh 7   # a session's last check, in ~6 minutes: the suite,
+#                                      # CUDA-graph capture (the tensor-core kernels too),
+#                                      # each tensor-core kernel's time, bf16 NCHW blocks
+#                                      # against eager and the CUDA library at k = 3, 9, 31
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -89,7 +93,14 @@ train_fwdbwd --providers cuda triton_tc --dtypes bfloat16 --layouts nchw" \
       timeout -k 5 220 bash benchmarks/gpu_run.sh build test passes bench || status=$?
     [[ "$CALL" == 6 ]] && nsight _bwd_dx_kernel _bwd_du_kernel _apply_kernel
     ;;
-  *) echo "call must be 1, 2, 3, 4, 5 or 6"; exit 2 ;;
+  7)
+    TEST_WORKERS=14 T_TEST=110 T_GRAPH=60 T_PASSES=50 PASSES_ARGS="--ks 3 9 31 --dtypes \
+bfloat16 --layouts nchw --backends triton_tc --kernels" T_BENCH=100 BENCH_ARGS="--shapes \
+cm1536 --ks 3 9 31 --modes eval train_fwdbwd --providers eager cuda triton_tc --dtypes \
+bfloat16 --layouts nchw" \
+      timeout -k 5 350 bash benchmarks/gpu_run.sh build test graph passes bench || status=$?
+    ;;
+  *) echo "call must be 1 to 7"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -2,7 +2,8 @@
 benchmarks/gpu_run.sh, stage ``graph``).
 
 For the fused model (depthwise fused, pointwise unfused) and the folded one (pointwise
-fused, BN2 folded into the next layer): a training step (forward, cross-entropy, backward,
+fused, BN2 folded into the next layer), and the fused model in bfloat16 on the tensor-core
+kernels (whose launches build their Toeplitz operands with device ops): a training step (forward, cross-entropy, backward,
 SGD step, BatchNorm buffer updates) is captured in ``torch.cuda.graph`` after warm-up on a
 side stream, then replayed on new inputs next to an eager copy of the same model taking the
 same steps: losses, parameters and buffers must agree. Then the same model under
@@ -20,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _models(pointwise):
+def _models(pointwise, backend="auto", dtype=torch.float32):
     from convmixer_ext import convert
     from convmixer_ext.reference import ConvMixer
     torch.manual_seed(0)
     ref = ConvMixer(64, 3, kernel_size=9, patch_size=2, num_classes=10)
-    return convert(ref, backend="auto", pointwise=pointwise).cuda()
+    return convert(ref, backend=backend, pointwise=pointwise).to("cuda", dtype)
 
 
 def _step(model, opt, x, y):
@@ -54,13 +55,13 @@ def _close(a, b, what, tol=1e-4):
     return None
 
 
-def check_graph(pointwise: str) -> str | None:
-    model = _models(pointwise)
+def check_graph(pointwise: str, backend="auto", dtype=torch.float32) -> str | None:
+    model = _models(pointwise, backend, dtype)
     eager = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator(device="cuda").manual_seed(1)
-    batches = [(torch.randn(8, 3, 32, 32, device="cuda", generator=g),
+    batches = [(torch.randn(8, 3, 32, 32, device="cuda", generator=g).to(dtype),
                 torch.randint(0, 10, (8,), device="cuda", generator=g)) for _ in range(6)]
     static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
     side = torch.cuda.Stream()
@@ -82,8 +83,9 @@ def check_graph(pointwise: str) -> str | None:
         graph.replay()
         loss_e = _step(eager, opt_e, x, y)
         torch.cuda.synchronize()
-        bad = _close([static_loss], [loss_e], "loss") or \
-            _close(_state(model), _state(eager), "parameters/buffers")
+        tol = 1e-4 if dtype == torch.float32 else 1e-2  # (16-bit: the pointwise convs')
+        bad = _close([static_loss], [loss_e], "loss", tol) or \
+            _close(_state(model), _state(eager), "parameters/buffers", tol)
         if bad:
             return bad
     return None
@@ -118,16 +120,19 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     failed = 0
-    for pointwise in ("unfused", "auto"):
-        for name, fn in (("cuda graph of a training step", check_graph),
-                         ("torch.compile(mode='reduce-overhead')", check_reduce_overhead)):
-            try:
-                bad = fn(pointwise)
-            except Exception as e:  # noqa: BLE001 - reported, the other checks go on
-                bad = f"{type(e).__name__}: {e}"
-            failed += bad is not None
-            print(f"{name}, pointwise={pointwise}: {'ok' if bad is None else 'FAILED: ' + bad}",
-                  flush=True)
+    cases = [(name, fn, (pointwise,)) for pointwise in ("unfused", "auto")
+             for name, fn in (("cuda graph of a training step", check_graph),
+                              ("torch.compile(mode='reduce-overhead')", check_reduce_overhead))]
+    cases.append(("cuda graph of a training step, triton_tc bfloat16", check_graph,
+                  ("unfused", "triton_tc", torch.bfloat16)))
+    for name, fn, args in cases:
+        try:
+            bad = fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported, the other checks go on
+            bad = f"{type(e).__name__}: {e}"
+        failed += bad is not None
+        print(f"{name}, pointwise={args[0]}: {'ok' if bad is None else 'FAILED: ' + bad}",
+              flush=True)
     return 1 if failed else 0
 
 
