@@ -277,7 +277,7 @@ def _compile_one(job):
                         loops=loop_bodies(text))
             # the global load width that moves the most bytes (static count x width),
             # cp.async (LDGSTS) included: the loads carrying the DRAM traffic, not the most
-            # numerous ones (a tensor-core kernel's 2-byte Toeplitz gathers hit L1)
+            # numerous ones (e.g. the scalar loads of per-channel parameters)
             ldg = dict(fact["widths"]["LDG"])
             for w, n in fact["widths"].get("LDGSTS", {}).items():
                 ldg[w] = ldg.get(w, 0) + n

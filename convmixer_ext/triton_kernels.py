@@ -772,8 +772,9 @@ def _gemm_cols(tw, k, shift):
     two >= 16. CW = 16 (both halves of a 32-wide tile share one KP x 16 Toeplitz operand), or
     the whole tile where that needs no wider KP (k >= 19 at TW = 32: half the row windows,
     twice the Toeplitz elements). The forward passes take TW = 16 here, always 16 columns:
-    their row windows are 16-byte vector loads, the Toeplitz gather is element by element;
-    B2's fp32 du windows cost a 16-bit split per element and take the wider GEMM."""
+    their row windows are cheap 16-byte vector loads, and twice the Toeplitz bytes per
+    kernel row would come from L2; B2's fp32 du windows cost a 16-bit split per element and
+    take the wider GEMM."""
     kp = lambda cw: max(16, triton.next_power_of_2(cw + k - 1 + shift))  # noqa: E731
     cw = tw if kp(tw) == kp(16) else 16
     return cw, kp(cw)
