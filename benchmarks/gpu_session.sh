@@ -40,21 +40,32 @@ export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
 status=0
 # Nsight Compute on one launch of each named tensor-core kernel (bf16 NCHW, k = 9): issue,
 # occupancy, pipes, DRAM, and where warps stall (WarpStateStats).
-nsight() {
-  local NCU kern
-  NCU=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null)
-  if [[ -z "$NCU" ]]; then echo "no Nsight Compute (ncu) on this machine"; return 0; fi
-  for kern in "$@"; do
-    echo "== Nsight Compute: $kern of triton_tc, bf16 NCHW, k = 9"
-    (cd build/gpu-run && timeout -k 5 45 "$NCU" --kernel-name "$kern" --launch-count 1 \
-      --csv --section WarpStateStats --metrics gpu__time_duration.sum,\
+ncu_one() {  # NCU kernel extra-metrics (a metric this ncu lacks fails the run: retried bare)
+  (cd build/gpu-run && timeout -k 5 45 "$1" --kernel-name "$2" --launch-count 1 \
+    --csv --section WarpStateStats --metrics gpu__time_duration.sum,\
 smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,\
 sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,\
 launch__grid_size,launch__block_size,\
 sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
-smsp__issue_active.avg.pct_of_peak_sustained_active \
-      python -m benchmarks.passes --ks 9 --dtypes bfloat16 --layouts nchw --backends \
-triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-$kern-k9.csv" 2>&1 || echo "ncu: rc $?"
+smsp__issue_active.avg.pct_of_peak_sustained_active$3 \
+    python -m benchmarks.passes --ks 9 --dtypes bfloat16 --layouts nchw --backends \
+triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-$2-k9.csv" 2>&1 \
+    && ! grep -q "==ERROR==" "$OUT/ncu-$2-k9.csv"
+}
+nsight() {
+  local NCU kern r STALLS=""
+  # cycles per issued instruction spent in each stall reason (the WarpStateStats section's
+  # own metrics; its CSV prints only the rules built on them)
+  for r in long_scoreboard short_scoreboard mio_throttle lg_throttle barrier wait \
+      math_pipe_throttle not_selected dispatch_stall no_instruction membar branch_resolving \
+      drain sleeping tex_throttle imc_miss selected; do
+    STALLS+="${STALLS:+,}smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
+  done
+  NCU=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null)
+  if [[ -z "$NCU" ]]; then echo "no Nsight Compute (ncu) on this machine"; return 0; fi
+  for kern in "$@"; do
+    echo "== Nsight Compute: $kern of triton_tc, bf16 NCHW, k = 9"
+    ncu_one "$NCU" "$kern" ",$STALLS" || ncu_one "$NCU" "$kern" "" || echo "ncu: rc $?"
     grep -i "stall\|issue_active\|duration" "$OUT/ncu-$kern-k9.csv" | cut -d, -f5,13- | head -40
   done
 }
