@@ -708,6 +708,17 @@ def _device_of(x):
     return contextlib.nullcontext()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The next power of two >= n (0 for 0), as ``triton.next_power_of_2``, which is a
+    constexpr function since triton 3.x: each host call through its wrapper cost ~4 us, 35
+    a training step (half the launchers' host time)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 # --------------------------------------------------------------------------- depthwise launchers
 def geometry(shape, strides, tc=False):
     """Tile shape for a [N, C, H, W] tensor with these strides:
@@ -726,14 +737,14 @@ def geometry(shape, strides, tc=False):
         th, tw = (32 if H > 16 else 16), (32 if W > 16 else 16)
         return th, tw, 1, th * tw, th // 16
     if strides[1] == 1 and C > 1:  # channels_last-like: vectorise over channels
-        block_c = min(32, triton.next_power_of_2(C))
+        block_c = min(32, _pow2(C))
         tw = min(8, W)
         th = min(4, H)
     else:
         block_c = 1
         tw = min(W, 64)
-        th = min(H, max(1, 1024 // triton.next_power_of_2(tw)))
-    block_s = triton.next_power_of_2(th * tw)
+        th = min(H, max(1, 1024 // _pow2(tw)))
+    block_s = _pow2(th * tw)
     num_warps = 8 if block_c * block_s >= 1024 else 4
     return th, tw, block_c, block_s, num_warps
 
@@ -742,9 +753,9 @@ def _plan(x, tc=False):
     """(partial rows, grid, common args, tile constexprs, launch options) of a launch over x."""
     N, C, H, W = x.shape
     th, tw, block_c, block_s, num_warps = geometry(x.shape, x.stride(), tc)
-    tiles_w = triton.cdiv(W, tw)
-    rows = N * triton.cdiv(H, th) * tiles_w
-    grid = (rows * triton.cdiv(C, block_c),)
+    tiles_w = _cdiv(W, tw)
+    rows = N * _cdiv(H, th) * tiles_w
+    grid = (rows * _cdiv(C, block_c),)
     check_grid(grid, x)
     common = (C, H, W, *x.stride(), tiles_w, rows // max(N, 1), rows)
     tile = dict(TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
@@ -775,7 +786,7 @@ def _gemm_cols(tw, k, shift):
     their row windows are cheap 16-byte vector loads, and twice the Toeplitz bytes per
     kernel row would come from L2; B2's fp32 du windows cost a 16-bit split per element and
     take the wider GEMM."""
-    kp = lambda cw: max(16, triton.next_power_of_2(cw + k - 1 + shift))  # noqa: E731
+    kp = lambda cw: max(16, _pow2(cw + k - 1 + shift))  # noqa: E731
     cw = tw if kp(tw) == kp(16) else 16
     return cw, kp(cw)
 
@@ -854,8 +865,8 @@ def _bwd_conv_kw(x, weight, tile, tc):
             do = _col_shift(pa, 2)
     else:
         do, cw, kp = 0, kw["CW"], kw["KP"]
-    return dict(TC=kw["TC"], CW=cw, KP=kp, DO=do, MP=max(16, triton.next_power_of_2(k)),
-                RP=triton.next_power_of_2(tile["TH"] + k - 1), XO=kw["XO"],
+    return dict(TC=kw["TC"], CW=cw, KP=kp, DO=do, MP=max(16, _pow2(k)),
+                RP=_pow2(tile["TH"] + k - 1), XO=kw["XO"],
                 KX=max(32, kw["KP"]),
                 SPLIT=split)
 
@@ -1069,8 +1080,8 @@ def _pw_geometry(y, w2):
     if P >= 2**31:  # row indices are 32-bit in the kernel
         raise ValueError(f"convmixer_ext: the pointwise GEMM takes fewer than 2^31 positions "
                          f"(N*H*W), got {P} for y of shape {tuple(y.shape)}")
-    T = triton.cdiv(P, cfg["BLOCK_P"])
-    grid = (T * triton.cdiv(CO, cfg["BLOCK_N"]),)
+    T = _cdiv(P, cfg["BLOCK_P"])
+    grid = (T * _cdiv(CO, cfg["BLOCK_N"]),)
     check_grid(grid, y)
     return P, CO, cfg, T, grid
 
