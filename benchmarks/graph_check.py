@@ -1,12 +1,12 @@
 """CUDA-graph capture of a whole training step of a converted ConvMixer (needs a GPU; run by
 benchmarks/gpu_run.sh, stage ``graph``).
 
-For the fused model (depthwise fused, pointwise unfused) and the folded one (pointwise
-fused, BN2 folded into the next layer), and the fused model in bfloat16 on the tensor-core
-kernels (whose launches build their Toeplitz operands with device ops): a training step (forward, cross-entropy, backward,
-SGD step, BatchNorm buffer updates) is captured in ``torch.cuda.graph`` after warm-up on a
-side stream, then replayed on new inputs next to an eager copy of the same model taking the
-same steps: losses, parameters and buffers must agree. Then the same model under
+For the fused model (depthwise fused, pointwise unfused) and the folded one (pointwise fused,
+BN2 folded into the next layer), and the fused model in bfloat16 on the tensor-core kernels
+(whose launches build their Toeplitz operands with device ops): a training step (forward,
+cross-entropy, backward, SGD step, BatchNorm buffer updates) is captured in ``torch.cuda.graph``
+after warm-up on a side stream, then replayed on new inputs next to an eager copy of the same
+model taking the same steps: losses, parameters and buffers must agree. Then the same model under
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs through Inductor) must run and agree
 with eager. Prints one line per check; exits 1 if any fails.
 

@@ -392,16 +392,16 @@ def triton_passes(shape, k, dtype, layout, tc=False):
             # issue: every thread runs the compiled code once, its loops (kernel rows: the
             # forward's; B2's dx and dW) once per iteration; the row windows start 16-byte aligned
             # (vector loads where W allows), so do the Toeplitz operands' [C]
+            # the Toeplitz operands, built before the launch, come from L2 whole (K x KP x CW
+            # per program; the channel's, read from DRAM once)
+            wbytes = k * KP * kw["CW"] * e
+            dram += C * wbytes
             if name != "_bwd_dx_kernel":
                 mma = programs * TH * TW * k * KP
                 trips = [k]
                 # the row windows re-read the program's halo tile K times (L1 hits after the
-                # first touch, a few KB per program); the Toeplitz operands, built before the
-                # launch, come from L2 whole (K x KP x CW per program; the channel's, read from
-                # DRAM once)
-                wbytes = k * KP * kw["CW"] * e
+                # first touch, a few KB per program)
                 l2 = programs * ((TH + k - 1) * (TW + k - 1) * e + wbytes)
-                dram += C * wbytes
             else:  # B2: dx per kernel row (TH x KP x TW, twice: du's hi and lo terms), dW
                 # per kernel row and 16 columns (16 x TH x KX, twice: hi and lo terms; twice
                 # more with the input affine)
@@ -409,11 +409,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
                 n_dw = 2 if kw["IN_AFFINE"] else 1
                 mma = programs * k * (2 * TH * TW * KP + n_dw * TW // 16 * 32 * TH * kw["KX"])
                 trips = [k, k]
-                # the halo of du (fp32) and x: re-read from L1 after the first; the transposed
-                # convolution's Toeplitz operands from L2, as above
-                wbytes = k * KP * kw["CW"] * e
+                # the halo of du (fp32) and x: re-read from L1 after the first
                 l2 = programs * (halo * (TW + k - 1) * (4 + e) + wbytes)
-                dram += C * wbytes
             per_thread = dynamic_instructions(fact, trips)
             if per_thread is None:
                 raise RuntimeError(f"{name}: loops {fact.get('loops')} do not match {trips}")

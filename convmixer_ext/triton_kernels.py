@@ -434,15 +434,15 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     cores, as [1, TH*TW] fp32 (row-major: the lanes of :func:`_tile`). UPCAST: the same
     GEMMs on fp32 copies of the 16-bit operands (under the interpreter).
 
-    Kernel row i is a GEMM per CW output columns c0 + [0, CW) (docs/DESIGN.md, "Tensor
-    cores"): ``u[r, c0 + c] += (X_i @ T_i)[r, c]`` with ``X_i[r, q] = x[h0 + r + i - PB, w0 +
-    c0 - PB - XO + q]`` (TH x KP, zero outside the image) and the banded Toeplitz ``T_i[q, c]
-    = W[i, q - XO - c]`` for ``0 <= q - XO - c < K`` (KP x CW, the same for c0 = 0 and CW),
-    read whole from ``w_ptr``, which holds every channel's T_i (:func:`_toeplitz`: 16-byte
-    loads, where a gather from the weights took a masked 2-byte load per element). XO (:func:`_col_shift`) starts the rows on a
-    16-byte boundary: vector loads; CW (:func:`_gemm_cols`) is 16 or the whole tile. Columns of
-    X_i outside the band meet zeros of T_i: a non-finite x there (0 * inf) reaches the
-    whole output row (docs/DESIGN.md, "Tensor cores"). x and W are 16-bit, so
+    Kernel row i is a GEMM per CW output columns c0 + [0, CW) (docs/DESIGN.md, "Tensor cores"):
+    ``u[r, c0 + c] += (X_i @ T_i)[r, c]`` with ``X_i[r, q] = x[h0 + r + i - PB, w0 + c0 - PB -
+    XO + q]`` (TH x KP, zero outside the image) and the banded Toeplitz ``T_i[q, c] = W[i, q -
+    XO - c]`` for ``0 <= q - XO - c < K`` (KP x CW, the same for c0 = 0 and CW), read whole
+    from ``w_ptr``, which holds every channel's T_i (:func:`_toeplitz`: 16-byte loads, where a
+    gather from the weights took a masked 2-byte load per element). XO (:func:`_col_shift`)
+    starts the rows on a 16-byte boundary: vector loads; CW (:func:`_gemm_cols`) is 16 or the
+    whole tile. Columns of X_i outside the band meet zeros of T_i: a non-finite x there (0 *
+    inf) reaches the whole output row (docs/DESIGN.md, "Tensor cores"). x and W are 16-bit, so
     every product is exact in the fp32 accumulator: the result is the CUDA-core one up to
     summation order. The input affine ``a*x + c`` is not rounded to 16 bits: the dots take x
     and the in-image mask M (exact 0/1), ``u = a*(X (*) W) + c*(M (*) W) + b``."""
@@ -846,16 +846,15 @@ def _split_du(x, tc) -> bool:
     return bool(tc) and x.dtype == torch.bfloat16
 
 
-def _bwd_conv_kw(x, weight, tile, tc):
+def _bwd_conv_kw(x, weight, tile, tc, kw):
     """B2b's constexprs: TC as in :func:`_conv_kw`, SPLIT (:func:`_split_du`), DO
     (:func:`_col_shift` of the transposed convolution's du rows: 16-bit ones where that
     needs no wider GEMM, else 4-byte aligned), their CW and KP (:func:`_gemm_cols`), MP
     (dW's rows and columns: k padded to a power of two >= 16), RP (the halo's rows TH + k - 1,
     padded to a power of two), XO and KX (the forward's x row windows, :func:`_conv_kw`'s XO
     and KP, at least 32: dW's GEMMs take them, 16 rows, and at 16 columns (k = 1) both warps
-    would compute the same 16 x 16)."""
+    would compute the same 16 x 16); kw: :func:`_conv_kw`'s."""
     k = weight.shape[-1]
-    kw = _conv_kw(x, weight, tc)
     split = _split_du(x, tc)
     if tc:
         pa = k - 1 - pad_before(k)  # the transposed convolution's padding before
@@ -920,14 +919,14 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     N, C, H, W = x.shape
     k = weight.shape[-1]
     rows, grid, common, tile = _plan(x, tc)
-    bkw = _bwd_conv_kw(x, weight, tile, tc)
+    kw = _conv_kw(x, weight, tc)
+    bkw = _bwd_conv_kw(x, weight, tile, tc, kw)
     split = bkw["SPLIT"]
     if split:  # du's high and low 16-bit terms (the bytes of one fp32 scratch)
         du, dulo = torch.empty_like(x), torch.empty_like(x)
     else:
         du = dulo = torch.empty_like(x, dtype=torch.float32)
     dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
-    kw = _conv_kw(x, weight, tc)
     _launch(_bwd_du_kernel, grid, x,
             (dout, x, _conv_weight(weight, kw), bias, *_affine_ptrs(x, in_scale, in_shift),
              mean, rstd, gamma, dbeta, dgamma, du, dulo, db_p, 1.0 / max(N * H * W, 1),
