@@ -115,14 +115,15 @@ def test_no_spills_and_shared_memory_within_limits(facts):
 
 def test_python_number_global_fails_the_real_target_compile(tmp_path):
     """The mutant of the bug the interpreter hid: a GELU helper reading a Python float
-    global. The interpreter runs it; the real-target compile must refuse it."""
+    global (the density constant of GELU's derivative). The interpreter runs it; the
+    real-target compile must refuse it."""
     code = ("import sys, convmixer_ext.triton_kernels as tk\n"
-            "tk._INV_SQRT_2 = 0.7071067811865476  # a plain float, not tl.constexpr\n"
+            "tk._PDF_A = -0.7213475204444817  # a plain float, not tl.constexpr\n"
             "from benchmarks import targets\n"
             "specs = [s for s in targets.specializations(('cover',))\n"
-            "         if s[0] == '_stats_kernel' and s[2]['ACT'] == 0][:1]\n"
+            "         if s[0] == '_bwd_du_kernel' and s[2]['ACT'] == 0][:1]\n"
             "fact = targets._compile_one((*specs[0], 90))\n"
             "print('ERROR' if 'error' in fact else 'COMPILED', fact.get('error', ''))\n")
     r = _run(["-c", code], TRITON_CACHE_DIR=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "ERROR" in r.stdout and "_INV_SQRT_2" in r.stdout, r.stdout[-3000:]
+    assert "ERROR" in r.stdout and "_PDF_A" in r.stdout, r.stdout[-3000:]
