@@ -26,6 +26,10 @@
 #                                      # CUDA-graph capture (the tensor-core kernels too),
 #                                      # each tensor-core kernel's time, bf16 NCHW blocks
 #                                      # against eager and the CUDA library at k = 3, 9, 31
+#   bash benchmarks/gpu_session.sh 8   # the tensor-core tilings side by side, in ~4 minutes:
+#                                      # their tests, each tensor-core kernel's time in the
+#                                      # tilings 1, 2 and 2w (images per program, warps) at
+#                                      # k = 3, 9, 31 (bf16 NCHW): which to make the default
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -33,7 +37,7 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 to 6"}
+CALL=${1:?"which call: 1 to 8"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -111,7 +115,13 @@ cm1536 --ks 3 9 31 --modes eval train_fwdbwd --providers eager cuda triton_tc --
 bfloat16 --layouts nchw" \
       timeout -k 5 350 bash benchmarks/gpu_run.sh build test graph passes bench || status=$?
     ;;
-  *) echo "call must be 1 to 7"; exit 2 ;;
+  8)
+    TEST_PATHS="$PWD/tests/test_tensor_cores.py" TEST_WORKERS=8 T_TEST=60 T_PASSES=200 \
+    PASSES_ARGS="--ks 3 9 31 --dtypes bfloat16 --layouts nchw --backends triton_tc --kernels \
+--tc-tilings 1 2 2w" \
+      timeout -k 5 300 bash benchmarks/gpu_run.sh build test passes || status=$?
+    ;;
+  *) echo "call must be 1 to 8"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -6,20 +6,26 @@ steps).
 
     python -m benchmarks.passes [--shapes cm1536] [--ks 3 9] [--dtypes bfloat16 float32]
                                 [--layouts nchw channels_last]
-                                [--backends cuda triton triton_tc] [--kernels] [--out DIR]
+                                [--backends cuda triton triton_tc] [--kernels]
+                                [--tc-tilings 1 2 2w] [--out DIR]
     python -m benchmarks.static --measured <this JSON> ...   # per-pass calibration
 
 GPU: ``triton.testing.do_bench`` (warm-up, L2 flush, median). Without a GPU it times the
 CPU stand-ins (the emulator, the interpreter) at the given shape: only a smoke run, whose
 figures say nothing about GPU speed. ``--kernels`` (GPU) also records each kernel a pass
 launches, with its mean time under the CUDA profiler (kind "kernel": ..., pass_, kernel,
-us, calls per pass), so that a pass of several kernels (B2: dx and dW) splits. Writes ``<out>/passes-<device>-<date>.json`` (records
-of kind "pass": shape_name, shape, dtype, layout, k, backend, pass_, ms, ms_p20, ms_p80).
+us, calls per pass), so that a pass of several kernels (B2: dx and dW) splits.
+``--tc-tilings`` times triton_tc in each tensor-core tiling
+(``triton_kernels.tensor_core_tiling``). Writes ``<out>/passes-<device>-<date>.json``
+(records of kind "pass": shape_name, shape, dtype, layout, k, backend, pass_, ms, ms_p20,
+ms_p80, tiling: triton_tc's, null for the other backends).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import functools
 import json
 import os
 import sys
@@ -85,10 +91,18 @@ def per_launch(events, launches):
     return out
 
 
+def _variants(be, tilings):
+    """[(tiling, context)]: triton_tc in each tensor-core tiling, every other backend once."""
+    if be != "triton_tc":
+        return [(None, contextlib.nullcontext)]
+    from convmixer_ext import triton_kernels as tk
+    return [(t, functools.partial(tk.tensor_core_tiling, t)) for t in tilings]
+
+
 def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records: None,
-        kernels=False):
+        kernels=False, tilings=("1",)):
     """Time every pass; ``save(records)`` after each backend's four passes (an interrupted
-    run keeps what it measured)."""
+    run keeps what it measured); triton_tc in each tensor-core tiling (records' "tiling")."""
     records = []
     for sname, shape in shapes:
         for dtype in dtypes:
@@ -101,21 +115,26 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records
                             continue
                         steps = pass_steps(get_impl(be), x, dout, w, b, v,
                                            ACTIVATIONS["gelu"])
-                        for name, step in steps.items():
-                            step()  # compile / warm up
-                            med, p20, p80 = _timer(step, device, reps)
-                            records.append(dict(kind="pass", shape_name=sname,
-                                                shape=list(shape), dtype=dtype, layout=layout,
-                                                k=k, backend=be, pass_=name, ms=med,
-                                                ms_p20=p20, ms_p80=p80, device=device))
-                            print(f"{sname} {dtype} {layout} k={k} {be} {name}: {med:.3f} ms",
-                                  flush=True)
-                            if kernels and device == "cuda":
-                                for kname, (us, calls) in kernel_times(step).items():
+                        for tiling, ctx in _variants(be, tilings):
+                            tag = f" tiling {tiling}" if tiling else ""
+                            for name, step in steps.items():
+                                with ctx():
+                                    step()  # compile / warm up
+                                    med, p20, p80 = _timer(step, device, reps)
+                                    kt = kernel_times(step) if kernels and device == "cuda" \
+                                        else {}
+                                records.append(dict(kind="pass", shape_name=sname,
+                                                    shape=list(shape), dtype=dtype,
+                                                    layout=layout, k=k, backend=be,
+                                                    pass_=name, ms=med, ms_p20=p20,
+                                                    ms_p80=p80, device=device, tiling=tiling))
+                                print(f"{sname} {dtype} {layout} k={k} {be}{tag} {name}: "
+                                      f"{med:.3f} ms", flush=True)
+                                for kname, (us, calls) in kt.items():
                                     records.append(dict(kind="kernel", shape_name=sname,
                                                         dtype=dtype, layout=layout, k=k,
                                                         backend=be, pass_=name, kernel=kname,
-                                                        us=us, calls=calls))
+                                                        us=us, calls=calls, tiling=tiling))
                                     print(f"    {kname[:60]}: {us:.1f} us x {calls:g}",
                                           flush=True)
                         save(records)
@@ -138,6 +157,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
     p.add_argument("--kernels", action="store_true",
                    help="also each kernel's time under the CUDA profiler (GPU only)")
+    p.add_argument("--tc-tilings", nargs="+", default=["1"], metavar="SPEC",
+                   help="triton_tc in each of these tilings (1, 2, 4, 2w, 4w: images per "
+                        "program and warps, triton_kernels.tensor_core_tiling)")
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
@@ -155,7 +177,7 @@ def main(argv=None):
 
     try:
         records = run(shapes, a.ks, dtypes, a.layouts, backends, a.device, a.reps, save,
-                      kernels=a.kernels)
+                      kernels=a.kernels, tilings=a.tc_tilings)
     except KeyboardInterrupt:
         print("interrupted: keeping the passes timed so far", flush=True)
         return 1

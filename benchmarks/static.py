@@ -387,7 +387,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
         mma, per_thread = 0.0, None
         if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
-            TH, TW, KP = kw["TH"], kw["TW"], kw["KP"]
+            TH, TW, KP, IMG = kw["TH"], kw["TW"], kw["KP"], kw["IMG"]
+            M = TH * IMG  # the GEMMs' rows: the program's images' tiles stacked
             ffma = 0.0
             # issue: every thread runs the compiled code once, its loops (kernel rows: the
             # forward's; B2's dx and dW) once per iteration; the row windows start 16-byte aligned
@@ -397,17 +398,17 @@ def triton_passes(shape, k, dtype, layout, tc=False):
             wbytes = k * KP * kw["CW"] * e
             dram += C * wbytes
             if name != "_bwd_dx_kernel":
-                mma = programs * TH * TW * k * KP
+                mma = programs * M * TW * k * KP
                 trips = [k]
-                # the row windows re-read the program's halo tile K times (L1 hits after the
-                # first touch, a few KB per program)
-                l2 = programs * ((TH + k - 1) * (TW + k - 1) * e + wbytes)
-            else:  # B2: dx per kernel row (TH x KP x TW, twice: du's hi and lo terms), dW
-                # per kernel row and 16 columns (16 x TH x KX, twice: hi and lo terms; twice
+                # the row windows re-read each image's halo tile K times (L1 hits after the
+                # first touch, a few KB per program); one Toeplitz operand for all IMG
+                l2 = programs * (IMG * (TH + k - 1) * (TW + k - 1) * e + wbytes)
+            else:  # B2: dx per kernel row (M x KP x TW, twice: du's hi and lo terms), dW
+                # per kernel row and 16 columns (16 x M x KX, twice: hi and lo terms; twice
                 # more with the input affine)
-                halo = TH + k - 1
+                halo = IMG * (TH + k - 1)
                 n_dw = 2 if kw["IN_AFFINE"] else 1
-                mma = programs * k * (2 * TH * TW * KP + n_dw * TW // 16 * 32 * TH * kw["KX"])
+                mma = programs * k * (2 * M * TW * KP + n_dw * TW // 16 * 32 * M * kw["KX"])
                 trips = [k, k]
                 # the halo of du (fp32) and x: re-read from L1 after the first
                 l2 = programs * (halo * (TW + k - 1) * (4 + e) + wbytes)
@@ -428,6 +429,7 @@ def triton_passes(shape, k, dtype, layout, tc=False):
             bytes_min=MIN_TRAFFIC[pass_] * xbytes if name != "_bwd_du_kernel" else 0,
             bytes=dram, l2_bytes=l2, fma=ffma, fma_per_element=ffma / elems, mma=mma,
             mma_per_element=mma / elems, tensor_cores=fact.get("tensor_cores"),
+            wgmma=fact.get("wgmma"),
             instructions_per_thread=per_thread, loops=fact.get("loops"),
             gemms=fact.get("gemms"),
             predicted_ms=t * 1e3, bound=bound, error=fact.get("error")))
@@ -438,6 +440,46 @@ def _triton_fact(name, args, kw, arch=90):
     from benchmarks import targets
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
     return targets._compile_one((name, args, kw, arch, True))
+
+
+def tc_tilings(shapes, ks, specs):
+    """[C] (and the model's [E]) of the tensor-core kernels in each tiling of
+    ``triton_kernels.tensor_core_tiling`` (bf16, NCHW): registers, resident warps, dynamic
+    instructions per output element (the issue the kernels are bound by), wgmma or not."""
+    from benchmarks.run import GPU_SHAPES
+    from convmixer_ext import triton_kernels as tk
+    out = []
+    for sname in shapes:
+        shape = GPU_SHAPES[sname]
+        for k in ks:
+            for spec in specs:
+                with tk.tensor_core_tiling(spec):
+                    kernels = triton_passes(shape, k, "bfloat16", "nchw", tc=True)
+                for kr in kernels:
+                    out.append(dict(
+                        shape_name=sname, k=k, tiling=spec, pass_=kr["pass_"],
+                        kernel=kr["kernel"], regs=kr["regs"], local=kr["local"],
+                        warps=kr["occupancy"][90]["warps"], threads=kr["threads"],
+                        instructions_per_element=kr["blocks"] * kr["threads"] *
+                        kr["instructions_per_thread"] / math.prod(shape),
+                        wgmma=kr["wgmma"], predicted_ms=kr["predicted_ms"]))
+    return out
+
+
+def tilings_markdown(rows):
+    lines = ["", "## Tensor-core tilings (bf16, NCHW)", "",
+             "Images per program and warps (`triton_kernels.tensor_core_tiling`): [C] "
+             "registers, resident warps/SM on sm_90, dynamic instructions per output element, "
+             "wgmma; [E] the model's time (it weighs resident warps, not the latency the "
+             "measured kernels are bound by: a GPU run decides).", "",
+             "| shape | k | pass | kernel | tiling | regs [C] | spills B [C] | warps/SM [C] | "
+             "instr/elem [C] | wgmma [C] | predicted ms [E] |", "|" + "---|" * 11]
+    for r in sorted(rows, key=lambda r: (r["shape_name"], r["k"], r["kernel"])):
+        lines.append(f"| {r['shape_name']} | {r['k']} | {r['pass_']} | {r['kernel']} | "
+                     f"{r['tiling']} | {r['regs']} | {r['local']} | {r['warps']} | "
+                     f"{r['instructions_per_element']:.1f} | {'yes' if r['wgmma'] else 'no'} | "
+                     f"{r['predicted_ms']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- eager
@@ -629,7 +671,8 @@ def _measured(paths):
         with open(path) as f:
             records += json.load(f)["records"]
     for r in records:
-        if r.get("kind") == "pass" and "ms" in r:  # benchmarks/passes.py: one pass alone
+        if r.get("kind") == "pass" and "ms" in r and r.get("tiling") in (None, "1"):
+            # benchmarks/passes.py: one pass alone (triton_tc in the default tiling)
             out[(r["shape_name"], r["dtype"], r["layout"], r["pass_"], r["k"],
                  r["backend"])] = r["ms"]
         if r.get("kind") == "block" and "ms" in r:
@@ -653,6 +696,9 @@ def main(argv=None):
     p.add_argument("--png", default=None)
     p.add_argument("--measured", nargs="+", default=None,
                    help="GPU benchmark JSONs (python -m benchmarks) to compare with")
+    p.add_argument("--tc-tilings", nargs="+", default=None, metavar="SPEC",
+                   help="also the tensor-core kernels in these tilings (1, 2, 4, 2w, 4w: "
+                        "triton_kernels.tensor_core_tiling), bf16 NCHW")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run without TRITON_INTERPRET: the interpreter compiles nothing")
@@ -666,10 +712,15 @@ def main(argv=None):
     extra = {}
     if pairs:
         extra = dict(measured=a.measured, compared=pairs, calibration=calibration(pairs))
+    tilings = tc_tilings(a.shapes, ks, a.tc_tilings) if a.tc_tilings else None
+    if tilings:
+        extra["tc_tilings"] = tilings
     with open(a.json, "w") as f:
         json.dump(dict(schema=1, constants=H100, occupancy_floor=OCCUPANCY_FLOOR,
                        eager_eta=EAGER_ETA, cases=rows, **extra), f, indent=1, default=str)
     md = markdown(rows, pairs, _devices(a.measured) if a.measured else None)
+    if tilings:
+        md += tilings_markdown(tilings)
     if a.md:
         with open(a.md, "w") as f:
             f.write(md)

@@ -177,6 +177,14 @@ def cover_set():
     for k in (1, 2, 9, 16, 31):
         _record_block((2, 8, 32, 32), bf16, "nchw", k, 0, k == 9, tc=True)
     _record_block((2, 8, 12, 20), f16, "channels_last", 5, 1, True, tc=True)
+    # ... and its tilings of several images per program (triton_kernels.tensor_core_tiling):
+    # 2 images of 32 rows, 4 of 16, under the warps of one image or a warp per 16 rows
+    from convmixer_ext import triton_kernels as tk
+    for spec, shape, k, dtype in (("2", (2, 8, 32, 32), 9, bf16), ("2", (2, 8, 32, 32), 31, bf16),
+                                  ("2w", (2, 8, 32, 32), 9, bf16), ("4", (4, 8, 16, 16), 9, f16),
+                                  ("4w", (4, 8, 16, 16), 9, bf16)):
+        with tk.tensor_core_tiling(spec):
+            _record_block(shape, dtype, "nchw", k, 0, k == 9, modes=("train",), tc=True)
     for dtype in (f32, bf16, f16):
         for act in (0, 1, 2):
             _record_pointwise((2, 40, 7, 9), dtype, "nchw", act, co=24)
@@ -285,18 +293,19 @@ def _compile_one(job):
     ptx = ck.asm.get("ptx", "")
     fact.update(regs=max(r["regs"] for r in res), local=max(r["local"] for r in res),
                 shared=int(ck.metadata.shared),
-                tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
+                tensor_cores="wgmma" in ptx or "mma.sync" in ptx, wgmma="wgmma" in ptx,
                 gemms=mma_gemms(ck.asm.get("ttgir", "")))
     return fact
 
 
 _MMA_LAYOUT = re.compile(r"^(#mma\w*) = #ttg\.nvidia_mma<\{.*?warpsPerCTA = \[(\d+), (\d+)\], "
                          r"instrShape = \[(\d+), (\d+)", re.M)
-_DOT = re.compile(r"tt\.dot .*-> tensor<(\d+)x(\d+)xf32, (#mma\w*)>")
+_DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)xf32, (#mma\w*)>")
 
 
 def mma_gemms(ttgir: str):
-    """[{"M", "N", "warps", "copies"}] of every tensor-core GEMM (tt.dot) in a kernel's
+    """[{"M", "N", "warps", "copies"}] of every tensor-core GEMM (tt.dot, or on sm_90
+    ttng.warp_group_dot: wgmma) in a kernel's
     TTGIR: its accumulator shape, the warps its layout places along M and N, and how many
     warps compute the same accumulator elements (copies > 1: a layout that covers more rows
     or columns than the GEMM has, e.g. 4 warps of 16 rows on a 32-row GEMM)."""

@@ -2,7 +2,8 @@
 "Pointwise").
 
 Depthwise block: a program owns ``BLOCK_C`` channels of one image and a ``TH x TW`` spatial
-tile, flattened to ``BLOCK_S`` lanes; programs form a 1-D grid (tiles fastest, then channel
+tile, flattened to ``BLOCK_S`` lanes (on tensor cores optionally the same tile of ``IMG``
+images: :func:`tensor_core_tiling`); programs form a 1-D grid (tiles fastest, then channel
 blocks). Tensors are indexed through their strides with 64-bit offsets; the tile shape is
 picked per layout (one channel and a whole plane for NCHW; many channels and a small
 spatial tile for channels_last). Kernels recompute ``u = dwconv(x) + b``:
@@ -114,31 +115,61 @@ def _act_grad(u, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_origin(tiles_w, tiles_per_img, tiles_total, TH: tl.constexpr, TW: tl.constexpr):
-    """This program's partial row, channel block, image and the top-left (h0, w0) of its
-    spatial tile. 1-D grid: the ``tiles_total = N * tiles_per_img`` tiles fastest, then
-    channel blocks."""
+def _tile_origin(tiles_w, tiles_per_img, tiles_total, TH: tl.constexpr, TW: tl.constexpr,
+                 IMG: tl.constexpr):
+    """This program's partial row, channel block, first image and the top-left (h0, w0) of
+    its spatial tile, which it covers in IMG consecutive images. 1-D grid: the
+    ``tiles_total = cdiv(N, IMG) * tiles_per_img`` tiles fastest, then channel blocks."""
     pid = tl.program_id(0)
     row = pid % tiles_total
     cb = pid // tiles_total
-    n = row // tiles_per_img
+    n = (row // tiles_per_img) * IMG
     t = row % tiles_per_img
     return row, cb, n, (t // tiles_w) * TH, (t % tiles_w) * TW
 
 
 @triton.jit
-def _tile(C, H, W, tiles_w, tiles_per_img, tiles_total, sN, TH: tl.constexpr,
-          TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """This program's partial row, channel block, image base offset (int64), channels, tile
-    rows/cols and masks (grid order: :func:`_tile_origin`)."""
-    row, cb, n, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
+def _tile_rows(n, N, sN, TH: tl.constexpr, IMG: tl.constexpr):
+    """(r, roff, ok, base) of the tensor-core GEMMs' M = IMG * TH rows (the program's IMG
+    images' tiles stacked): each row's tile row, its offset from ``base`` (int64) and whether
+    its image exists (the last group of images may be short). One image: base is the
+    image's offset, roff 0 and ok true (uniform: nothing per row)."""
+    if IMG == 1:
+        r = tl.arange(0, TH)
+        roff = 0
+        ok = True
+        base = n.to(tl.int64) * sN
+    else:
+        rr = tl.arange(0, IMG * TH)
+        ni = n + rr // TH
+        r = rr % TH
+        roff = ni.to(tl.int64) * sN
+        ok = ni < N
+        base = 0
+    return r, roff, ok, base
+
+
+@triton.jit
+def _tile(N, C, H, W, tiles_w, tiles_per_img, tiles_total, sN, TH: tl.constexpr,
+          TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IMG: tl.constexpr):
+    """This program's partial row, channel block, image base offset (int64: a scalar, or
+    with IMG > 1 images per program one per lane), channels, tile rows/cols and masks (grid
+    order: :func:`_tile_origin`; lanes image by image, row-major within each)."""
+    row, cb, n, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW, IMG)
     s = tl.arange(0, BLOCK_S)
-    h = h0 + s // TW
-    w = w0 + s % TW
-    valid = (s < TH * TW) & (h < H) & (w < W)
+    if IMG == 1:
+        h = h0 + s // TW
+        w = w0 + s % TW
+        valid = (s < TH * TW) & (h < H) & (w < W)
+        base = n.to(tl.int64) * sN
+    else:  # BLOCK_S = IMG * TH * TW (powers of two)
+        ni = n + s // (TH * TW)
+        h = h0 + (s // TW) % TH
+        w = w0 + s % TW
+        valid = (ni < N) & (h < H) & (w < W)
+        base = ni.to(tl.int64) * sN
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    base = n.to(tl.int64) * sN
     return row, cb, base, c, cmask, h, w, valid
 
 
@@ -218,11 +249,12 @@ def _pow2_scale(m):
 
 
 @triton.jit
-def _plane_rows(plane, hrow, col, H, W, sH, sW, row_ok):
-    """(values, mask): a plane's rows hrow (where row_ok) at columns col, 0 outside the image
-    (the row windows of the tensor-core GEMMs)."""
+def _plane_rows(plane, roff, hrow, col, H, W, sH, sW, row_ok):
+    """(values, mask): rows hrow (where row_ok) of the planes at ``plane + roff`` (roff: each
+    row's image offset, :func:`_tile_rows`) at columns col, 0 outside the image (the row
+    windows of the tensor-core GEMMs)."""
     m = (row_ok & (hrow < H))[:, None] & ((col >= 0) & (col < W))[None, :]
-    v = tl.load(plane + hrow.to(tl.int64)[:, None] * sH + col.to(tl.int64)[None, :] * sW,
+    v = tl.load(plane + (roff + hrow.to(tl.int64) * sH)[:, None] + col.to(tl.int64)[None, :] * sW,
                 mask=m, other=0.0)
     return v, m
 
@@ -233,16 +265,16 @@ def _abs_max(v):
 
 
 @triton.jit
-def _du_cols(duch, dloch, h0, wc, m, H, W, sH, sW, s, TH: tl.constexpr, DT: tl.constexpr,
+def _du_cols(duch, dloch, h0, r, roff, rok, wc, m, H, W, sH, sW, s, DT: tl.constexpr,
              SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """(hi, lo), [16, TH] each: s * du[h0 + r, wc + m] (0 outside the image) as B2's dW
-    operand, its high and low 16-bit terms (:func:`_split16`; DT the 16-bit type). SPLIT: du
-    is stored as those terms already (high at duch, low at dloch)."""
-    r = tl.arange(0, TH)
+    """(hi, lo), [16, M] each: s * du[h0 + r, wc + m] (0 outside the image; r, roff, rok:
+    :func:`_tile_rows`) as B2's dW operand, its high and low 16-bit terms (:func:`_split16`;
+    DT the 16-bit type). SPLIT: du is stored as those terms already (high at duch, low at
+    dloch)."""
     col = wc + m
     hh = h0 + r
-    ok = (col < W)[:, None] & (hh < H)[None, :]
-    off = col.to(tl.int64)[:, None] * sW + hh.to(tl.int64)[None, :] * sH
+    ok = (col < W)[:, None] & (rok & (hh < H))[None, :]
+    off = col.to(tl.int64)[:, None] * sW + (roff + hh.to(tl.int64) * sH)[None, :]
     if SPLIT:
         hi = tl.load(duch + off, mask=ok, other=0.0)
         lo = tl.load(dloch + off, mask=ok, other=0.0)
@@ -251,46 +283,49 @@ def _du_cols(duch, dloch, h0, wc, m, H, W, sH, sW, s, TH: tl.constexpr, DT: tl.c
 
 
 @triton.jit
-def _dot_du_rows(duch, dloch, hrow, dcol, H, W, sH, sW, s, ti, acc, SPLIT: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """acc + D @ T for the du rows ``hrow`` at columns ``dcol`` (0 outside the image), D
-    entering as its two 16-bit terms: split here from the fp32 scratch (times ``s``), or
-    (SPLIT) loaded as stored, high at duch and low at dloch."""
-    ok = hrow >= 0
+def _dot_du_rows(duch, dloch, roff, hrow, rok, dcol, H, W, sH, sW, s, ti, acc,
+                 SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + D @ T for the du rows ``hrow`` (of the images at roff, where rok) at columns
+    ``dcol`` (0 outside the image), D entering as its two 16-bit terms: split here from the
+    fp32 scratch (times ``s``), or (SPLIT) loaded as stored, high at duch and low at
+    dloch."""
+    ok = rok & (hrow >= 0)
     if SPLIT:
-        return _dot_terms(_plane_rows(duch, hrow, dcol, H, W, sH, sW, ok)[0],
-                          _plane_rows(dloch, hrow, dcol, H, W, sH, sW, ok)[0], ti, acc, UPCAST)
-    return _dot_split(_plane_rows(duch, hrow, dcol, H, W, sH, sW, ok)[0] * s, ti, acc, UPCAST)
+        return _dot_terms(_plane_rows(duch, roff, hrow, dcol, H, W, sH, sW, ok)[0],
+                          _plane_rows(dloch, roff, hrow, dcol, H, W, sH, sW, ok)[0], ti, acc,
+                          UPCAST)
+    return _dot_split(_plane_rows(duch, roff, hrow, dcol, H, W, sH, sW, ok)[0] * s, ti, acc,
+                      UPCAST)
 
 
 @triton.jit
-def _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST: tl.constexpr):
-    """(X, M): the x rows ``xrow`` at columns ``xcol`` of a plane (0 outside the image) and
-    their in-image mask, as 16-bit GEMM operands; UPCAST: in fp32 (the interpreter's dot and
-    bool -> 16-bit cast mishandle 16-bit values; the products are exact in fp32 either
-    way)."""
-    xi, m = _plane_rows(xch, xrow, xcol, H, W, sH, sW, xrow >= 0)
+def _x_window(xch, roff, xrow, rok, xcol, H, W, sH, sW, UPCAST: tl.constexpr):
+    """(X, M): the x rows ``xrow`` (of the images at roff, where rok) at columns ``xcol`` (0
+    outside the image) and their in-image mask, as 16-bit GEMM operands; UPCAST: in fp32
+    (the interpreter's dot and bool -> 16-bit cast mishandle 16-bit values; the products are
+    exact in fp32 either way)."""
+    xi, m = _plane_rows(xch, roff, xrow, xcol, H, W, sH, sW, rok & (xrow >= 0))
     if UPCAST:
         return xi.to(tl.float32), m.to(tl.float32)
     return xi, m.to(xi.dtype)
 
 
 @triton.jit
-def _band_sums(h0, l0, h1, l1, xch, xrow, xcol, H, W, sH, sW, band, TWO: tl.constexpr,
-               IN_AFFINE: tl.constexpr, UPCAST: tl.constexpr):
+def _band_sums(h0, l0, h1, l1, xch, roff, xrow, rok, xcol, H, W, sH, sW, band,
+               TWO: tl.constexpr, IN_AFFINE: tl.constexpr, UPCAST: tl.constexpr):
     """(sum_m P[m, band[m, j]] for P = (h0 + l0) @ X0 (+ (h1 + l1) @ X1 where TWO), the same
     for the in-image masks M0 (M1)): one kernel row's dW (and its mask term) over 16 columns
     (32 where TWO), h, l the high and low terms of the transposed du (:func:`_du_cols`), X0
     the x rows ``xrow`` at columns ``xcol`` (0 outside the image), X1 the same 16 columns on.
     Both terms and both column blocks share the band, so all four GEMMs accumulate into one
     16-row P and the band is gathered and summed once."""
-    xi, mi = _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST)
+    xi, mi = _x_window(xch, roff, xrow, rok, xcol, H, W, sH, sW, UPCAST)
     p = _dot_terms(h0, l0, xi, tl.zeros([16, xi.shape[1]], dtype=tl.float32), UPCAST)
     pm = p
     if IN_AFFINE:
         pm = _dot_terms(h0, l0, mi, tl.zeros_like(p), UPCAST)
     if TWO:
-        xi, mi = _x_window(xch, xrow, xcol + 16, H, W, sH, sW, UPCAST)
+        xi, mi = _x_window(xch, roff, xrow, rok, xcol + 16, H, W, sH, sW, UPCAST)
         p = _dot_terms(h1, l1, xi, p, UPCAST)
         if IN_AFFINE:
             pm = _dot_terms(h1, l1, mi, pm, UPCAST)
@@ -302,14 +337,17 @@ def _band_sums(h0, l0, h1, l1, xch, xrow, xcol, H, W, sH, sW, band, TWO: tl.cons
 
 
 @triton.jit
-def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, base, ch, H, W,
-            sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
-            IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
-            CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
-            XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """B2 of channel ``ch`` over the program's TH x TW tile on tensor cores: stores the tile's
-    dW partial (K x K at ``dw_p + prow * K * K``) and returns the transposed convolution
-    ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as [1, TH*TW] fp32. du enters the GEMMs as
+def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ch, N, H, W,
+            sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
+            PB: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+            KP: tl.constexpr, CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr,
+            RP: tl.constexpr, XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr,
+            UPCAST: tl.constexpr, IMG: tl.constexpr):
+    """B2 of channel ``ch`` over the program's TH x TW tile of IMG images on tensor cores
+    (M = IMG * TH GEMM rows, :func:`_tile_rows`): stores the tiles' dW partial (K x K at
+    ``dw_p + prow * K * K``, summed over the images by the GEMMs' reduction over M) and
+    returns the transposed convolution ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as
+    [1, M*TW] fp32. du enters the GEMMs as
     its two 16-bit terms (:func:`_split16`): split here from the fp32 scratch, or (SPLIT,
     bfloat16) stored split by B2a at du_ptr (high) and dulo_ptr (low), which leaves the
     loop's operands to go from memory to the tensor cores unconverted; x and W are 16-bit
@@ -330,56 +368,57 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
     ``dW = a (du * x) + c (du * M)``, M the in-image mask. For float16 (whose range is not
     fp32's) du is scaled by the power of two that takes the halo's largest |du| into [1, 4),
     undone on the fp32 results."""
-    _, _, _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
+    _, _, n, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW, IMG)
     BF16: tl.constexpr = w_ptr.dtype.element_ty == tl.bfloat16
-    r = tl.arange(0, TH)
+    M: tl.constexpr = IMG * TH
+    r, roff, rok, base = _tile_rows(n, N, sN, TH, IMG)
     q = tl.arange(0, KP)
-    col = tl.arange(0, TW)
     duch = du_ptr + base + ch.to(tl.int64) * sC
     dloch = dulo_ptr + base + ch.to(tl.int64) * sC
     xch = x_ptr + base + ch.to(tl.int64) * sC
     dcol = w0 + (PB - (K - 1) - DO) + q  # the window of dx columns w0 .. w0 + CW - 1 (+ CW)
     s = 1.0
     inv_s = 1.0
-    if not BF16:  # one scale for the halo: every du this program reads
-        rr = tl.arange(0, RP)
-        hh = h0 + (PB - (K - 1)) + rr
-        hok = (rr < TH + K - 1) & (hh >= 0)
-        hmax = _abs_max(_plane_rows(duch, hh, dcol, H, W, sH, sW, hok)[0])
+    if not BF16:  # one scale for the halo: every du this program reads (all IMG images)
+        hr, hoff, hiok, _ = _tile_rows(n, N, sN, RP, IMG)
+        hh = h0 + (PB - (K - 1)) + hr
+        hok = hiok & (hr < TH + K - 1) & (hh >= 0)
+        hmax = _abs_max(_plane_rows(duch, hoff, hh, dcol, H, W, sH, sW, hok)[0])
         if TW > CW:
-            hmax = tl.maximum(hmax, _abs_max(_plane_rows(duch, hh, dcol + CW, H, W, sH, sW,
-                                                         hok)[0]))
+            hmax = tl.maximum(hmax, _abs_max(_plane_rows(duch, hoff, hh, dcol + CW, H, W, sH,
+                                                         sW, hok)[0]))
         s, inv_s = _pow2_scale(hmax)
     # dx: the transposed convolution, kernel row by kernel row
     ccw = tl.arange(0, CW)
     trow = w_ptr + ch.to(tl.int64) * (K * KP * CW) + (q[:, None] * CW + ccw[None, :])
-    acc0 = tl.zeros([TH, CW], dtype=tl.float32)
-    acc1 = tl.zeros([TH, CW], dtype=tl.float32)
+    acc0 = tl.zeros([M, CW], dtype=tl.float32)
+    acc1 = tl.zeros([M, CW], dtype=tl.float32)
     for i in range(K):
         ti = tl.load(trow + i * (KP * CW))
         hrow = h0 + r + (PB - i)
-        acc0 = _dot_du_rows(duch, dloch, hrow, dcol, H, W, sH, sW, s, ti, acc0, SPLIT, UPCAST)
+        acc0 = _dot_du_rows(duch, dloch, roff, hrow, rok, dcol, H, W, sH, sW, s, ti, acc0,
+                            SPLIT, UPCAST)
         if TW > CW:
-            acc1 = _dot_du_rows(duch, dloch, hrow, dcol + CW, H, W, sH, sW, s, ti, acc1, SPLIT,
-                                UPCAST)
-    acc = _join_cols(acc0, acc1, TH, TW, CW)
+            acc1 = _dot_du_rows(duch, dloch, roff, hrow, rok, dcol + CW, H, W, sH, sW, s, ti,
+                                acc1, SPLIT, UPCAST)
+    acc = _join_cols(acc0, acc1, M, TW, CW)
     # dW: kernel row by kernel row, both 16-column blocks into one band
     m = tl.arange(0, 16)
     ij = tl.arange(0, MP)
     band = tl.minimum(m[:, None] + ij[None, :] + XO, KX - 1)  # (j >= K: unused)
     xcol = w0 - (PB + XO) + tl.arange(0, KX)
-    hi0, lo0 = _du_cols(duch, dloch, h0, w0, m, H, W, sH, sW, s, TH, x_ptr.dtype.element_ty,
-                        SPLIT, UPCAST)
+    hi0, lo0 = _du_cols(duch, dloch, h0, r, roff, rok, w0, m, H, W, sH, sW, s,
+                        x_ptr.dtype.element_ty, SPLIT, UPCAST)
     hi1, lo1 = hi0, lo0
     if TW > 16:
-        hi1, lo1 = _du_cols(duch, dloch, h0, w0 + 16, m, H, W, sH, sW, s, TH,
+        hi1, lo1 = _du_cols(duch, dloch, h0, r, roff, rok, w0 + 16, m, H, W, sH, sW, s,
                             x_ptr.dtype.element_ty, SPLIT, UPCAST)
     accw = tl.zeros([MP, MP], dtype=tl.float32)
     accm = tl.zeros([MP, MP], dtype=tl.float32)
     for i in range(K):
         xrow = h0 + r + (i - PB)
-        dw, dm = _band_sums(hi0, lo0, hi1, lo1, xch, xrow, xcol, H, W, sH, sW, band, TW > 16,
-                            IN_AFFINE, UPCAST)
+        dw, dm = _band_sums(hi0, lo0, hi1, lo1, xch, roff, xrow, rok, xcol, H, W, sH, sW, band,
+                            TW > 16, IN_AFFINE, UPCAST)
         accw = tl.where(ij[:, None] == i, dw[None, :], accw)
         accm = tl.where(ij[:, None] == i, dm[None, :], accm)
     if IN_AFFINE:
@@ -391,11 +430,11 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ba
 
 
 @triton.jit
-def _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc, accm, IN_AFFINE: tl.constexpr,
-              UPCAST: tl.constexpr):
+def _dot_rows(xch, roff, xrow, rok, xcol, H, W, sH, sW, ti, acc, accm,
+              IN_AFFINE: tl.constexpr, UPCAST: tl.constexpr):
     """(acc + X @ T, accm + M @ T) for X, M of :func:`_x_window` (16-bit x and T on tensor
     cores; UPCAST: the same GEMMs on fp32 copies)."""
-    xi, mi = _x_window(xch, xrow, xcol, H, W, sH, sW, UPCAST)
+    xi, mi = _x_window(xch, roff, xrow, rok, xcol, H, W, sH, sW, UPCAST)
     if UPCAST:
         ti = ti.to(tl.float32)
     acc = tl.dot(xi, ti, acc, input_precision="ieee")
@@ -405,23 +444,25 @@ def _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc, accm, IN_AFFINE: tl.conste
 
 
 @triton.jit
-def _join_cols(a0, a1, TH: tl.constexpr, TW: tl.constexpr, CW: tl.constexpr):
-    """The [TH, CW] column halves a0 | a1 (a1 only when TW = 2 CW) as the program's
-    [1, TH * TW] row-major lanes."""
+def _join_cols(a0, a1, M: tl.constexpr, TW: tl.constexpr, CW: tl.constexpr):
+    """The [M, CW] column halves a0 | a1 (a1 only when TW = 2 CW) as the program's
+    [1, M * TW] row-major lanes."""
     if TW > CW:
-        return tl.reshape(tl.permute(tl.join(a0, a1), (0, 2, 1)), (1, TH * TW))
+        return tl.reshape(tl.permute(tl.join(a0, a1), (0, 2, 1)), (1, M * TW))
     else:
-        return tl.reshape(a0, (1, TH * TW))
+        return tl.reshape(a0, (1, M * TW))
 
 
 @triton.jit
-def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, sW, tiles_w,
+def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, ch, N, H, W, sN, sC, sH, sW, tiles_w,
              tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
              IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr,
-             XO: tl.constexpr, CW: tl.constexpr, UPCAST: tl.constexpr):
-    """u = dwconv_K(input) + b of channel ``ch`` over the program's TH x TW tile on tensor
-    cores, as [1, TH*TW] fp32 (row-major: the lanes of :func:`_tile`). UPCAST: the same
-    GEMMs on fp32 copies of the 16-bit operands (under the interpreter).
+             XO: tl.constexpr, CW: tl.constexpr, UPCAST: tl.constexpr, IMG: tl.constexpr):
+    """u = dwconv_K(input) + b of channel ``ch`` over the program's TH x TW tile of IMG
+    images on tensor cores, as [1, IMG*TH*TW] fp32 (the lanes of :func:`_tile`). UPCAST: the
+    same GEMMs on fp32 copies of the 16-bit operands (under the interpreter). The images'
+    tiles are stacked along the GEMMs' M (:func:`_tile_rows`): every Toeplitz operand serves
+    IMG images, and M = 64 (4 warps) makes them warpgroup GEMMs (wgmma) on sm_90.
 
     Kernel row i is a GEMM per CW output columns c0 + [0, CW) (docs/DESIGN.md, "Tensor cores"):
     ``u[r, c0 + c] += (X_i @ T_i)[r, c]`` with ``X_i[r, q] = x[h0 + r + i - PB, w0 + c0 - PB -
@@ -435,47 +476,48 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, ch, H, W, sC, sH, 
     every product is exact in the fp32 accumulator: the result is the CUDA-core one up to
     summation order. The input affine ``a*x + c`` is not rounded to 16 bits: the dots take x
     and the in-image mask M (exact 0/1), ``u = a*(X (*) W) + c*(M (*) W) + b``."""
-    _, _, _, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW)
-    r = tl.arange(0, TH)
+    _, _, n, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW, IMG)
+    M: tl.constexpr = IMG * TH
+    r, roff, rok, base = _tile_rows(n, N, sN, TH, IMG)
     q = tl.arange(0, KP)
     col = tl.arange(0, CW)
     xcol = w0 - (PB + XO) + q  # the window of output columns w0 .. w0 + CW - 1 (+ CW)
     trow = w_ptr + ch.to(tl.int64) * (K * KP * CW) + (q[:, None] * CW + col[None, :])
     xch = x_ptr + base + ch.to(tl.int64) * sC
-    acc0 = tl.zeros([TH, CW], dtype=tl.float32)
-    acc1 = tl.zeros([TH, CW], dtype=tl.float32)
-    accm0 = tl.zeros([TH, CW], dtype=tl.float32)
-    accm1 = tl.zeros([TH, CW], dtype=tl.float32)
+    acc0 = tl.zeros([M, CW], dtype=tl.float32)
+    acc1 = tl.zeros([M, CW], dtype=tl.float32)
+    accm0 = tl.zeros([M, CW], dtype=tl.float32)
+    accm1 = tl.zeros([M, CW], dtype=tl.float32)
     for i in tl.range(K, loop_unroll_factor=K if KP <= 32 else 1):  # (docs/DESIGN.md)
         ti = tl.load(trow + i * (KP * CW))
         xrow = h0 + r + (i - PB)
-        acc0, accm0 = _dot_rows(xch, xrow, xcol, H, W, sH, sW, ti, acc0, accm0, IN_AFFINE,
-                                UPCAST)
+        acc0, accm0 = _dot_rows(xch, roff, xrow, rok, xcol, H, W, sH, sW, ti, acc0, accm0,
+                                IN_AFFINE, UPCAST)
         if TW > CW:
-            acc1, accm1 = _dot_rows(xch, xrow, xcol + CW, H, W, sH, sW, ti, acc1, accm1,
-                                    IN_AFFINE, UPCAST)
+            acc1, accm1 = _dot_rows(xch, roff, xrow, rok, xcol + CW, H, W, sH, sW, ti, acc1,
+                                    accm1, IN_AFFINE, UPCAST)
     if IN_AFFINE:
         a = tl.load(scale_ptr + ch).to(tl.float32)
         c = tl.load(shift_ptr + ch).to(tl.float32)
         acc0 = acc0 * a + accm0 * c
         acc1 = acc1 * a + accm1 * c
-    return _join_cols(acc0, acc1, TH, TW, CW) + tl.load(b_ptr + ch).to(tl.float32)
+    return _join_cols(acc0, acc1, M, TW, CW) + tl.load(b_ptr + ch).to(tl.float32)
 
 
 @triton.jit
-def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W, sC,
-          sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
-          IN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-          TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
-          XO: tl.constexpr, CW: tl.constexpr):
+def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N, H, W,
+          sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
+          PB: tl.constexpr, IN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_S: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr,
+          KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr):
     """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB. TC:
     on tensor cores (:func:`_conv_tc`; one channel per program, 16-bit x): TC = 1, or 2 for
     the same algorithm with fp32 operands (the interpreter), w_ptr then holding the Toeplitz
     operands (:func:`_toeplitz`)."""
     if TC > 0:
-        return _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, cb, H, W, sC, sH, sW,
-                        tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, XO,
-                        CW, TC == 2)
+        return _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, cb, N, H, W, sN, sC, sH,
+                        sW, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP,
+                        XO, CW, TC == 2, IMG)
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -494,17 +536,18 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count_p, C, H, W,
+def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count_p, N, C, H, W,
                   sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                   PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                   TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                   KP: tl.constexpr, XO: tl.constexpr,
-                  CW: tl.constexpr):
-    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
-                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
-                   W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
+                  CW: tl.constexpr,
+        IMG: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
+                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
@@ -519,17 +562,18 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count
 
 @triton.jit
 def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, gamma_ptr,
-                  beta_ptr, out_ptr, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
+                  beta_ptr, out_ptr, N, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
                   tiles_total, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
                   IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                   KP: tl.constexpr, XO: tl.constexpr,
-                  CW: tl.constexpr):
-    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
-                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
-                   W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
+                  CW: tl.constexpr,
+        IMG: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
+                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -540,17 +584,18 @@ def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
 
 @triton.jit
 def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr,
-                       rstd_ptr, dbeta_p, dgamma_p, C, H, W, sN, sC, sH, sW, tiles_w,
+                       rstd_ptr, dbeta_p, dgamma_p, N, C, H, W, sN, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                        TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                        TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr,
-                       CW: tl.constexpr):
-    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
-                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H,
-                   W, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW), ACT)
+                       CW: tl.constexpr,
+        IMG: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
+                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
@@ -562,20 +607,21 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
 
 @triton.jit
 def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-                   gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, dulo_ptr, db_p, inv_n, C, H, W, sN,
+                   gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, dulo_ptr, db_p, inv_n, N, C, H, W, sN,
                    sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                    PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr,
                    BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                   KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, SPLIT: tl.constexpr):
+                   KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, SPLIT: tl.constexpr,
+        IMG: tl.constexpr):
     """du = dg * act'(u) into the scratch: fp32 at du_ptr, or (SPLIT: bfloat16 on tensor
     cores) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at dulo_ptr,
     with the tile's db partial taken here from the fp32 values (B2b never sees them)."""
-    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
-                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
-    u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
-              sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
-              BLOCK_S, TH, TW, TC, KP, XO, CW)
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
+    u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N, H, W,
+              sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
+              BLOCK_S, TH, TW, TC, KP, XO, CW, IMG)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -598,17 +644,18 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
 
 @triton.jit
 def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dx_ptr, dw_p,
-                   db_p, dscale_p, dshift_p, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
+                   db_p, dscale_p, dshift_p, N, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
                    CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
-                   XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr):
+                   XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr,
+        IMG: tl.constexpr):
     """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
     cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`). SPLIT: du
     comes as B2a's two 16-bit terms, db from B2a."""
-    row, cb, base, c, cmask, h, w, valid = _tile(C, H, W, tiles_w, tiles_per_img,
-                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S)
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     prow = row.to(tl.int64) * C + c
@@ -618,9 +665,9 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
     acc = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if TC > 0:
         acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p,
-                       row.to(tl.int64) * C + cb, base, cb, H, W, sC, sH, sW, tiles_w,
+                       row.to(tl.int64) * C + cb, cb, N, H, W, sN, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, CW, DO, MP,
-                       RP, XO, KX, SPLIT, TC == 2)
+                       RP, XO, KX, SPLIT, TC == 2, IMG)
     else:
         for i in range(K):
             # dx[q] += du[q + PB - i] * w[i] (transposed conv); dW[i] += du[q] * x[q + i - PB]
@@ -709,22 +756,55 @@ def _pow2(n: int) -> int:
 
 
 # --------------------------------------------------------------------------- depthwise launchers
+# The tensor-core programs' tiling (:func:`tensor_core_tiling`): images stacked per program,
+# and whether every 16 GEMM rows get a warp ("all") or only one image's ("image").
+_tc_tiling = types.SimpleNamespace(images=1, warps="image")
+TC_TILINGS = {"1": (1, "image"), "2": (2, "image"), "4": (4, "image"), "2w": (2, "all"),
+              "4w": (4, "all")}
+
+
+@contextlib.contextmanager
+def tensor_core_tiling(spec="1"):
+    """Within this context the tensor-core launchers stack up to ``images`` images' tiles per
+    program along the GEMMs' M (at most 64 rows), spec one of :data:`TC_TILINGS`: "1" (the
+    default: one image, TH / 16 warps), "2" / "4" (2 / 4 images, the warps of one: each warp
+    takes that many row blocks; every Toeplitz operand, index and band reduction serves them
+    all), "2w" / "4w" (a warp per 16 rows: M = 64 under 4 warps, warpgroup GEMMs on sm_90).
+    Which is fastest is the GPU's to say (``python -m benchmarks.passes --tc-tilings``): the
+    compiled facts trade instructions per element against registers and resident warps
+    (docs/DESIGN.md, "Tensor cores")."""
+    if spec not in TC_TILINGS:
+        raise ValueError(f"tensor_core_tiling: spec must be one of {sorted(TC_TILINGS)}, "
+                         f"got {spec!r}")
+    prev = (_tc_tiling.images, _tc_tiling.warps)
+    _tc_tiling.images, _tc_tiling.warps = TC_TILINGS[spec]
+    try:
+        yield
+    finally:
+        _tc_tiling.images, _tc_tiling.warps = prev
+
+
 def geometry(shape, strides, tc=False):
     """Tile shape for a [N, C, H, W] tensor with these strides:
-    (TH, TW, BLOCK_C, BLOCK_S, num_warps).
+    (TH, TW, BLOCK_C, BLOCK_S, num_warps, IMG), a program covering its TH x TW tile in IMG
+    consecutive images.
 
     NCHW (W fastest): one channel, a spatial tile of up to 1024 lanes (a whole 32x32 plane).
     channels_last (C fastest): 32 channels x 32 positions, coalesced along C.
-    Tensor cores (``tc``, either layout): one channel, TH x TW of 16 or 32 each (the GEMM
-    tiles' M and N; ``tl.dot`` needs >= 16), BLOCK_S = TH * TW, and TH / 16 warps: Triton
-    lays an accumulating loop's GEMMs out with every warp along M, 16 rows each, so more
-    warps than TH / 16 would compute copies of the same rows and of everything after them
-    (the real-target compile checks it: ``gemms`` in benchmarks/targets.py).
+    Tensor cores (``tc``, either layout): one channel, TH x TW of 16 or 32 each, in IMG
+    images stacked along the GEMMs' M = IMG * TH (``tl.dot`` needs >= 16; IMG as
+    :func:`tensor_core_tiling` sets it, at most what the batch needs and M <= 64),
+    BLOCK_S = M * TW, and TH / 16 or M / 16 warps: Triton lays an accumulating loop's GEMMs
+    out with every warp along M, 16 rows each, so more warps than M / 16 would compute
+    copies of the same rows and of everything after them (the real-target compile checks
+    it: ``gemms`` in benchmarks/targets.py).
     """
     N, C, H, W = shape
     if tc:
         th, tw = (32 if H > 16 else 16), (32 if W > 16 else 16)
-        return th, tw, 1, th * tw, th // 16
+        img = max(1, min(_tc_tiling.images, 64 // th, _pow2(N)))
+        warps = img * th // 16 if _tc_tiling.warps == "all" else th // 16
+        return th, tw, 1, img * th * tw, warps, img
     if strides[1] == 1 and C > 1:  # channels_last-like: vectorise over channels
         block_c = min(32, _pow2(C))
         tw = min(8, W)
@@ -735,19 +815,21 @@ def geometry(shape, strides, tc=False):
         th = min(H, max(1, 1024 // _pow2(tw)))
     block_s = _pow2(th * tw)
     num_warps = 8 if block_c * block_s >= 1024 else 4
-    return th, tw, block_c, block_s, num_warps
+    return th, tw, block_c, block_s, num_warps, 1
 
 
 def _plan(x, tc=False):
-    """(partial rows, grid, common args, tile constexprs, launch options) of a launch over x."""
+    """(partial rows, grid, common args, tile constexprs, launch options) of a launch over x:
+    a partial row per program and channel block (one tile of IMG images)."""
     N, C, H, W = x.shape
-    th, tw, block_c, block_s, num_warps = geometry(x.shape, x.stride(), tc)
+    th, tw, block_c, block_s, num_warps, img = geometry(x.shape, x.stride(), tc)
     tiles_w = _cdiv(W, tw)
-    rows = N * _cdiv(H, th) * tiles_w
+    tiles_per_img = _cdiv(H, th) * tiles_w
+    rows = _cdiv(N, img) * tiles_per_img
     grid = (rows * _cdiv(C, block_c),)
     check_grid(grid, x)
-    common = (C, H, W, *x.stride(), tiles_w, rows // max(N, 1), rows)
-    tile = dict(TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    common = (N, C, H, W, *x.stride(), tiles_w, tiles_per_img, rows)
+    tile = dict(TH=th, TW=tw, BLOCK_C=block_c, BLOCK_S=block_s, IMG=img, num_warps=num_warps)
     return rows, grid, common, tile
 
 

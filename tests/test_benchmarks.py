@@ -3,6 +3,8 @@ takes (cases, correctness gate, JSON / Markdown / PNG output), at a tiny shape."
 import json
 import os
 
+import pytest
+
 from benchmarks.run import main
 
 
@@ -81,6 +83,27 @@ def test_pass_timings_smoke(tmp_path):
                 ("cm1536", "float32", "nchw", "F1", 9, "triton"): 1.0}
     pairs = {p["key"][3]: p["ratio"] for p in static.compare(rows, measured)}
     assert pairs == {"B2": 2.0, "F1": 0.5}
+
+
+def test_pass_timings_of_tensor_core_tilings(tmp_path):
+    """passes --tc-tilings: triton_tc timed once per tiling, each record naming it; the
+    static report's calibration takes the default tiling's only."""
+    from benchmarks import passes, static
+    from convmixer_ext.backends import backend_reason
+    if backend_reason("triton_tc", "cpu") is not None:
+        pytest.skip(backend_reason("triton_tc", "cpu"))
+    rc = passes.main(["--device", "cpu", "--shapes", "2x3x8x8", "--ks", "3", "--layouts",
+                      "nchw", "--dtypes", "bfloat16", "--backends", "triton_tc", "--reps", "1",
+                      "--tc-tilings", "1", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    path = next(tmp_path.glob("passes-*.json"))
+    recs = json.load(open(path))["records"]
+    assert sorted((r["tiling"], r["pass_"]) for r in recs) == \
+        sorted((t, p) for t in ("1", "2") for p in passes.PASSES)
+    default = {r["pass_"]: r["ms"] for r in recs if r["tiling"] == "1"}
+    got = static._measured([str(path)])
+    assert got == {("2x3x8x8", "bfloat16", "nchw", p, 3, "triton_tc"): ms
+                   for p, ms in default.items()}
 
 
 def test_per_kernel_times_average_per_launch():

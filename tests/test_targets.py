@@ -89,6 +89,14 @@ def test_tensor_core_convolution_is_on_tensor_cores(facts):
             "_bwd_dx_kernel"} == {f["kernel"] for f in tc}
     assert all(f["tensor_cores"] for f in tc), [f["kernel"] for f in tc if not f["tensor_cores"]]
     assert not any(f["tensor_cores"] for f in tk if f["constexprs"].get("TC") == 0)
+    # the tilings of 1, 2 and 4 images per program; on sm_90 the forward GEMMs of 64 rows
+    # under 4 warps are warpgroup MMAs, under fewer warps mma.sync
+    assert {1, 2, 4} <= {f["constexprs"]["IMG"] for f in tc}
+    fwd90 = [f for f in tc if f["arch"] == 90 and f["kernel"] == "_apply_kernel"]
+    for f in fwd90:
+        rows = f["constexprs"]["TH"] * f["constexprs"]["IMG"]
+        assert f["wgmma"] == (rows == 64 and f["num_warps"] == 4), f
+    assert any(f["wgmma"] for f in fwd90) and not all(f["wgmma"] for f in fwd90)
 
 
 def test_tensor_core_gemms_compute_no_row_twice(facts):
@@ -100,8 +108,9 @@ def test_tensor_core_gemms_compute_no_row_twice(facts):
     for f in tc:
         for g in f["gemms"]:
             assert g["copies"] == 1, (f["kernel"], f["constexprs"], f["num_warps"], g)
-        if f["kernel"] != "_bwd_dx_kernel":
-            assert {g["M"] for g in f["gemms"]} == {f["constexprs"]["TH"]}, f
+        if f["kernel"] != "_bwd_dx_kernel":  # M: the program's images' tiles stacked
+            assert {g["M"] for g in f["gemms"]} == \
+                {f["constexprs"]["TH"] * f["constexprs"]["IMG"]}, f
 
 
 def test_no_spills_and_shared_memory_within_limits(facts):

@@ -17,15 +17,25 @@ from convmixer_ext import ConvMixerLayer, fused_dwconv_block
 from convmixer_ext.backends import backend_reason, get_impl, resolve_backend
 from helpers import assert_close, compare_models, compare_passes, layer_pair, pass_inputs
 
+try:
+    from convmixer_ext import triton_kernels as tk
+except ImportError:  # no triton: every test here is skipped (pytestmark)
+    tk = None
+
 pytestmark = pytest.mark.skipif(backend_reason("triton_tc", DEVICE) is not None,
                                 reason=f"triton_tc unavailable here: "
                                        f"{backend_reason('triton_tc', DEVICE)}")
 bf16, f16 = torch.bfloat16, torch.float16
 
 # (N, C, H, W, k, dtype, channels_last, input affine): 16- and 32-wide tiles, ragged edge
-# tiles in both directions, several tiles, even k, k = 1 and the largest k
+# tiles in both directions, several tiles, even k, k = 1 and the largest k; several images
+# per program (their tiles stacked along the GEMMs' M: 2 of 32 rows, 4 of 16) with a short
+# last group
 CASES = [
-    (2, 3, 7, 6, 3, bf16, False, False),     # one 16x16 tile, mostly padding
+    (2, 3, 7, 6, 3, bf16, False, False),     # one 16x16 tile, mostly padding; 2 images
+    (3, 2, 20, 35, 9, bf16, False, True),    # 2 images of 32 rows, the second group short
+    (5, 2, 9, 10, 5, f16, False, False),     # 4 images of 16 rows, the second group short
+    (6, 1, 17, 12, 4, f16, True, True),      # 2 images of 32 rows, 3 groups, channels_last
     (1, 2, 20, 35, 9, bf16, False, True),    # 32x32 tiles, W ragged (32 + 3)
     (2, 3, 9, 10, 4, f16, True, False),      # even k, channels_last
     (1, 2, 33, 17, 7, f16, False, True),     # H ragged (32 + 1), TW 32 over W 17
@@ -50,29 +60,73 @@ def _tensors(N, C, H, W, k, dtype, cl, aff):
     return x, dout, w, b, gamma, beta, affine
 
 
-@pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_tensor_core_passes_match_twin(case):
+def _tilings(cases):
+    """(case, tiling): every case in the default tiling, and each case of several images in
+    every other tiling that stacks a different number of them per program (the warps'
+    variants, "2w" / "4w", are the same program to the interpreter)."""
+    if tk is None:
+        return [pytest.param(c, "1", id=_ids(c)) for c in cases]
+    out = []
+    for c in cases:
+        seen = set()
+        for spec in ("1", "2", "4"):
+            with tk.tensor_core_tiling(spec):
+                img = tk.geometry((c[0], c[1], c[2], c[3]), (0, 0, 0, 1), tc=True)[-1]
+            if img not in seen:
+                seen.add(img)
+                out.append(pytest.param(c, spec, id=f"{_ids(c)}-img{img}"))
+    return out
+
+
+@pytest.mark.parametrize("case, tiling", _tilings(CASES))
+def test_tensor_core_passes_match_twin(case, tiling):
     N, C, H, W, k, dtype, cl, aff = case
     x, dout, w, b, gamma, beta, affine = _tensors(*case)
-    compare_passes(get_impl("triton_tc"), x, dout, w, b, gamma, beta, "gelu", affine, dtype)
+    with tk.tensor_core_tiling(tiling):
+        compare_passes(get_impl("triton_tc"), x, dout, w, b, gamma, beta, "gelu", affine,
+                       dtype)
 
 
+def test_tensor_core_tiling_stacks_what_the_batch_and_64_rows_allow():
+    """The tilings' images per program: the spec's, at most the batch (as a power of two)
+    and 64 GEMM rows; the warps of one image, or one per 16 rows; a bad spec is refused."""
+    g = lambda spec, N, H: tk.geometry((N, 8, H, 20), (0, 0, 0, 1), tc=True)  # noqa: E731
+    for spec, N, H, want in (("1", 8, 32, (2, 1)), ("2", 8, 32, (2, 2)), ("4", 8, 32, (2, 2)),
+                             ("4", 8, 16, (1, 4)), ("4", 3, 16, (1, 4)), ("4", 2, 16, (1, 2)),
+                             ("2", 1, 32, (2, 1)), ("2w", 8, 32, (4, 2)),
+                             ("4w", 8, 16, (4, 4))):
+        with tk.tensor_core_tiling(spec):
+            geo = g(spec, N, H)
+        assert (geo[4], geo[5]) == want, (spec, N, H, geo)
+        assert geo[3] == geo[5] * geo[0] * geo[1]
+    assert tk.geometry((8, 8, 32, 32), (0, 0, 0, 1), tc=True)[-1] == 1  # the default again
+    with pytest.raises(ValueError, match="spec must be one of"):
+        with tk.tensor_core_tiling("3"):
+            pass
+
+
+@pytest.mark.parametrize("tiling", ["1", "2"])
 @pytest.mark.parametrize("gamma_scale", [1e-7, 1e6], ids=["tiny-du", "huge-du"])
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # dx: inf, as the twin's
-def test_tensor_core_b2_keeps_fp32_range_in_float16(gamma_scale):
+def test_tensor_core_b2_keeps_fp32_range_in_float16(gamma_scale, tiling):
     """float16 has 5 exponent bits: du (fp32) from a BN gamma of 1e-7 falls below its normal
     range (a plain float16 split keeps ~3 of its bits: dW off by ~15%) and from 1e6 beyond
     its largest value (inf). B2 scales each program's du by a power of two first, so dW and
-    db keep the fp32 tolerance."""
+    db keep the fp32 tolerance; with two images per program ("2") the scale covers both,
+    the second's du 2^16 times the first's (a scale from the first alone overflows)."""
     from convmixer_ext import torch_backend as twin
     from convmixer_ext.semantics import rstd_from_var
-    x, dout, w, b, gamma, beta, _ = _tensors(1, 2, 33, 17, 7, f16, False, False)
+    x, dout, w, b, gamma, beta, _ = _tensors(2, 2, 33, 17, 7, f16, False, False)
     gamma = gamma * gamma_scale
+    dout[0] *= 2.0**-8
+    dout[1] *= 2.0**8
     mean, var = twin.stats(x, w, b, "gelu", None)
     rstd = rstd_from_var(var, 1e-5)
     dbeta, dgamma = twin.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", None)
-    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, True, "gelu", None)
-    _, dw, db, _ = get_impl("triton_tc").bwd_main(*args)
+    # du = gamma rstd dout act'(u) (no batch-statistics terms: they would mix the images)
+    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, "gelu", None)
+    with tk.tensor_core_tiling(tiling):
+        _, dw, db, _ = get_impl("triton_tc").bwd_main(*args)
     _, dw_t, db_t, _ = twin.bwd_main(*args)
     for got, want, what in ((dw, dw_t, "B2 dW"), (db, db_t, "B2 db")):
         m = want.abs().max()  # relative to their own magnitude (assert_close floors at 1e-2)
