@@ -305,10 +305,10 @@ _DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)xf32
 
 def mma_gemms(ttgir: str):
     """[{"M", "N", "warps", "copies"}] of every tensor-core GEMM (tt.dot, or on sm_90
-    ttng.warp_group_dot: wgmma) in a kernel's
-    TTGIR: its accumulator shape, the warps its layout places along M and N, and how many
-    warps compute the same accumulator elements (copies > 1: a layout that covers more rows
-    or columns than the GEMM has, e.g. 4 warps of 16 rows on a 32-row GEMM)."""
+    ttng.warp_group_dot: wgmma) in a kernel's TTGIR: its accumulator shape, the warps its
+    layout places along M and N, and how many warps compute the same accumulator elements
+    (copies > 1: a layout that covers more rows or columns than the GEMM has, e.g. 4 warps of
+    16 rows on a 32-row GEMM)."""
     layouts = {m.group(1): tuple(int(m.group(i)) for i in (2, 3, 4, 5))
                for m in _MMA_LAYOUT.finditer(ttgir)}
     out = []
