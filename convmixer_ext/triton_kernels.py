@@ -536,32 +536,16 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _tile_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, H, W, sN, sC, sH, sW, tiles_w,
-               tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
-               IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-               KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr):
-    """This program's tile (:func:`_tile`) and ``u = dwconv(input) + b`` on it (:func:`_conv`),
-    the prologue of F1, F2, B1 and B2a."""
-    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
-                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
-    u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N, H, W,
-              sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
-              BLOCK_S, TH, TW, TC, KP, XO, CW, IMG)
-    return row, cb, base, c, cmask, h, w, valid, u
-
-
-@triton.jit
 def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count_p, N, C, H, W,
                   sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                   PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                   TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                   KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr):
-    row, cb, base, c, cmask, h, w, valid, u = _tile_conv(
-        x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, H, W, sN, sC, sH, sW, tiles_w,
-        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, BLOCK_C, BLOCK_S, TC, KP, XO, CW,
-        IMG)
-    g = _act(u, ACT)
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
+                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
@@ -581,11 +565,11 @@ def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                   IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                   KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr):
-    row, cb, base, c, cmask, h, w, valid, u = _tile_conv(
-        x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, H, W, sN, sC, sH, sW, tiles_w,
-        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, BLOCK_C, BLOCK_S, TC, KP, XO, CW,
-        IMG)
-    g = _act(u, ACT)
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
+                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -600,13 +584,13 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
                        tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                        TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                       TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr,
-                       IMG: tl.constexpr):
-    row, cb, base, c, cmask, h, w, valid, u = _tile_conv(
-        x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, H, W, sN, sC, sH, sW, tiles_w,
-        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, BLOCK_C, BLOCK_S, TC, KP, XO, CW,
-        IMG)
-    g = _act(u, ACT)
+                       TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr,
+                       CW: tl.constexpr, IMG: tl.constexpr):
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
+                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
@@ -628,10 +612,11 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr
     """du = dg * act'(u) into the scratch: fp32 at du_ptr, or (SPLIT: bfloat16 on tensor
     cores) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at dulo_ptr,
     with the tile's db partial taken here from the fp32 values (B2b never sees them)."""
-    row, cb, base, c, cmask, h, w, valid, u = _tile_conv(
-        x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, N, C, H, W, sN, sC, sH, sW, tiles_w,
-        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, BLOCK_C, BLOCK_S, TC, KP, XO, CW,
-        IMG)
+    row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
+                                                 tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
+    u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N, H, W,
+              sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
+              BLOCK_S, TH, TW, TC, KP, XO, CW, IMG)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
