@@ -347,11 +347,10 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ch
     (M = IMG * TH GEMM rows, :func:`_tile_rows`): stores the tiles' dW partial (K x K at
     ``dw_p + prow * K * K``, summed over the images by the GEMMs' reduction over M) and
     returns the transposed convolution ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as
-    [1, M*TW] fp32. du enters the GEMMs as
-    its two 16-bit terms (:func:`_split16`): split here from the fp32 scratch, or (SPLIT,
-    bfloat16) stored split by B2a at du_ptr (high) and dulo_ptr (low), which leaves the
-    loop's operands to go from memory to the tensor cores unconverted; x and W are 16-bit
-    and exact.
+    [1, M*TW] fp32. du enters the GEMMs as its two 16-bit terms (:func:`_split16`): split
+    here from the fp32 scratch, or (SPLIT, bfloat16) stored split by B2a at du_ptr (high)
+    and dulo_ptr (low), which leaves the loop's operands to go from memory to the tensor
+    cores unconverted; x and W are 16-bit and exact.
 
     dx, kernel row i, per CW columns c0 + [0, CW) as in :func:`_conv_tc`: ``D_i @ T'_i`` with
     ``D_i[r, q] = du[h0 + r + PB - i, w0 + c0 + PB - (K-1) - DO + q]`` (TH x KP, zero outside

@@ -276,6 +276,7 @@ def test_triton_normal_cdf_accuracy():
     +-inf, nan at nan."""
     import math
 
+    import numpy as np
     from convmixer_ext.backends import backend_reason
     if backend_reason("triton", DEVICE) is not None:
         pytest.skip(backend_reason("triton", DEVICE))
@@ -293,7 +294,7 @@ def test_triton_normal_cdf_accuracy():
                        dtype=torch.float64)
     got = cdf(x)
     pos, mid, far = x >= 0, (x < 0) & (x >= -6), x < -6
-    ulp = torch.from_numpy(__import__("numpy").spacing(ref.float().numpy())).double()
+    ulp = torch.from_numpy(np.spacing(ref.float().numpy())).double()
     err_pos = ((got - ref).abs() / ulp)[pos].max().item()
     err_mid = ((got - ref).abs() / ref)[mid].max().item()
     err_far = (got - ref).abs()[far].max().item()

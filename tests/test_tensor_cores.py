@@ -90,13 +90,13 @@ def test_tensor_core_passes_match_twin(case, tiling):
 def test_tensor_core_tiling_stacks_what_the_batch_and_64_rows_allow():
     """The tilings' images per program: the spec's, at most the batch (as a power of two)
     and 64 GEMM rows; the warps of one image, or one per 16 rows; a bad spec is refused."""
-    g = lambda spec, N, H: tk.geometry((N, 8, H, 20), (0, 0, 0, 1), tc=True)  # noqa: E731
+    g = lambda N, H: tk.geometry((N, 8, H, 20), (0, 0, 0, 1), tc=True)  # noqa: E731
     for spec, N, H, want in (("1", 8, 32, (2, 1)), ("2", 8, 32, (2, 2)), ("4", 8, 32, (2, 2)),
                              ("4", 8, 16, (1, 4)), ("4", 3, 16, (1, 4)), ("4", 2, 16, (1, 2)),
                              ("2", 1, 32, (2, 1)), ("2w", 8, 32, (4, 2)),
                              ("4w", 8, 16, (4, 4))):
         with tk.tensor_core_tiling(spec):
-            geo = g(spec, N, H)
+            geo = g(N, H)
         assert (geo[4], geo[5]) == want, (spec, N, H, geo)
         assert geo[3] == geo[5] * geo[0] * geo[1]
     assert tk.geometry((8, 8, 32, 32), (0, 0, 0, 1), tc=True)[-1] == 1  # the default again
