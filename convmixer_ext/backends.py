@@ -330,6 +330,34 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     return "cuda"
 
 
+# Backends whose passes can save the convolution output u in F1 and read it afterwards.
+SAVES_U_BACKENDS = ("triton", "triton_tc", "torch")
+# The smallest kernel size at which "auto" saves u (estimated, docs/DESIGN.md, "Saved
+# convolution output"): reading 4 bytes of u per element costs less than the convolution's
+# k*k taps in F2, B1 and B2a from k = 7 up; at k = 3 the two are about even.
+SAVE_U_MIN_KERNEL_SIZE = 7
+
+
+def saves_conv_output(backend: str, kernel_size: int, batch_stats: bool,
+                      save_conv=None) -> bool:
+    """Whether the fused block on concrete ``backend`` saves its convolution output u in F1
+    (float32, x's shape) for F2, B1 and B2a to read instead of recomputing it: only when F1
+    runs (``batch_stats``). ``save_conv``: None (the default) saves on the Triton backends
+    from :data:`SAVE_U_MIN_KERNEL_SIZE` up; True / False force it (True on a backend that
+    cannot is a ValueError; "eager" keeps PyTorch's own saved tensors either way)."""
+    if save_conv is not None and not isinstance(save_conv, bool):
+        raise TypeError(f"save_conv must be None or a bool, got {type(save_conv).__name__}")
+    if save_conv and backend not in SAVES_U_BACKENDS + ("eager",):
+        raise ValueError(f"save_conv=True: backend {backend!r} recomputes the convolution "
+                         f"output in every pass; the backends that can save it are "
+                         f"{list(SAVES_U_BACKENDS)}")
+    if not batch_stats or backend not in SAVES_U_BACKENDS:
+        return False
+    if save_conv is None:
+        return backend != "torch" and kernel_size >= SAVE_U_MIN_KERNEL_SIZE
+    return save_conv
+
+
 def _auto(device, dtype, kernel_size, op, sync, channels_last=False, training=True) -> str:
     fallback = "torch" if sync else "eager"
     if device.type != "cuda" or dtype not in KERNEL_DTYPES or kernel_size > MAX_KERNEL_SIZE:
@@ -363,13 +391,15 @@ class KernelBackend:
     with the fixed-order sums of :mod:`convmixer_ext._partials`.
 
     Launcher contract (activation as its integer id; ``in_scale``, ``in_shift``: the input
-    affine, both None when there is none):
-      k_stats(x, w, b, in_scale, in_shift, act) -> mean_p [T, C], m2_p [T, C], count_p [T]
-      k_apply(x, w, b, mean, rstd, gamma, beta, in_scale, in_shift, act) -> out
-      k_bwd_reduce(dout, x, w, b, mean, rstd, in_scale, in_shift, act)
+    affine, both None when there is none; ``u``: where F1 saves the convolution output and
+    the later passes read it, passed only to launchers with ``SAVES_U`` true):
+      k_stats(x, w, b, in_scale, in_shift, act[, u]) -> mean_p [T, C], m2_p [T, C],
+          count_p [T]
+      k_apply(x, w, b, mean, rstd, gamma, beta, in_scale, in_shift, act[, u]) -> out
+      k_bwd_reduce(dout, x, w, b, mean, rstd, in_scale, in_shift, act[, u])
           -> dbeta_p [T, C], dgamma_p [T, C]
       k_bwd_main(dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, batch_stats, in_scale,
-                 in_shift, act) -> dx, dw_p [T, C, k*k], db_p [T, C], dscale_p, dshift_p
+                 in_shift, act[, u]) -> dx, dw_p [T, C, k*k], db_p [T, C], dscale_p, dshift_p
                  ([T, C], or [0, C] without the input affine)
       pointwise (optional): pw_gemm_act_stats(y, w2, b, g, act) -> mean_p, m2_p, count_p;
                             pw_bwd_du(dg, dmean, dvar, y, w2, b, mean, act) -> du, db_p
@@ -377,26 +407,39 @@ class KernelBackend:
 
     def __init__(self, launchers):
         self.k = launchers
+        self.SAVES_U = getattr(launchers, "SAVES_U", False)
+
+    def _u(self, u):
+        """The launchers' keyword for the saved convolution output (none without one)."""
+        if u is None:
+            return {}
+        if not self.SAVES_U:
+            raise ValueError("these kernels cannot save the convolution output (u must be "
+                             "None)")
+        return {"u": u}
 
     # depthwise (the pass interface of torch_backend)
-    def stats(self, x, weight, bias, activation, in_affine=None):
+    def stats(self, x, weight, bias, activation, in_affine=None, u=None):
         return merge_stats(*self.k.k_stats(x, weight, bias, *_in_affine(in_affine),
-                                           ACTIVATIONS[activation]))
+                                           ACTIVATIONS[activation], **self._u(u)))
 
-    def apply(self, x, weight, bias, mean, rstd, gamma, beta, activation, in_affine=None):
+    def apply(self, x, weight, bias, mean, rstd, gamma, beta, activation, in_affine=None,
+              u=None):
         return self.k.k_apply(x, weight, bias, mean, rstd, gamma, beta, *_in_affine(in_affine),
-                              ACTIVATIONS[activation])
+                              ACTIVATIONS[activation], **self._u(u))
 
-    def bwd_reduce(self, dout, x, weight, bias, mean, rstd, activation, in_affine=None):
+    def bwd_reduce(self, dout, x, weight, bias, mean, rstd, activation, in_affine=None,
+                   u=None):
         dbeta_p, dgamma_p = self.k.k_bwd_reduce(dout, x, weight, bias, mean, rstd,
-                                                *_in_affine(in_affine), ACTIVATIONS[activation])
+                                                *_in_affine(in_affine), ACTIVATIONS[activation],
+                                                **self._u(u))
         return sum_partials(dbeta_p), sum_partials(dgamma_p)
 
     def bwd_main(self, dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
-                 activation, in_affine=None):
+                 activation, in_affine=None, u=None):
         dx, dw_p, db_p, dscale_p, dshift_p = self.k.k_bwd_main(
             dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
-            *_in_affine(in_affine), ACTIVATIONS[activation])
+            *_in_affine(in_affine), ACTIVATIONS[activation], **self._u(u))
         d_aff = None if in_affine is None else (sum_partials(dscale_p), sum_partials(dshift_p))
         return dx, sum_partials(dw_p).view(weight.shape), sum_partials(db_p), d_aff
 

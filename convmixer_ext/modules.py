@@ -61,6 +61,10 @@ class ConvMixerLayer(nn.Sequential):
         default), or the fused pointwise op with BN2 folded into the next layer ("auto",
         "triton", "torch"; "eager" and an "auto" that resolves to it run the modules
         unfused; see :mod:`convmixer_ext.pointwise`).
+
+    Attribute ``save_conv`` (None by default): passed to :func:`fused_dwconv_block` — None
+    saves the convolution output for the later passes where that is predicted faster,
+    False recomputes it (less memory), True always saves it.
     """
 
     def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
@@ -76,6 +80,7 @@ class ConvMixerLayer(nn.Sequential):
         self.backend = backend
         self.pointwise = pointwise
         self.process_group = None  # set by convert(..., sync_bn=True)
+        self.save_conv = None
 
     @classmethod
     def from_reference(cls, layer: nn.Sequential, backend: str = "auto",
@@ -91,6 +96,7 @@ class ConvMixerLayer(nn.Sequential):
         self.backend = backend
         self.pointwise = pointwise
         self.process_group = None
+        self.save_conv = None
         return self
 
     def extra_repr(self) -> str:
@@ -106,7 +112,7 @@ class ConvMixerLayer(nn.Sequential):
             x, dw.weight, dw.bias, gamma, beta, bn.running_mean, bn.running_var,
             bn.num_batches_tracked, training=self.training, momentum=bn.momentum, eps=bn.eps,
             activation=self.activation, backend=self.backend, process_group=self.process_group,
-            in_affine=in_affine)
+            in_affine=in_affine, save_conv=getattr(self, "save_conv", None))
 
     def folds_bn2(self, y: torch.Tensor = None) -> bool:
         """Whether this layer leaves its BN2 as an affine for the next one: a fused pointwise

@@ -10,7 +10,8 @@ schemas call the input affine ``pre_scale``/``pre_shift`` (its first name, kept 
 callers of the ops); everywhere else it is ``in_scale``/``in_shift``.
 
 Saved for backward: ``x``, the conv weight and bias, gamma, the per-channel mean/var and
-the input affine — never the conv output, the activation or the normalised tensor.
+the input affine, plus the conv output u where F1 saved it (``save_u``, docs/DESIGN.md,
+"Saved convolution output") — never the activation or the normalised tensor.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ._common import (autocast_dtype, batch_stats_plan, check_eps, check_momentu
                       check_num_batches_tracked, check_strided, refuse_double_backward,
                       sync_stats)
 from ._layout import dense, dense_vec, is_channels_last, same_layout
-from .backends import get_impl, resolve_backend
+from .backends import get_impl, resolve_backend, saves_conv_output
 from .semantics import check_activation, rstd_from_var, stats_dtype, update_running_stats
 
 
@@ -38,33 +39,39 @@ def _in_affine(in_scale, in_shift):
 
 
 def _forward_passes(impl, x, weight, bias, gamma, beta, in_affine, eps, activation,
-                    running=None, globalize=None):
-    """F1 then F2 (docs/DESIGN.md, "Forward"); returns (out, mean, var). ``running``:
+                    running=None, globalize=None, save_u=False):
+    """F1 then F2 (docs/DESIGN.md, "Forward"); returns (out, mean, var, u). ``running``:
     (mean, var) to normalise with instead of batch statistics (F1 is skipped).
-    ``globalize(mean, var)`` (SyncBatchNorm) maps this rank's statistics to the group's."""
+    ``globalize(mean, var)`` (SyncBatchNorm) maps this rank's statistics to the group's.
+    ``save_u``: F1 saves the convolution output u (returned; else None) and F2 reads it."""
     sd = stats_dtype(x.dtype)
+    u = None
     if running is None:
-        mean, var = impl.stats(x, weight, bias, activation, in_affine)
+        u = torch.empty_like(x, dtype=sd) if save_u else None
+        mean, var = impl.stats(x, weight, bias, activation, in_affine, u=u)
         if globalize is not None:
             mean, var = globalize(mean, var)
     else:
         mean, var = running
     out = impl.apply(x, weight, bias, mean, rstd_from_var(var, eps), gamma.to(sd),
-                     beta.to(sd), activation, in_affine)
-    return out, mean, var
+                     beta.to(sd), activation, in_affine, u=u)
+    return out, mean, var, u
 
 
 def _backward_passes(impl, dout, x, weight, bias, gamma, mean, rstd, batch_stats, activation,
-                     in_affine=None, globalize=None):
+                     in_affine=None, globalize=None, u=None):
     """B1 then B2 (docs/DESIGN.md, "Backward"); returns (dx, dW, db, dgamma, dbeta) in the
     parameters' dtypes, then the input affine's gradients (None without it).
     ``globalize(dbeta, dgamma)`` (SyncBatchNorm) maps this rank's B1 sums to the ones B2
-    must use; the returned dgamma/dbeta stay this rank's own."""
+    must use; the returned dgamma/dbeta stay this rank's own. ``u``: F1's saved convolution
+    output (read instead of recomputed), or None."""
     dout = same_layout(dout, x)
-    dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation, in_affine)
+    dbeta, dgamma = impl.bwd_reduce(dout, x, weight, bias, mean, rstd, activation, in_affine,
+                                    u=u)
     b2_dbeta, b2_dgamma = (dbeta, dgamma) if globalize is None else globalize(dbeta, dgamma)
     dx, dw, db, d_aff = impl.bwd_main(dout, x, weight, bias, mean, rstd, gamma.to(mean.dtype),
-                                      b2_dbeta, b2_dgamma, batch_stats, activation, in_affine)
+                                      b2_dbeta, b2_dgamma, batch_stats, activation, in_affine,
+                                      u=u)
     return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
             dbeta.to(gamma.dtype), d_aff)
 
@@ -73,32 +80,40 @@ def _backward_passes(impl, dout, x, weight, bias, gamma, mean, rstd, batch_stats
 def dw_block_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
                  pre_scale: Optional[Tensor], pre_shift: Optional[Tensor],
-                 batch_stats: bool, eps: float, activation: str,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                 batch_stats: bool, eps: float, activation: str, backend: str,
+                 save_u: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, mean, var, u): u is the convolution output F1 saved (``save_u`` and
+    ``batch_stats``: the statistics dtype, x's shape and strides), else empty."""
     sd = stats_dtype(x.dtype)
     running = None if batch_stats else (running_mean.to(sd, copy=True),
                                         running_var.to(sd, copy=True))
-    return _forward_passes(get_impl(_for_size(backend, x)), x, weight, bias, gamma, beta,
-                           _in_affine(pre_scale, pre_shift), eps, activation, running)
+    out, mean, var, u = _forward_passes(get_impl(_for_size(backend, x)), x, weight, bias,
+                                        gamma, beta, _in_affine(pre_scale, pre_shift), eps,
+                                        activation, running, save_u=save_u and batch_stats)
+    return out, mean, var, (x.new_empty((0,), dtype=sd) if u is None else u)
 
 
 @dw_block_fwd.register_fake
 def _(x, weight, bias, gamma, beta, running_mean, running_var, pre_scale, pre_shift,
-      batch_stats, eps, activation, backend):
+      batch_stats, eps, activation, backend, save_u=False):
     sd = stats_dtype(x.dtype)
     C = x.shape[1]
-    return torch.empty_like(x), x.new_empty((C,), dtype=sd), x.new_empty((C,), dtype=sd)
+    u = torch.empty_like(x, dtype=sd) if save_u and batch_stats else \
+        x.new_empty((0,), dtype=sd)
+    return torch.empty_like(x), x.new_empty((C,), dtype=sd), x.new_empty((C,), dtype=sd), u
 
 
 @torch.library.custom_op("convmixer_ext::dw_block_bwd", mutates_args=())
 def dw_block_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
                  mean: Tensor, var: Tensor, pre_scale: Optional[Tensor],
                  pre_shift: Optional[Tensor], batch_stats: bool, eps: float, activation: str,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The five gradients, then those of the input affine (empty without it)."""
+                 backend: str, u: Optional[Tensor] = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The five gradients, then those of the input affine (empty without it). ``u``: the
+    forward's saved convolution output, or None (recomputed)."""
     *grads, d_aff = _backward_passes(get_impl(_for_size(backend, x)), dout, x, weight, bias,
                                      gamma, mean, rstd_from_var(var, eps), batch_stats,
-                                     activation, _in_affine(pre_scale, pre_shift))
+                                     activation, _in_affine(pre_scale, pre_shift), u=u)
     if d_aff is None:  # the input affine is in the statistics dtype, like these sums
         d_aff = (mean.new_empty((0,)), mean.new_empty((0,)))
     return (*grads, *d_aff)
@@ -106,7 +121,7 @@ def dw_block_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gamma: T
 
 @dw_block_bwd.register_fake
 def _(dout, x, weight, bias, gamma, mean, var, pre_scale, pre_shift, batch_stats, eps,
-      activation, backend):
+      activation, backend, u=None):
     n = 0 if pre_scale is None else x.shape[1]
     return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias),
             torch.empty_like(gamma), torch.empty_like(gamma), mean.new_empty((n,)),
@@ -115,22 +130,25 @@ def _(dout, x, weight, bias, gamma, mean, var, pre_scale, pre_shift, batch_stats
 
 def _dw_setup_context(ctx, inputs, output):
     (x, weight, bias, gamma, _beta, _rm, _rv, in_scale, in_shift, batch_stats, eps,
-     activation, backend) = inputs
-    _out, mean, var = output
-    ctx.save_for_backward(x, weight, bias, gamma, mean, var, in_scale, in_shift)
+     activation, backend, save_u) = inputs  # (defaults filled in)
+    _out, mean, var, u = output
+    ctx.save_for_backward(x, weight, bias, gamma, mean, var, in_scale, in_shift,
+                          u if save_u and batch_stats else None)
     ctx.has_in_affine = in_scale is not None
     ctx.flags = (batch_stats, eps, activation, backend)
-    ctx.mark_non_differentiable(mean, var)
+    ctx.mark_non_differentiable(mean, var, u)
 
 
-def _dw_backward(ctx, dout, _dmean, _dvar):
-    (dx, dw, db, dgamma, dbeta, d_scale, d_shift) = dw_block_bwd(dout, *ctx.saved_tensors,
-                                                                 *ctx.flags)
+def _dw_backward(ctx, dout, _dmean, _dvar, _du):
+    *saved, u = ctx.saved_tensors
+    (dx, dw, db, dgamma, dbeta, d_scale, d_shift) = dw_block_bwd(dout, *saved, *ctx.flags,
+                                                                 u=u)
     if not ctx.has_in_affine:
         d_scale = d_shift = None
     # inputs: x, weight, bias, gamma, beta, running_mean, running_var, pre_scale, pre_shift,
-    # batch_stats, eps, activation, backend
-    return dx, dw, db, dgamma, dbeta, None, None, d_scale, d_shift, None, None, None, None
+    # batch_stats, eps, activation, backend, save_u
+    return (dx, dw, db, dgamma, dbeta, None, None, d_scale, d_shift, None, None, None, None,
+            None)
 
 
 torch.library.register_autograd("convmixer_ext::dw_block_fwd", _dw_backward,
@@ -217,7 +235,7 @@ class _SyncBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, in_scale, in_shift, eps, activation,
-                backend, group):
+                backend, group, save_u):
         N, C, H, W = x.shape
         counts = {}
 
@@ -226,10 +244,11 @@ class _SyncBlock(torch.autograd.Function):
             return mean, var
 
         in_affine = _in_affine(in_scale, in_shift)
-        out, mean, var = _forward_passes(get_impl(backend), x, weight, bias, gamma, beta,
-                                         in_affine, eps, activation, globalize=globalize)
+        out, mean, var, u = _forward_passes(get_impl(backend), x, weight, bias, gamma, beta,
+                                            in_affine, eps, activation, globalize=globalize,
+                                            save_u=save_u)
         ctx.save_for_backward(x, weight, bias, gamma, mean, rstd_from_var(var, eps), in_scale,
-                              in_shift)
+                              in_shift, u)
         ctx.cfg = (activation, backend, group, N * H * W / counts["global"])
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var, counts["global"]
@@ -237,7 +256,7 @@ class _SyncBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmean, _dvar, _dn):
         import torch.distributed as dist
-        x, weight, bias, gamma, mean, rstd, in_scale, in_shift = ctx.saved_tensors
+        x, weight, bias, gamma, mean, rstd, in_scale, in_shift, u = ctx.saved_tensors
         activation, backend, group, local_share = ctx.cfg
 
         def globalize(dbeta, dgamma):
@@ -249,9 +268,9 @@ class _SyncBlock(torch.autograd.Function):
 
         *grads, d_aff = _backward_passes(get_impl(backend), dout, x, weight, bias, gamma, mean,
                                          rstd, True, activation,
-                                         _in_affine(in_scale, in_shift), globalize)
+                                         _in_affine(in_scale, in_shift), globalize, u)
         d_scale, d_shift = (None, None) if d_aff is None else d_aff
-        return (*grads, d_scale, d_shift, None, None, None, None)
+        return (*grads, d_scale, d_shift, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- user function
@@ -261,7 +280,8 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
                        num_batches_tracked: Optional[Tensor] = None, training: bool = True,
                        momentum: Optional[float] = 0.1, eps: float = 1e-5,
                        activation: str = "gelu", backend: str = "auto",
-                       process_group=None, in_affine=None, pre=None) -> Tensor:
+                       process_group=None, in_affine=None, pre=None,
+                       save_conv: Optional[bool] = None) -> Tensor:
     """``input + BN(act(dwconv_k(input) + bias))`` in one fused op, ``input = x`` (or the
     input affine of x, below); docs/DESIGN.md, "Forward".
 
@@ -282,6 +302,12 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     ``eps`` must be a finite positive number. With ``process_group`` (e.g.
     ``torch.distributed.group.WORLD``), batch statistics are those of the whole group's
     batch, as ``nn.SyncBatchNorm`` computes them.
+
+    ``save_conv``: whether F1 saves the convolution output (float32, one tensor the size
+    of x, kept for backward) so that F2 and backward read it instead of recomputing the
+    k*k-tap convolution; None (the default) saves it where that is predicted faster (the
+    Triton backends at kernel sizes >= 7, :func:`convmixer_ext.backends.saves_conv_output`);
+    False trades that time for the memory. Results are the same either way.
 
     Under ``torch.autocast``, x, weight and bias are cast to the autocast dtype as
     ``nn.Conv2d`` would be (statistics stay fp32); the output has the dtype the reference
@@ -307,6 +333,7 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     batch_stats, group, n = batch_stats_plan(training, running_mean, x, process_group, "x")
     name = resolve_backend(backend, x.device, xc.dtype, k, sync=group is not None,
                            channels_last=is_channels_last(x), training=training)
+    save_u = saves_conv_output(name, k, batch_stats, save_conv)
     if name == "eager":  # PyTorch's own ops: autocast casts inside them, as in the reference
         return eager.dw_block(x, weight, bias, gamma, beta, running_mean, running_var,
                               num_batches_tracked, training, momentum, eps, activation,
@@ -320,10 +347,11 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     in_scale, in_shift = (None, None) if in_affine is None else map(dense_vec, in_affine)
     if group is not None:
         out, mean, var, n = _SyncBlock.apply(x, weight, bias, gamma, beta, in_scale, in_shift,
-                                             eps, activation, name, group)
+                                             eps, activation, name, group, save_u)
     else:
-        out, mean, var = dw_block_fwd(x, weight, bias, gamma, beta, running_mean, running_var,
-                                      in_scale, in_shift, batch_stats, eps, activation, name)
+        out, mean, var, _u = dw_block_fwd(x, weight, bias, gamma, beta, running_mean,
+                                          running_var, in_scale, in_shift, batch_stats, eps,
+                                          activation, name, save_u)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
                              mean, var, n)

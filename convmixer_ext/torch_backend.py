@@ -2,7 +2,8 @@
 (docs/DESIGN.md, "Forward", "Backward" and "Pointwise").
 
 It computes exactly what the kernels compute, with the same passes, recomputation and
-saved tensors (x + per-channel mean/var), in the statistics dtype (fp32, fp64 for fp64
+saved tensors (x + per-channel mean/var, and the convolution output u where F1 saves
+it), in the statistics dtype (fp32, fp64 for fp64
 inputs). It runs on any device and float dtype and is what every kernel is compared with,
 pass by pass (tests/test_passes.py). It is not the fast path: ``"auto"`` picks "eager" on
 CPU tensors.
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 
 from ._layout import rows, unrows
 from .semantics import act_fwd, act_grad, bn_affine, bn_grad, pad_before, stats_dtype
+
+SAVES_U = True  # every pass takes ``u``: F1 saves the convolution output, the rest read it
 
 
 def _c(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -49,38 +52,49 @@ def conv_u(x, weight, bias, in_affine=None):
     return F.conv2d(xpad, _c(weight, x), _c(bias, x), groups=x.shape[1])
 
 
-def stats(x, weight, bias, activation, in_affine=None):
-    """Pass F1: per-channel mean and biased variance of g = act(u) over (N, H, W)."""
-    g = act_fwd(conv_u(x, weight, bias, in_affine), activation)
+def _u(x, weight, bias, in_affine, u):
+    """The convolution output: the saved one (``u``, from F1), else recomputed."""
+    return conv_u(x, weight, bias, in_affine) if u is None else u
+
+
+def stats(x, weight, bias, activation, in_affine=None, u=None):
+    """Pass F1: per-channel mean and biased variance of g = act(u) over (N, H, W).
+    ``u`` (optional, x's shape, the statistics dtype): where F1 also saves u for the later
+    passes to read."""
+    uc = conv_u(x, weight, bias, in_affine)
+    if u is not None:
+        u.copy_(uc)
+    g = act_fwd(uc, activation)
     var, mean = torch.var_mean(g, dim=(0, 2, 3), correction=0)
     return mean, var
 
 
-def apply(x, weight, bias, mean, rstd, gamma, beta, activation, in_affine=None):
+def apply(x, weight, bias, mean, rstd, gamma, beta, activation, in_affine=None, u=None):
     """Pass F2 (and the whole eval forward): out = input + gamma*(g-mean)*rstd + beta."""
-    g = act_fwd(conv_u(x, weight, bias, in_affine), activation)
+    g = act_fwd(_u(x, weight, bias, in_affine, u), activation)
     a, c = bn_affine(mean, rstd, gamma, beta)
     return (block_input(x, in_affine) + g * _bcast(a) + _bcast(c)).to(x.dtype)
 
 
-def bwd_reduce(dout, x, weight, bias, mean, rstd, activation, in_affine=None):
+def bwd_reduce(dout, x, weight, bias, mean, rstd, activation, in_affine=None, u=None):
     """Pass B1: dbeta = sum(dout), dgamma = sum(dout * xhat) per channel."""
-    g = act_fwd(conv_u(x, weight, bias, in_affine), activation)
+    g = act_fwd(_u(x, weight, bias, in_affine, u), activation)
     xh = (g - _bcast(mean)) * _bcast(rstd)
     d = _c(dout, x)
     return d.sum(dim=(0, 2, 3)), (d * xh).sum(dim=(0, 2, 3))
 
 
 def bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, activation,
-             in_affine=None):
-    """Pass B2: recompute u, g; dg -> du; dx = dout + conv_transpose(du, W); db, dW.
+             in_affine=None, u=None):
+    """Pass B2: u (recomputed, or F1's saved one), g; dg -> du; dx = dout +
+    conv_transpose(du, W); db, dW.
 
     Returns (dx, dW, db, d_in_affine). With the input affine: dx is the gradient of x
     (``in_scale * dL/d(block input)``) and d_in_affine = (sum(dL/dinput * x),
     sum(dL/dinput)) per channel, the gradients of in_scale and in_shift; otherwise None."""
     N, C, H, W = x.shape
     k = weight.shape[-1]
-    u = conv_u(x, weight, bias, in_affine)
+    u = _u(x, weight, bias, in_affine, u)
     d = _c(dout, x)
     xh = (act_fwd(u, activation) - _bcast(mean)) * _bcast(rstd) if batch_stats else None
     dg = bn_grad(d, xh, _bcast(gamma * rstd), _bcast(dbeta), _bcast(dgamma), N * H * W,

@@ -53,6 +53,10 @@ _PDF_B: tl.constexpr = tl.constexpr(math.log2(1.0 / math.sqrt(2.0 * math.pi)))
 _GELU_TANH_COEF: tl.constexpr = tl.constexpr(GELU_TANH_COEF)
 ACT_GELU: tl.constexpr = tl.constexpr(ACTIVATIONS["gelu"])
 ACT_GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATIONS["gelu_tanh"])
+# what a pass does for the convolution output u (:func:`_conv`)
+U_CONV: tl.constexpr = tl.constexpr(0)
+U_SAVE: tl.constexpr = tl.constexpr(1)
+U_LOAD: tl.constexpr = tl.constexpr(2)
 
 MAX_PROGRAMS = 2**31 - 1  # grid axis 0 limit (every launch here uses a 1-D grid)
 
@@ -504,19 +508,39 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, ch, N, H, W, sN, sC, sH,
 
 
 @triton.jit
-def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N, H, W,
-          sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
+def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid, N,
+          H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
           PB: tl.constexpr, IN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_S: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr,
-          KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr):
+          KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr,
+          U: tl.constexpr):
     """u = dwconv_K(input) + b at (c, h, w) in fp32, zero padding, "same" alignment PB. TC:
     on tensor cores (:func:`_conv_tc`; one channel per program, 16-bit x): TC = 1, or 2 for
     the same algorithm with fp32 operands (the interpreter), w_ptr then holding the Toeplitz
-    operands (:func:`_toeplitz`)."""
+    operands (:func:`_toeplitz`). U (docs/DESIGN.md, "Saved convolution output"): U_CONV
+    computes u; U_SAVE also stores it at u_ptr (fp32, x's strides; F1); U_LOAD reads it
+    from there instead of computing it (F2, B1, B2a after F1 saved it)."""
+    if U == U_LOAD:
+        return tl.load(u_ptr + base + _offs(c, h, w, sC, sH, sW),
+                       mask=cmask[:, None] & valid[None, :], other=0.0)
     if TC > 0:
-        return _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, cb, N, H, W, sN, sC, sH,
-                        sW, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP,
-                        XO, CW, TC == 2, IMG)
+        u = _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, cb, N, H, W, sN, sC, sH,
+                     sW, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP,
+                     XO, CW, TC == 2, IMG)
+    else:
+        u = _conv_fma(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid,
+                      H, W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S)
+    if U == U_SAVE:
+        tl.store(u_ptr + base + _offs(c, h, w, sC, sH, sW), u,
+                 mask=cmask[:, None] & valid[None, :])
+    return u
+
+
+@triton.jit
+def _conv_fma(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
+              sC, sH, sW, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """:func:`_conv` on CUDA cores: K*K fp32 FMAs per output, BLOCK_C channels at once."""
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -535,16 +559,17 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count_p, N, C, H, W,
-                  sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
+def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, mean_p, m2_p, count_p, N, C,
+                  H, W, sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                   PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                   TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                  KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr):
+                  KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr,
+                  U: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
-                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid,
+                   N, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
+                   IN_AFFINE, BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG, U), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(vm, g, 0.0), axis=1) / cnt
@@ -558,17 +583,18 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_p, m2_p, count
 
 
 @triton.jit
-def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, gamma_ptr,
+def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr,
                   beta_ptr, out_ptr, N, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
                   tiles_total, K: tl.constexpr, PB: tl.constexpr, ACT: tl.constexpr,
                   IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
-                  KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr):
+                  KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr,
+                  U: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
-                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid,
+                   N, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
+                   IN_AFFINE, BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG, U), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -578,18 +604,19 @@ def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
-def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr,
+def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, mean_ptr,
                        rstd_ptr, dbeta_p, dgamma_p, N, C, H, W, sN, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K: tl.constexpr, PB: tl.constexpr,
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                        TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                        TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr,
-                       CW: tl.constexpr, IMG: tl.constexpr):
+                       CW: tl.constexpr, IMG: tl.constexpr,
+                       U: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
-    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N,
-                   H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
-                   BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG), ACT)
+    g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid,
+                   N, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
+                   IN_AFFINE, BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG, U), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + base + _offs(c, h, w, sC, sH, sW), mask=m, other=0.0)
@@ -600,22 +627,23 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean
 
 
 @triton.jit
-def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, mean_ptr, rstd_ptr,
                    gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, dulo_ptr, db_p, inv_n, N, C, H, W, sN,
                    sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                    PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr,
                    BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                    KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, SPLIT: tl.constexpr,
-                   IMG: tl.constexpr):
+                   IMG: tl.constexpr,
+                   U: tl.constexpr):
     """du = dg * act'(u) into the scratch: fp32 at du_ptr, or (SPLIT: bfloat16 on tensor
     cores) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at dulo_ptr,
     with the tile's db partial taken here from the fp32 values (B2b never sees them)."""
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
-    u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, N, H, W,
-              sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, BLOCK_C,
-              BLOCK_S, TH, TW, TC, KP, XO, CW, IMG)
+    u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid, N,
+              H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+              BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG, U)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
     d = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -944,47 +972,74 @@ def _f32(x, *shape):
     return torch.empty(shape, device=x.device, dtype=torch.float32)
 
 
-def k_stats(x, weight, bias, in_scale, in_shift, act, tc=False):
+def _check_saved_u(u, x) -> None:
+    """ValueError unless ``u`` can hold x's convolution output as the kernels index it:
+    float32, on x's device, with x's shape and strides."""
+    if u.dtype != torch.float32 or u.device != x.device or u.shape != x.shape \
+            or u.stride() != x.stride():
+        raise ValueError(f"the saved convolution output must be float32 on {x.device} with "
+                         f"x's shape {tuple(x.shape)} and strides {x.stride()}, got "
+                         f"{u.dtype} on {u.device}, {tuple(u.shape)}, {u.stride()}")
+
+
+def _conv_args(x, weight, u, mode, tc):
+    """(w_ptr, u_ptr, constexprs U, TC, XO, CW, KP) of a pass's convolution: computed (u
+    None), computed and saved into u (``mode`` U_SAVE), or read from u (U_LOAD: the
+    weight's Toeplitz operands are then neither built nor read)."""
+    kw = _conv_kw(x, weight, tc)
+    if u is None:
+        return _conv_weight(weight, kw), x, dict(U=U_CONV.value, **kw)
+    _check_saved_u(u, x)
+    w_arg = weight if mode is U_LOAD else _conv_weight(weight, kw)
+    return w_arg, u, dict(U=mode.value, **kw)
+
+
+def k_stats(x, weight, bias, in_scale, in_shift, act, u=None, tc=False):
+    """F1's partials; ``u`` (optional): where F1 also saves the convolution output."""
     rows, grid, common, tile = _plan(x, tc)
     C = x.shape[1]
     mean_p, m2_p, count_p = _f32(x, rows, C), _f32(x, rows, C), _f32(x, rows)
-    kw = _conv_kw(x, weight, tc)
+    w_arg, u_arg, kw = _conv_args(x, weight, u, U_SAVE, tc)
     _launch(_stats_kernel, grid, x,
-            (x, _conv_weight(weight, kw), bias, *_affine_ptrs(x, in_scale, in_shift), mean_p,
-             m2_p, count_p, *common),
+            (x, w_arg, bias, *_affine_ptrs(x, in_scale, in_shift), u_arg, mean_p, m2_p,
+             count_p, *common),
             dict(_kc(weight, in_scale), ACT=act, **kw, **tile))
     return mean_p, m2_p, count_p
 
 
-def k_apply(x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act, tc=False):
+def k_apply(x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act, u=None,
+            tc=False):
+    """F2 (and eval); ``u`` (optional): F1's saved convolution output, read instead of
+    computed."""
     _, grid, common, tile = _plan(x, tc)
     out = torch.empty_like(x)
-    kw = _conv_kw(x, weight, tc)
+    w_arg, u_arg, kw = _conv_args(x, weight, u, U_LOAD, tc)
     _launch(_apply_kernel, grid, x,
-            (x, _conv_weight(weight, kw), bias, *_affine_ptrs(x, in_scale, in_shift), mean,
-             rstd, gamma, beta, out, *common),
+            (x, w_arg, bias, *_affine_ptrs(x, in_scale, in_shift), u_arg, mean, rstd, gamma,
+             beta, out, *common),
             dict(_kc(weight, in_scale), ACT=act, **kw, **tile))
     return out
 
 
-def k_bwd_reduce(dout, x, weight, bias, mean, rstd, in_scale, in_shift, act, tc=False):
+def k_bwd_reduce(dout, x, weight, bias, mean, rstd, in_scale, in_shift, act, u=None,
+                 tc=False):
     rows, grid, common, tile = _plan(x, tc)
     C = x.shape[1]
     dbeta_p, dgamma_p = _f32(x, rows, C), _f32(x, rows, C)
-    kw = _conv_kw(x, weight, tc)
+    w_arg, u_arg, kw = _conv_args(x, weight, u, U_LOAD, tc)
     _launch(_bwd_reduce_kernel, grid, x,
-            (dout, x, _conv_weight(weight, kw), bias, *_affine_ptrs(x, in_scale, in_shift),
-             mean, rstd, dbeta_p, dgamma_p, *common),
+            (dout, x, w_arg, bias, *_affine_ptrs(x, in_scale, in_shift), u_arg, mean, rstd,
+             dbeta_p, dgamma_p, *common),
             dict(_kc(weight, in_scale), ACT=act, **kw, **tile))
     return dbeta_p, dgamma_p
 
 
 def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats, in_scale,
-               in_shift, act, tc=False):
+               in_shift, act, u=None, tc=False):
     N, C, H, W = x.shape
     k = weight.shape[-1]
     rows, grid, common, tile = _plan(x, tc)
-    kw = _conv_kw(x, weight, tc)
+    w_arg, u_arg, kw = _conv_args(x, weight, u, U_LOAD, tc)
     bkw = _bwd_conv_kw(x, weight, tile, tc, kw)
     split = bkw["SPLIT"]
     if split:  # du's high and low 16-bit terms (the bytes of one fp32 scratch)
@@ -993,9 +1048,8 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
         du = dulo = torch.empty_like(x, dtype=torch.float32)
     dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
     _launch(_bwd_du_kernel, grid, x,
-            (dout, x, _conv_weight(weight, kw), bias, *_affine_ptrs(x, in_scale, in_shift),
-             mean, rstd, gamma, dbeta, dgamma, du, dulo, db_p, 1.0 / max(N * H * W, 1),
-             *common),
+            (dout, x, w_arg, bias, *_affine_ptrs(x, in_scale, in_shift), u_arg, mean, rstd,
+             gamma, dbeta, dgamma, du, dulo, db_p, 1.0 / max(N * H * W, 1), *common),
             dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats), **kw, **tile,
                  SPLIT=split))
     dx = torch.empty_like(x)
@@ -1012,8 +1066,9 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
 # The launchers with every convolution on tensor cores (backend "triton_tc"): F1, F2/eval,
 # B1, B2's du, its transposed convolution and dW.
 tensor_core_launchers = types.SimpleNamespace(
-    **{f.__name__: functools.partial(f, tc=True)
-       for f in (k_stats, k_apply, k_bwd_reduce, k_bwd_main)})
+    SAVES_U=True, **{f.__name__: functools.partial(f, tc=True)
+                     for f in (k_stats, k_apply, k_bwd_reduce, k_bwd_main)})
+SAVES_U = True  # the launchers take ``u``: F1 saves the convolution output, later passes read it
 
 
 # --------------------------------------------------------------------------- pointwise GEMM

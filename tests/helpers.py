@@ -151,35 +151,49 @@ def pass_inputs(N, C, H, W, k, dtype, channels_last, g, device):
     return [t.to(device) for t in (x, dout, w, b, gamma, beta)]
 
 
-def compare_passes(impl, x, dout, w, b, gamma, beta, act, aff, dtype):
+def compare_passes(impl, x, dout, w, b, gamma, beta, act, aff, dtype, saved_u=False):
     """Every pass of a kernel backend against the torch twin on the same inputs (docs/
     DESIGN.md, "Forward" and "Backward"): F1 statistics, F2 output, B1 sums, B2 gradients
     (with batch statistics and without), the input affine's gradients when there is one.
-    Every pass computes in fp32; only stored outputs are rounded to ``dtype``."""
+    Every pass computes in fp32; only stored outputs are rounded to ``dtype``.
+    ``saved_u``: F1 saves the convolution output (checked against the twin's, every element
+    written); the later passes then get another u (F1's plus noise, with the statistics of
+    its activation), twin and kernels alike: a pass that recomputed u instead of reading
+    it would miss the change."""
     from convmixer_ext import torch_backend as twin
-    from convmixer_ext.semantics import rstd_from_var
+    from convmixer_ext.semantics import act_fwd, rstd_from_var
     f32 = torch.float32
-    mean, var = impl.stats(x, w, b, act, aff)
+    u = {}
+    if saved_u:
+        saved = torch.full_like(x, float("nan"), dtype=f32)
+        u = {"u": saved}
+    mean, var = impl.stats(x, w, b, act, aff, **u)
     mean_t, var_t = twin.stats(x, w, b, act, aff)
     assert_close(mean, mean_t, f32, "F1 mean")
     assert_close(var, var_t, f32, "F1 var")
+    if saved_u:
+        assert saved.stride() == x.stride()
+        assert_close(saved, twin.conv_u(x, w, b, aff), f32, "F1 saved u")
+        g = torch.Generator().manual_seed(5)
+        u = {"u": saved + 0.5 * torch.randn(x.shape, generator=g).to(saved.device)}
+        var_t, mean_t = torch.var_mean(act_fwd(u["u"], act), dim=(0, 2, 3), correction=0)
 
     rstd = rstd_from_var(var_t, 1e-5)
-    out = impl.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff)
-    out_t = twin.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff)
+    out = impl.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff, **u)
+    out_t = twin.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff, **u)
     assert out.dtype == dtype and out.stride() == x.stride()
     assert_close(out, out_t, dtype, "F2 out")
 
-    dbeta, dgamma = impl.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff)
-    dbeta_t, dgamma_t = twin.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff)
+    dbeta, dgamma = impl.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff, **u)
+    dbeta_t, dgamma_t = twin.bwd_reduce(dout, x, w, b, mean_t, rstd, act, aff, **u)
     assert_close(dbeta, dbeta_t, f32, "B1 dbeta")
     assert_close(dgamma, dgamma_t, f32, "B1 dgamma")
 
     for batch_stats in (True, False):
         dx, dw, db, d_aff = impl.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t,
-                                         dgamma_t, batch_stats, act, aff)
+                                         dgamma_t, batch_stats, act, aff, **u)
         dx_t, dw_t, db_t, d_aff_t = twin.bwd_main(dout, x, w, b, mean_t, rstd, gamma, dbeta_t,
-                                                 dgamma_t, batch_stats, act, aff)
+                                                 dgamma_t, batch_stats, act, aff, **u)
         assert dx.dtype == dtype and dx.stride() == x.stride()
         assert_close(dx, dx_t, dtype, f"B2 dx (batch_stats={batch_stats})")
         assert_close(dw, dw_t, f32, f"B2 dW (batch_stats={batch_stats})")

@@ -50,13 +50,73 @@ def test_gradcheck_folded_affine(training):
     assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta, in_scale, in_shift))
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"] + kernel_backends())
-def test_torch_compile_fullgraph_matches_eager(backend):
+def _saving_backends():
+    """(backend, dtype) pairs whose passes can save the convolution output here."""
+    from convmixer_ext.backends import SAVES_U_BACKENDS, backend_reason
+    pairs = [("torch", torch.float32), ("triton", torch.float32), ("triton_tc", torch.bfloat16)]
+    return [(b, dt) for b, dt in pairs
+            if b in SAVES_U_BACKENDS and backend_reason(b, DEVICE) is None]
+
+
+@pytest.mark.parametrize("backend, dtype", _saving_backends())
+@pytest.mark.parametrize("with_affine", [False, True], ids=["plain", "in_affine"])
+def test_saved_conv_output_changes_no_result(backend, dtype, with_affine):
+    """F1 saving u and F2, B1, B2a reading it gives bitwise the results of recomputing u
+    (the passes read exactly what F1 computed): the output, every gradient and the running
+    statistics, at k = 7, where "auto" saves it on the Triton backends."""
+    g = torch.Generator().manual_seed(4)
+    C, k = 3, 7
+    x0, w0, b0, gamma0, beta0 = (t.to(DEVICE) for t in _block_args(C, k, 2, 9, 11, dtype))
+    gamma0, beta0 = gamma0.float(), beta0.float()
+    aff0 = (1 + 0.3 * torch.rand(C, generator=g), 0.2 * torch.randn(C, generator=g)) \
+        if with_affine else ()
+    dout = torch.randn(x0.shape, generator=g).to(device=DEVICE, dtype=dtype)
+    results = []
+    for save in (False, True, None):
+        leaves = [t.clone().requires_grad_() for t in (x0, w0, b0, gamma0, beta0)]
+        aff = [t.to(DEVICE).requires_grad_() for t in aff0]
+        rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+        out = fused_dwconv_block(*leaves, rm, rv, training=True, backend=backend,
+                                 in_affine=tuple(aff) or None, save_conv=save)
+        out.backward(dout)
+        results.append([out, rm, rv] + [t.grad for t in leaves + aff])
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+    # the op returns what it saved: u in float32 with x's shape, and nothing without F1
+    x = x0.contiguous(memory_format=torch.channels_last)
+    args = (x, w0, b0, gamma0, beta0, torch.zeros(C, device=DEVICE),
+            torch.ones(C, device=DEVICE), None, None)
+    u = torch.ops.convmixer_ext.dw_block_fwd(*args, True, 1e-5, "gelu", backend, True)[3]
+    assert u.dtype == torch.float32 and u.shape == x.shape and u.stride() == x.stride()
+    assert torch.ops.convmixer_ext.dw_block_fwd(*args, False, 1e-5, "gelu", backend,
+                                                True)[3].numel() == 0
+
+
+def test_save_conv_policy():
+    from convmixer_ext.backends import SAVE_U_MIN_KERNEL_SIZE as K0, saves_conv_output as s
+    assert s("triton_tc", K0, True) and s("triton", 31, True)
+    assert not s("triton_tc", K0 - 1, True) and not s("torch", 9, True)
+    assert not s("triton", 9, False)           # no F1 without batch statistics: nothing saved
+    assert not s("triton", 9, True, False) and s("torch", 3, True, True)
+    assert not s("cuda", 9, True) and not s("eager", 9, True, True)
+    with pytest.raises(ValueError, match="backend 'cuda' recomputes"):
+        s("cuda", 9, True, True)
+    with pytest.raises(TypeError, match="save_conv must be None or a bool"):
+        s("triton", 9, True, 1)
+
+
+@pytest.mark.parametrize("backend, save_conv",
+                         [(b, None) for b in ["torch", "auto"] + kernel_backends()]
+                         + [(b, True) for b, _ in _saving_backends() if b != "triton_tc"])
+def test_torch_compile_fullgraph_matches_eager(backend, save_conv):
     """fullgraph=True: no graph break anywhere, the backend choice included (it reads the
     library's files and the environment, which Dynamo cannot trace: it is a constant of the
-    compiled graph, guarded by x's device, dtype and layout)."""
+    compiled graph, guarded by x's device, dtype and layout); save_conv=True: the saved
+    convolution output passes from the forward op to the backward one."""
     torch._dynamo.reset()
     ref, fused = layer_pair(4, 5, "gelu", backend, torch.float32, DEVICE)
+    fused.save_conv = save_conv
     eager = copy.deepcopy(fused)
     compiled = torch.compile(fused, fullgraph=True)
     g = torch.Generator().manual_seed(0)

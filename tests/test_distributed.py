@@ -51,8 +51,11 @@ def _worker(rank, init_file, backend):
         from convmixer_ext import ConvMixerLayer
         ref, x, probe = _setup()
         sl = slice(2 * rank, 2 * rank + 2)
+        from convmixer_ext.backends import SAVES_U_BACKENDS
         fused = ConvMixerLayer.from_reference(copy.deepcopy(ref).float(), backend)
         fused.process_group = dist.group.WORLD
+        # F1 saves the convolution output for the later passes where the backend can
+        fused.save_conv = True if backend in SAVES_U_BACKENDS else None
         ddp = torch.nn.parallel.DistributedDataParallel(fused)
         for step in range(2):
             ddp.zero_grad()

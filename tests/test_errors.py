@@ -62,6 +62,7 @@ def _call(device="cpu", **over):
     (dict(running_mean=torch.zeros(3), running_var=torch.ones(3),
           num_batches_tracked=torch.zeros(2)), TypeError, ["num_batches_tracked", "0-d"]),
     (dict(training=1), TypeError, ["training", "bool"]),
+    (dict(save_conv="yes"), TypeError, ["save_conv", "None or a bool"]),
     (dict(x=torch.randn(2, 3, 0, 5)), ValueError, ["x", "non-empty"]),
     (dict(x=torch.randn(2, 3, 5, 5).to_sparse()), TypeError, ["x", "strided"]),
     (dict(bias=torch.randn(3).to_sparse()), TypeError, ["bias", "strided"]),

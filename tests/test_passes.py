@@ -57,3 +57,35 @@ def test_dw_task_split_matches_twin(case, backend):
     x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
                                              torch.Generator().manual_seed(12), DEVICE)
     compare_passes(get_impl(backend), x, dout, w, b, gamma, beta, act, None, dtype)
+
+
+# F1 saves the convolution output u, F2, B1 and B2a read it (docs/DESIGN.md, "Saved
+# convolution output"): both layouts, the input affine, a ragged tile
+SAVED_U_CASES = [
+    (2, 3, 6, 7, 7, "gelu", torch.float32, False),
+    (2, 3, 5, 6, 4, "gelu_tanh", torch.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if get_impl(b).SAVES_U])
+@pytest.mark.parametrize("case", SAVED_U_CASES,
+                         ids=lambda c: f"k{c[4]}-{c[5]}-{_dtype_layout(c)}")
+def test_passes_save_and_read_u(case, backend):
+    N, C, H, W, k, act, dtype, cl = case
+    x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
+                                             torch.Generator().manual_seed(13), DEVICE)
+    aff = ((1.5 + torch.rand(C)).to(DEVICE), (0.5 + torch.rand(C)).to(DEVICE))
+    compare_passes(get_impl(backend), x, dout, w, b, gamma, beta, act, aff, dtype,
+                   saved_u=True)
+
+
+def test_kernels_without_saved_u_refuse_one():
+    """The compiled library recomputes u in every pass: handing it one is an error, not a
+    silently ignored argument."""
+    import types
+
+    from convmixer_ext.backends import KernelBackend
+    impl = KernelBackend(types.SimpleNamespace(k_stats=None))  # launchers without SAVES_U
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="cannot save the convolution output"):
+        impl.stats(x, torch.zeros(1, 1, 1, 1), torch.zeros(1), "gelu", None, u=x)

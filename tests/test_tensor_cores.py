@@ -87,6 +87,20 @@ def test_tensor_core_passes_match_twin(case, tiling):
                        dtype)
 
 
+# F1 saves the convolution output and F2, B1, B2a read it (docs/DESIGN.md, "Saved
+# convolution output"): one image and two per program, both layouts, the input affine
+SAVED_U_CASES = [CASES[1], CASES[3], CASES[9]]
+
+
+@pytest.mark.parametrize("case, tiling", _tilings(SAVED_U_CASES))
+def test_tensor_core_passes_save_and_read_u(case, tiling):
+    N, C, H, W, k, dtype, cl, aff = case
+    x, dout, w, b, gamma, beta, affine = _tensors(*case)
+    with tk.tensor_core_tiling(tiling):
+        compare_passes(get_impl("triton_tc"), x, dout, w, b, gamma, beta, "gelu", affine,
+                       dtype, saved_u=True)
+
+
 def test_tensor_core_tiling_stacks_what_the_batch_and_64_rows_allow():
     """The tilings' images per program: the spec's, at most the batch (as a power of two)
     and 64 GEMM rows; the warps of one image, or one per 16 rows; a bad spec is refused."""
