@@ -30,6 +30,10 @@
 #                                      # their tests, each tensor-core kernel's time in the
 #                                      # tilings 1, 2 and 2w (images per program, warps) at
 #                                      # k = 3, 9, 31 (bf16 NCHW): which to make the default
+#   bash benchmarks/gpu_session.sh 9   # the saved convolution output against recomputing it,
+#                                      # in ~5 minutes: the tests of both, each tensor-core
+#                                      # kernel's time both ways, bf16 NCHW blocks (default,
+#                                      # save_conv=False, eager) at k = 3, 9, 31
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -37,7 +41,7 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 to 8"}
+CALL=${1:?"which call: 1 to 9"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -121,7 +125,15 @@ bfloat16 --layouts nchw" \
 --tc-tilings 1 2 2w" \
       timeout -k 5 340 bash benchmarks/gpu_run.sh build test passes || status=$?
     ;;
-  *) echo "call must be 1 to 8"; exit 2 ;;
+  9)
+    TEST_PATHS="$PWD/tests/test_tensor_cores.py $PWD/tests/test_passes.py $PWD/tests/test_api.py" \
+    TEST_WORKERS=12 T_TEST=90 T_PASSES=90 PASSES_ARGS="--ks 3 9 31 --dtypes bfloat16 --layouts \
+nchw --backends triton_tc --kernels --u both" T_BENCH=130 BENCH_ARGS="--shapes cm1536 --ks 3 9 \
+31 --modes eval train_fwdbwd --providers eager triton_tc triton_tc-recompute --dtypes bfloat16 \
+--layouts nchw" \
+      timeout -k 5 340 bash benchmarks/gpu_run.sh build test passes bench || status=$?
+    ;;
+  *) echo "call must be 1 to 9"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -7,7 +7,7 @@ steps).
     python -m benchmarks.passes [--shapes cm1536] [--ks 3 9] [--dtypes bfloat16 float32]
                                 [--layouts nchw channels_last]
                                 [--backends cuda triton triton_tc] [--kernels]
-                                [--tc-tilings 1 2 2w] [--out DIR]
+                                [--tc-tilings 1 2 2w] [--u both] [--out DIR]
     python -m benchmarks.static --measured <this JSON> ...   # per-pass calibration
 
 GPU: ``triton.testing.do_bench`` (warm-up, L2 flush, median). Without a GPU it times the
@@ -16,9 +16,10 @@ figures say nothing about GPU speed. ``--kernels`` (GPU) also records each kerne
 launches, with its mean time under the CUDA profiler (kind "kernel": ..., pass_, kernel,
 us, calls per pass), so that a pass of several kernels (B2: dx and dW) splits.
 ``--tc-tilings`` times triton_tc in each tensor-core tiling
-(``triton_kernels.tensor_core_tiling``). Writes ``<out>/passes-<device>-<date>.json``
-(records of kind "pass": shape_name, shape, dtype, layout, k, backend, pass_, ms, ms_p20,
-ms_p80, tiling: triton_tc's, null for the other backends).
+(``triton_kernels.tensor_core_tiling``). ``--u``: F1 saving the convolution output for the
+later passes (default: as the op decides; recompute, saved, both). Writes
+``<out>/passes-<device>-<date>.json`` (records of kind "pass": shape_name, shape, dtype, layout, k, backend, pass_, ms, ms_p20,
+ms_p80, tiling: triton_tc's, null for the other backends; saved_u).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 
 from benchmarks.run import HERE, _shape, _timer, environment
 from convmixer_ext._cmx_lib import PASSES
-from convmixer_ext.backends import backend_reason, get_impl
+from convmixer_ext.backends import backend_reason, get_impl, saves_conv_output
 from convmixer_ext.semantics import ACTIVATIONS, rstd_from_var
 
 
@@ -51,18 +52,33 @@ def _inputs(shape, dtype, layout, k, device):
     return x, dout, w, b, vec
 
 
-def pass_steps(impl, x, dout, w, b, v, act):
+def pass_steps(impl, x, dout, w, b, v, act, saved_u=False):
     """{pass: a callable launching that pass's kernels once} (the launcher contract of
-    backends.KernelBackend; no reduction of the partials: the kernels alone)."""
+    backends.KernelBackend; no reduction of the partials: the kernels alone). ``saved_u``:
+    F1 saves the convolution output, F2, B1 and B2 read it."""
     k = impl.k
+    u = dict(u=torch.empty_like(x, dtype=torch.float32)) if saved_u else {}
+    if saved_u:
+        k.k_stats(x, w, b, None, None, act, **u)  # what the later passes read
     return {
-        "F1": lambda: k.k_stats(x, w, b, None, None, act),
+        "F1": lambda: k.k_stats(x, w, b, None, None, act, **u),
         "F2": lambda: k.k_apply(x, w, b, v["mean"], v["rstd"], v["gamma"], v["beta"], None,
-                                None, act),
-        "B1": lambda: k.k_bwd_reduce(dout, x, w, b, v["mean"], v["rstd"], None, None, act),
+                                None, act, **u),
+        "B1": lambda: k.k_bwd_reduce(dout, x, w, b, v["mean"], v["rstd"], None, None, act,
+                                     **u),
         "B2": lambda: k.k_bwd_main(dout, x, w, b, v["mean"], v["rstd"], v["gamma"],
-                                   v["dbeta"], v["dgamma"], True, None, None, act),
+                                   v["dbeta"], v["dgamma"], True, None, None, act, **u),
     }
+
+
+def _u_variants(be, k, choice):
+    """[saved_u]: the convolution output saved or not, as ``choice`` says ("default": as
+    the op decides, backends.saves_conv_output; "recompute", "saved", "both"), where the
+    backend can save it."""
+    if not getattr(get_impl(be), "SAVES_U", False):
+        return [False]
+    return {"default": [saves_conv_output(be, k, True)], "recompute": [False],
+            "saved": [True], "both": [False, True]}[choice]
 
 
 def kernel_times(step, launches=5):
@@ -100,9 +116,10 @@ def _variants(be, tilings):
 
 
 def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records: None,
-        kernels=False, tilings=("1",)):
+        kernels=False, tilings=("1",), u_choice="default"):
     """Time every pass; ``save(records)`` after each backend's four passes (an interrupted
-    run keeps what it measured); triton_tc in each tensor-core tiling (records' "tiling")."""
+    run keeps what it measured); triton_tc in each tensor-core tiling (records' "tiling");
+    the convolution output saved or not as ``u_choice`` says (records' "saved_u")."""
     records = []
     for sname, shape in shapes:
         for dtype in dtypes:
@@ -113,10 +130,14 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records
                         if backend_reason(be, device) is not None or \
                                 (be == "triton_tc" and dtype == "float32"):
                             continue
-                        steps = pass_steps(get_impl(be), x, dout, w, b, v,
-                                           ACTIVATIONS["gelu"])
-                        for tiling, ctx in _variants(be, tilings):
-                            tag = f" tiling {tiling}" if tiling else ""
+                        for saved_u, tiling, ctx in [
+                                (s_u, t, c) for s_u in _u_variants(be, k, u_choice)
+                                for t, c in _variants(be, tilings)]:
+                            with ctx():
+                                steps = pass_steps(get_impl(be), x, dout, w, b, v,
+                                                   ACTIVATIONS["gelu"], saved_u)
+                            tag = (f" tiling {tiling}" if tiling else "") + \
+                                (" saved u" if saved_u else "")
                             for name, step in steps.items():
                                 with ctx():
                                     step()  # compile / warm up
@@ -127,14 +148,16 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records
                                                     shape=list(shape), dtype=dtype,
                                                     layout=layout, k=k, backend=be,
                                                     pass_=name, ms=med, ms_p20=p20,
-                                                    ms_p80=p80, device=device, tiling=tiling))
+                                                    ms_p80=p80, device=device, tiling=tiling,
+                                                    saved_u=saved_u))
                                 print(f"{sname} {dtype} {layout} k={k} {be}{tag} {name}: "
                                       f"{med:.3f} ms", flush=True)
                                 for kname, (us, calls) in kt.items():
                                     records.append(dict(kind="kernel", shape_name=sname,
                                                         dtype=dtype, layout=layout, k=k,
                                                         backend=be, pass_=name, kernel=kname,
-                                                        us=us, calls=calls, tiling=tiling))
+                                                        us=us, calls=calls, tiling=tiling,
+                                                        saved_u=saved_u))
                                     print(f"    {kname[:60]}: {us:.1f} us x {calls:g}",
                                           flush=True)
                         save(records)
@@ -160,6 +183,9 @@ def main(argv=None):
     p.add_argument("--tc-tilings", nargs="+", default=["1"], metavar="SPEC",
                    help="triton_tc in each of these tilings (1, 2, 4, 2w, 4w: images per "
                         "program and warps, triton_kernels.tensor_core_tiling)")
+    p.add_argument("--u", default="default", choices=["default", "recompute", "saved", "both"],
+                   help="F1 saving the convolution output for F2, B1, B2 (Triton backends): "
+                        "as the op decides by default, never, always, or each way")
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
@@ -177,7 +203,7 @@ def main(argv=None):
 
     try:
         records = run(shapes, a.ks, dtypes, a.layouts, backends, a.device, a.reps, save,
-                      kernels=a.kernels, tilings=a.tc_tilings)
+                      kernels=a.kernels, tilings=a.tc_tilings, u_choice=a.u)
     except KeyboardInterrupt:
         print("interrupted: keeping the passes timed so far", flush=True)
         return 1

@@ -57,17 +57,24 @@ def reference_block(C, k, activation="gelu"):
 
 
 class FusedBlock(nn.Module):
-    """The fused op around a reference block's parameters and buffers."""
+    """The fused op around a reference block's parameters and buffers; ``save_conv`` as
+    :func:`fused_dwconv_block` takes it (None: its default)."""
 
-    def __init__(self, ref: Residual, backend: str):
+    def __init__(self, ref: Residual, backend: str, save_conv=None):
         super().__init__()
-        self.ref, self.backend = ref, backend
+        self.ref, self.backend, self.save_conv = ref, backend, save_conv
 
     def forward(self, x):
         dw, bn = self.ref.fn[0], self.ref.fn[2]
         return fused_dwconv_block(x, dw.weight, dw.bias, bn.weight, bn.bias, bn.running_mean,
                                   bn.running_var, bn.num_batches_tracked, self.training,
-                                  bn.momentum, bn.eps, "gelu", self.backend)
+                                  bn.momentum, bn.eps, "gelu", self.backend,
+                                  save_conv=self.save_conv)
+
+
+# "<backend>-recompute": the backend with save_conv=False (every pass recomputes the
+# convolution: the memory-lean setting, beside the default that saves it from k = 7 up)
+RECOMPUTE = "-recompute"
 
 
 def make_provider(name, ref):
@@ -76,6 +83,8 @@ def make_provider(name, ref):
     if name in ("compile", "compile-max"):
         mode = "max-autotune" if name == "compile-max" else None
         return torch.compile(ref, mode=mode)
+    if name.endswith(RECOMPUTE):
+        return FusedBlock(ref, name[:-len(RECOMPUTE)], save_conv=False)
     return FusedBlock(ref, name)
 
 
@@ -469,7 +478,8 @@ def parse(argv):
     p.add_argument("--modes", nargs="+", choices=MODES)
     p.add_argument("--providers", nargs="+",
                    help="eager, compile, compile-max, cuda, triton, triton_tc (16-bit dtypes), "
-                        "torch (default: available)")
+                        "torch (default: available); triton-recompute, triton_tc-recompute: "
+                        "with save_conv=False")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")
@@ -534,7 +544,7 @@ def main(argv=None):
                   provider=p)
              for sn, shp in shapes for dt in dtypes for lay in layouts for m in modes
              for k in ks for p in provs
-             if not (p == "triton_tc" and dt == "float32")] if not a.no_blocks else []
+             if not (p.startswith("triton_tc") and dt == "float32")] if not a.no_blocks else []
     try:
         from tqdm import tqdm
     except ImportError:

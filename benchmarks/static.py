@@ -359,6 +359,7 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         targets._record_block(shape, getattr(torch, dtype), layout, k, 0, False,
                               modes=("train",), tc=tc)
     xbytes, elems = N * C * H * W * e, N * C * H * W
+    saved = any(kw.get("U") for _, _, _, kw in recorded)
     rows = []
     for kern, grid, args, kw in recorded:
         name = kern.fn.__name__
@@ -366,14 +367,18 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         threads = kw.get("num_warps", 4) * 32
         occ = {a: occupancy(a, threads, fact.get("regs", 0), fact.get("shared", 0))
                for a in (80, 90)}
-        if name == "_stats_kernel":
-            dram, ffma = xbytes, elems * k * k
-        elif name == "_apply_kernel":
-            dram, ffma = 2 * xbytes, elems * k * k
-        elif name == "_bwd_reduce_kernel":
-            dram, ffma = 2 * xbytes, elems * k * k
-        elif name == "_bwd_du_kernel":
-            dram, ffma = 2 * xbytes + 4 * elems, elems * k * k  # writes du in fp32
+        u_mode = kw.get("U", tk.U_CONV.value)
+        load_u = u_mode == tk.U_LOAD.value  # reads F1's u (fp32) instead of x's halo taps
+        ffma = 0 if load_u else elems * k * k
+        src = 4 * elems if load_u else xbytes
+        if name == "_stats_kernel":  # U_SAVE: writes u in fp32
+            dram = xbytes + (4 * elems if u_mode == tk.U_SAVE.value else 0)
+        elif name == "_apply_kernel":  # reads x (the residual), writes out
+            dram = xbytes + (src if load_u else 0) + xbytes
+        elif name == "_bwd_reduce_kernel":  # reads dout
+            dram = xbytes + src
+        elif name == "_bwd_du_kernel":  # reads dout, writes du in fp32
+            dram = xbytes + src + 4 * elems
         else:  # dx: du (fp32, halo from L2), dout, x, writes dx; dW partials per program
             dram, ffma = 4 * elems + 3 * xbytes, 2 * elems * k * k
         programs = grid[0]
@@ -386,7 +391,11 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         l2 = elems * k * k * (e if name != "_bwd_dx_kernel" else (4 + e)) / 8
         instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
         mma, per_thread = 0.0, None
-        if kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
+        if load_u:  # no convolution: elementwise work over streamed tensors, no loop
+            l2 = 0.0
+            per_thread = dynamic_instructions(fact, [])
+            instr = programs * threads * per_thread
+        elif kw.get("TC"):  # the convolution on tensor cores: its FMAs become MMAs
             TH, TW, KP, IMG = kw["TH"], kw["TW"], kw["KP"], kw["IMG"]
             M = TH * IMG  # the GEMMs' rows: the program's images' tiles stacked
             ffma = 0.0
@@ -419,8 +428,14 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         t, bound = estimate(dram, l2, ffma, instr, 0, occ[90]["warps"],
                             fact.get("ldg_bytes", e), programs, mma=mma)
         pass_ = _TRITON_PASSES[name]
+        # eval runs F2 computing u; training, with u saved, F2 reading it instead
+        modes = ["eval"] if name == "_apply_kernel" and not load_u else []
+        if not saved or name != "_apply_kernel" or load_u:
+            modes.append("train_fwdbwd")
         rows.append(dict(
             backend="triton_tc" if tc else "triton", pass_=pass_, kernel=name,
+            u={0: None, 1: "save", 2: "load"}[u_mode], modes=modes,
+            with_u=saved and name == "_bwd_dx_kernel",
             regs=fact.get("regs"),
             local=fact.get("local"), smem_static=fact.get("shared"), threads=threads,
             blocks=programs, occupancy=occ,
@@ -524,7 +539,8 @@ def report(shapes, ks, dtypes, layouts, backends, lib_path):
                             if not any(r["backend"] == be for r in kernels):
                                 continue
                             ms = sum(r["predicted_ms"] for r in kernels
-                                     if r["backend"] == be and r["pass_"] in passes)
+                                     if r["backend"] == be and r["pass_"] in passes
+                                     and mode in r.get("modes", (mode,)))
                             # the reductions' small torch sums and merges (a few launches)
                             ms += 0.01 * len(passes)
                             modes[mode][be] = dict(
@@ -589,6 +605,12 @@ def markdown(rows, compared=None, measured_on=None):
     return "\n".join(lines) + "\n"
 
 
+def pass_label(kr):
+    """A kernel row's pass, "/u" appended where it saves or reads the convolution output
+    (B2's second kernel follows its first: B2 reads u in its du kernel only)."""
+    return kr["pass_"] + ("/u" if kr.get("u") or kr.get("with_u") else "")
+
+
 def compare(rows, measured):
     """[{key, measured_ms, predicted_ms, ratio}] for every case both have: whole blocks
     (mode eval / train_fwdbwd) and single passes (mode F1, F2, B1, B2; the sum of the
@@ -596,11 +618,11 @@ def compare(rows, measured):
     from convmixer_ext._cmx_lib import PASSES
     out = []
     for r in rows:
-        for pass_ in PASSES:
+        for pass_ in PASSES + tuple(p + "/u" for p in PASSES):
             for be in sorted({kr["backend"] for kr in r["kernels"]}):
                 key = (r["shape_name"], r["dtype"], r["layout"], pass_, r["k"], be)
                 pred = sum(kr["predicted_ms"] for kr in r["kernels"]
-                           if kr["backend"] == be and kr["pass_"] == pass_)
+                           if kr["backend"] == be and pass_label(kr) == pass_)
                 if key in measured and pred > 0:
                     out.append(dict(key=key, measured_ms=measured[key], predicted_ms=pred,
                                     ratio=measured[key] / pred))
@@ -672,8 +694,10 @@ def _measured(paths):
             records += json.load(f)["records"]
     for r in records:
         if r.get("kind") == "pass" and "ms" in r and r.get("tiling") in (None, "1"):
-            # benchmarks/passes.py: one pass alone (triton_tc in the default tiling)
-            out[(r["shape_name"], r["dtype"], r["layout"], r["pass_"], r["k"],
+            # benchmarks/passes.py: one pass alone (triton_tc in the default tiling; "/u":
+            # with the convolution output saved by F1 and read by the others)
+            out[(r["shape_name"], r["dtype"], r["layout"],
+                 r["pass_"] + ("/u" if r.get("saved_u") else ""), r["k"],
                  r["backend"])] = r["ms"]
         if r.get("kind") == "block" and "ms" in r:
             prov = {"auto": None}.get(r["provider"], r["provider"])

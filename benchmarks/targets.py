@@ -94,18 +94,27 @@ def _tensors(shape, dtype, layout, k):
 
 
 def _record_block(shape, dtype, layout, k, act, in_affine, modes=("train", "eval"),
-                  tc=False):
+                  tc=False, save_u=None):
     """Launch every depthwise pass the op runs for these settings (training: F1, F2, B1, B2
-    with batch statistics; eval: F2 and B2 without); ``tc``: the tensor-core launchers."""
+    with batch statistics; eval: F2 and B2 without); ``tc``: the tensor-core launchers.
+    ``save_u``: whether training's F1 saves the convolution output for F2, B1 and B2 (None:
+    as the op decides by default, backends.saves_conv_output); eval's F2 always computes it."""
+    import torch
     from convmixer_ext import triton_kernels
+    from convmixer_ext.backends import saves_conv_output
     tk = triton_kernels.tensor_core_launchers if tc else triton_kernels
     x, w, b, v = _tensors(shape, dtype, layout, k)
     aff = (v, v) if in_affine else (None, None)
     tk.k_apply(x, w, b, v, v, v, v, *aff, act)
     if "train" in modes:
-        tk.k_stats(x, w, b, *aff, act)
-        tk.k_bwd_reduce(x, x, w, b, v, v, *aff, act)
-        tk.k_bwd_main(x, x, w, b, v, v, v, v, v, True, *aff, act)
+        if save_u is None:
+            save_u = saves_conv_output("triton_tc" if tc else "triton", k, True)
+        u = dict(u=torch.empty_like(x, dtype=torch.float32)) if save_u else {}
+        tk.k_stats(x, w, b, *aff, act, **u)
+        if u:
+            tk.k_apply(x, w, b, v, v, v, v, *aff, act, **u)
+        tk.k_bwd_reduce(x, x, w, b, v, v, *aff, act, **u)
+        tk.k_bwd_main(x, x, w, b, v, v, v, v, v, True, *aff, act, **u)
     if "eval" in modes:
         tk.k_bwd_main(x, x, w, b, v, v, v, v, v, False, *aff, act)
 
@@ -162,6 +171,11 @@ def cover_set():
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     for k in COVER_KS:
         _record_block((2, 64, 32, 32), f32, "nchw", k, 0, False, modes=("train",))
+    # the convolution output saved by F1 and read by F2, B1, B2a where the default does not
+    # (k < 7), and recomputed where it does; the input affine, channels_last
+    _record_block((2, 64, 32, 32), f32, "nchw", 3, 0, True, modes=("train",), save_u=True)
+    _record_block((2, 48, 14, 14), bf16, "channels_last", 9, 1, True, modes=("train",),
+                  save_u=False)
     for k in (5, 15, 31):
         _record_block((2, 64, 16, 16), bf16, "channels_last", k, 0, True)
     for act in (1, 2):
@@ -177,6 +191,8 @@ def cover_set():
     for k in (1, 2, 9, 16, 31):
         _record_block((2, 8, 32, 32), bf16, "nchw", k, 0, k == 9, tc=True)
     _record_block((2, 8, 12, 20), f16, "channels_last", 5, 1, True, tc=True)
+    _record_block((2, 8, 12, 20), f16, "channels_last", 5, 1, True, tc=True, save_u=True)
+    _record_block((2, 8, 32, 32), bf16, "nchw", 9, 0, True, tc=True, save_u=False)
     # ... and its tilings of several images per program (triton_kernels.tensor_core_tiling):
     # 2 images of 32 rows, 4 of 16, under the warps of one image or a warp per 16 rows
     from convmixer_ext import triton_kernels as tk

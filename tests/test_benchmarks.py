@@ -120,3 +120,31 @@ def test_per_kernel_times_average_per_launch():
     assert per_launch(events, launches=5) == {"_bwd_dx_kernel": (100.0, 1.0),
                                               "_bwd_du_kernel": (30.0, 2.0),
                                               "old_torch_kernel": (10.0, 1.0)}
+
+
+def test_pass_timings_with_the_saved_convolution_output(tmp_path):
+    """passes --u both: the Triton passes timed recomputing the convolution and reading F1's
+    saved output, each record saying which; the compiled library only recomputes. The
+    static report keys the saved variant's passes "<pass>/u", its rows likewise (B2's second
+    kernel with its first)."""
+    from benchmarks import passes, static
+    from conftest import kernel_backends
+    rc = passes.main(["--device", "cpu", "--shapes", "2x3x8x8", "--ks", "3", "--layouts",
+                      "nchw", "--reps", "1", "--u", "both", "--out", str(tmp_path)])
+    assert rc == 0
+    path = next(tmp_path.glob("passes-*.json"))
+    recs = json.load(open(path))["records"]
+    want = {("triton", s, p) for s in (False, True) for p in passes.PASSES}
+    if "cuda_emu" in kernel_backends():
+        want |= {("cuda_emu", False, p) for p in passes.PASSES}
+    assert {(r["backend"], r["saved_u"], r["pass_"]) for r in recs} == want
+    keys = {k[3] for k in static._measured([str(path)]) if k[5] == "triton"}
+    assert keys == set(passes.PASSES) | {p + "/u" for p in passes.PASSES}
+    rows = [dict(shape_name="cm1536", dtype="bfloat16", layout="nchw", k=9, modes={},
+                 kernels=[dict(backend="triton", pass_="B2", u="load", predicted_ms=1.0),
+                          dict(backend="triton", pass_="B2", u=None, with_u=True,
+                               predicted_ms=3.0),
+                          dict(backend="triton", pass_="F1", u="save", predicted_ms=2.0)])]
+    measured = {("cm1536", "bfloat16", "nchw", "B2/u", 9, "triton"): 8.0,
+                ("cm1536", "bfloat16", "nchw", "F1", 9, "triton"): 1.0}
+    assert {p["key"][3]: p["ratio"] for p in static.compare(rows, measured)} == {"B2/u": 2.0}

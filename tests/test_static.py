@@ -111,7 +111,10 @@ def test_tensor_core_rows_issue_count_their_loops(report):
     assert rows
     rolled = 0
     for k, row in rows:
-        assert row["gemms"] and all(g["copies"] == 1 for g in row["gemms"]), row
+        if row["u"] == "load":  # reads the saved convolution output: no GEMM, no loop
+            assert not row["gemms"] and not row["loops"], row
+        else:
+            assert row["gemms"] and all(g["copies"] == 1 for g in row["gemms"]), row
         assert row["instructions_per_thread"] > 0, row
         if row["loops"]:
             rolled += 1

@@ -81,7 +81,7 @@ def test_tensor_core_convolution_is_on_tensor_cores(facts):
     which takes TC=2) compiles to mma/wgmma on both targets, for both dtypes and every k of
     the covering set; the CUDA-core kernels (TC=0) have none."""
     tk = facts["triton_kernels"]
-    tc = [f for f in tk if f["constexprs"].get("TC") == 1]
+    tc = [f for f in tk if f["constexprs"].get("TC") == 1 and not _reads_u(f)]
     assert {f["arch"] for f in tc} == {80, 90}
     assert {"bfloat16", "float16"} <= {d for f in tc for d in f["dtypes"]}
     assert {1, 2, 3, 9, 16, 31} <= {f["constexprs"]["K"] for f in tc}  # (3: benchmark set)
@@ -99,11 +99,33 @@ def test_tensor_core_convolution_is_on_tensor_cores(facts):
     assert any(f["wgmma"] for f in fwd90) and not all(f["wgmma"] for f in fwd90)
 
 
+def _reads_u(f):
+    """Whether a kernel reads the saved convolution output instead of convolving (U_LOAD)."""
+    return f["constexprs"].get("U") == 2
+
+
+def test_saved_convolution_output_replaces_the_convolution(facts):
+    """Every convolution kernel compiles computing u, computing and saving it (F1) and
+    reading it (F2, B1, B2a), on CUDA cores and on tensor cores; a pass reading it has no
+    GEMM and no loop left: the convolution is gone, not just unused."""
+    tk = [f for f in facts["triton_kernels"] if "U" in f["constexprs"]]
+    for tc in (0, 1):
+        got = {(f["kernel"], f["constexprs"]["U"]) for f in tk if f["constexprs"]["TC"] == tc}
+        assert {("_stats_kernel", 0), ("_stats_kernel", 1)} <= got, tc
+        for kern in ("_apply_kernel", "_bwd_reduce_kernel", "_bwd_du_kernel"):
+            assert {(kern, 0), (kern, 2)} <= got, (tc, kern)
+    assert {f["kernel"] for f in tk if f["constexprs"]["U"] == 1} == {"_stats_kernel"}
+    for f in tk:
+        if _reads_u(f):
+            assert not f["tensor_cores"] and not f.get("gemms") and not f.get("loops"), f
+
+
 def test_tensor_core_gemms_compute_no_row_twice(facts):
     """Every tensor-core GEMM of the convolution lays its warps over distinct accumulator
     rows and columns: a TH-row GEMM under more than TH / 16 warps would have warps repeat
     the same rows, and the activation, statistics and stores after them, for nothing."""
-    tc = [f for f in facts["triton_kernels"] if f["constexprs"].get("TC") == 1]
+    tc = [f for f in facts["triton_kernels"] if f["constexprs"].get("TC") == 1
+          and not _reads_u(f)]
     assert tc and all(f["gemms"] for f in tc)
     for f in tc:
         for g in f["gemms"]:
