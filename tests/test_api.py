@@ -76,8 +76,13 @@ def test_saved_conv_output_changes_no_result(backend, dtype, with_affine):
         leaves = [t.clone().requires_grad_() for t in (x0, w0, b0, gamma0, beta0)]
         aff = [t.to(DEVICE).requires_grad_() for t in aff0]
         rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
-        out = fused_dwconv_block(*leaves, rm, rv, training=True, backend=backend,
-                                 in_affine=tuple(aff) or None, save_conv=save)
+        saved = []  # what autograd keeps for backward: x, and u in float32 where saved
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+            out = fused_dwconv_block(*leaves, rm, rv, training=True, backend=backend,
+                                     in_affine=tuple(aff) or None, save_conv=save)
+        kept_u = saved.count((torch.float32, tuple(x0.shape))) - (dtype == torch.float32)
+        assert kept_u == (save or (save is None and backend != "torch")), (save, saved)
         out.backward(dout)
         results.append([out, rm, rv] + [t.grad for t in leaves + aff])
     for r in results[1:]:
