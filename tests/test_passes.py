@@ -29,13 +29,18 @@ def _dtype_layout(case):
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[4]}-{c[5]}-{_dtype_layout(c)}")
 def test_passes_match_twin(case, backend, with_affine):
+    _compare_case(case, backend, 11, with_affine)
+
+
+def _compare_case(case, backend, seed, with_affine, saved_u=False):
     N, C, H, W, k, act, dtype, cl = case
     x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
-                                             torch.Generator().manual_seed(11), DEVICE)
+                                             torch.Generator().manual_seed(seed), DEVICE)
     # a large shift makes a wrong padding (a*0 + c instead of 0) visible
     aff = ((1.5 + torch.rand(C)).to(DEVICE), (0.5 + torch.rand(C)).to(DEVICE)) \
         if with_affine else None
-    compare_passes(get_impl(backend), x, dout, w, b, gamma, beta, act, aff, dtype)
+    compare_passes(get_impl(backend), x, dout, w, b, gamma, beta, act, aff, dtype,
+                   saved_u=saved_u)
 
 
 # B2's dW work split (csrc/fused_dw_kernels.cuh, DwTasks): shapes whose tiles give a channel
@@ -53,10 +58,7 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("case", SPLIT_CASES,
                          ids=lambda c: f"{c[2]}x{c[3]}-k{c[4]}-{_dtype_layout(c)}")
 def test_dw_task_split_matches_twin(case, backend):
-    N, C, H, W, k, act, dtype, cl = case
-    x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
-                                             torch.Generator().manual_seed(12), DEVICE)
-    compare_passes(get_impl(backend), x, dout, w, b, gamma, beta, act, None, dtype)
+    _compare_case(case, backend, 12, False)
 
 
 # F1 saves the convolution output u, F2, B1 and B2a read it (docs/DESIGN.md, "Saved
@@ -71,12 +73,7 @@ SAVED_U_CASES = [
 @pytest.mark.parametrize("case", SAVED_U_CASES,
                          ids=lambda c: f"k{c[4]}-{c[5]}-{_dtype_layout(c)}")
 def test_passes_save_and_read_u(case, backend):
-    N, C, H, W, k, act, dtype, cl = case
-    x, dout, w, b, gamma, beta = pass_inputs(N, C, H, W, k, dtype, cl,
-                                             torch.Generator().manual_seed(13), DEVICE)
-    aff = ((1.5 + torch.rand(C)).to(DEVICE), (0.5 + torch.rand(C)).to(DEVICE))
-    compare_passes(get_impl(backend), x, dout, w, b, gamma, beta, act, aff, dtype,
-                   saved_u=True)
+    _compare_case(case, backend, 13, True, saved_u=True)
 
 
 def test_kernels_without_saved_u_refuse_one():

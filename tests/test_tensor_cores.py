@@ -78,27 +78,21 @@ def _tilings(cases):
     return out
 
 
-@pytest.mark.parametrize("case, tiling", _tilings(CASES))
-def test_tensor_core_passes_match_twin(case, tiling):
-    N, C, H, W, k, dtype, cl, aff = case
-    x, dout, w, b, gamma, beta, affine = _tensors(*case)
-    with tk.tensor_core_tiling(tiling):
-        compare_passes(get_impl("triton_tc"), x, dout, w, b, gamma, beta, "gelu", affine,
-                       dtype)
-
-
-# F1 saves the convolution output and F2, B1, B2a read it (docs/DESIGN.md, "Saved
-# convolution output"): one image and two per program, both layouts, the input affine
+# saved_u: F1 saves the convolution output and F2, B1, B2a read it (docs/DESIGN.md, "Saved
+# convolution output"), in cases of one image and two per program, both layouts, the input
+# affine
 SAVED_U_CASES = [CASES[1], CASES[3], CASES[9]]
 
 
-@pytest.mark.parametrize("case, tiling", _tilings(SAVED_U_CASES))
-def test_tensor_core_passes_save_and_read_u(case, tiling):
+@pytest.mark.parametrize("case, tiling, saved_u", [
+    pytest.param(*p.values, saved, id=p.id + ("-saved_u" if saved else ""))
+    for saved, cases in ((False, CASES), (True, SAVED_U_CASES)) for p in _tilings(cases)])
+def test_tensor_core_passes_match_twin(case, tiling, saved_u):
     N, C, H, W, k, dtype, cl, aff = case
     x, dout, w, b, gamma, beta, affine = _tensors(*case)
     with tk.tensor_core_tiling(tiling):
         compare_passes(get_impl("triton_tc"), x, dout, w, b, gamma, beta, "gelu", affine,
-                       dtype, saved_u=True)
+                       dtype, saved_u=saved_u)
 
 
 def test_tensor_core_tiling_stacks_what_the_batch_and_64_rows_allow():
