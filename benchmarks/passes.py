@@ -35,7 +35,8 @@ import torch
 
 from benchmarks.run import HERE, _shape, _timer, environment
 from convmixer_ext._cmx_lib import PASSES
-from convmixer_ext.backends import backend_reason, get_impl, saves_conv_output
+from convmixer_ext.backends import (SAVES_U_BACKENDS, backend_reason, get_impl,
+                                    saves_conv_output)
 from convmixer_ext.semantics import ACTIVATIONS, rstd_from_var
 
 
@@ -75,7 +76,7 @@ def _u_variants(be, k, choice):
     """[saved_u]: the convolution output saved or not, as ``choice`` says ("default": as
     the op decides, backends.saves_conv_output; "recompute", "saved", "both"), where the
     backend can save it."""
-    if not getattr(get_impl(be), "SAVES_U", False):
+    if be not in SAVES_U_BACKENDS:
         return [False]
     return {"default": [saves_conv_output(be, k, True)], "recompute": [False],
             "saved": [True], "both": [False, True]}[choice]

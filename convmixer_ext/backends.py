@@ -392,7 +392,8 @@ class KernelBackend:
 
     Launcher contract (activation as its integer id; ``in_scale``, ``in_shift``: the input
     affine, both None when there is none; ``u``: where F1 saves the convolution output and
-    the later passes read it, passed only to launchers with ``SAVES_U`` true):
+    the later passes read it, passed only to the launchers of :data:`SAVES_U_BACKENDS`,
+    ``saves_u``):
       k_stats(x, w, b, in_scale, in_shift, act[, u]) -> mean_p [T, C], m2_p [T, C],
           count_p [T]
       k_apply(x, w, b, mean, rstd, gamma, beta, in_scale, in_shift, act[, u]) -> out
@@ -405,15 +406,15 @@ class KernelBackend:
                             pw_bwd_du(dg, dmean, dvar, y, w2, b, mean, act) -> du, db_p
     """
 
-    def __init__(self, launchers):
+    def __init__(self, launchers, saves_u=False):
         self.k = launchers
-        self.SAVES_U = getattr(launchers, "SAVES_U", False)
+        self.saves_u = saves_u
 
     def _u(self, u):
         """The launchers' keyword for the saved convolution output (none without one)."""
         if u is None:
             return {}
-        if not self.SAVES_U:
+        if not self.saves_u:
             raise ValueError("these kernels cannot save the convolution output (u must be "
                              "None)")
         return {"u": u}
@@ -467,10 +468,11 @@ def get_impl(name: str):
         return torch_backend
     if name == "triton":
         from . import triton_kernels
-        return KernelBackend(triton_kernels)
+        return KernelBackend(triton_kernels, saves_u=name in SAVES_U_BACKENDS)
     if name == "triton_tc":
         from . import triton_kernels
-        return KernelBackend(triton_kernels.tensor_core_launchers)
+        return KernelBackend(triton_kernels.tensor_core_launchers,
+                             saves_u=name in SAVES_U_BACKENDS)
     if name in ("cuda", "cuda_emu"):
         from .cuda_kernels import Launchers
         lib, why = library("cuda" if name == "cuda" else "emulation")

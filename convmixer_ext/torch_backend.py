@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from ._layout import rows, unrows
 from .semantics import act_fwd, act_grad, bn_affine, bn_grad, pad_before, stats_dtype
 
-SAVES_U = True  # every pass takes ``u``: F1 saves the convolution output, the rest read it
-
 
 def _c(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(stats_dtype(like.dtype))

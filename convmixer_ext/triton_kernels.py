@@ -1066,9 +1066,8 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
 # The launchers with every convolution on tensor cores (backend "triton_tc"): F1, F2/eval,
 # B1, B2's du, its transposed convolution and dW.
 tensor_core_launchers = types.SimpleNamespace(
-    SAVES_U=True, **{f.__name__: functools.partial(f, tc=True)
-                     for f in (k_stats, k_apply, k_bwd_reduce, k_bwd_main)})
-SAVES_U = True  # the launchers take ``u``: F1 saves the convolution output, later passes read it
+    **{f.__name__: functools.partial(f, tc=True)
+       for f in (k_stats, k_apply, k_bwd_reduce, k_bwd_main)})
 
 
 # --------------------------------------------------------------------------- pointwise GEMM

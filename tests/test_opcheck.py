@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from conftest import DEVICE, kernel_backends
-from convmixer_ext.backends import OPS, get_impl
+from convmixer_ext.backends import OPS, SAVES_U_BACKENDS
 
 DW = ["torch"] + kernel_backends()
 PW = [b for b in DW if "pointwise" in OPS[b]]
 
 
 # save_u: F1 saves the convolution output, returned as a fourth output and saved for backward
-DW_SAVE = [(b, False) for b in DW] + [(b, True) for b in DW if get_impl(b).SAVES_U]
+DW_SAVE = [(b, False) for b in DW] + [(b, True) for b in DW if b in SAVES_U_BACKENDS]
 
 
 @pytest.mark.parametrize("backend, save_u", DW_SAVE)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, kernel_backends
-from convmixer_ext.backends import get_impl
+from convmixer_ext.backends import SAVES_U_BACKENDS, get_impl
 from helpers import compare_passes, pass_inputs
 
 # (N, C, H, W, k, activation, dtype, channels_last)
@@ -69,7 +69,7 @@ SAVED_U_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", [b for b in kernel_backends() if get_impl(b).SAVES_U])
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b in SAVES_U_BACKENDS])
 @pytest.mark.parametrize("case", SAVED_U_CASES,
                          ids=lambda c: f"k{c[4]}-{c[5]}-{_dtype_layout(c)}")
 def test_passes_save_and_read_u(case, backend):
@@ -82,7 +82,7 @@ def test_kernels_without_saved_u_refuse_one():
     import types
 
     from convmixer_ext.backends import KernelBackend
-    impl = KernelBackend(types.SimpleNamespace(k_stats=None))  # launchers without SAVES_U
+    impl = KernelBackend(types.SimpleNamespace(k_stats=None))  # launchers without u
     x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="cannot save the convolution output"):
         impl.stats(x, torch.zeros(1, 1, 1, 1), torch.zeros(1), "gelu", None, u=x)
