@@ -899,32 +899,18 @@ def _conv_kw(x, weight, tc):
     return dict(TC=1 if targets_gpu(x) else 2, XO=xo, CW=cw, KP=kp)
 
 
-def _toeplitz_index(k, KP, XO, CW, flip, device):
-    """[k * KP * CW] int64: where :func:`_toeplitz` takes each element in a channel's k*k
-    weights and one zero after them (index k*k, outside the band); ``flip``: of the weight
-    with its columns reversed. Built with device ops (capturable by a CUDA graph)."""
-    q = torch.arange(KP, device=device)[:, None]
-    d = q - XO - torch.arange(CW, device=device)[None, :]
-    j = (k - 1 - d) if flip else d
-    i = torch.arange(k, device=device)[:, None, None]
-    return torch.where(((d >= 0) & (d < k))[None], i * k + j[None], k * k).reshape(-1)
-
-
-_toeplitz_index_cached = functools.lru_cache(maxsize=64)(_toeplitz_index)
-
-
 def _toeplitz(weight, KP, XO, CW, flip=False):
     """[C, K * KP * CW]: every channel's and kernel row's banded Toeplitz operand of
     :func:`_conv_tc`, ``T[c, i, q, j] = W[c, i, q - XO - j]`` inside the band, 0 outside
     (``flip``: of W with its columns reversed, for B2's transposed convolution). Two device
-    ops per launch (a zero appended to each channel's weights, one gather): the index is
-    geometry, cached per device (rebuilt while a CUDA graph captures, so that the cached
-    tensor never lives in a graph's memory pool)."""
+    ops per launch, no index tensor: each kernel row's weights zero-padded to a row P of
+    KP + CW - 1, whose Hankel view ``P[q + j']`` (strides 1, 1) reversed along one axis is
+    the Toeplitz matrix (``j' = CW - 1 - j``; flipped: ``q' = KP - 1 - q``), copied once."""
     C, k = weight.shape[0], weight.shape[-1]
-    dev = weight.device
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    idx = (_toeplitz_index if capturing else _toeplitz_index_cached)(k, KP, XO, CW, flip, dev)
-    return torch.nn.functional.pad(weight.reshape(C, k * k), (0, 1)).index_select(1, idx)
+    lead = KP - k - XO if flip else XO + CW - 1  # zeros before each row's k weights
+    p = torch.nn.functional.pad(weight.reshape(C, k, k), (lead, KP + CW - 1 - lead - k))
+    hankel = p.as_strided((C, k, KP, CW), (k * p.shape[-1], p.shape[-1], 1, 1))
+    return hankel.flip(-2 if flip else -1).reshape(C, k * KP * CW)
 
 
 def _conv_weight(weight, kw):

@@ -221,10 +221,10 @@ def test_tensor_core_backend_refuses_float32_and_auto_takes_it_for_16_bit_nchw_o
                                            (31, 64, 1, 32)])
 @pytest.mark.parametrize("flip", [False, True])
 def test_toeplitz_operands_match_their_definition(k, KP, XO, CW, flip):
-    """The launcher's Toeplitz operands (one gather of the weight, a cached index) against
-    their definition written element by element: ``T[c, i, q, j] = W[c, i, q - XO - j]``
-    inside the band (W with its columns reversed for B2's transposed convolution), 0 outside;
-    the same again from the cache."""
+    """The launcher's Toeplitz operands (a reversed Hankel view of the zero-padded weight
+    rows, copied) against their definition written element by element: ``T[c, i, q, j] =
+    W[c, i, q - XO - j]`` inside the band (W with its columns reversed for B2's transposed
+    convolution), 0 outside."""
     from convmixer_ext.triton_kernels import _toeplitz
     C = 3
     w = torch.randn(C, 1, k, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, bf16)
@@ -236,6 +236,5 @@ def test_toeplitz_operands_match_their_definition(k, KP, XO, CW, flip):
         for j in range(CW):
             if 0 <= q - XO - j < k:
                 want[:, :, q, j] = wc[:, :, q - XO - j]
-    for _ in range(2):
-        got = _toeplitz(w, KP, XO, CW, flip).float().cpu().reshape(C, k, KP, CW)
-        assert torch.equal(got, want)
+    got = _toeplitz(w, KP, XO, CW, flip).float().cpu().reshape(C, k, KP, CW)
+    assert torch.equal(got, want)
