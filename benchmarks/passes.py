@@ -18,8 +18,9 @@ us, calls per pass), so that a pass of several kernels (B2: dx and dW) splits.
 ``--tc-tilings`` times triton_tc in each tensor-core tiling
 (``triton_kernels.tensor_core_tiling``). ``--u``: F1 saving the convolution output for the
 later passes (default: as the op decides; recompute, saved, both). Writes
-``<out>/passes-<device>-<date>.json`` (records of kind "pass": shape_name, shape, dtype, layout, k, backend, pass_, ms, ms_p20,
-ms_p80, tiling: triton_tc's, null for the other backends; saved_u).
+``<out>/passes-<device>-<date>.json`` (records of kind "pass": shape_name, shape, dtype,
+layout, k, backend, pass_, ms, ms_p20, ms_p80, tiling: triton_tc's, null for the other
+backends; saved_u).
 """
 from __future__ import annotations
 

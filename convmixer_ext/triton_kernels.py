@@ -610,8 +610,7 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_pt
                        ACT: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr,
                        TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                        TC: tl.constexpr, KP: tl.constexpr, XO: tl.constexpr,
-                       CW: tl.constexpr, IMG: tl.constexpr,
-                       U: tl.constexpr):
+                       CW: tl.constexpr, IMG: tl.constexpr, U: tl.constexpr):
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid,
@@ -634,8 +633,7 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, m
                    BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                    KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, SPLIT: tl.constexpr,
-                   IMG: tl.constexpr,
-                   U: tl.constexpr):
+                   IMG: tl.constexpr, U: tl.constexpr):
     """du = dg * act'(u) into the scratch: fp32 at du_ptr, or (SPLIT: bfloat16 on tensor
     cores) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at dulo_ptr,
     with the tile's db partial taken here from the fp32 values (B2b never sees them)."""
