@@ -311,7 +311,9 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     the gap closest at k = 9 in training (1-5%). float16 runs the same kernels (plus one
     scaling pass over B2's halo) and was not timed: it follows bfloat16. The price is
     memory: like "triton", a training step keeps an fp32 du scratch (peak 772 MiB against
-    the CUDA library's 384 MiB on that block). channels_last on tensor cores was 2-10x
+    the CUDA library's 384 MiB on that block, measured before the saved convolution output,
+    which from k = 7 keeps 384 MiB more from the forward to the backward:
+    :func:`saves_conv_output`). channels_last on tensor cores was 2-10x
     slower than the CUDA library except in training at k = 31 (203 against 249 ms, one
     sample each, at 2.9x its peak memory): not taken.
 
