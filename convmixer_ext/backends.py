@@ -340,6 +340,12 @@ SAVES_U_BACKENDS = ("triton", "triton_tc", "torch")
 SAVE_U_MIN_KERNEL_SIZE = 7
 
 
+def check_save_conv(save_conv) -> None:
+    """TypeError unless ``save_conv`` is None (the default policy) or a bool."""
+    if save_conv is not None and not isinstance(save_conv, bool):
+        raise TypeError(f"save_conv must be None or a bool, got {type(save_conv).__name__}")
+
+
 def saves_conv_output(backend: str, kernel_size: int, batch_stats: bool,
                       save_conv=None) -> bool:
     """Whether the fused block on concrete ``backend`` saves its convolution output u in F1
@@ -347,8 +353,7 @@ def saves_conv_output(backend: str, kernel_size: int, batch_stats: bool,
     runs (``batch_stats``). ``save_conv``: None (the default) saves on the Triton backends
     from :data:`SAVE_U_MIN_KERNEL_SIZE` up; True / False force it (True on a backend that
     cannot is a ValueError; "eager" keeps PyTorch's own saved tensors either way)."""
-    if save_conv is not None and not isinstance(save_conv, bool):
-        raise TypeError(f"save_conv must be None or a bool, got {type(save_conv).__name__}")
+    check_save_conv(save_conv)
     if save_conv and backend not in SAVES_U_BACKENDS + ("eager",):
         raise ValueError(f"save_conv=True: backend {backend!r} recomputes the convolution "
                          f"output in every pass; the backends that can save it are "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import BACKENDS, OPS, check_backend_name
+from .backends import BACKENDS, OPS, check_backend_name, check_save_conv
 from .ops import fused_dwconv_block
 from .pointwise import apply_affine, pointwise_folded, resolve_pointwise
 from .reference import ConvMixer as _ReferenceConvMixer, conv_mixer_layer
@@ -62,17 +62,19 @@ class ConvMixerLayer(nn.Sequential):
         "triton", "torch"; "eager" and an "auto" that resolves to it run the modules
         unfused; see :mod:`convmixer_ext.pointwise`).
 
-    Attribute ``save_conv`` (None by default): passed to :func:`fused_dwconv_block` — None
-    saves the convolution output for the later passes where that is predicted faster,
-    False recomputes it (less memory), True always saves it.
+        save_conv: passed to :func:`fused_dwconv_block` (also the attribute of that name) —
+        None (the default) saves the convolution output in training for the later passes
+        where that is predicted faster, False recomputes it (less memory), True always
+        saves it.
     """
 
     def __init__(self, dim: int, kernel_size: int = 9, activation: str = "gelu",
                  eps: float = 1e-5, momentum=0.1, backend: str = "auto",
-                 pointwise: str = "unfused"):
+                 pointwise: str = "unfused", save_conv=None):
         check_activation(activation)
         check_backend_name(backend)
         _check_pointwise(pointwise)
+        check_save_conv(save_conv)
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
         super().__init__(*conv_mixer_layer(dim, kernel_size, activation, eps, momentum))
@@ -80,7 +82,7 @@ class ConvMixerLayer(nn.Sequential):
         self.backend = backend
         self.pointwise = pointwise
         self.process_group = None  # set by convert(..., sync_bn=True)
-        self.save_conv = None
+        self.save_conv = save_conv
 
     @classmethod
     def from_reference(cls, layer: nn.Sequential, backend: str = "auto",
@@ -100,8 +102,9 @@ class ConvMixerLayer(nn.Sequential):
         return self
 
     def extra_repr(self) -> str:
+        save = getattr(self, "save_conv", None)
         return (f"activation={self.activation!r}, backend={self.backend!r}, "
-                f"pointwise={self.pointwise!r}")
+                f"pointwise={self.pointwise!r}" + ("" if save is None else f", save_conv={save}"))
 
     def forward_dw(self, x: torch.Tensor, in_affine=None) -> torch.Tensor:
         """The fused depthwise block: ``x + BN1(act(dwconv(x)))``, with the block input
@@ -112,7 +115,7 @@ class ConvMixerLayer(nn.Sequential):
             x, dw.weight, dw.bias, gamma, beta, bn.running_mean, bn.running_var,
             bn.num_batches_tracked, training=self.training, momentum=bn.momentum, eps=bn.eps,
             activation=self.activation, backend=self.backend, process_group=self.process_group,
-            in_affine=in_affine, save_conv=getattr(self, "save_conv", None))
+            in_affine=in_affine, save_conv=getattr(self, "save_conv", None))  # (older pickles)
 
     def folds_bn2(self, y: torch.Tensor = None) -> bool:
         """Whether this layer leaves its BN2 as an affine for the next one: a fused pointwise
@@ -177,9 +180,9 @@ class ConvMixer(_ReferenceConvMixer):
 
     def __init__(self, dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7,
                  num_classes: int = 1000, in_chans: int = 3, activation: str = "gelu",
-                 backend: str = "auto", pointwise: str = "unfused"):
+                 backend: str = "auto", pointwise: str = "unfused", save_conv=None):
         super().__init__(dim, depth, kernel_size, patch_size, num_classes, in_chans, activation)
-        convert(self, backend=backend, pointwise=pointwise)
+        convert(self, backend=backend, pointwise=pointwise, save_conv=save_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the last layer's folded BN2 commutes with the average pooling (both per channel
@@ -199,7 +202,7 @@ class ConvMixer(_ReferenceConvMixer):
 
 
 def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
-            process_group=None, pointwise: str = "unfused") -> nn.Module:
+            process_group=None, pointwise: str = "unfused", save_conv=None) -> nn.Module:
     """Swap fused layers into a reference or timm ConvMixer in place, keeping its weights and
     buffers (the modules themselves are reused). Returns ``model``.
 
@@ -211,18 +214,19 @@ def convert(model: nn.Module, backend: str = "auto", sync_bn: bool = False,
     model becomes an ``nn.SyncBatchNorm`` over the same group (which PyTorch runs on GPUs);
     a fused pointwise half synchronises BN2's statistics over that group itself (any
     device), still folding BN2 into the next layer.
+    ``save_conv``: every fused layer's (:class:`ConvMixerLayer`).
     """
     check_backend_name(backend)
     _check_pointwise(pointwise)
+    check_save_conv(save_conv)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
         raise TypeError(f"convert() expects a ConvMixer with a 'blocks' nn.Sequential, got "
                         f"{type(model).__name__}")
     for i, layer in enumerate(blocks):
-        if isinstance(layer, ConvMixerLayer):
-            layer.backend, layer.pointwise = backend, pointwise
-        else:
-            blocks[i] = ConvMixerLayer.from_reference(layer, backend, pointwise)
+        if not isinstance(layer, ConvMixerLayer):
+            blocks[i] = layer = ConvMixerLayer.from_reference(layer, backend, pointwise)
+        layer.backend, layer.pointwise, layer.save_conv = backend, pointwise, save_conv
     if not isinstance(blocks, FusedBlocks):
         model.blocks = blocks = FusedBlocks(*blocks)
     if sync_bn:

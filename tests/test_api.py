@@ -98,6 +98,29 @@ def test_saved_conv_output_changes_no_result(backend, dtype, with_affine):
                                                 True)[3].numel() == 0
 
 
+def test_model_save_conv_reaches_every_layer():
+    """ConvMixer(save_conv=...) / convert(): every fused layer saves the convolution output
+    (one float32 tensor of the block's input shape kept per layer) or none does; the
+    results are bitwise the same."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for save in (False, True):
+        torch.manual_seed(0)
+        model = ConvMixer(8, 2, kernel_size=7, patch_size=2, num_classes=3, backend="torch",
+                          save_conv=save)
+        assert all(layer.save_conv is save for layer in model.blocks)
+        assert ("save_conv=True" in repr(model)) is save
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+            out = model(x)
+        out.square().sum().backward()
+        runs[save] = (saved.count((torch.float32, (2, 8, 4, 4))),
+                      [out] + [p.grad for p in model.parameters()])
+    assert runs[True][0] - runs[False][0] == 2  # u of each of the 2 layers
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][1], runs[True][1]))
+
+
 def test_save_conv_policy():
     from convmixer_ext.backends import SAVE_U_MIN_KERNEL_SIZE as K0, saves_conv_output as s
     assert s("triton_tc", K0, True) and s("triton", 31, True)

@@ -127,6 +127,10 @@ def test_module_constructor_checks():
         ConvMixerLayer(4, 0)
     with pytest.raises(TypeError, match="blocks"):
         convmixer_ext.convert(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="save_conv must be None or a bool"):
+        ConvMixerLayer(4, 3, save_conv="no")
+    with pytest.raises(TypeError, match="save_conv must be None or a bool"):
+        convmixer_ext.ConvMixer(4, 1, 3, 2, 2, save_conv=1)
 
 
 def test_convert_refuses_unfusable_layer():
