@@ -373,8 +373,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         src = 4 * elems if load_u else xbytes
         if name == "_stats_kernel":  # U_SAVE: writes u in fp32
             dram = xbytes + (4 * elems if u_mode == tk.U_SAVE.value else 0)
-        elif name == "_apply_kernel":  # reads x (the residual), writes out
-            dram = xbytes + (src if load_u else 0) + xbytes
+        elif name == "_apply_kernel":  # reads x (the residual, and its taps), writes out
+            dram = 2 * xbytes + (4 * elems if load_u else 0)
         elif name == "_bwd_reduce_kernel":  # reads dout
             dram = xbytes + src
         elif name == "_bwd_du_kernel":  # reads dout, writes du in fp32

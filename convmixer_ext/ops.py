@@ -43,7 +43,8 @@ def _forward_passes(impl, x, weight, bias, gamma, beta, in_affine, eps, activati
     """F1 then F2 (docs/DESIGN.md, "Forward"); returns (out, mean, var, u). ``running``:
     (mean, var) to normalise with instead of batch statistics (F1 is skipped).
     ``globalize(mean, var)`` (SyncBatchNorm) maps this rank's statistics to the group's.
-    ``save_u``: F1 saves the convolution output u (returned; else None) and F2 reads it."""
+    ``save_u``: F1 (when it runs) saves the convolution output u (returned; else None) and
+    F2 reads it."""
     sd = stats_dtype(x.dtype)
     u = None
     if running is None:
@@ -89,7 +90,7 @@ def dw_block_fwd(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: T
                                         running_var.to(sd, copy=True))
     out, mean, var, u = _forward_passes(get_impl(_for_size(backend, x)), x, weight, bias,
                                         gamma, beta, _in_affine(pre_scale, pre_shift), eps,
-                                        activation, running, save_u=save_u and batch_stats)
+                                        activation, running, save_u=save_u)
     return out, mean, var, (x.new_empty((0,), dtype=sd) if u is None else u)
 
 
