@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # error codes of cmx_abi.h
 OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
@@ -31,7 +31,7 @@ _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 class Shape(ctypes.Structure):
     _fields_ = [("n", _i64), ("c", _i64), ("h", _i64), ("w", _i64), ("stride", _i64 * 4),
                 ("dtype", _i32), ("k", _i32), ("act", _i32), ("has_in_affine", _i32),
-                ("aligned", _i32), ("target_blocks", _i32)]
+                ("aligned", _i32), ("target_blocks", _i32), ("saved_u", _i32)]
 
 
 PASSES = ("F1", "F2", "B1", "B2")  # index of the per-pass arrays of Plan
@@ -48,14 +48,14 @@ class Plan(ctypes.Structure):
 class Inputs(ctypes.Structure):
     _fields_ = [("x", _ptr), ("weight", _ptr), ("bias", _ptr), ("in_scale", _ptr),
                 ("in_shift", _ptr), ("mean", _ptr), ("rstd", _ptr), ("gamma", _ptr),
-                ("beta", _ptr), ("dout", _ptr), ("dbeta", _ptr), ("dgamma", _ptr),
+                ("beta", _ptr), ("dout", _ptr), ("dbeta", _ptr), ("dgamma", _ptr), ("u", _ptr),
                 ("batch_stats", _i32), ("stream", _ptr)]
 
 
 class Outputs(ctypes.Structure):
     _fields_ = [("y", _ptr), ("mean_p", _ptr), ("m2_p", _ptr), ("count_p", _ptr),
                 ("dbeta_p", _ptr), ("dgamma_p", _ptr), ("dw_p", _ptr), ("db_p", _ptr),
-                ("dscale_p", _ptr), ("dshift_p", _ptr)]
+                ("dscale_p", _ptr), ("dshift_p", _ptr), ("u", _ptr)]
 
 
 class LibraryError(RuntimeError):

@@ -52,3 +52,13 @@ def out_like(y: Tensor, channels: int) -> Tensor:
     N, _, H, W = y.shape
     fmt = torch.channels_last if is_channels_last(y) else torch.contiguous_format
     return torch.empty((N, channels, H, W), device=y.device, dtype=y.dtype, memory_format=fmt)
+
+
+def check_saved_u(u: Tensor, x: Tensor) -> None:
+    """ValueError unless ``u`` can hold x's convolution output as the kernels index it (every
+    backend that saves it: float32, on x's device, with x's shape and strides)."""
+    if u.dtype != torch.float32 or u.device != x.device or u.shape != x.shape \
+            or u.stride() != x.stride():
+        raise ValueError(f"the saved convolution output must be float32 on {x.device} with "
+                         f"x's shape {tuple(x.shape)} and strides {x.stride()}, got "
+                         f"{u.dtype} on {u.device}, {tuple(u.shape)}, {u.stride()}")

@@ -322,7 +322,8 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     training at k = 3, 9, 31 after B2's dW rework): the choice did not depend on the dtype.
     A size between two measured ones takes another backend only where both neighbours agree
     on it (k = 4-6 in channels_last training); sizes below 3 follow k=3; everything else
-    takes the CUDA library (k=31 NCHW training in fp32: 200 ms against eager's 201)."""
+    takes the CUDA library (k=31 NCHW training in fp32: 200 ms against eager's 201, measured
+    before it saved the convolution output, which the static model predicts at 40 ms)."""
     if dtype in TENSOR_CORE_DTYPES and not channels_last:
         return "triton_tc"
     if training and channels_last and kernel_size <= 7:
@@ -333,7 +334,7 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
 
 
 # Backends whose passes can save the convolution output u in F1 and read it afterwards.
-SAVES_U_BACKENDS = ("triton", "triton_tc", "torch")
+SAVES_U_BACKENDS = ("cuda", "triton", "triton_tc", "cuda_emu", "torch")
 # The smallest kernel size at which "auto" saves u (estimated, docs/DESIGN.md, "Saved
 # convolution output"): reading 4 bytes of u per element costs less than the convolution's
 # k*k taps in F2, B1 and B2a from k = 7 up; at k = 3 the two are about even.
@@ -350,14 +351,10 @@ def saves_conv_output(backend: str, kernel_size: int, batch_stats: bool,
                       save_conv=None) -> bool:
     """Whether the fused block on concrete ``backend`` saves its convolution output u in F1
     (float32, x's shape) for F2, B1 and B2a to read instead of recomputing it: only when F1
-    runs (``batch_stats``). ``save_conv``: None (the default) saves on the Triton backends
-    from :data:`SAVE_U_MIN_KERNEL_SIZE` up; True / False force it (True on a backend that
-    cannot is a ValueError; "eager" keeps PyTorch's own saved tensors either way)."""
+    runs (``batch_stats``). ``save_conv``: None (the default) saves on the kernel backends
+    from :data:`SAVE_U_MIN_KERNEL_SIZE` up; True / False force it on every backend of
+    :data:`SAVES_U_BACKENDS` ("eager" keeps PyTorch's own saved tensors either way)."""
     check_save_conv(save_conv)
-    if save_conv and backend not in SAVES_U_BACKENDS + ("eager",):
-        raise ValueError(f"save_conv=True: backend {backend!r} recomputes the convolution "
-                         f"output in every pass; the backends that can save it are "
-                         f"{list(SAVES_U_BACKENDS)}")
     if not batch_stats or backend not in SAVES_U_BACKENDS:
         return False
     if save_conv is None:
@@ -485,5 +482,6 @@ def get_impl(name: str):
         lib, why = library("cuda" if name == "cuda" else "emulation")
         if lib is None:
             raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
-        return KernelBackend(Launchers(lib, "cuda" if name == "cuda" else "cpu"))
+        return KernelBackend(Launchers(lib, "cuda" if name == "cuda" else "cpu"),
+                             saves_u=name in SAVES_U_BACKENDS)
     raise ValueError(f"backend {name!r} has no kernel entry points")

@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from . import _cmx_lib as abi
+from ._layout import check_saved_u
 
 _DTYPE_IDS = {torch.float32: abi.DTYPE_IDS["float32"], torch.float16: abi.DTYPE_IDS["float16"],
               torch.bfloat16: abi.DTYPE_IDS["bfloat16"]}
@@ -23,11 +24,12 @@ _PASS_CODES = {abi.E_INVALID: ValueError, abi.E_LIMIT: ValueError}
 
 
 def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
-             target_blocks: int = 0) -> abi.Shape:
+             target_blocks: int = 0, saved_u: bool = False) -> abi.Shape:
     """The C ABI's shape of x; ``aligned`` says whether x and ``others`` (the tensors that
-    share its strides: dout, the outputs) start 16-byte aligned (meta tensors: as torch's
-    allocator gives); ``target_blocks`` (0: the library's default) sets how finely the
-    reductions split their work (tests make blocks take many tiles with a small value)."""
+    share its strides: dout, the outputs, the saved u) start 16-byte aligned (meta tensors:
+    as torch's allocator gives); ``target_blocks`` (0: the library's default) sets how finely
+    the reductions split their work (tests make blocks take many tiles with a small value);
+    ``saved_u``: F1 saves the convolution output and the later passes read it."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):
@@ -36,6 +38,7 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     s.k, s.act, s.has_in_affine = k, act, int(has_in_affine)
     s.aligned = int(all(t.is_meta or t.data_ptr() % 16 == 0 for t in (x, *others)))
     s.target_blocks = target_blocks
+    s.saved_u = int(saved_u)
     return s
 
 
@@ -53,12 +56,12 @@ class Launchers:
     def __init__(self, lib: abi.Library, device_type: str, target_blocks: int = 0):
         self.lib, self.device_type, self.target_blocks = lib, device_type, target_blocks
 
-    def plan(self, x, k, act=0, has_in_affine=False, *others) -> abi.Plan:
+    def plan(self, x, k, act=0, has_in_affine=False, *others, saved_u=False) -> abi.Plan:
         """The library's launch plan for x (shape-only: nothing is read or launched);
         ValueError for a shape beyond a hardware limit."""
         try:
             return self.lib.plan(shape_of(x, k, act, has_in_affine, *others,
-                                          target_blocks=self.target_blocks))
+                                          target_blocks=self.target_blocks, saved_u=saved_u))
         except abi.LibraryError as e:
             raise _PASS_CODES.get(e.code, RuntimeError)(f"convmixer_ext: {e}") from None
 
@@ -72,34 +75,41 @@ class Launchers:
         except abi.LibraryError as e:
             raise _PASS_CODES.get(e.code, RuntimeError)(f"convmixer_ext: {e}") from None
 
-    def _setup(self, x, weight, bias, in_scale, in_shift, act, pass_, dout=None):
-        """(shape, partial rows of ``pass_`` (a name of abi.PASSES), inputs)."""
-        # outputs are allocated by torch (16-byte aligned); dout may be a view
-        others = () if dout is None else (dout,)
+    def _setup(self, x, weight, bias, in_scale, in_shift, act, pass_, dout=None, u=None):
+        """(shape, partial rows of ``pass_`` (a name of abi.PASSES), inputs); ``u``: the saved
+        convolution output (F1 writes it, the other passes read it: inputs.u)."""
+        # outputs are allocated by torch (16-byte aligned); dout and u may be views
+        if u is not None:
+            check_saved_u(u, x)
+        others = tuple(t for t in (dout, u) if t is not None)
         shape = shape_of(x, weight.shape[-1], act, in_scale is not None, *others,
-                         target_blocks=self.target_blocks)
-        plan = self.plan(x, weight.shape[-1], act, in_scale is not None, *others)
+                         target_blocks=self.target_blocks, saved_u=u is not None)
+        plan = self.plan(x, weight.shape[-1], act, in_scale is not None, *others,
+                         saved_u=u is not None)
         inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
-                            in_shift=_p(in_shift))
+                            in_shift=_p(in_shift), u=_p(u))
         return shape, plan.partial_rows[abi.PASSES.index(pass_)], inputs
 
-    def k_stats(self, x, weight, bias, in_scale, in_shift, act):
-        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "F1")
+    def k_stats(self, x, weight, bias, in_scale, in_shift, act, u=None):
+        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "F1", u=u)
+        inputs.u = None  # (F1 writes u: an output)
         C = x.shape[1]
         mean_p, m2_p, count_p = _f32(x, rows, C), _f32(x, rows, C), _f32(x, rows)
         self._run("cmx_stats", x, shape, inputs,
-                  abi.Outputs(mean_p=_p(mean_p), m2_p=_p(m2_p), count_p=_p(count_p)))
+                  abi.Outputs(mean_p=_p(mean_p), m2_p=_p(m2_p), count_p=_p(count_p), u=_p(u)))
         return mean_p, m2_p, count_p
 
-    def k_apply(self, x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act):
-        shape, _, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "F2")
+    def k_apply(self, x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act,
+                u=None):
+        shape, _, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "F2", u=u)
         inputs.mean, inputs.rstd, inputs.gamma, inputs.beta = map(_p, (mean, rstd, gamma, beta))
         out = torch.empty_like(x)
         self._run("cmx_apply", x, shape, inputs, abi.Outputs(y=_p(out)))
         return out
 
-    def k_bwd_reduce(self, dout, x, weight, bias, mean, rstd, in_scale, in_shift, act):
-        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "B1", dout)
+    def k_bwd_reduce(self, dout, x, weight, bias, mean, rstd, in_scale, in_shift, act, u=None):
+        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "B1", dout,
+                                          u)
         inputs.dout, inputs.mean, inputs.rstd = _p(dout), _p(mean), _p(rstd)
         C = x.shape[1]
         dbeta_p, dgamma_p = _f32(x, rows, C), _f32(x, rows, C)
@@ -108,8 +118,9 @@ class Launchers:
         return dbeta_p, dgamma_p
 
     def k_bwd_main(self, dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
-                   in_scale, in_shift, act):
-        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "B2", dout)
+                   in_scale, in_shift, act, u=None):
+        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "B2", dout,
+                                          u)
         inputs.dout, inputs.mean, inputs.rstd, inputs.gamma = map(_p, (dout, mean, rstd, gamma))
         inputs.dbeta, inputs.dgamma = _p(dbeta), _p(dgamma)
         inputs.batch_stats = int(bool(batch_stats))

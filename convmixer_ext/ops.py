@@ -307,7 +307,7 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     ``save_conv``: whether F1 saves the convolution output (float32, one tensor the size
     of x, kept for backward) so that F2 and backward read it instead of recomputing the
     k*k-tap convolution; None (the default) saves it where that is predicted faster (the
-    Triton backends at kernel sizes >= 7, :func:`convmixer_ext.backends.saves_conv_output`);
+    kernel backends at kernel sizes >= 7, :func:`convmixer_ext.backends.saves_conv_output`);
     False trades that time for the memory. Results are the same either way.
 
     Under ``torch.autocast``, x, weight and bias are cast to the autocast dtype as

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from ._env import triton_interpreter
+from ._layout import check_saved_u
 from .semantics import ACTIVATIONS, GELU_TANH_COEF, TENSOR_CORE_DTYPES, pad_before
 
 # Globals used inside @triton.jit code must be tl.constexpr (a plain Python number compiles
@@ -956,16 +957,6 @@ def _f32(x, *shape):
     return torch.empty(shape, device=x.device, dtype=torch.float32)
 
 
-def _check_saved_u(u, x) -> None:
-    """ValueError unless ``u`` can hold x's convolution output as the kernels index it:
-    float32, on x's device, with x's shape and strides."""
-    if u.dtype != torch.float32 or u.device != x.device or u.shape != x.shape \
-            or u.stride() != x.stride():
-        raise ValueError(f"the saved convolution output must be float32 on {x.device} with "
-                         f"x's shape {tuple(x.shape)} and strides {x.stride()}, got "
-                         f"{u.dtype} on {u.device}, {tuple(u.shape)}, {u.stride()}")
-
-
 def _conv_args(x, weight, u, mode, tc):
     """(w_ptr, u_ptr, constexprs U, TC, XO, CW, KP) of a pass's convolution: computed (u
     None), computed and saved into u (``mode`` U_SAVE), or read from u (U_LOAD: the
@@ -973,7 +964,7 @@ def _conv_args(x, weight, u, mode, tc):
     kw = _conv_kw(x, weight, tc)
     if u is None:
         return _conv_weight(weight, kw), x, dict(U=U_CONV.value, **kw)
-    _check_saved_u(u, x)
+    check_saved_u(u, x)
     w_arg = weight if mode is U_LOAD else _conv_weight(weight, kw)
     return w_arg, u, dict(U=mode.value, **kw)
 

@@ -15,7 +15,7 @@
 
 #include <stdint.h>
 
-#define CMX_ABI_VERSION 2
+#define CMX_ABI_VERSION 3
 
 #if defined(_WIN32)
 #define CMX_API __declspec(dllexport)
@@ -56,6 +56,9 @@ typedef struct {
                          * (enables the 16-byte path; the passes also check the pointers) */
   int32_t target_blocks;/* reductions: split each channel block's (image, tile) items into
                          * enough parts for about this many blocks; 0: the default */
+  int32_t saved_u;      /* F1 saves the convolution output u and F2, B1, B2 read it instead
+                         * of convolving (cmx_outputs.u, cmx_inputs.u: float32, x's shape
+                         * and element strides, 16-byte aligned for the 16-byte path) */
 } cmx_shape;
 
 /* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the
@@ -89,6 +92,7 @@ typedef struct {
   const void* dout;       /* B1, B2 */
   const float* dbeta;     /* B2: per-channel sums from B1 (batch statistics only) */
   const float* dgamma;
+  const float* u;         /* F2, B1, B2 with shape.saved_u: F1's saved convolution output */
   int32_t batch_stats;    /* B2: BN used batch statistics */
   void* stream;           /* cudaStream_t (ignored by the emulation build) */
 } cmx_inputs;
@@ -105,6 +109,7 @@ typedef struct {
   float* db_p;            /* B2 */
   float* dscale_p;        /* B2 with in_affine: sum(dL/dinput * x) */
   float* dshift_p;        /* B2 with in_affine: sum(dL/dinput) */
+  float* u;               /* F1 with shape.saved_u: u = conv(input) + b, float32 */
 } cmx_outputs;
 
 CMX_API int32_t cmx_abi_version(void);
@@ -121,7 +126,7 @@ CMX_API int32_t cmx_device_count(void);
 CMX_API int32_t cmx_check_device(int32_t device);
 
 CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan);
-/* F1: per-tile mean, centred M2 and count of g = act(conv(input) + b). */
+/* F1: per-tile mean, centred M2 and count of g = act(conv(input) + b) (and u, saved_u). */
 CMX_API int32_t cmx_stats(const cmx_shape* shape, const cmx_inputs* in, const cmx_outputs* out);
 /* F2 / eval: y = input + gamma*(g - mean)*rstd + beta. */
 CMX_API int32_t cmx_apply(const cmx_shape* shape, const cmx_inputs* in, const cmx_outputs* out);

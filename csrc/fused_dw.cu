@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <initializer_list>
 #include <type_traits>
+#include <utility>
 
 #include "cmx_abi.h"
 #include "fused_dw_kernels.cuh"
@@ -26,6 +27,10 @@ namespace {
 // (sm_86/sm_89: 99 KB); above 48 KB a kernel opts in before its first launch.
 constexpr int64_t kSmemLimit = 96 * 1024;
 constexpr int64_t kSmemDefault = 48 * 1024;
+// Per SM on sm_90 (the planner's occupancy estimate): shared memory, its per-block reserve,
+// resident blocks and threads.
+constexpr int64_t kSmemPerSM = 233472, kSmemReserve = 1024, kMaxBlocksPerSM = 32,
+                  kMaxThreadsPerSM = 2048;
 constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit (1-D grid)
 constexpr int kTile = 32;                   // spatial tile edge (the whole ConvMixer plane)
 constexpr int kThreadsTarget = 128;         // preferred threads per block (NCHW)
@@ -55,17 +60,38 @@ int32_t check_launch(cmx_error_t e, const char* what) {
 
 int elem_size(int dtype) { return dtype == CMX_FLOAT32 ? 4 : 2; }
 
-// The unrolled kernel sizes; others run the generic (run-time k) instantiation.
-int unrolled(int K) { return (K == 3 || K == 5 || K == 7 || K == 9) ? K : 0; }
-
 enum Pass { kF1, kF2, kB1, kB2 };
 
-// Shared memory of a pass for a geometry, in bytes.
-int64_t smem_bytes(const Geom& g, int elem, Pass pass, bool affine) {
+// The kernel sizes a pass's instantiations unroll (the others run the generic, run-time k
+// one): 3, 5, 7, 9; with the saved u (su), F1 (saving it) and B2 unroll the sizes that save
+// it by default, 7 and 9, and F2 and B1 (reading it) convolve nothing: one instantiation.
+using Unrolled = std::integer_sequence<int, 3, 5, 7, 9>;
+using UnrolledSaved = std::integer_sequence<int, 7, 9>;
+using NoneUnrolled = std::integer_sequence<int>;
+
+template <int... Ks>
+constexpr int kt_in(int K, std::integer_sequence<int, Ks...>) {
+  int kt = 0;
+  ((kt = K == Ks ? Ks : kt), ...);
+  return kt;
+}
+
+// The KT template argument of a pass's kernel for kernel size K.
+int unrolled(int K, Pass pass, bool su) {
+  if (!su) return kt_in(K, Unrolled{});
+  return pass == kF1 || pass == kB2 ? kt_in(K, UnrolledSaved{}) : 0;
+}
+
+// Shared memory of a pass for a geometry, in bytes; su: F1 saves u (its channels_last store
+// buffer), F2, B1 and B2 read it.
+int64_t smem_bytes(const Geom& g, int elem, Pass pass, bool affine, bool su) {
   const int RW = 16 / elem, RH = 16 / RW;
   if (pass == kB2)
-    return int64_t{BwdSmem(g, RH, RW, unrolled(g.K), affine).total(g.CB)} * 4;
-  return int64_t{FwdSmem(g, RH, RW, pass == kB1, pass == kF2).total(g.CB)} * 4;
+    return int64_t{BwdSmem(g, RH, RW, unrolled(g.K, pass, su), affine, su).total(g.CB)} * 4;
+  const bool conv = pass == kF1 || !su;
+  const bool tile = pass == kB1 || su;  // B1: dout; F1: u to store; F2: u read
+  const bool out = pass == kF2;
+  return int64_t{FwdSmem(g, RH, RW, conv, tile, out).total(g.CB)} * 4;
 }
 
 // Everything a launch needs, derived from the shape (and whether its pointers are 16-byte
@@ -100,7 +126,8 @@ int32_t check_shape(const cmx_shape* s) {
 // where B2 would not fit in shared memory, or where channels_last needs a whole 16-byte
 // chunk of channels per block within kMaxThreads. channels_last gives up the chunks (one
 // channel per item) rather than shrink the tile below 16 x 16. Channels per block: about
-// kThreadsTarget threads, within the shared-memory limit.
+// kThreadsTarget threads, within the shared-memory limit (with the saved u, `su`, where a
+// pass needs less shared memory it may take more channels; the tile stays the same).
 void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   const int elem = elem_size(s->dtype), V = 16 / elem, RW = V, RH = 16 / RW;
   g.N = static_cast<int>(s->n);
@@ -123,7 +150,7 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   const bool strides_ok = cl ? (g.C % V == 0 && g.sW % V == 0 && g.sH % V == 0 && g.sN % V == 0)
                              : (g.sW == 1 && g.W % V == 0 && g.sH % V == 0 && g.sC % V == 0 &&
                                 g.sN % V == 0);
-  const bool affine = s->has_in_affine != 0;
+  const bool affine = s->has_in_affine != 0, su = s->saved_u != 0;
   auto set_tile = [&](int th, int tw) {
     g.TH = th;
     g.TW = tw;
@@ -147,7 +174,8 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
       const int tpc = set_tile(th, tw);
       g.CB = min_cb;
       g.vec = chunks ? 1 : 0;
-      fits = min_cb * tpc <= kMaxThreads && smem_bytes(g, elem, kB2, affine) <= kSmemLimit;
+      fits = min_cb * tpc <= kMaxThreads &&
+             smem_bytes(g, elem, kB2, affine, false) <= kSmemLimit;
       if (fits) break;
       const bool can_h = th > std::max(floor_edge, RH), can_w = tw > std::max(floor_edge, RW);
       if (!can_h && !can_w) break;
@@ -166,8 +194,19 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   int cb = std::max(min_cb, std::min(kThreadsTarget / tpc, kMaxCB));
   cb = std::min(cb, round_up(g.C, min_cb));
   cb = std::max(min_cb, std::min(cb, kMaxThreads / tpc) / min_cb * min_cb);
-  for (g.CB = cb; g.CB > min_cb && smem_bytes(g, elem, pass, affine) > kSmemLimit;)
+  for (g.CB = cb; g.CB > min_cb && smem_bytes(g, elem, pass, affine, su) > kSmemLimit;)
     g.CB -= min_cb;
+  // fewer channels where shared memory then lets more threads reside per SM (large k: a
+  // block of two channels at 88 KB leaves room for two, of one at 44 KB for five)
+  auto resident = [&](int CB) {
+    Geom t = g;
+    t.CB = CB;
+    const int64_t blocks = std::min<int64_t>(
+        {kSmemPerSM / (smem_bytes(t, elem, pass, affine, su) + kSmemReserve), kMaxBlocksPerSM,
+         kMaxThreadsPerSM / (CB * tpc)});
+    return blocks * CB * tpc;
+  };
+  while (g.CB > min_cb && resident(g.CB - min_cb) > resident(g.CB)) g.CB -= min_cb;
   if (g.layout == kChannelsLast && g.vec && g.CB % V != 0) g.vec = 0;  // (kept a multiple)
   g.tiles_w = cdiv(g.W, g.TW);
   g.tiles_per_img = cdiv(g.H, g.TH) * g.tiles_w;
@@ -186,7 +225,7 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
   p.blocks = p.rows * g.cblocks;
   p.threads = g.CB * g.GH * g.GW;
   p.smem = static_cast<size_t>(smem_bytes(g, elem_size(s->dtype), pass,
-                                          s->has_in_affine != 0));
+                                          s->has_in_affine != 0, s->saved_u != 0));
   if (s->n * g.tiles_per_img > INT32_MAX)
     return fail(CMX_E_LIMIT, "x of shape [%lld, %lld, %lld, %lld] has more than 2^31 tiles",
                 (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w);
@@ -231,18 +270,23 @@ int32_t check_in_affine(const cmx_shape* s, const cmx_inputs* in) {
   return need(in->in_shift, "in_shift");
 }
 
-// f(T{}, std::integral_constant<int, KT>{}) for the shape's dtype and kernel size.
-template <class F>
-void dispatch(const cmx_shape* s, F&& f) {
-  auto with_k = [&](auto tag) {
-    switch (unrolled(s->k)) {
-      case 3: f(tag, std::integral_constant<int, 3>{}); break;
-      case 5: f(tag, std::integral_constant<int, 5>{}); break;
-      case 7: f(tag, std::integral_constant<int, 7>{}); break;
-      case 9: f(tag, std::integral_constant<int, 9>{}); break;
-      default: f(tag, std::integral_constant<int, 0>{}); break;
-    }
-  };
+// f(T{}, std::integral_constant<int, KT>{}) for the shape's dtype and KT = kt, one of the
+// unrolled sizes Ks or 0 (only those are instantiated).
+template <class Tag, class F>
+void with_kt(int, Tag tag, F& f, std::integer_sequence<int>) {
+  f(tag, std::integral_constant<int, 0>{});
+}
+template <class Tag, class F, int K0, int... Ks>
+void with_kt(int kt, Tag tag, F& f, std::integer_sequence<int, K0, Ks...>) {
+  if (kt == K0)
+    f(tag, std::integral_constant<int, K0>{});
+  else
+    with_kt(kt, tag, f, std::integer_sequence<int, Ks...>{});
+}
+
+template <class Seq, class F>
+void dispatch(const cmx_shape* s, int kt, F&& f) {
+  auto with_k = [&](auto tag) { with_kt(kt, tag, f, Seq{}); };
   switch (s->dtype) {
     case CMX_FLOAT32: with_k(float{}); break;
     case CMX_FLOAT16: with_k(cmx_half{}); break;
@@ -272,22 +316,33 @@ const T* as(const void* p) {
 }
 
 // One pass: the plan (16-byte path when every pointer given is aligned), the required
-// pointers, the input affine, then launch_for(T{}, integral_constant<KT>, plan) for the
-// shape's dtype and kernel size; the launch error as a message.
+// pointers (and u, F1's output or the later passes' input, when the shape says saved_u),
+// the input affine, then launch_for(T{}, integral_constant<KT>, bool_constant<SU>, plan)
+// for the shape's dtype, kernel size and saved_u; the launch error as a message.
 using Required = std::initializer_list<std::pair<const void*, const char*>>;
 
-template <class LaunchFor>
-int32_t run_pass(const cmx_shape* s, const cmx_inputs* in, Pass pass,
+template <Pass P, class LaunchFor>
+int32_t run_pass(const cmx_shape* s, const cmx_inputs* in, const void* u,
                  std::initializer_list<const void*> aligned_ptrs, Required required,
                  const char* what, LaunchFor&& launch_for) {
   Plan p;
-  if (int32_t e = make_plan(s, pass, s && s->aligned && aligned16(aligned_ptrs), p)) return e;
+  if (int32_t e = make_plan(s, P, s && s->aligned && aligned16(aligned_ptrs), p)) return e;
   if (p.blocks == 0) return CMX_OK;
   for (auto [ptr, name] : required)
     if (int32_t e = need(ptr, name)) return e;
+  const bool su = s->saved_u != 0;
+  if (su)
+    if (int32_t e = need(u, "u")) return e;
   if (int32_t e = check_in_affine(s, in)) return e;
   cmx_error_t err = cmx_success;
-  dispatch(s, [&](auto tag, auto kc) { err = launch_for(tag, kc, p); });
+  const int kt = unrolled(s->k, P, su);
+  if (su) {
+    using Seq = std::conditional_t<P == kF1 || P == kB2, UnrolledSaved, NoneUnrolled>;
+    dispatch<Seq>(s, kt, [&](auto tag, auto kc) { err = launch_for(tag, kc, std::true_type{}, p); });
+  } else {
+    dispatch<Unrolled>(s, kt,
+                       [&](auto tag, auto kc) { err = launch_for(tag, kc, std::false_type{}, p); });
+  }
   return check_launch(err, what);
 }
 
@@ -353,7 +408,7 @@ CMX_API int32_t cmx_check_device(int32_t device) {
     return fail(CMX_E_NO_DEVICE, "cannot select CUDA device %d", device);
   }
   cudaFuncAttributes attr;
-  const cudaError_t e = cudaFuncGetAttributes(&attr, stats_kernel<float, 3>);
+  const cudaError_t e = cudaFuncGetAttributes(&attr, stats_kernel<float, 3, false>);
   cudaGetLastError();
   cudaSetDevice(prev);
   if (e != cudaSuccess)
@@ -384,46 +439,50 @@ CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
 
 CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
-  return run_pass(s, in, kF1, {in->x},
-                  {{in->x, "x"}, {in->weight, "weight"}, {in->bias, "bias"},
-                   {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"}, {out->count_p, "count_p"}},
-                  "stats_kernel", [&](auto tag, auto kc, const Plan& p) {
-                    using T = decltype(tag);
-                    return launch(stats_kernel<T, decltype(kc)::value>, p, in, as<T>(in->x),
-                                  as<T>(in->weight), as<T>(in->bias), out->mean_p, out->m2_p,
-                                  out->count_p, in_affine_of(s, in, nullptr), p.geo);
-                  });
+  float* u = s && s->saved_u ? out->u : nullptr;
+  return run_pass<kF1>(s, in, out->u, {in->x, u},
+                       {{in->x, "x"}, {in->weight, "weight"}, {in->bias, "bias"},
+                        {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"}, {out->count_p, "count_p"}},
+                       "stats_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
+                         using T = decltype(tag);
+                         return launch(stats_kernel<T, decltype(kc)::value, decltype(su)::value>,
+                                       p, in,
+                                       as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
+                                       out->mean_p, out->m2_p, out->count_p, u,
+                                       in_affine_of(s, in, nullptr), p.geo);
+                       });
 }
 
 CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
-  return run_pass(s, in, kF2, {in->x, out->y},
-                  {{in->x, "x"}, {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
-                   {in->rstd, "rstd"}, {in->gamma, "gamma"}, {in->beta, "beta"},
-                   {out->y, "out"}},
-                  "apply_kernel", [&](auto tag, auto kc, const Plan& p) {
-                    using T = decltype(tag);
-                    return launch(apply_kernel<T, decltype(kc)::value>, p, in, as<T>(in->x),
-                                  as<T>(in->weight), as<T>(in->bias), in->mean, in->rstd,
-                                  in->gamma, in->beta, static_cast<T*>(out->y),
-                                  in_affine_of(s, in, nullptr), p.geo);
-                  });
+  return run_pass<kF2>(
+      s, in, in->u, {in->x, out->y, in->u},
+      {{in->x, "x"}, {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
+       {in->rstd, "rstd"}, {in->gamma, "gamma"}, {in->beta, "beta"}, {out->y, "out"}},
+      "apply_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
+        using T = decltype(tag);
+        return launch(apply_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
+                      as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u, in->mean,
+                      in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),
+                      in_affine_of(s, in, nullptr), p.geo);
+      });
 }
 
 CMX_API int32_t cmx_bwd_reduce(const cmx_shape* s, const cmx_inputs* in,
                                const cmx_outputs* out) {
   if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
-  return run_pass(s, in, kB1, {in->x, in->dout},
-                  {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
-                   {in->mean, "mean"}, {in->rstd, "rstd"}, {out->dbeta_p, "dbeta_p"},
-                   {out->dgamma_p, "dgamma_p"}},
-                  "bwd_reduce_kernel", [&](auto tag, auto kc, const Plan& p) {
-                    using T = decltype(tag);
-                    return launch(bwd_reduce_kernel<T, decltype(kc)::value>, p, in,
-                                  as<T>(in->dout), as<T>(in->x), as<T>(in->weight),
-                                  as<T>(in->bias), in->mean, in->rstd, out->dbeta_p,
-                                  out->dgamma_p, in_affine_of(s, in, nullptr), p.geo);
-                  });
+  return run_pass<kB1>(
+      s, in, in->u, {in->x, in->dout, in->u},
+      {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
+       {in->mean, "mean"}, {in->rstd, "rstd"}, {out->dbeta_p, "dbeta_p"},
+       {out->dgamma_p, "dgamma_p"}},
+      "bwd_reduce_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
+        using T = decltype(tag);
+        return launch(bwd_reduce_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
+                      as<T>(in->dout), as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u,
+                      in->mean, in->rstd, out->dbeta_p, out->dgamma_p,
+                      in_affine_of(s, in, nullptr), p.geo);
+      });
 }
 
 CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
@@ -438,18 +497,19 @@ CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx
                                {out->dshift_p, "dshift_p"}})
         if (int32_t e = need(ptr, name)) return e;
   }
-  return run_pass(s, in, kB2, {in->x, in->dout, out->y},
-                  {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
-                   {in->mean, "mean"}, {in->rstd, "rstd"}, {in->gamma, "gamma"},
-                   {out->y, "dx"}, {out->dw_p, "dw_p"}, {out->db_p, "db_p"}},
-                  "bwd_main_kernel", [&](auto tag, auto kc, const Plan& p) {
-                    using T = decltype(tag);
-                    return launch(bwd_main_kernel<T, decltype(kc)::value>, p, in,
-                                  as<T>(in->dout), as<T>(in->x), as<T>(in->weight),
-                                  as<T>(in->bias), in->mean, in->rstd, in->gamma, in->dbeta,
-                                  in->dgamma, in->batch_stats != 0, static_cast<T*>(out->y),
-                                  out->dw_p, out->db_p, in_affine_of(s, in, out), p.geo);
-                  });
+  return run_pass<kB2>(
+      s, in, in->u, {in->x, in->dout, out->y, in->u},
+      {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
+       {in->mean, "mean"}, {in->rstd, "rstd"}, {in->gamma, "gamma"}, {out->y, "dx"},
+       {out->dw_p, "dw_p"}, {out->db_p, "db_p"}},
+      "bwd_main_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
+        using T = decltype(tag);
+        return launch(bwd_main_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
+                      as<T>(in->dout), as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u,
+                      in->mean, in->rstd, in->gamma, in->dbeta, in->dgamma,
+                      in->batch_stats != 0, static_cast<T*>(out->y), out->dw_p, out->db_p,
+                      in_affine_of(s, in, out), p.geo);
+      });
 }
 
 CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, int64_t h,

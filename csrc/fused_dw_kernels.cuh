@@ -290,6 +290,40 @@ __device__ void stage(float* s, const Planes& L, const T* __restrict__ x, const 
   }
 }
 
+// The reverse of stage for the saved u: y[c0 + cl, h0 + r, w0 + q] <- s[cl*P + r*S + q] for
+// the tile's positions and channels, float32 with x's element strides. On the 16-byte path,
+// chunks of 4 floats along W (NCHW) or along C (channels_last: one float from each of 4
+// channel planes); x's 16-byte path makes the tile's extent along that dimension a multiple
+// of 4 (W, or C and the channel block, multiples of 4 or 8; the check below only guards).
+__device__ inline void unstage(float* __restrict__ y, const float* s, const Planes& L,
+                               const Geom& geo, const Tile& t) {
+  constexpr int V = Blk<float>::VEC;
+  const int nthreads = static_cast<int>(blockDim.x);
+  const int tid = static_cast<int>(threadIdx.x);
+  const bool nchw = geo.layout == kNCHW;
+  // items: (channel, row, chunk of V columns) or (position, chunk of V channels)
+  const int nk = geo.vec ? cdiv(nchw ? t.tw : t.cn, V) : (nchw ? t.tw : t.cn);
+  const int span = geo.vec ? V : 1;
+  const int items = (nchw ? t.cn * t.th : t.th * t.tw) * nk;
+  for (int it = tid; it < items; it += nthreads) {
+    const int k = it % nk, rest = it / nk;
+    const int cl = nchw ? rest / t.th : k * span, r = nchw ? rest % t.th : rest / t.tw;
+    const int q = nchw ? k * span : rest % t.tw;
+    const int64_t off = offset_of(geo, plane_base(geo, t.n, t.c0 + cl), t.h0 + r, t.w0 + q);
+    const float* src = s + cl * L.P + r * L.S + q;
+    const int step = nchw ? 1 : L.P;  // from one element of the chunk to the next
+    const int n = min(span, (nchw ? t.tw - q : t.cn - cl));
+    if (geo.vec && n == V) {
+      Vec16<float> v;
+      CMX_UNROLL
+      for (int e = 0; e < V; ++e) v.v[e] = src[e * step];
+      st16(y + off, v);
+    } else {
+      for (int e = 0; e < n; ++e) y[off + e * (nchw ? geo.sW : geo.sC)] = src[e * step];
+    }
+  }
+}
+
 // Weights of the block's channels: sw[cl*K*KS + i*KS + j], flipped by 180 degrees if asked.
 template <typename T>
 __device__ void stage_weights(float* sw, const T* __restrict__ w, const Tile& t, int K,
@@ -464,15 +498,18 @@ __device__ void store_group(T* __restrict__ y, const Geom& geo, const Tile& t, c
 
 // ---------------------------------------------------------------- forward-type kernels
 // Shared layout of F1, F2 and B1 (floats, every region 16-byte aligned): the weights, the
-// input planes with halo, the dout planes of the tile (B1), the reduction scratch; the
-// output transpose buffer of channels_last F2 aliases the input planes (dead by then).
+// input planes with halo, the tile planes (B1: dout; F2 reading the saved u: u), the
+// reduction scratch; the output transpose buffer of channels_last (F2's output, F1's saved u)
+// aliases the input planes (dead by then). A pass that reads the saved u convolves nothing:
+// no weights, and its input planes are the tile's (no halo: F2's residual x, B1's u).
 struct FwdSmem {
   Planes in, tile;
   int wf, red, out;
-  __host__ __device__ FwdSmem(const Geom& g, int RH, int RW, bool with_dout, bool with_out)
-      : in(g.GH * RH + g.K - 1, g.GW * RW + g.K - 1),
-        tile(with_dout ? Planes(g.GH * RH, g.GW * RW) : Planes()),
-        wf(weight_floats(g.CB, g.K)),
+  __host__ __device__ FwdSmem(const Geom& g, int RH, int RW, bool conv, bool with_tile,
+                              bool with_out)
+      : in(g.GH * RH + (conv ? g.K - 1 : 0), g.GW * RW + (conv ? g.K - 1 : 0)),
+        tile(with_tile ? Planes(g.GH * RH, g.GW * RW) : Planes()),
+        wf(conv ? weight_floats(g.CB, g.K) : 0),
         red(kMaxThreads + 32),
         out(with_out && g.layout == kChannelsLast ? g.TH * g.TW * out_channels_stride(g.CB)
                                                   : 0) {}
@@ -486,38 +523,50 @@ struct FwdSmem {
   }
 };
 
-// u = conv(input) + b for this thread's RH x RW outputs (staged planes and weights).
-template <typename T, int KT>
-__device__ __forceinline__ void conv_group(const float* sx, const FwdSmem& L, const float* sw,
+// u = conv(input) + b for this thread's RH x RW outputs (the staged input planes `s`, with
+// halo, and weights); SU: u read from the staged saved u (tile planes `s`, no halo).
+template <typename T, int KT, bool SU>
+__device__ __forceinline__ void conv_group(const float* s, const Planes& P, const float* sw,
                                            const Geom& geo, const Lane& l, float bias,
                                            float (&acc)[Blk<T>::RH][Blk<T>::RW]) {
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
-  const int K = KT > 0 ? KT : geo.K;
-  CMX_UNROLL
-  for (int ro = 0; ro < RH; ++ro)
+  if constexpr (SU) {
+    const float* su = s + l.cl * P.P + l.gr * RH * P.S + l.gc * RW;
     CMX_UNROLL
-    for (int o = 0; o < RW; ++o) acc[ro][o] = bias;
-  correlate<KT, RH, RW>(sx + l.cl * L.in.P, L.in.S, sw + l.cl * K * weight_stride(K), K,
-                        l.gr * RH, l.gc * RW, acc);
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) acc[ro][o] = su[ro * P.S + o];
+  } else {
+    const int K = KT > 0 ? KT : geo.K;
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro)
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o) acc[ro][o] = bias;
+    correlate<KT, RH, RW>(s + l.cl * P.P, P.S, sw + l.cl * K * weight_stride(K), K, l.gr * RH,
+                          l.gc * RW, acc);
+  }
 }
 
 // ---------------------------------------------------------------- F1: statistics
 // Per-part, per-channel mean and centred M2 of g = act(conv(input) + b) over the part's
 // tiles (each tile's centred sums merged in order by Chan's formula: stable for large mean
 // offsets; every thread of a channel merges the same values), and the part's count.
-template <typename T, int KT>
+// SU: the convolution output u = conv(input) + b is also saved to u_out in float32 (x's
+// element strides) for F2, B1 and B2 to read instead of convolving again.
+template <typename T, int KT, bool SU>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     stats_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                  float* __restrict__ mean_p, float* __restrict__ m2_p,
-                 float* __restrict__ count_p, InAffine in_aff, Geom geo) {
+                 float* __restrict__ count_p, float* __restrict__ u_out, InAffine in_aff,
+                 Geom geo) {
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
   const Work wk = work_of(geo);
   const Lane l = lane_of(geo, wk);
   const int K = KT > 0 ? KT : geo.K;
-  const FwdSmem L(geo, RH, RW, false, false);
-  float *sw = smem, *sx = smem + L.x(), *red = smem + L.scratch(geo.CB),
-        *red2 = red + kMaxThreads;
+  const FwdSmem L(geo, RH, RW, true, SU, false);
+  float *sw = smem, *sx = smem + L.x(), *su = smem + L.dout(geo.CB),
+        *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads;
   float n_run = 0.f, mean_run = 0.f, m2_run = 0.f;
   for (int item = wk.first; item < wk.last; ++item) {
     const Tile t = tile_at(geo, wk, item);
@@ -528,11 +577,14 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     float g[RH][RW];
     float sum = 0.f;
     if (l.active) {
-      conv_group<T, KT>(sx, L, sw, geo, l, ld(b, t.c0 + l.cl), g);
+      conv_group<T, KT, false>(sx, L.in, sw, geo, l, ld(b, t.c0 + l.cl), g);
+      // SU: u to the tile plane; the block stores it once all threads have
+      float* p = su + l.cl * L.tile.P + l.gr * RH * L.tile.S + l.gc * RW;
       CMX_UNROLL
       for (int ro = 0; ro < RH; ++ro)
         CMX_UNROLL
         for (int o = 0; o < RW; ++o) {
+          if (SU) p[ro * L.tile.S + o] = g[ro][o];
           g[ro][o] = act_fwd(g[ro][o], geo.act);
           if (inside(t, l.gr * RH + ro, l.gc * RW + o)) sum += g[ro][o];
         }
@@ -540,6 +592,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     const float cnt = static_cast<float>(t.th * t.tw);
     const float mean = channel_sum(sum, geo, l, red, red2) / cnt;  // (its barriers also
     float m2 = 0.f;                                               //  retire the staging)
+    if (SU) unstage(u_out, su, L.tile, geo, t);  // (the next tile's writes follow m2's
+                                                  //  barriers)
     if (l.active) {
       CMX_UNROLL
       for (int ro = 0; ro < RH; ++ro)
@@ -564,32 +618,37 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 }
 
 // ---------------------------------------------------------------- F2 / eval: apply
-// out = input + a*g + shift with a = gamma*rstd, shift = beta - a*mean.
-template <typename T, int KT>
+// out = input + a*g + shift with a = gamma*rstd, shift = beta - a*mean. SU: g from the saved
+// u (F1's, float32 with x's strides) instead of the convolution.
+template <typename T, int KT, bool SU>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     apply_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                 const float* __restrict__ mean, const float* __restrict__ rstd,
-                 const float* __restrict__ gamma, const float* __restrict__ beta,
-                 T* __restrict__ out, InAffine in_aff, Geom geo) {
+                 const float* __restrict__ u, const float* __restrict__ mean,
+                 const float* __restrict__ rstd, const float* __restrict__ gamma,
+                 const float* __restrict__ beta, T* __restrict__ out, InAffine in_aff,
+                 Geom geo) {
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
   const Work wk = work_of(geo);
   const Lane l = lane_of(geo, wk);
   const int K = KT > 0 ? KT : geo.K;
-  const FwdSmem L(geo, RH, RW, false, true);
-  float *sw = smem, *sx = smem + L.x(), *sout = smem + L.sout();
+  const int pb = SU ? 0 : geo.PB;  // the halo of the staged input
+  const FwdSmem L(geo, RH, RW, !SU, SU, true);
+  float *sw = smem, *sx = smem + L.x(), *su = smem + L.dout(geo.CB), *sout = smem + L.sout();
+  const InAffine none{nullptr, nullptr, nullptr, nullptr};
   const Tile t = tile_at(geo, wk, wk.first);  // F2 blocks take one item each (the planner)
-  stage_weights(sw, w, t, K, false);
-  stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
+  if (!SU) stage_weights(sw, w, t, K, false);
+  stage(sx, L.in, x, geo, t, t.h0 - pb, t.w0 - pb, L.in.R, L.in.S, in_aff,
         in_aff.scale != nullptr);
+  if (SU) stage(su, L.tile, u, geo, t, t.h0, t.w0, L.tile.R, L.tile.S, none, false);
   __syncthreads();
   float y[RH][RW];
   if (l.active) {
     const int c = t.c0 + l.cl;
     const float a = gamma[c] * rstd[c];
     const float shift = beta[c] - a * mean[c];
-    conv_group<T, KT>(sx, L, sw, geo, l, ld(b, c), y);
-    const float* xin = sx + l.cl * L.in.P + geo.PB * L.in.S + geo.PB;
+    conv_group<T, KT, SU>(SU ? su : sx, SU ? L.tile : L.in, sw, geo, l, SU ? 0.f : ld(b, c), y);
+    const float* xin = sx + l.cl * L.in.P + pb * L.in.S + pb;
     CMX_UNROLL
     for (int ro = 0; ro < RH; ++ro)
       CMX_UNROLL
@@ -602,35 +661,40 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 }
 
 // ---------------------------------------------------------------- B1: dbeta / dgamma partials
-template <typename T, int KT>
+// SU: u from the saved u (staged in the input planes, no halo; x is not read).
+template <typename T, int KT, bool SU>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
     bwd_reduce_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                       const T* __restrict__ w, const T* __restrict__ b,
-                      const float* __restrict__ mean, const float* __restrict__ rstd,
-                      float* __restrict__ dbeta_p, float* __restrict__ dgamma_p,
-                      InAffine in_aff, Geom geo) {
+                      const float* __restrict__ u, const float* __restrict__ mean,
+                      const float* __restrict__ rstd, float* __restrict__ dbeta_p,
+                      float* __restrict__ dgamma_p, InAffine in_aff, Geom geo) {
   constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
   CMX_DYN_SMEM(smem);
   const Work wk = work_of(geo);
   const Lane l = lane_of(geo, wk);
   const int K = KT > 0 ? KT : geo.K;
-  const FwdSmem L(geo, RH, RW, true, false);
+  const FwdSmem L(geo, RH, RW, !SU, true, false);
   float *sw = smem, *sx = smem + L.x(), *sd = smem + L.dout(geo.CB),
         *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads;
   const InAffine none{nullptr, nullptr, nullptr, nullptr};
   float s1 = 0.f, s2 = 0.f;  // this thread's sums over the part, in order
   for (int item = wk.first; item < wk.last; ++item) {
     const Tile t = tile_at(geo, wk, item);
-    if (item == wk.first) stage_weights(sw, w, t, K, false);
-    stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
-          in_aff.scale != nullptr);
+    if (SU) {
+      stage(sx, L.in, u, geo, t, t.h0, t.w0, L.in.R, L.in.S, none, false);
+    } else {
+      if (item == wk.first) stage_weights(sw, w, t, K, false);
+      stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
+            in_aff.scale != nullptr);
+    }
     stage(sd, L.tile, dout, geo, t, t.h0, t.w0, L.tile.R, L.tile.S, none, false);
     __syncthreads();
     if (l.active) {
       const int c = t.c0 + l.cl;
       const float m = mean[c], rs = rstd[c];
-      float u[RH][RW];
-      conv_group<T, KT>(sx, L, sw, geo, l, ld(b, c), u);
+      float uv[RH][RW];
+      conv_group<T, KT, SU>(sx, L.in, sw, geo, l, SU ? 0.f : ld(b, c), uv);
       const float* d = sd + l.cl * L.tile.P;
       CMX_UNROLL
       for (int ro = 0; ro < RH; ++ro)
@@ -640,7 +704,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
           if (inside(t, r, q)) {
             const float dv = d[r * L.tile.S + q];
             s1 += dv;
-            s2 += dv * (act_fwd(u[ro][o], geo.act) - m) * rs;
+            s2 += dv * (act_fwd(uv[ro][o], geo.act) - m) * rs;
           }
         }
     }
@@ -690,28 +754,38 @@ struct DwTasks {
 // region); then the regions that are dead once dx is computed — dout (extended region) and
 // the raw x of the tile (with the input affine) — which the channels_last output buffer
 // reuses, and the reduction scratch of the part's end.
+// With the saved u (su): no weights but the flipped ones; the du planes take the saved u
+// first (turned into du in place); the input planes cover only the tile's halo that dW
+// reads, staged once dx is done, over dout's planes (dead by then).
 struct BwdSmem {
   int EGH, EGW;  // groups of RH x RW covering the extended region
   int inq;       // input columns staged (the input plane's rows are longer: odd quads)
   Planes in, ext, raw;
   int wf, slots, red, out;
-  __host__ __device__ BwdSmem(const Geom& g, int RH, int RW, int KT, bool affine)
+  bool su;
+  __host__ __device__ BwdSmem(const Geom& g, int RH, int RW, int KT, bool affine, bool su_)
       : EGH(cdiv(g.GH * RH + g.K - 1, RH)),
         EGW(cdiv(g.GW * RW + g.K - 1, RW)),
-        inq(round_up(EGW * RW + g.K - 1 + RW + (KT > 0 ? 0 : 8), 4)),
-        in(EGH * RH + g.K - 1, inq, true),
+        inq(round_up((su_ ? g.GW : EGW) * RW + g.K - 1 + RW + (KT > 0 ? 0 : 8), 4)),
+        in((su_ ? g.GH : EGH) * RH + g.K - 1, inq, true),
         ext(EGH * RH, EGW * RW),
         raw(affine ? Planes(g.GH * RH, g.GW * RW) : Planes()),
         wf(weight_floats(g.CB, g.K)),
         slots(round_up(g.CB * DwTasks(g.K, KT, g.GH * g.GW).tasks() * (dw_cols(KT) + 1), 4)),
         red(kMaxThreads + 32),
-        out(g.layout == kChannelsLast ? g.TH * g.TW * out_channels_stride(g.CB) : 0) {}
-  __host__ __device__ int wflip() const { return wf; }
-  __host__ __device__ int sums() const { return 2 * wf; }
-  __host__ __device__ int x() const { return sums() + slots; }
-  __host__ __device__ int du(int CB) const { return x() + in.floats(CB); }
+        out(g.layout == kChannelsLast ? g.TH * g.TW * out_channels_stride(g.CB) : 0),
+        su(su_) {}
+  __host__ __device__ int wflip() const { return su ? 0 : wf; }
+  __host__ __device__ int sums() const { return wflip() + wf; }
+  __host__ __device__ int x(int CB) const { return su ? dout(CB) : sums() + slots; }
+  __host__ __device__ int du(int CB) const {
+    return su ? sums() + slots : x(CB) + in.floats(CB);
+  }
   __host__ __device__ int dout(int CB) const { return du(CB) + ext.floats(CB); }
-  __host__ __device__ int rawx(int CB) const { return dout(CB) + ext.floats(CB); }
+  __host__ __device__ int rawx(int CB) const {
+    const int e = ext.floats(CB), i = in.floats(CB);
+    return dout(CB) + (su && i > e ? i : e);
+  }
   __host__ __device__ int scratch(int CB) const { return dout(CB); }  // reuse the dead regions
   __host__ __device__ int sout(int CB) const { return dout(CB); }
   __host__ __device__ int total(int CB) const {
@@ -735,11 +809,13 @@ constexpr int b2_max_registers() {
   return sizeof(T) == 2 ? 128 : 168;
 #endif
 }
-template <typename T, int KT>
+// SU: u on the extended region is read from the saved u (F1's) instead of convolving the
+// doubly extended input.
+template <typename T, int KT, bool SU>
 __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>())
     bwd_main_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                     const T* __restrict__ w, const T* __restrict__ b,
-                    const float* __restrict__ mean, const float* __restrict__ rstd,
+                    const float* __restrict__ u_saved, const float* __restrict__ mean, const float* __restrict__ rstd,
                     const float* __restrict__ gamma, const float* __restrict__ dbeta,
                     const float* __restrict__ dgamma, bool batch_stats, T* __restrict__ dx,
                     float* __restrict__ dw_p, float* __restrict__ db_p, InAffine in_aff,
@@ -753,8 +829,8 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
   const int KS = weight_stride(K), KK = K * K;
   const int PA = K - 1 - geo.PB;  // padding after
   const bool affine = in_aff.scale != nullptr;
-  const BwdSmem L(geo, RH, RW, KT, affine);
-  float *sw = smem, *swf = smem + L.wflip(), *sums = smem + L.sums(), *sx = smem + L.x(),
+  const BwdSmem L(geo, RH, RW, KT, affine, SU);
+  float *sw = smem, *swf = smem + L.wflip(), *sums = smem + L.sums(), *sx = smem + L.x(geo.CB),
         *sd = smem + L.dout(geo.CB), *sdu = smem + L.du(geo.CB), *sraw = smem + L.rawx(geo.CB),
         *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads,
         *sout = smem + L.sout(geo.CB);
@@ -769,10 +845,13 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
     const Tile t = tile_at(geo, wk, item);
     const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;  // extended region origin
     if (item == wk.first) {
-      stage_weights(sw, w, t, K, false);
+      if (!SU) stage_weights(sw, w, t, K, false);  // (SU: no convolution of the input)
       stage_weights(swf, w, t, K, true);
     }
-    stage(sx, L.in, x, geo, t, eh0 - geo.PB, ew0 - geo.PB, L.in.R, L.inq, in_aff, affine);
+    if (SU)
+      stage(sdu, L.ext, u_saved, geo, t, eh0, ew0, L.ext.R, L.ext.S, none, false);
+    else
+      stage(sx, L.in, x, geo, t, eh0 - geo.PB, ew0 - geo.PB, L.in.R, L.inq, in_aff, affine);
     stage(sd, L.ext, dout, geo, t, eh0, ew0, L.ext.R, L.ext.S, none, false);
     if (affine) stage(sraw, L.raw, x, geo, t, t.h0, t.w0, L.raw.R, L.raw.S, none, false);
     __syncthreads();
@@ -782,17 +861,24 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
       const float rs = rstd[c], m = mean[c], scale = gamma[c] * rs;
       const float mb = batch_stats ? dbeta[c] * geo.inv_n : 0.f;
       const float mg = batch_stats ? dgamma[c] * geo.inv_n : 0.f;
-      const float bias = ld(b, c);
+      [[maybe_unused]] const float bias = ld(b, c);
       const float* d = sd + l.cl * L.ext.P;
       float* du = sdu + l.cl * L.ext.P;
       for (int g = l.grp; g < L.EGH * L.EGW; g += tpc) {
         const int r = (g / L.EGW) * RH, q = (g % L.EGW) * RW;
         float u[RH][RW];
-        CMX_UNROLL
-        for (int ro = 0; ro < RH; ++ro)
+        if constexpr (SU) {  // the saved u, staged where du goes (each slot read, then written)
           CMX_UNROLL
-          for (int o = 0; o < RW; ++o) u[ro][o] = bias;
-        correlate<KT, RH, RW>(sx + l.cl * L.in.P, L.in.S, sw + l.cl * K * KS, K, r, q, u);
+          for (int ro = 0; ro < RH; ++ro)
+            CMX_UNROLL
+            for (int o = 0; o < RW; ++o) u[ro][o] = du[(r + ro) * L.ext.S + q + o];
+        } else {
+          CMX_UNROLL
+          for (int ro = 0; ro < RH; ++ro)
+            CMX_UNROLL
+            for (int o = 0; o < RW; ++o) u[ro][o] = bias;
+          correlate<KT, RH, RW>(sx + l.cl * L.in.P, L.in.S, sw + l.cl * K * KS, K, r, q, u);
+        }
         CMX_UNROLL
         for (int ro = 0; ro < RH; ++ro)
           CMX_UNROLL
@@ -841,6 +927,11 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
         }
     }
     store_group<T>(dx, geo, t, l, dxv, sout);
+    if (SU) {  // the input planes (the tile and dW's halo) over dout's, dead now
+      __syncthreads();
+      stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.inq, in_aff, affine);
+      __syncthreads();
+    }
     // 3) dW[i][j] += sum_q du[q] x[q + (i, j) - PB] and db += sum_q du[q] over the tile, task
     //    by task (DwTasks): a thread's tasks are its own, their sums go to their own slots
     if (l.active) {
@@ -849,7 +940,8 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
       for (int task = l.grp; task < dt.tasks(); task += tpc) {
         const int u = task % dt.U, s0 = task / dt.U;
         const int i = u / dt.JB, j0 = (u % dt.JB) * DJ;
-        const float* xin = sx + l.cl * L.in.P + (PA + i) * L.in.S + PA + j0;
+        const int xo = SU ? 0 : PA;  // the tile's origin in the input planes, less PB
+        const float* xin = sx + l.cl * L.in.P + (xo + i) * L.in.S + xo + j0;
         float acc[DJ];
         float dbs = 0.f;
         CMX_UNROLL

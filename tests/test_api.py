@@ -53,7 +53,9 @@ def test_gradcheck_folded_affine(training):
 def _saving_backends():
     """(backend, dtype) pairs whose passes can save the convolution output here."""
     from convmixer_ext.backends import SAVES_U_BACKENDS, backend_reason
-    pairs = [("torch", torch.float32), ("triton", torch.float32), ("triton_tc", torch.bfloat16)]
+    pairs = [("torch", torch.float32), ("triton", torch.float32), ("triton_tc", torch.bfloat16),
+             ("cuda_emu", torch.float32), ("cuda_emu", torch.bfloat16),
+             ("cuda", torch.float32), ("cuda", torch.bfloat16)]
     return [(b, dt) for b, dt in pairs
             if b in SAVES_U_BACKENDS and backend_reason(b, DEVICE) is None]
 
@@ -63,7 +65,7 @@ def _saving_backends():
 def test_saved_conv_output_changes_no_result(backend, dtype, with_affine):
     """F1 saving u and F2, B1, B2a reading it gives bitwise the results of recomputing u
     (the passes read exactly what F1 computed): the output, every gradient and the running
-    statistics, at k = 7, where "auto" saves it on the Triton backends."""
+    statistics, at k = 7, where "auto" saves it on the kernel backends."""
     g = torch.Generator().manual_seed(4)
     C, k = 3, 7
     x0, w0, b0, gamma0, beta0 = (t.to(DEVICE) for t in _block_args(C, k, 2, 9, 11, dtype))
@@ -127,9 +129,8 @@ def test_save_conv_policy():
     assert not s("triton_tc", K0 - 1, True) and not s("torch", 9, True)
     assert not s("triton", 9, False)           # no F1 without batch statistics: nothing saved
     assert not s("triton", 9, True, False) and s("torch", 3, True, True)
-    assert not s("cuda", 9, True) and not s("eager", 9, True, True)
-    with pytest.raises(ValueError, match="backend 'cuda' recomputes"):
-        s("cuda", 9, True, True)
+    assert s("cuda", 9, True) and s("cuda_emu", 7, True) and not s("cuda", 3, True)
+    assert not s("eager", 9, True, True)
     with pytest.raises(TypeError, match="save_conv must be None or a bool"):
         s("triton", 9, True, 1)
 

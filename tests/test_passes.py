@@ -62,10 +62,17 @@ def test_dw_task_split_matches_twin(case, backend):
 
 
 # F1 saves the convolution output u, F2, B1 and B2a read it (docs/DESIGN.md, "Saved
-# convolution output"): both layouts, the input affine, a ragged tile
+# convolution output"): both layouts, the input affine, a ragged tile; for the compiled
+# library also its 16-byte paths (NCHW with W a multiple of 4 / 8: fp32 u stored and staged
+# in 16-byte chunks; channels_last with 8 channels: chunks along C through the transpose
+# buffer), two tiles along W (36 = 32 + 4), the generic (run-time k) instantiation and
+# B2's unrolled k = 9
 SAVED_U_CASES = [
     (2, 3, 6, 7, 7, "gelu", torch.float32, False),
     (2, 3, 5, 6, 4, "gelu_tanh", torch.bfloat16, True),
+    (1, 2, 5, 36, 11, "gelu", torch.float32, False),
+    (2, 8, 6, 8, 9, "relu", torch.bfloat16, True),
+    (1, 3, 7, 16, 9, "gelu", torch.float16, False),
 ]
 
 
@@ -77,8 +84,8 @@ def test_passes_save_and_read_u(case, backend):
 
 
 def test_kernels_without_saved_u_refuse_one():
-    """The compiled library recomputes u in every pass: handing it one is an error, not a
-    silently ignored argument."""
+    """Launchers that recompute u in every pass (``saves_u=False``): handing them one is an
+    error, not a silently ignored argument."""
     import types
 
     from convmixer_ext.backends import KernelBackend
