@@ -85,7 +85,8 @@ def occupancy(arch: int, threads: int, regs: int, smem: int) -> dict:
 
 
 # --------------------------------------------------------------------------- SASS facts
-_MANGLED = re.compile(r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)Li(\d+)E")
+# kernel, element type, KT and (F2, B1, B2) SU: whether it reads the saved u
+_MANGLED = re.compile(r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)Li(\d+)E(?:Lb([01])E)?")
 _DTYPE_OF = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
 # one SASS instruction: (address, opcode, operands)
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
@@ -170,8 +171,8 @@ def dynamic_instructions(fact, trips):
 
 @functools.lru_cache(maxsize=None)
 def cuda_kernel_facts(lib_path):
-    """{(arch, kernel, dtype, KT): {regs, stack, local, shared, sass widths, instrs}} of the
-    built CUDA library."""
+    """{(arch, kernel, dtype, KT, SU): {regs, stack, local, shared, sass widths, instrs}} of
+    the built CUDA library (SU: the instantiation that reads the saved u)."""
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],
@@ -182,7 +183,8 @@ def cuda_kernel_facts(lib_path):
         if not m:
             continue
         ops = sass.get((r["arch"], r["function"]), [])
-        key = (r["arch"], m.group(1), _DTYPE_OF[m.group(2)], int(m.group(3)))
+        key = (r["arch"], m.group(1), _DTYPE_OF[m.group(2)], int(m.group(3)),
+               m.group(4) == "1")
         facts[key] = dict(r, **sass_facts(ops))
     return facts
 
@@ -268,49 +270,85 @@ def _meta(shape, dtype, layout):
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
+def cuda_kt(k, pass_, su):
+    """The KT template argument of a CUDA pass's kernel (csrc/fused_dw.cu, ``unrolled``):
+    3, 5, 7 and 9 unrolled, 0 the generic; with the saved u (``su``) F1 and B2 unroll 7 and
+    9, and F2 and B1 (reading it) convolve nothing (0)."""
+    if not su:
+        return k if k in (3, 5, 7, 9) else 0
+    return (k if k in (7, 9) else 0) if pass_ in ("F1", "B2") else 0
+
+
+# [E] instructions per element of a pass that reads the saved u and convolves nothing (F2,
+# B1): two planes staged through shared memory (16-byte loads, scalar shared stores and
+# loads), the activation (erf: ~15), the affine or the two sums
+ELEMENTWISE_INSTR = 30
+
+
 def cuda_passes(shape, k, dtype, layout, lib_path):
-    """Facts and estimate of every CUDA pass for one case."""
+    """Facts and estimate of every CUDA pass for one case, as the op runs them by default:
+    training saves the convolution output u from k = 7 up (backends.saves_conv_output), so
+    F1 writes it and F2 (in training), B1 and B2 read it; eval's F2 convolves."""
     from convmixer_ext import _cmx_lib
+    from convmixer_ext.backends import saves_conv_output
     N, C, H, W = shape
     e = _elem(dtype)
     RW = 16 // e
     RH = 16 // RW
     x = _meta(shape, dtype, layout)
-    plan = _planner().plan(x, k, 0, False)
+    save = saves_conv_output("cuda", k, True)
+    plans = {False: _planner().plan(x, k, 0, False),
+             True: _planner().plan(x, k, 0, False, saved_u=True)}
     facts = cuda_kernel_facts(lib_path)
-    KT = k if k in (3, 5, 7, 9) else 0
     xbytes = N * C * H * W * e
     elems = N * C * H * W
-    TH, TW = plan.tile_h, plan.tile_w
+    TH, TW = plans[False].tile_h, plans[False].tile_w
     tiles = N * math.ceil(H / TH) * math.ceil(W / TW)
     GH, GW = math.ceil(TH / RH), math.ceil(TW / RW)
     out_per_tile = GH * RH * GW * RW           # outputs computed (padded groups)
     valid_per_tile = TH * TW
+    scale = tiles * C / valid_per_tile
+    ext = math.ceil((GH * RH + k - 1) / RH) * RH * math.ceil((GW * RW + k - 1) / RW) * RW
+    # (pass, u: None / "save" / "load", the modes it runs in)
+    variants = [("F1", "save" if save else None, ["train_fwdbwd"]),
+                ("F2", None, ["eval"] if save else ["eval", "train_fwdbwd"])]
+    variants += [("F2", "load", ["train_fwdbwd"])] if save else []
+    variants += [(p, "load" if save else None, ["train_fwdbwd"]) for p in ("B1", "B2")]
     rows = []
-    for i, name in enumerate(_cmx_lib.PASSES):
+    for name, u, modes in variants:
+        i = _cmx_lib.PASSES.index(name)
+        su = u is not None
+        plan, load = plans[su], u == "load"
         kern = _CUDA_KERNEL[name]
-        f90 = facts.get((90, kern, dtype, KT), {})
-        f80 = facts.get((80, kern, dtype, KT), {})
+        KT = cuda_kt(k, name, su)
+        fkey = (kern, dtype, KT, su)
+        f90, f80 = facts.get((90, *fkey), {}), facts.get((80, *fkey), {})
         threads, smem = plan.threads[i], plan.smem[i]
         occ = {a: occupancy(a, threads, f.get("regs", 0), smem + f.get("shared", 0))
                for a, f in ((80, f80), (90, f90))}
         parts = plan.partial_rows[i]
-        # bytes: the minimum, plus weights, partial rows (written, then read by the sums)
-        minimum = MIN_TRAFFIC[name] * xbytes
+        # bytes: the minimum of the pass (with u: F1 writes it, the others read it instead of
+        # x's halo; B1 then reads no x), plus weights, partial rows (written, then read)
+        minimum = (MIN_TRAFFIC[name] - (name == "B1" and load)) * xbytes + su * 4 * elems
         partial = {"F1": 3 * 4, "B1": 2 * 4, "B2": (k * k + 1) * 4}.get(name, 0) * parts * C * 2
         weights = C * k * k * e * (plan.blocks[i] / max(1, math.ceil(C / plan.channels_per_block[i])))
         dram = minimum + partial + C * k * k * e
         # halo re-reads come from L2 (neighbouring tiles of one image are consecutive)
         halo = ((TH + k - 1) * (TW + k - 1) / (TH * TW) - 1) if (TH < H or TW < W) else 0.0
-        l2 = xbytes * halo * (2 if name in ("B1", "B2") else 1) + weights
-        # FMAs and shared-memory work of the correlations
-        scale = tiles * C / valid_per_tile
-        cc = conv_cost(out_per_tile * valid_per_tile, k, RH, RW, unrolled=KT > 0)
-        cost = {key: v * scale for key, v in cc.items()}
-        if name == "B2":  # du on the extended region, dx, dW (row correlation)
-            ext = math.ceil((GH * RH + k - 1) / RH) * RH * math.ceil((GW * RW + k - 1) / RW) * RW
-            cdu = conv_cost(ext * valid_per_tile, k, RH, RW, unrolled=KT > 0)
-            cost = {key: (cost[key] + cdu[key] * scale) for key in cost}
+        ehalo = ext / valid_per_tile - 1 if (TH < H or TW < W) else 0.0
+        if load and name != "B2":  # no convolution: the tile itself, no halo, no taps
+            l2 = 0.0
+            cost = dict(ffma=0.0, instr=0.0, wavefronts=0.0)
+        else:
+            l2 = xbytes * halo * (2 if name in ("B1", "B2") else 1) + weights
+            cost = {key: v * scale for key, v in conv_cost(
+                out_per_tile * valid_per_tile, k, RH, RW, unrolled=KT > 0).items()}
+        if name == "B2":  # du on the extended region (recomputed, or read: u), dx, dW
+            if load:  # u and dout on the extended region, x on the tile's halo
+                l2 = xbytes * halo + (4 * elems + xbytes) * ehalo + weights
+            else:
+                cdu = conv_cost(ext * valid_per_tile, k, RH, RW, unrolled=KT > 0)
+                cost = {key: (cost[key] + cdu[key] * scale) for key in cost}
             # dW: per unit (a tap row, dj tap columns) and chunk of RW positions, RW du loads
             # and RW + dj - 1 input loads (scalar) for RW * dj FMAs
             dj = k if KT else 8
@@ -321,10 +359,13 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
             cost["instr"] += dw_ffma + dw_lds
             cost["wavefronts"] += dw_lds / 32
         instr = cost["instr"] * 1.15  # address arithmetic, predicates, conversions
+        if load and name != "B2":
+            instr = ELEMENTWISE_INSTR * elems
         t, bound = estimate(dram, l2, cost["ffma"], instr, cost["wavefronts"],
                             occ[90]["warps"], 16 if plan.vec else e, plan.blocks[i])
         rows.append(dict(
-            backend="cuda", pass_=name, kernel=kern, regs=f90.get("regs"),
+            backend="cuda", pass_=name, kernel=kern, u=u, modes=modes,
+            regs=f90.get("regs"),
             regs_sm80=f80.get("regs"), local=max(f90.get("local", 0), f80.get("local", 0)),
             stack=max(f90.get("stack", 0), f80.get("stack", 0)),
             smem_dynamic=smem, smem_static=f90.get("shared", 0), threads=threads,

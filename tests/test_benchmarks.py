@@ -123,10 +123,10 @@ def test_per_kernel_times_average_per_launch():
 
 
 def test_pass_timings_with_the_saved_convolution_output(tmp_path):
-    """passes --u both: the Triton passes timed recomputing the convolution and reading F1's
-    saved output, each record saying which; the compiled library only recomputes. The
-    static report keys the saved variant's passes "<pass>/u", its rows likewise (B2's second
-    kernel with its first)."""
+    """passes --u both: the passes of every kernel backend timed recomputing the convolution
+    and reading F1's saved output, each record saying which. The static report keys the
+    saved variant's passes "<pass>/u", its rows likewise (B2's second kernel with its
+    first)."""
     from benchmarks import passes, static
     from conftest import kernel_backends
     rc = passes.main(["--device", "cpu", "--shapes", "2x3x8x8", "--ks", "3", "--layouts",
@@ -136,7 +136,7 @@ def test_pass_timings_with_the_saved_convolution_output(tmp_path):
     recs = json.load(open(path))["records"]
     want = {("triton", s, p) for s in (False, True) for p in passes.PASSES}
     if "cuda_emu" in kernel_backends():
-        want |= {("cuda_emu", False, p) for p in passes.PASSES}
+        want |= {("cuda_emu", s, p) for s in (False, True) for p in passes.PASSES}
     assert {(r["backend"], r["saved_u"], r["pass_"]) for r in recs} == want
     keys = {k[3] for k in static._measured([str(path)]) if k[5] == "triton"}
     assert keys == set(passes.PASSES) | {p + "/u" for p in passes.PASSES}

@@ -47,7 +47,7 @@ def test_every_benchmark_case_is_reported(report):
     cases = {(c["shape_name"], c["dtype"], c["layout"], c["k"]) for c in report["cases"]}
     assert len(cases) == 3 * 2 * 2 * 3
     for c in report["cases"]:
-        passes = sorted(k["pass_"] for k in c["kernels"] if k["backend"] == "cuda")
+        passes = sorted({k["pass_"] for k in c["kernels"] if k["backend"] == "cuda"})
         assert passes == ["B1", "B2", "F1", "F2"], c["shape_name"]
         assert c["modes"]["train_fwdbwd"]["cuda"]["predicted_ms"] > 0
 
@@ -64,8 +64,22 @@ def test_16_byte_accesses_in_staging_and_epilogue(report):
     for case, k in _cuda(report):
         assert k["vec"], (case["shape_name"], case["layout"], "not on the 16-byte path")
         assert k["widths"]["LDG"].get("16", 0) > 0, (k["kernel"], k["widths"])
-        if k["pass_"] in ("F2", "B2"):  # they store a tensor: out, dx
+        if k["pass_"] in ("F2", "B2") or k["u"] == "save":  # they store out, dx, u
             assert k["widths"]["STG"].get("16", 0) > 0, (k["kernel"], k["widths"])
+
+
+def test_every_cuda_row_is_a_compiled_instantiation(report):
+    """The report's rows name the instantiation each pass launches (static.cuda_kt mirrors
+    the library's dispatch): each has its compiled facts. With the saved convolution output
+    (k = 7, 9 by default) F1 saves it, F2 appears twice (eval convolves, training reads)
+    and B1, B2 read it."""
+    for case in report["cases"]:
+        rows = [k for k in case["kernels"] if k["backend"] == "cuda"]
+        assert all(k["regs"] for k in rows), [(k["pass_"], k["u"]) for k in rows]
+        saved = case["k"] >= 7
+        assert [(k["pass_"], k["u"]) for k in rows] == (
+            [("F1", "save"), ("F2", None), ("F2", "load"), ("B1", "load"), ("B2", "load")]
+            if saved else [("F1", None), ("F2", None), ("B1", None), ("B2", None)]), case["k"]
 
 
 def test_bytes_moved_within_115_percent_of_the_minimum(report):
