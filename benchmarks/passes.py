@@ -186,7 +186,7 @@ def main(argv=None):
                    help="triton_tc in each of these tilings (1, 2, 4, 2w, 4w: images per "
                         "program and warps, triton_kernels.tensor_core_tiling)")
     p.add_argument("--u", default="default", choices=["default", "recompute", "saved", "both"],
-                   help="F1 saving the convolution output for F2, B1, B2 (Triton backends): "
+                   help="F1 saving the convolution output for F2, B1, B2: "
                         "as the op decides by default, never, always, or each way")
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     a = p.parse_args(argv)

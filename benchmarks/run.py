@@ -478,7 +478,8 @@ def parse(argv):
     p.add_argument("--modes", nargs="+", choices=MODES)
     p.add_argument("--providers", nargs="+",
                    help="eager, compile, compile-max, cuda, triton, triton_tc (16-bit dtypes), "
-                        "torch (default: available); triton-recompute, triton_tc-recompute: "
+                        "torch (default: available); cuda-recompute, triton-recompute, "
+                        "triton_tc-recompute: "
                         "with save_conv=False")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")

@@ -1,6 +1,6 @@
 """Exercise every CUDA kernel (forward train/eval, backward; templated and generic k;
-fp32/bf16; NCHW and channels_last; ragged tiles) — run under compute-sanitizer by
-benchmarks/gpu_run.sh."""
+fp32/bf16; NCHW and channels_last; ragged tiles; training with the convolution output saved
+and recomputed) — run under compute-sanitizer by benchmarks/gpu_run.sh."""
 import os
 
 import torch
@@ -15,7 +15,7 @@ QUICK = os.environ.get("SANITIZE_QUICK") == "1"
 for k in ((3, 9, 4, 13) if QUICK else (3, 5, 7, 9, 4, 13, 17)):
     for dtype in ((torch.float32,) if QUICK else (torch.float32, torch.bfloat16)):
         for cl in (False, True):
-            for training in (True, False):
+            for training, save in ((True, False), (True, True), (False, None)):
                 torch.manual_seed(k)
                 C = 5
                 x = torch.randn(2, C, 37, 35, device=dev, dtype=dtype)
@@ -28,7 +28,7 @@ for k in ((3, 9, 4, 13) if QUICK else (3, 5, 7, 9, 4, 13, 17)):
                 be = torch.zeros(C, device=dev, requires_grad=True)
                 rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
                 out = fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=training,
-                                         backend="cuda")
+                                         backend="cuda", save_conv=save)
                 out.backward(torch.randn_like(out))
 torch.cuda.synchronize()
 print("sanitize cases done")
