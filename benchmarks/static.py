@@ -350,14 +350,17 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
                 cdu = conv_cost(ext * valid_per_tile, k, RH, RW, unrolled=KT > 0)
                 cost = {key: (cost[key] + cdu[key] * scale) for key in cost}
             # dW: per unit (a tap row, dj tap columns) and chunk of RW positions, RW du loads
-            # and RW + dj - 1 input loads (scalar) for RW * dj FMAs
-            dj = k if KT else 8
+            # (scalar) and a window of RW + dj - 1 inputs for RW * dj FMAs: scalar loads, or
+            # with u read 16-byte loads (and 16 columns per unit at a run-time k)
+            dj = k if KT else (16 if load else 8)
             units = k * math.ceil(k / dj)
+            window = RW + dj - 1
             dw_ffma = elems * k * k
-            dw_lds = elems / RW * units * (RW + RW + dj - 1)
+            per_item = elems / RW * units
+            dw_lds = per_item * (RW + (math.ceil(window / 4) if load else window))
             cost["ffma"] += dw_ffma
             cost["instr"] += dw_ffma + dw_lds
-            cost["wavefronts"] += dw_lds / 32
+            cost["wavefronts"] += per_item * (RW + window) / 32
         instr = cost["instr"] * 1.15  # address arithmetic, predicates, conversions
         if load and name != "B2":
             instr = ELEMENTWISE_INSTR * elems

@@ -65,12 +65,13 @@ def test_dw_task_split_matches_twin(case, backend):
 # convolution output"): both layouts, the input affine, a ragged tile; for the compiled
 # library also its 16-byte paths (NCHW with W a multiple of 4 / 8: fp32 u stored and staged
 # in 16-byte chunks; channels_last with 8 channels: chunks along C through the transpose
-# buffer), two tiles along W (36 = 32 + 4), the generic (run-time k) instantiation and
-# B2's unrolled k = 9
+# buffer), two tiles along W (36 = 32 + 4), the generic (run-time k) instantiation (k = 17:
+# dW's second unit of 16 tap columns per row) and B2's unrolled k = 9
 SAVED_U_CASES = [
     (2, 3, 6, 7, 7, "gelu", torch.float32, False),
     (2, 3, 5, 6, 4, "gelu_tanh", torch.bfloat16, True),
     (1, 2, 5, 36, 11, "gelu", torch.float32, False),
+    (1, 2, 9, 20, 17, "gelu", torch.float32, False),
     (2, 8, 6, 8, 9, "relu", torch.bfloat16, True),
     (1, 3, 7, 16, 9, "gelu", torch.float16, False),
 ]
