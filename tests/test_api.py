@@ -137,7 +137,8 @@ def test_save_conv_policy():
 
 @pytest.mark.parametrize("backend, save_conv",
                          [(b, None) for b in ["torch", "auto"] + kernel_backends()]
-                         + [(b, True) for b, _ in _saving_backends() if b != "triton_tc"])
+                         + [(b, True) for b in dict.fromkeys(b for b, _ in _saving_backends())
+                            if b != "triton_tc"])
 def test_torch_compile_fullgraph_matches_eager(backend, save_conv):
     """fullgraph=True: no graph break anywhere, the backend choice included (it reads the
     library's files and the environment, which Dynamo cannot trace: it is a constant of the
