@@ -41,6 +41,28 @@ def test_cuda_plan_limits(cl):
         plan(_meta(1, 3, 8, 8, cl=cl), 32)
 
 
+def test_cuda_plan_with_the_saved_convolution_output():
+    """Reading F1's saved u, B2 convolves nothing and stages dW's input over dout's planes:
+    at k = 31 (fp32, 32 x 32 tile, one channel) it fits in under half the shared memory of
+    recomputing u on the doubly extended region, F2 and B1 stage the tile only, and the
+    spatial tile (hence the partial rows) does not depend on saving; the plan's channels per
+    block are those that let the most threads reside per SM by shared memory."""
+    plan = _launchers().plan
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _meta(64, 1536, 32, 32, dtype=dtype)
+        rec, sav = plan(x, 31), plan(x, 31, 0, False, saved_u=True)
+        assert (rec.tile_h, rec.tile_w, list(rec.partial_rows)) == \
+            (sav.tile_h, sav.tile_w, list(sav.partial_rows))
+        per_channel = [p.smem[3] / p.channels_per_block[3] for p in (rec, sav)]
+        assert per_channel[1] < 0.5 * per_channel[0] and sav.smem[3] <= 48 * 1024, per_channel
+        for i in (1, 2):  # F2, B1: no halo, no weights
+            assert sav.smem[i] / sav.channels_per_block[i] < \
+                0.5 * rec.smem[i] / rec.channels_per_block[i]
+        # B2 at k = 31 with u: one channel (5 blocks of 41-45 KB per SM) rather than two
+        # (2 blocks of 88 KB)
+        assert sav.channels_per_block[3] == 1
+
+
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
 def test_triton_grid_limits(cl):
     recorded = []
