@@ -82,8 +82,8 @@ int unrolled(int K, Pass pass, bool su) {
   return pass == kF1 || pass == kB2 ? kt_in(K, UnrolledSaved{}) : 0;
 }
 
-// Shared memory of a pass for a geometry, in bytes; su: F1 saves u (its channels_last store
-// buffer), F2, B1 and B2 read it.
+// Shared memory of a pass for a geometry, in bytes; su: F1 saves u (through a tile plane),
+// F2, B1 and B2 read it.
 int64_t smem_bytes(const Geom& g, int elem, Pass pass, bool affine, bool su) {
   const int RW = 16 / elem, RH = 16 / RW;
   if (pass == kB2)
