@@ -151,7 +151,18 @@ def pass_inputs(N, C, H, W, k, dtype, channels_last, g, device):
     return [t.to(device) for t in (x, dout, w, b, gamma, beta)]
 
 
-def compare_passes(impl, x, dout, w, b, gamma, beta, act, aff, dtype, saved_u=False):
+def like_x(x, dtype, fill, offset=None):
+    """A tensor of ``dtype`` filled with ``fill`` with x's shape, strides and storage offset
+    (so that a misaligned x gets a misaligned one: the saved convolution output shares x's
+    strides, and the kernels' 16-byte path must then be off for it too), or ``offset``."""
+    offset = x.storage_offset() if offset is None else offset
+    n = x.untyped_storage().nbytes() // x.element_size() - x.storage_offset() + offset
+    buf = torch.full((n,), fill, dtype=dtype, device=x.device)
+    return buf.as_strided(x.shape, x.stride(), offset)
+
+
+def compare_passes(impl, x, dout, w, b, gamma, beta, act, aff, dtype, saved_u=False,
+                   u_offset=None):
     """Every pass of a kernel backend against the torch twin on the same inputs (docs/
     DESIGN.md, "Forward" and "Backward"): F1 statistics, F2 output, B1 sums, B2 gradients
     (with batch statistics and without), the input affine's gradients when there is one.
@@ -159,13 +170,13 @@ def compare_passes(impl, x, dout, w, b, gamma, beta, act, aff, dtype, saved_u=Fa
     ``saved_u``: F1 saves the convolution output (checked against the twin's, every element
     written); the later passes then get another u (F1's plus noise, with the statistics of
     its activation), twin and kernels alike: a pass that recomputed u instead of reading
-    it would miss the change."""
+    it would miss the change. ``u_offset``: u's storage offset (default: x's)."""
     from convmixer_ext import torch_backend as twin
     from convmixer_ext.semantics import act_fwd, rstd_from_var
     f32 = torch.float32
     u = {}
     if saved_u:
-        saved = torch.full_like(x, float("nan"), dtype=f32)
+        saved = like_x(x, f32, float("nan"), u_offset)
         u = {"u": saved}
     mean, var = impl.stats(x, w, b, act, aff, **u)
     mean_t, var_t = twin.stats(x, w, b, act, aff)
@@ -175,7 +186,8 @@ def compare_passes(impl, x, dout, w, b, gamma, beta, act, aff, dtype, saved_u=Fa
         assert saved.stride() == x.stride()
         assert_close(saved, twin.conv_u(x, w, b, aff), f32, "F1 saved u")
         g = torch.Generator().manual_seed(5)
-        u = {"u": saved + 0.5 * torch.randn(x.shape, generator=g).to(saved.device)}
+        u = {"u": like_x(x, f32, 0.0, u_offset).copy_(
+            saved + 0.5 * torch.randn(x.shape, generator=g).to(saved.device))}
         var_t, mean_t = torch.var_mean(act_fwd(u["u"], act), dim=(0, 2, 3), correction=0)
 
     rstd = rstd_from_var(var_t, 1e-5)

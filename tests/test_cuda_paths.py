@@ -4,8 +4,10 @@ vector path and the element path it falls back to (W or C not a multiple of the 
 width, a misaligned storage offset), several channel blocks with a partial last one, several
 spatial tiles with ragged edge tiles, the tile shrink for large k in channels_last, unrolled
 and generic kernel sizes, even k, with and without the input affine, and blocks that take
-one (image, tile) item or many (the reductions' parts, merged in order). Each case asserts
-the path the library's planner takes, so a case cannot silently test another one."""
+one (image, tile) item or many (the reductions' parts, merged in order), recomputing the
+convolution output in every pass or saving it in F1 for the others to read (at x's storage
+offset: misaligned with it). Each case asserts the path the library's planner takes, so a
+case cannot silently test another one."""
 import pytest
 import torch
 
@@ -64,13 +66,14 @@ def _impl(target_blocks):
     if target_blocks == 0:
         return get_impl(BACKEND)
     lib = library("cuda" if BACKEND == "cuda" else "emulation")[0]
-    return KernelBackend(Launchers(lib, DEVICE, target_blocks))
+    return KernelBackend(Launchers(lib, DEVICE, target_blocks), saves_u=True)
 
 
+@pytest.mark.parametrize("saved_u", [False, True], ids=["recompute", "saved_u"])
 @pytest.mark.parametrize("target_blocks", [0, 1], ids=["parts", "one-part"])
 @pytest.mark.parametrize("with_affine", [False, True], ids=["plain", "in_affine"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_kernel_paths_match_twin(case, with_affine, target_blocks):
+def test_kernel_paths_match_twin(case, with_affine, target_blocks, saved_u):
     N, C, H, W, k, dtype, layout, offset, vec, multi_cb, multi_tile = case
     g = torch.Generator().manual_seed(5)
     x = _make(N, C, H, W, dtype, layout, offset, g)
@@ -84,14 +87,31 @@ def test_kernel_paths_match_twin(case, with_affine, target_blocks):
     gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
     aff = (1.5 + r(C).abs(), 0.5 + r(C).abs()) if with_affine else None
     impl = _impl(target_blocks)
-    plan = impl.k.plan(x, k, 0, with_affine)
+    plan = impl.k.plan(x, k, 0, with_affine, saved_u=saved_u)
     assert bool(plan.vec) == vec, "the case no longer takes the path it is named for"
     assert (max(plan.channels_per_block) < C) == multi_cb
     assert (plan.tile_h < H or plan.tile_w < W) == multi_tile
     items = N * -(-H // plan.tile_h) * -(-W // plan.tile_w)
     assert plan.partial_rows[3] == (1 if target_blocks == 1 else items)  # one part: all items
 
-    compare_passes(impl, x, dout, w, b, gamma, beta, "gelu", aff, dtype)
+    compare_passes(impl, x, dout, w, b, gamma, beta, "gelu", aff, dtype, saved_u=saved_u)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_kernel_paths_with_a_misaligned_saved_u_alone(layout):
+    """x 16-byte aligned but the saved u one float past an alignment (same strides): the
+    library must read and write u without 16-byte accesses (the sanitizer tier reports any
+    misaligned one) and give the twin's results."""
+    g = torch.Generator().manual_seed(6)
+    C = 8
+    x = _make(2, C, 6, 8, f32, layout, 0, g)
+    dout = _make(2, C, 6, 8, f32, layout, 0, g)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    w, b = r(C, 1, 7, 7) / 7, 0.1 * r(C)
+    impl = get_impl(BACKEND)
+    assert impl.k.plan(x, 7, 0, False, saved_u=True).vec  # x alone would take 16 bytes
+    compare_passes(impl, x, dout, w, b, 1 + 0.3 * r(C), 0.2 * r(C), "gelu", None, f32,
+                   saved_u=True, u_offset=1)
 
 
 def test_activation_ids_reach_the_kernels():
