@@ -59,9 +59,12 @@ class Launchers:
     def plan(self, x, k, act=0, has_in_affine=False, *others, saved_u=False) -> abi.Plan:
         """The library's launch plan for x (shape-only: nothing is read or launched);
         ValueError for a shape beyond a hardware limit."""
+        return self._plan(shape_of(x, k, act, has_in_affine, *others,
+                                   target_blocks=self.target_blocks, saved_u=saved_u))
+
+    def _plan(self, shape):
         try:
-            return self.lib.plan(shape_of(x, k, act, has_in_affine, *others,
-                                          target_blocks=self.target_blocks, saved_u=saved_u))
+            return self.lib.plan(shape)
         except abi.LibraryError as e:
             raise _PASS_CODES.get(e.code, RuntimeError)(f"convmixer_ext: {e}") from None
 
@@ -77,22 +80,20 @@ class Launchers:
 
     def _setup(self, x, weight, bias, in_scale, in_shift, act, pass_, dout=None, u=None):
         """(shape, partial rows of ``pass_`` (a name of abi.PASSES), inputs); ``u``: the saved
-        convolution output (F1 writes it, the other passes read it: inputs.u)."""
+        convolution output (inputs.u, which F2, B1 and B2 read; F1 writes outputs.u)."""
         # outputs are allocated by torch (16-byte aligned); dout and u may be views
         if u is not None:
             check_saved_u(u, x)
         others = tuple(t for t in (dout, u) if t is not None)
         shape = shape_of(x, weight.shape[-1], act, in_scale is not None, *others,
                          target_blocks=self.target_blocks, saved_u=u is not None)
-        plan = self.plan(x, weight.shape[-1], act, in_scale is not None, *others,
-                         saved_u=u is not None)
+        plan = self._plan(shape)
         inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
                             in_shift=_p(in_shift), u=_p(u))
         return shape, plan.partial_rows[abi.PASSES.index(pass_)], inputs
 
     def k_stats(self, x, weight, bias, in_scale, in_shift, act, u=None):
         shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "F1", u=u)
-        inputs.u = None  # (F1 writes u: an output)
         C = x.shape[1]
         mean_p, m2_p, count_p = _f32(x, rows, C), _f32(x, rows, C), _f32(x, rows)
         self._run("cmx_stats", x, shape, inputs,

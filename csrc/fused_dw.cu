@@ -315,8 +315,8 @@ const T* as(const void* p) {
   return static_cast<const T*>(p);
 }
 
-// One pass: the plan (16-byte path when every pointer given is aligned), the required
-// pointers (and u, F1's output or the later passes' input, when the shape says saved_u),
+// One pass: the plan (16-byte path when every pointer given is aligned, and u when the
+// shape says saved_u), the required pointers (and u, F1's output or the later passes' input),
 // the input affine, then launch_for(T{}, integral_constant<KT>, bool_constant<SU>, plan)
 // for the shape's dtype, kernel size and saved_u; the launch error as a message.
 using Required = std::initializer_list<std::pair<const void*, const char*>>;
@@ -326,11 +326,13 @@ int32_t run_pass(const cmx_shape* s, const cmx_inputs* in, const void* u,
                  std::initializer_list<const void*> aligned_ptrs, Required required,
                  const char* what, LaunchFor&& launch_for) {
   Plan p;
-  if (int32_t e = make_plan(s, P, s && s->aligned && aligned16(aligned_ptrs), p)) return e;
+  const bool su = s && s->saved_u != 0;
+  if (int32_t e = make_plan(s, P, s && s->aligned && aligned16(aligned_ptrs) &&
+                                      (!su || aligned16({u})), p))
+    return e;
   if (p.blocks == 0) return CMX_OK;
   for (auto [ptr, name] : required)
     if (int32_t e = need(ptr, name)) return e;
-  const bool su = s->saved_u != 0;
   if (su)
     if (int32_t e = need(u, "u")) return e;
   if (int32_t e = check_in_affine(s, in)) return e;
@@ -439,8 +441,7 @@ CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
 
 CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
-  float* u = s && s->saved_u ? out->u : nullptr;
-  return run_pass<kF1>(s, in, out->u, {in->x, u},
+  return run_pass<kF1>(s, in, out->u, {in->x},
                        {{in->x, "x"}, {in->weight, "weight"}, {in->bias, "bias"},
                         {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"}, {out->count_p, "count_p"}},
                        "stats_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
@@ -448,7 +449,7 @@ CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
                          return launch(stats_kernel<T, decltype(kc)::value, decltype(su)::value>,
                                        p, in,
                                        as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
-                                       out->mean_p, out->m2_p, out->count_p, u,
+                                       out->mean_p, out->m2_p, out->count_p, out->u,
                                        in_affine_of(s, in, nullptr), p.geo);
                        });
 }
@@ -456,7 +457,7 @@ CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
 CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_outputs* out) {
   if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
   return run_pass<kF2>(
-      s, in, in->u, {in->x, out->y, in->u},
+      s, in, in->u, {in->x, out->y},
       {{in->x, "x"}, {in->weight, "weight"}, {in->bias, "bias"}, {in->mean, "mean"},
        {in->rstd, "rstd"}, {in->gamma, "gamma"}, {in->beta, "beta"}, {out->y, "out"}},
       "apply_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
@@ -472,7 +473,7 @@ CMX_API int32_t cmx_bwd_reduce(const cmx_shape* s, const cmx_inputs* in,
                                const cmx_outputs* out) {
   if (!in || !out) return fail(CMX_E_INVALID, "inputs or outputs is NULL");
   return run_pass<kB1>(
-      s, in, in->u, {in->x, in->dout, in->u},
+      s, in, in->u, {in->x, in->dout},
       {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
        {in->mean, "mean"}, {in->rstd, "rstd"}, {out->dbeta_p, "dbeta_p"},
        {out->dgamma_p, "dgamma_p"}},
@@ -498,7 +499,7 @@ CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx
         if (int32_t e = need(ptr, name)) return e;
   }
   return run_pass<kB2>(
-      s, in, in->u, {in->x, in->dout, out->y, in->u},
+      s, in, in->u, {in->x, in->dout, out->y},
       {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
        {in->mean, "mean"}, {in->rstd, "rstd"}, {in->gamma, "gamma"}, {out->y, "dx"},
        {out->dw_p, "dw_p"}, {out->db_p, "db_p"}},

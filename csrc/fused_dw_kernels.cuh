@@ -498,10 +498,11 @@ __device__ void store_group(T* __restrict__ y, const Geom& geo, const Tile& t, c
 
 // ---------------------------------------------------------------- forward-type kernels
 // Shared layout of F1, F2 and B1 (floats, every region 16-byte aligned): the weights, the
-// input planes with halo, the tile planes (B1: dout; F2 reading the saved u: u), the
-// reduction scratch; the output transpose buffer of channels_last (F2's output, F1's saved u)
-// aliases the input planes (dead by then). A pass that reads the saved u convolves nothing:
-// no weights, and its input planes are the tile's (no halo: F2's residual x, B1's u).
+// input planes with halo, the tile planes (B1: dout; with the saved u, u: F1 writes it
+// there to store it, F2 reads it there), the reduction scratch; the output transpose buffer
+// of channels_last F2 aliases the input planes (dead by then). A pass that reads the saved
+// u convolves nothing: no weights, and its input planes are the tile's (no halo: F2's
+// residual x, B1's u).
 struct FwdSmem {
   Planes in, tile;
   int wf, red, out;
@@ -827,7 +828,8 @@ template <typename T, int KT, bool SU>
 __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>())
     bwd_main_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                     const T* __restrict__ w, const T* __restrict__ b,
-                    const float* __restrict__ u_saved, const float* __restrict__ mean, const float* __restrict__ rstd,
+                    const float* __restrict__ u_saved, const float* __restrict__ mean,
+                    const float* __restrict__ rstd,
                     const float* __restrict__ gamma, const float* __restrict__ dbeta,
                     const float* __restrict__ dgamma, bool batch_stats, T* __restrict__ dx,
                     float* __restrict__ dw_p, float* __restrict__ db_p, InAffine in_aff,
