@@ -85,7 +85,7 @@ def occupancy(arch: int, threads: int, regs: int, smem: int) -> dict:
 
 
 # --------------------------------------------------------------------------- SASS facts
-# kernel, element type, KT and (F2, B1, B2) SU: whether it reads the saved u
+# kernel, element type, KT and SU: whether it saves (F1) or reads (F2, B1, B2) the saved u
 _MANGLED = re.compile(r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)Li(\d+)E(?:Lb([01])E)?")
 _DTYPE_OF = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
 # one SASS instruction: (address, opcode, operands)
@@ -172,7 +172,7 @@ def dynamic_instructions(fact, trips):
 @functools.lru_cache(maxsize=None)
 def cuda_kernel_facts(lib_path):
     """{(arch, kernel, dtype, KT, SU): {regs, stack, local, shared, sass widths, instrs}} of
-    the built CUDA library (SU: the instantiation that reads the saved u)."""
+    the built CUDA library (SU: the instantiation that saves or reads the saved u)."""
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],
@@ -297,8 +297,8 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
     RH = 16 // RW
     x = _meta(shape, dtype, layout)
     save = saves_conv_output("cuda", k, True)
-    plans = {False: _planner().plan(x, k, 0, False),
-             True: _planner().plan(x, k, 0, False, saved_u=True)}
+    planner = _planner()
+    plans = {su: planner.plan(x, k, 0, False, saved_u=su) for su in (False, True)}
     facts = cuda_kernel_facts(lib_path)
     xbytes = N * C * H * W * e
     elems = N * C * H * W
