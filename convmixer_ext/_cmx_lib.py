@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # error codes of cmx_abi.h
 OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
@@ -31,7 +31,8 @@ _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 class Shape(ctypes.Structure):
     _fields_ = [("n", _i64), ("c", _i64), ("h", _i64), ("w", _i64), ("stride", _i64 * 4),
                 ("dtype", _i32), ("k", _i32), ("act", _i32), ("has_in_affine", _i32),
-                ("aligned", _i32), ("target_blocks", _i32), ("saved_u", _i32)]
+                ("aligned", _i32), ("target_blocks", _i32), ("saved_u", _i32),
+                ("prefetch", _i32)]
 
 
 PASSES = ("F1", "F2", "B1", "B2")  # index of the per-pass arrays of Plan
@@ -88,6 +89,7 @@ class Library:
                     ("cmx_device_count", _i32, []), ("cmx_check_device", _i32, [_i32]),
                     ("cmx_make_plan", _i32, [ctypes.POINTER(Shape), ctypes.POINTER(Plan)]),
                     ("cmx_index_probe", _i64, [ctypes.POINTER(_i64), _i64, _i64, _i64, _i64]),
+                    ("cmx_prefetch_audit", _i32, [_i32, ctypes.POINTER(_i64)]),
                     *((p, _i32, [ctypes.POINTER(Shape), ctypes.POINTER(Inputs),
                                  ctypes.POINTER(Outputs)]) for p in _PASSES)):
                 fn = getattr(lib, name)
@@ -141,6 +143,19 @@ class Library:
     def index_probe(self, strides, n: int, c: int, h: int, w: int) -> int:
         arr = (_i64 * 4)(*strides)
         return self._lib.cmx_index_probe(arr, n, c, h, w)
+
+    def prefetch_audit_start(self) -> None:
+        """Emulation build: record the L2 prefetches and staged 16-byte loads of the launches
+        that follow (LibraryError on the CUDA build)."""
+        self._check(self._lib.cmx_prefetch_audit(1, None), "prefetch audit")
+
+    def prefetch_audit_stop(self) -> dict:
+        """Stops the audit: prefetches issued, staged loads whose 128-byte line their block
+        had not prefetched before (``missed``), and lines a block prefetched but never loaded
+        (``unused``)."""
+        counts = (_i64 * 3)()
+        self._check(self._lib.cmx_prefetch_audit(0, counts), "prefetch audit")
+        return dict(prefetches=counts[0], missed=counts[1], unused=counts[2])
 
     # ------------------------------------------------------------------ passes
     def run(self, name: str, shape: Shape, inputs: Inputs, outputs: Outputs) -> None:

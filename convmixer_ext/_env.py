@@ -5,7 +5,9 @@
 - ``TRITON_INTERPRET=1`` (Triton's own switch, read before triton is imported): Triton
   kernels run on CPU tensors in Triton's interpreter;
 - ``CONVMIXER_EXT_EMU_LIB``: load this file as the host-emulation library instead of the
-  built one (the sanitizer tier uses it).
+  built one (the sanitizer tier uses it);
+- ``CONVMIXER_EXT_CUDA_PREFETCH=0``: the CUDA library's kernels issue no L2 prefetch of what
+  they stage (docs/DESIGN.md, "L2 prefetch"; the benchmarks time both ways).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 
 BACKEND_VAR = "CONVMIXER_EXT_BACKEND"
 EMU_LIB_VAR = "CONVMIXER_EXT_EMU_LIB"
+PREFETCH_VAR = "CONVMIXER_EXT_CUDA_PREFETCH"
 
 
 def triton_interpreter() -> bool:
@@ -25,6 +28,10 @@ def triton_disabled() -> bool:
 
 def backend_override() -> str:
     return os.environ.get(BACKEND_VAR, "auto").strip() or "auto"
+
+
+def cuda_prefetch() -> bool:
+    return os.environ.get(PREFETCH_VAR, "1").strip() != "0"
 
 
 def emu_lib_override():

@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from . import _cmx_lib as abi
+from . import _env
 from ._layout import check_saved_u
 
 _DTYPE_IDS = {torch.float32: abi.DTYPE_IDS["float32"], torch.float16: abi.DTYPE_IDS["float16"],
@@ -24,12 +25,13 @@ _PASS_CODES = {abi.E_INVALID: ValueError, abi.E_LIMIT: ValueError}
 
 
 def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
-             target_blocks: int = 0, saved_u: bool = False) -> abi.Shape:
+             target_blocks: int = 0, saved_u: bool = False, prefetch: bool = True) -> abi.Shape:
     """The C ABI's shape of x; ``aligned`` says whether x and ``others`` (the tensors that
     share its strides: dout, the outputs, the saved u) start 16-byte aligned (meta tensors:
     as torch's allocator gives); ``target_blocks`` (0: the library's default) sets how finely
     the reductions split their work (tests make blocks take many tiles with a small value);
-    ``saved_u``: F1 saves the convolution output and the later passes read it."""
+    ``saved_u``: F1 saves the convolution output and the later passes read it;
+    ``prefetch``: the kernels prefetch what they stage into L2 (a hint: same results)."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):
@@ -39,6 +41,7 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     s.aligned = int(all(t.is_meta or t.data_ptr() % 16 == 0 for t in (x, *others)))
     s.target_blocks = target_blocks
     s.saved_u = int(saved_u)
+    s.prefetch = int(prefetch)
     return s
 
 
@@ -53,8 +56,15 @@ def _f32(x, *shape):
 class Launchers:
     """The four passes of one library build on tensors of its device type."""
 
-    def __init__(self, lib: abi.Library, device_type: str, target_blocks: int = 0):
+    def __init__(self, lib: abi.Library, device_type: str, target_blocks: int = 0,
+                 prefetch: bool | None = None):
+        """``prefetch``: L2 prefetch in the kernels; None: as CONVMIXER_EXT_CUDA_PREFETCH says
+        at each launch (default on)."""
         self.lib, self.device_type, self.target_blocks = lib, device_type, target_blocks
+        self.prefetch = prefetch
+
+    def _prefetch(self) -> bool:
+        return _env.cuda_prefetch() if self.prefetch is None else self.prefetch
 
     def plan(self, x, k, act=0, has_in_affine=False, *others, saved_u=False) -> abi.Plan:
         """The library's launch plan for x (shape-only: nothing is read or launched);
@@ -86,7 +96,8 @@ class Launchers:
             check_saved_u(u, x)
         others = tuple(t for t in (dout, u) if t is not None)
         shape = shape_of(x, weight.shape[-1], act, in_scale is not None, *others,
-                         target_blocks=self.target_blocks, saved_u=u is not None)
+                         target_blocks=self.target_blocks, saved_u=u is not None,
+                         prefetch=self._prefetch())
         plan = self._plan(shape)
         inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
                             in_shift=_p(in_shift), u=_p(u))

@@ -15,7 +15,7 @@
 
 #include <stdint.h>
 
-#define CMX_ABI_VERSION 3
+#define CMX_ABI_VERSION 4
 
 #if defined(_WIN32)
 #define CMX_API __declspec(dllexport)
@@ -59,6 +59,9 @@ typedef struct {
   int32_t saved_u;      /* F1 saves the convolution output u and F2, B1, B2 read it instead
                          * of convolving (cmx_outputs.u, cmx_inputs.u: float32, x's shape
                          * and element strides, 16-byte aligned for the 16-byte path) */
+  int32_t prefetch;     /* L2 prefetch of every rectangle a block stages, ahead of its staging
+                         * loop (the next item's while one computes); 16-byte path only. A
+                         * hint: results do not depend on it */
 } cmx_shape;
 
 /* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the
@@ -140,6 +143,11 @@ CMX_API int32_t cmx_bwd_main(const cmx_shape* shape, const cmx_inputs* in,
  * 64-bit index helpers. */
 CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, int64_t h,
                                 int64_t w);
+/* Test hook (emulation build; the CUDA build returns CMX_E_INVALID): on = 1 starts recording
+ * the L2 prefetches and the staged 16-byte loads of the launches that follow; on = 0 stops
+ * and writes counts[3]: prefetches issued, staged loads whose 128-byte line their block had
+ * not prefetched before, and (block, line) pairs prefetched but never loaded. */
+CMX_API int32_t cmx_prefetch_audit(int32_t on, int64_t* counts);
 
 #ifdef __cplusplus
 }

@@ -9,7 +9,11 @@
 //  - __shfl_xor_sync is an exchange through a per-block buffer between two block-wide
 //    barriers, so every thread of the block must reach it together (true where the
 //    kernels use it: block-level reductions called by all threads);
-//  - launches are serialised by a mutex (statics are process-wide).
+//  - launches are serialised by a mutex (statics are process-wide);
+//  - an L2 prefetch reads one byte of its address (so the address sanitizer checks it) and,
+//    while an audit runs (cmx_prefetch_audit), is recorded per block with every staged
+//    16-byte load: a load whose 128-byte line the block did not prefetch before, or a
+//    prefetched line the block never loads, is counted.
 //
 // What emulation proves: arithmetic, indexing, shared-memory use and barrier placement (a
 // missing barrier shows up as wrong results, a barrier not reached by every thread as a
@@ -23,11 +27,14 @@
 #ifdef CMX_HOST_EMULATION
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <set>
 #include <thread>
+#include <utility>
 #include <vector>
 
 struct dim3 {
@@ -49,6 +56,16 @@ inline std::barrier<>* g_barrier = nullptr;
 inline std::vector<float> g_dyn_smem;
 inline std::vector<float> g_shfl;  // one slot per thread of the block
 inline std::mutex g_launch_mutex;
+
+// The prefetch audit: (block, 128-byte line) pairs prefetched and loaded, and the loads that
+// found their line not prefetched yet.
+struct PrefetchAudit {
+  std::atomic<bool> on{false};
+  std::mutex m;
+  std::set<std::pair<unsigned, uintptr_t>> prefetched, loaded;
+  int64_t prefetches = 0, missed = 0;
+};
+inline PrefetchAudit g_audit;
 }  // namespace cmx_emu
 
 #define __global__
@@ -80,6 +97,24 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask, int widt
 }
 
 #define CMX_DYN_SMEM(name) float* name = cmx_emu::g_dyn_smem.data()
+
+inline void cmx_prefetch_l2(const void* p) {
+  (void)*static_cast<const volatile unsigned char*>(p);
+  auto& a = cmx_emu::g_audit;
+  if (!a.on.load(std::memory_order_relaxed)) return;
+  std::lock_guard<std::mutex> lock(a.m);
+  ++a.prefetches;
+  a.prefetched.emplace(blockIdx.x, reinterpret_cast<uintptr_t>(p) >> 7);
+}
+
+inline void cmx_note_staged_load(const void* p) {
+  auto& a = cmx_emu::g_audit;
+  if (!a.on.load(std::memory_order_relaxed)) return;
+  std::lock_guard<std::mutex> lock(a.m);
+  const std::pair<unsigned, uintptr_t> key(blockIdx.x, reinterpret_cast<uintptr_t>(p) >> 7);
+  if (!a.prefetched.count(key)) ++a.missed;
+  a.loaded.insert(key);
+}
 
 struct alignas(16) float4 {
   float x, y, z, w;
@@ -184,6 +219,12 @@ cmx_error_t cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, 
 
 #define CMX_UNROLL _Pragma("unroll")
 #define CMX_NO_UNROLL _Pragma("unroll 1")
+
+// A hint: the 128-byte line of p is fetched into L2 (no register, no wait; SASS CCTL.E.PF2).
+__device__ __forceinline__ void cmx_prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
+}
+__device__ __forceinline__ void cmx_note_staged_load(const void*) {}
 #define CMX_DYN_SMEM(name)                                   \
   extern __shared__ __align__(16) float cmx_dyn_smem_raw[]; \
   float* name = cmx_dyn_smem_raw

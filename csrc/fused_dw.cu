@@ -208,6 +208,7 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   };
   while (g.CB > min_cb && resident(g.CB - min_cb) > resident(g.CB)) g.CB -= min_cb;
   if (g.layout == kChannelsLast && g.vec && g.CB % V != 0) g.vec = 0;  // (kept a multiple)
+  g.prefetch = s->prefetch != 0 && g.vec ? 1 : 0;
   g.tiles_w = cdiv(g.W, g.TW);
   g.tiles_per_img = cdiv(g.H, g.TH) * g.tiles_w;
   g.cblocks = cdiv(g.C, g.CB);
@@ -522,6 +523,32 @@ CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, in
   geo.sW = strides[3];
   return offset_of(geo, plane_base(geo, static_cast<int>(n), static_cast<int>(c)),
                    static_cast<int>(h), static_cast<int>(w));
+}
+
+CMX_API int32_t cmx_prefetch_audit(int32_t on, int64_t* counts) {
+#ifdef CMX_HOST_EMULATION
+  auto& a = cmx_emu::g_audit;
+  std::lock_guard<std::mutex> lock(a.m);
+  if (on) {
+    a.prefetched.clear();
+    a.loaded.clear();
+    a.prefetches = a.missed = 0;
+    a.on = true;
+    return CMX_OK;
+  }
+  if (!counts) return fail(CMX_E_INVALID, "counts is NULL");
+  a.on = false;
+  int64_t unused = 0;
+  for (const auto& key : a.prefetched) unused += a.loaded.count(key) == 0;
+  counts[0] = a.prefetches;
+  counts[1] = a.missed;
+  counts[2] = unused;
+  return CMX_OK;
+#else
+  (void)on;
+  (void)counts;
+  return fail(CMX_E_INVALID, "the prefetch audit exists in the emulation build only");
+#endif
 }
 
 }  // extern "C"

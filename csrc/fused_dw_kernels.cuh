@@ -49,6 +49,7 @@ struct Geom {
   int act;                       // CMX_ACT_* (cmx_abi.h)
   int layout;                    // kNCHW (W contiguous) or kChannelsLast (C contiguous)
   int vec;                       // 16-byte global accesses along the contiguous dimension
+  int prefetch;                  // L2 prefetch of the staged rectangles (16-byte path only)
   float inv_n;                   // 1 / (N*H*W)
   int64_t sN, sC, sH, sW;        // strides of x (and of out/dout/dx, which share x's layout)
 };
@@ -214,17 +215,55 @@ __device__ __forceinline__ void st16(T* p, const Vec16<T>& v) {
 }
 
 // ---------------------------------------------------------------- staging
-// s[cl*P + r*S + q] <- the input of channel c0+cl at image row r0 + r, column q0 + q
-// (r < R, q < Q), with the affine when `affine`; zero outside the image and for channels
+// A rectangle of image rows r0 .. r0 + R - 1 and columns q0 .. q0 + Q - 1 (it may reach
+// outside the image: the padding) of the tile's channels.
+struct Rect {
+  int r0, q0, R, Q;
+};
+
+// L2 prefetch of what stage() reads of x for rectangle `a` of tile t: one prefetch per
+// 128-byte line of each contiguous run (a row of a channel along W in NCHW, the tile's
+// channels at one position in channels_last), every address inside the image (16-byte path
+// only). The staging loop issues one load per thread at a time and waits for it; issued
+// ahead (the next item's while this one computes, or a whole tile before its staging loop),
+// the prefetches put the block's bytes in flight at once and those loads then hit L2.
+template <typename T>
+__device__ void prefetch_rect(const T* __restrict__ x, const Geom& geo, const Tile& t,
+                              const Rect& a) {
+  if (!geo.prefetch) return;
+  const int h0 = max(a.r0, 0), h1 = min(a.r0 + a.R, geo.H);
+  const int w0 = max(a.q0, 0), w1 = min(a.q0 + a.Q, geo.W);
+  if (h0 >= h1 || w0 >= w1) return;
+  const bool nchw = geo.layout == kNCHW;
+  // runs: (channel, row) along W, or (row, column) along C; one thread per run
+  const int inner = nchw ? h1 - h0 : w1 - w0;
+  const int runs = (nchw ? t.cn : h1 - h0) * inner;
+  const int bytes = (nchw ? w1 - w0 : t.cn) * static_cast<int>(sizeof(T));
+  const int64_t img = static_cast<int64_t>(t.n) * geo.sN;
+  for (int it = static_cast<int>(threadIdx.x); it < runs; it += static_cast<int>(blockDim.x)) {
+    const int o = it / inner, i = it % inner;
+    const int64_t off = nchw ? offset_of(geo, img + static_cast<int64_t>(t.c0 + o) * geo.sC,
+                                         h0 + i, w0)
+                             : offset_of(geo, img + t.c0, h0 + o, w0 + i);
+    const char* p = reinterpret_cast<const char*>(x + off);
+    cmx_prefetch_l2(p);
+    // the run's next lines: from the first 128-byte boundary after p
+    const int first = 128 - static_cast<int>(reinterpret_cast<uintptr_t>(p) & 127);
+    for (int b = first; b < bytes; b += 128) cmx_prefetch_l2(p + b);
+  }
+}
+
+// s[cl*P + r*S + q] <- the input of channel c0+cl at image row a.r0 + r, column a.q0 + q
+// (r < a.R, q < a.Q), with the affine when `affine`; zero outside the image and for channels
 // beyond t.cn (the padding pads the block input, so it stays zero with an affine).
 template <typename T>
 __device__ void stage(float* s, const Planes& L, const T* __restrict__ x, const Geom& geo,
-                      const Tile& t, int r0, int q0, int R, int Q, const InAffine& in_aff,
-                      bool affine) {
+                      const Tile& t, const Rect& a, const InAffine& in_aff, bool affine) {
   constexpr int V = Blk<T>::VEC;
   const int nthreads = static_cast<int>(blockDim.x);
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t img = static_cast<int64_t>(t.n) * geo.sN;
+  const int r0 = a.r0, q0 = a.q0, R = a.R, Q = a.Q;
   if (geo.vec && geo.layout == kNCHW) {
     // 16-byte chunks along W; chunk k covers columns [a + k*V, a + k*V + V), a aligned down
     const int a = (q0 >= 0 ? q0 / V : -cdiv(-q0, V)) * V;
@@ -235,8 +274,10 @@ __device__ void stage(float* s, const Planes& L, const T* __restrict__ x, const 
       const int h = r0 + rr, w = a + k * V, c = t.c0 + cl;
       float v[V];
       if (cl < t.cn && h >= 0 && h < geo.H && w >= 0 && w < geo.W) {
-        const Vec16<T> raw = ld16(x + img + static_cast<int64_t>(c) * geo.sC +
-                                  static_cast<int64_t>(h) * geo.sH + w);
+        const T* src = x + img + static_cast<int64_t>(c) * geo.sC +
+                       static_cast<int64_t>(h) * geo.sH + w;
+        cmx_note_staged_load(src);
+        const Vec16<T> raw = ld16(src);
         const float sc = affine ? in_aff.scale[c] : 1.f, sh = affine ? in_aff.shift[c] : 0.f;
         CMX_UNROLL
         for (int e = 0; e < V; ++e) v[e] = cmx_to_float(raw.v[e]) * sc + sh;
@@ -261,8 +302,10 @@ __device__ void stage(float* s, const Planes& L, const T* __restrict__ x, const 
       const int h = r0 + rr, w = q0 + q, c = t.c0 + k * V;
       float v[V];
       if (c < geo.C && h >= 0 && h < geo.H && w >= 0 && w < geo.W) {
-        const Vec16<T> raw = ld16(x + img + static_cast<int64_t>(h) * geo.sH +
-                                  static_cast<int64_t>(w) * geo.sW + c);
+        const T* src = x + img + static_cast<int64_t>(h) * geo.sH +
+                       static_cast<int64_t>(w) * geo.sW + c;
+        cmx_note_staged_load(src);
+        const Vec16<T> raw = ld16(src);
         CMX_UNROLL
         for (int e = 0; e < V; ++e)
           v[e] = affine ? cmx_to_float(raw.v[e]) * in_aff.scale[c + e] + in_aff.shift[c + e]
@@ -568,12 +611,22 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   const FwdSmem L(geo, RH, RW, true, SU, false);
   float *sw = smem, *sx = smem + L.x(), *su = smem + L.dout(geo.CB),
         *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads;
+  auto rx = [&](const Tile& tt) {
+    return Rect{tt.h0 - geo.PB, tt.w0 - geo.PB, L.in.R, L.in.S};
+  };
   float n_run = 0.f, mean_run = 0.f, m2_run = 0.f;
+  // L2 prefetch (not SU: F1 saving u runs at its 80-register cap, where the prefetches'
+  // addresses spill; from k = 7 up, where it saves u, it is bound by the convolution)
+  const bool prefetch = !SU && geo.prefetch;
+  if (prefetch && wk.first < wk.last) {
+    const Tile t = tile_at(geo, wk, wk.first);
+    prefetch_rect(x, geo, t, rx(t));
+    __syncthreads();  // every line in flight before any staging load
+  }
   for (int item = wk.first; item < wk.last; ++item) {
     const Tile t = tile_at(geo, wk, item);
     if (item == wk.first) stage_weights(sw, w, t, K, false);
-    stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
-          in_aff.scale != nullptr);
+    stage(sx, L.in, x, geo, t, rx(t), in_aff, in_aff.scale != nullptr);
     __syncthreads();
     float g[RH][RW];
     float sum = 0.f;
@@ -589,6 +642,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
           g[ro][o] = act_fwd(g[ro][o], geo.act);
           if (inside(t, l.gr * RH + ro, l.gc * RW + o)) sum += g[ro][o];
         }
+    }
+    if (prefetch && item + 1 < wk.last) {  // the next item's input, while this one reduces
+      const Tile nt = tile_at(geo, wk, item + 1);
+      prefetch_rect(x, geo, nt, rx(nt));
     }
     const float cnt = static_cast<float>(t.th * t.tw);
     const float mean = channel_sum(sum, geo, l, red, red2) / cnt;  // (its barriers also
@@ -638,10 +695,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   float *sw = smem, *sx = smem + L.x(), *su = smem + L.dout(geo.CB), *sout = smem + L.sout();
   const InAffine none{nullptr, nullptr, nullptr, nullptr};
   const Tile t = tile_at(geo, wk, wk.first);  // F2 blocks take one item each (the planner)
+  const Rect rx{t.h0 - pb, t.w0 - pb, L.in.R, L.in.S}, ru{t.h0, t.w0, L.tile.R, L.tile.S};
+  prefetch_rect(x, geo, t, rx);
+  if (SU) prefetch_rect(u, geo, t, ru);
+  if (geo.prefetch) __syncthreads();  // every line in flight before any staging load
   if (!SU) stage_weights(sw, w, t, K, false);
-  stage(sx, L.in, x, geo, t, t.h0 - pb, t.w0 - pb, L.in.R, L.in.S, in_aff,
-        in_aff.scale != nullptr);
-  if (SU) stage(su, L.tile, u, geo, t, t.h0, t.w0, L.tile.R, L.tile.S, none, false);
+  stage(sx, L.in, x, geo, t, rx, in_aff, in_aff.scale != nullptr);
+  if (SU) stage(su, L.tile, u, geo, t, ru, none, false);
   __syncthreads();
   float y[RH][RW];
   if (l.active) {
@@ -679,17 +739,31 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
   float *sw = smem, *sx = smem + L.x(), *sd = smem + L.dout(geo.CB),
         *red = smem + L.scratch(geo.CB), *red2 = red + kMaxThreads;
   const InAffine none{nullptr, nullptr, nullptr, nullptr};
+  const int pb = SU ? 0 : geo.PB;  // the halo of the staged input (u: none)
+  auto rin = [&](const Tile& tt) { return Rect{tt.h0 - pb, tt.w0 - pb, L.in.R, L.in.S}; };
+  auto rd = [&](const Tile& tt) { return Rect{tt.h0, tt.w0, L.tile.R, L.tile.S}; };
+  auto fetch = [&](const Tile& tt) {
+    if (SU)
+      prefetch_rect(u, geo, tt, rin(tt));
+    else
+      prefetch_rect(x, geo, tt, rin(tt));
+    prefetch_rect(dout, geo, tt, rd(tt));
+  };
   float s1 = 0.f, s2 = 0.f;  // this thread's sums over the part, in order
+  if (geo.prefetch && wk.first < wk.last) {
+    fetch(tile_at(geo, wk, wk.first));
+    __syncthreads();  // every line in flight before any staging load
+  }
   for (int item = wk.first; item < wk.last; ++item) {
     const Tile t = tile_at(geo, wk, item);
     if (SU) {
-      stage(sx, L.in, u, geo, t, t.h0, t.w0, L.in.R, L.in.S, none, false);
+      stage(sx, L.in, u, geo, t, rin(t), none, false);
     } else {
       if (item == wk.first) stage_weights(sw, w, t, K, false);
-      stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.in.S, in_aff,
-            in_aff.scale != nullptr);
+      stage(sx, L.in, x, geo, t, rin(t), in_aff, in_aff.scale != nullptr);
     }
-    stage(sd, L.tile, dout, geo, t, t.h0, t.w0, L.tile.R, L.tile.S, none, false);
+    stage(sd, L.tile, dout, geo, t, rd(t), none, false);
+    if (item + 1 < wk.last) fetch(tile_at(geo, wk, item + 1));  // while this one computes
     __syncthreads();
     if (l.active) {
       const int c = t.c0 + l.cl;
@@ -855,7 +929,23 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
   const int per = DJ + 1, cslots = dt.tasks() * per;  // floats per task, per channel
   for (int it = static_cast<int>(threadIdx.x); it < L.slots; it += static_cast<int>(blockDim.x))
     sums[it] = 0.f;
+  // the rectangles: u and dout on the extended region (PA before the tile); the input with
+  // its halo around that (SU: around the tile only); the raw x of the tile (affine: inside
+  // the input's)
+  const int xh = SU ? geo.PB : PA + geo.PB;
+  auto rext = [&](const Tile& tt) { return Rect{tt.h0 - PA, tt.w0 - PA, L.ext.R, L.ext.S}; };
+  auto rin = [&](const Tile& tt) { return Rect{tt.h0 - xh, tt.w0 - xh, L.in.R, L.inq}; };
+  auto rraw = [&](const Tile& tt) { return Rect{tt.h0, tt.w0, L.raw.R, L.raw.S}; };
+  auto fetch = [&](const Tile& tt) {  // (rin covers rraw)
+    if (SU) prefetch_rect(u_saved, geo, tt, rext(tt));
+    prefetch_rect(x, geo, tt, rin(tt));  // (SU: staged once dx is done)
+    prefetch_rect(dout, geo, tt, rext(tt));
+  };
   float sdscale = 0.f, sdshift = 0.f;  // this thread's sums over the part, in order
+  if (geo.prefetch && wk.first < wk.last) {
+    fetch(tile_at(geo, wk, wk.first));
+    __syncthreads();  // every line in flight before any staging load
+  }
   for (int item = wk.first; item < wk.last; ++item) {
     const Tile t = tile_at(geo, wk, item);
     const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;  // extended region origin
@@ -864,11 +954,11 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
       stage_weights(swf, w, t, K, true);
     }
     if (SU)
-      stage(sdu, L.ext, u_saved, geo, t, eh0, ew0, L.ext.R, L.ext.S, none, false);
+      stage(sdu, L.ext, u_saved, geo, t, rext(t), none, false);
     else
-      stage(sx, L.in, x, geo, t, eh0 - geo.PB, ew0 - geo.PB, L.in.R, L.inq, in_aff, affine);
-    stage(sd, L.ext, dout, geo, t, eh0, ew0, L.ext.R, L.ext.S, none, false);
-    if (affine) stage(sraw, L.raw, x, geo, t, t.h0, t.w0, L.raw.R, L.raw.S, none, false);
+      stage(sx, L.in, x, geo, t, rin(t), in_aff, affine);
+    stage(sd, L.ext, dout, geo, t, rext(t), none, false);
+    if (affine) stage(sraw, L.raw, x, geo, t, rraw(t), none, false);
     __syncthreads();
     // 1) du on the extended region (zero outside the image: those terms do not exist)
     if (l.active) {
@@ -942,9 +1032,10 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
         }
     }
     store_group<T>(dx, geo, t, l, dxv, sout);
+    if (item + 1 < wk.last) fetch(tile_at(geo, wk, item + 1));  // while dW computes
     if (SU) {  // the input planes (the tile and dW's halo) over dout's, dead now
       __syncthreads();
-      stage(sx, L.in, x, geo, t, t.h0 - geo.PB, t.w0 - geo.PB, L.in.R, L.inq, in_aff, affine);
+      stage(sx, L.in, x, geo, t, rin(t), in_aff, affine);
       __syncthreads();
     }
     // 3) dW[i][j] += sum_q du[q] x[q + (i, j) - PB] and db += sum_q du[q] over the tile, task

@@ -123,3 +123,78 @@ def test_activation_ids_reach_the_kernels():
     for act in ACTIVATIONS:
         assert_close(impl.stats(x, w, b, act)[0], torch_backend.stats(x, w, b, act)[0],
                      f32, act)
+
+
+VEC_CASES = [c for c in CASES if c[8]]
+
+
+@pytest.mark.skipif(BACKEND != "cuda_emu", reason="the prefetch audit is the emulator's")
+@pytest.mark.parametrize("saved_u", [False, True], ids=["recompute", "saved_u"])
+@pytest.mark.parametrize("case", VEC_CASES, ids=_ids)
+def test_prefetch_covers_every_staged_load(case, saved_u):
+    """Pass by pass: every 16-byte load a block stages finds its 128-byte line prefetched
+    into L2 by that block beforehand (the first item's lines before any staging, each next
+    item's while the previous one computes), and the block loads every line it prefetches:
+    the prefetched rectangles are the staged ones. Blocks take many items (one part), with
+    the input affine (B2 stages the raw x too). F1 saving u prefetches nothing (its
+    register cap; docs/DESIGN.md, "L2 prefetch")."""
+    N, C, H, W, k, dtype, layout, offset = case[:8]
+    lib = library("emulation")[0]
+    g = torch.Generator().manual_seed(7)
+    x = _make(N, C, H, W, dtype, layout, offset, g)
+    dout = _make(N, C, H, W, dtype, layout, offset, g)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    w, b = (r(C, 1, k, k) / k).to(dtype), (0.1 * r(C)).to(dtype)
+    aff = (1.5 + r(C).abs(), 0.5 + r(C).abs())
+    gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
+    impl = KernelBackend(Launchers(lib, DEVICE, 1, prefetch=True), saves_u=True)
+    assert impl.k.plan(x, k, 0, True, saved_u=saved_u).partial_rows[0] == 1
+    u = {"u": torch.zeros(x.shape, dtype=f32).to(memory_format=(
+        torch.channels_last if layout == "cl" else torch.contiguous_format))} if saved_u else {}
+
+    def audited(name, fn):
+        lib.prefetch_audit_start()
+        try:
+            out = fn()
+        finally:
+            audit = lib.prefetch_audit_stop()
+        if name == "F1" and saved_u:
+            assert audit["prefetches"] == 0, audit
+        else:
+            assert audit["prefetches"] > 0, (name, audit)
+            assert audit["missed"] == 0, (name, audit)
+            assert audit["unused"] == 0, (name, audit)
+        return out
+
+    mean, var = audited("F1", lambda: impl.stats(x, w, b, "gelu", aff, **u))
+    rstd = (var + 1e-5).rsqrt()
+    audited("F2", lambda: impl.apply(x, w, b, mean, rstd, gamma, beta, "gelu", aff, **u))
+    dbeta, dgamma = audited("B1", lambda: impl.bwd_reduce(dout, x, w, b, mean, rstd, "gelu",
+                                                          aff, **u))
+    audited("B2", lambda: impl.bwd_main(dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, True,
+                                        "gelu", aff, **u))
+
+
+@pytest.mark.skipif(BACKEND != "cuda_emu", reason="the prefetch audit is the emulator's")
+def test_prefetch_switch_reaches_the_kernels(monkeypatch):
+    """CONVMIXER_EXT_CUDA_PREFETCH=0 (or prefetch=False) turns the prefetches off, and the
+    audit then counts every staged load as missed (so it can fail); unset, they are on."""
+    lib = library("emulation")[0]
+    g = torch.Generator().manual_seed(8)
+    x = _make(2, 4, 8, 8, f32, "nchw", 0, g)
+    w, b = torch.randn(4, 1, 3, 3, generator=g) / 3, torch.zeros(4)
+    counts = {}
+    for name, flag, env in (("off", None, "0"), ("on", None, None), ("arg", False, None)):
+        if env is None:
+            monkeypatch.delenv("CONVMIXER_EXT_CUDA_PREFETCH", raising=False)
+        else:
+            monkeypatch.setenv("CONVMIXER_EXT_CUDA_PREFETCH", env)
+        impl = KernelBackend(Launchers(lib, DEVICE, prefetch=flag), saves_u=True)
+        lib.prefetch_audit_start()
+        try:
+            impl.stats(x, w, b, "gelu")
+        finally:
+            counts[name] = lib.prefetch_audit_stop()
+    assert counts["on"]["prefetches"] > 0 and counts["on"]["missed"] == 0
+    for name in ("off", "arg"):
+        assert counts[name]["prefetches"] == 0 and counts[name]["missed"] > 0
