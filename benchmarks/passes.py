@@ -7,7 +7,8 @@ steps).
     python -m benchmarks.passes [--shapes cm1536] [--ks 3 9] [--dtypes bfloat16 float32]
                                 [--layouts nchw channels_last]
                                 [--backends cuda triton triton_tc] [--kernels]
-                                [--tc-tilings 1 2 2w] [--u both] [--out DIR]
+                                [--tc-tilings 1 2 2w] [--u both] [--prefetch both]
+                                [--out DIR]
     python -m benchmarks.static --measured <this JSON> ...   # per-pass calibration
 
 GPU: ``triton.testing.do_bench`` (warm-up, L2 flush, median). Without a GPU it times the
@@ -17,10 +18,11 @@ launches, with its mean time under the CUDA profiler (kind "kernel": ..., pass_,
 us, calls per pass), so that a pass of several kernels (B2: dx and dW) splits.
 ``--tc-tilings`` times triton_tc in each tensor-core tiling
 (``triton_kernels.tensor_core_tiling``). ``--u``: F1 saving the convolution output for the
-later passes (default: as the op decides; recompute, saved, both). Writes
+later passes (default: as the op decides; recompute, saved, both). ``--prefetch``: the
+CUDA library's L2 prefetches on (default), off, or both ways. Writes
 ``<out>/passes-<device>-<date>.json`` (records of kind "pass": shape_name, shape, dtype,
 layout, k, backend, pass_, ms, ms_p20, ms_p80, tiling: triton_tc's, null for the other
-backends; saved_u).
+backends; saved_u; prefetch).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import sys
 
 import torch
 
-from benchmarks.run import HERE, _shape, _timer, environment
+from benchmarks.run import HERE, _shape, _timer, environment, prefetch_off
 from convmixer_ext._cmx_lib import PASSES
 from convmixer_ext.backends import (SAVES_U_BACKENDS, backend_reason, get_impl,
                                     saves_conv_output)
@@ -109,19 +111,24 @@ def per_launch(events, launches):
     return out
 
 
-def _variants(be, tilings):
-    """[(tiling, context)]: triton_tc in each tensor-core tiling, every other backend once."""
-    if be != "triton_tc":
-        return [(None, contextlib.nullcontext)]
-    from convmixer_ext import triton_kernels as tk
-    return [(t, functools.partial(tk.tensor_core_tiling, t)) for t in tilings]
+def _variants(be, tilings, prefetch=("on",)):
+    """[(tiling, prefetch, context)]: triton_tc in each tensor-core tiling, the CUDA
+    library with its L2 prefetches on and / or off, every other backend once."""
+    if be == "triton_tc":
+        from convmixer_ext import triton_kernels as tk
+        return [(t, None, functools.partial(tk.tensor_core_tiling, t)) for t in tilings]
+    if be in ("cuda", "cuda_emu"):
+        return [(None, p == "on", functools.partial(prefetch_off, p == "off"))
+                for p in prefetch]
+    return [(None, None, contextlib.nullcontext)]
 
 
 def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records: None,
-        kernels=False, tilings=("1",), u_choice="default"):
+        kernels=False, tilings=("1",), u_choice="default", prefetch=("on",)):
     """Time every pass; ``save(records)`` after each backend's four passes (an interrupted
     run keeps what it measured); triton_tc in each tensor-core tiling (records' "tiling");
-    the convolution output saved or not as ``u_choice`` says (records' "saved_u")."""
+    the convolution output saved or not as ``u_choice`` says (records' "saved_u"); the CUDA
+    library's prefetches as ``prefetch`` lists ("on", "off"; records' "prefetch")."""
     records = []
     for sname, shape in shapes:
         for dtype in dtypes:
@@ -132,14 +139,15 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records
                         if backend_reason(be, device) is not None or \
                                 (be == "triton_tc" and dtype == "float32"):
                             continue
-                        for saved_u, tiling, ctx in [
-                                (s_u, t, c) for s_u in _u_variants(be, k, u_choice)
-                                for t, c in _variants(be, tilings)]:
+                        for saved_u, tiling, pf, ctx in [
+                                (s_u, t, f, c) for s_u in _u_variants(be, k, u_choice)
+                                for t, f, c in _variants(be, tilings, prefetch)]:
                             with ctx():
                                 steps = pass_steps(get_impl(be), x, dout, w, b, v,
                                                    ACTIVATIONS["gelu"], saved_u)
                             tag = (f" tiling {tiling}" if tiling else "") + \
-                                (" saved u" if saved_u else "")
+                                (" saved u" if saved_u else "") + \
+                                (" no prefetch" if pf is False else "")
                             for name, step in steps.items():
                                 with ctx():
                                     step()  # compile / warm up
@@ -151,7 +159,7 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records
                                                     layout=layout, k=k, backend=be,
                                                     pass_=name, ms=med, ms_p20=p20,
                                                     ms_p80=p80, device=device, tiling=tiling,
-                                                    saved_u=saved_u))
+                                                    saved_u=saved_u, prefetch=pf))
                                 print(f"{sname} {dtype} {layout} k={k} {be}{tag} {name}: "
                                       f"{med:.3f} ms", flush=True)
                                 for kname, (us, calls) in kt.items():
@@ -159,7 +167,7 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records
                                                         dtype=dtype, layout=layout, k=k,
                                                         backend=be, pass_=name, kernel=kname,
                                                         us=us, calls=calls, tiling=tiling,
-                                                        saved_u=saved_u))
+                                                        saved_u=saved_u, prefetch=pf))
                                     print(f"    {kname[:60]}: {us:.1f} us x {calls:g}",
                                           flush=True)
                         save(records)
@@ -188,6 +196,8 @@ def main(argv=None):
     p.add_argument("--u", default="default", choices=["default", "recompute", "saved", "both"],
                    help="F1 saving the convolution output for F2, B1, B2: "
                         "as the op decides by default, never, always, or each way")
+    p.add_argument("--prefetch", default="on", choices=["on", "off", "both"],
+                   help="the CUDA library's L2 prefetches: on (default), off, or each way")
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
@@ -205,7 +215,8 @@ def main(argv=None):
 
     try:
         records = run(shapes, a.ks, dtypes, a.layouts, backends, a.device, a.reps, save,
-                      kernels=a.kernels, tilings=a.tc_tilings, u_choice=a.u)
+                      kernels=a.kernels, tilings=a.tc_tilings, u_choice=a.u,
+                      prefetch=["on", "off"] if a.prefetch == "both" else [a.prefetch])
     except KeyboardInterrupt:
         print("interrupted: keeping the passes timed so far", flush=True)
         return 1

@@ -14,7 +14,9 @@ shapes), labelled CPU; GPU figures live in benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 import convmixer_ext
-from convmixer_ext import fused_dwconv_block
+from convmixer_ext import _env, fused_dwconv_block
 from convmixer_ext.reference import Residual
 from convmixer_ext.semantics import activation_module
 
@@ -75,6 +77,25 @@ class FusedBlock(nn.Module):
 # "<backend>-recompute": the backend with save_conv=False (every pass recomputes the
 # convolution: the memory-lean setting, beside the default that saves it from k = 7 up)
 RECOMPUTE = "-recompute"
+# "<backend>-noprefetch": the CUDA library without its L2 prefetches
+# (CONVMIXER_EXT_CUDA_PREFETCH=0 around every call: docs/DESIGN.md, "L2 prefetch")
+NOPREFETCH = "-noprefetch"
+
+
+@contextlib.contextmanager
+def prefetch_off(off=True):
+    """The CUDA library's L2 prefetches off within (as CONVMIXER_EXT_CUDA_PREFETCH=0)."""
+    old = os.environ.get(_env.PREFETCH_VAR)
+    if off:
+        os.environ[_env.PREFETCH_VAR] = "0"
+    try:
+        yield
+    finally:
+        if off:
+            if old is None:
+                os.environ.pop(_env.PREFETCH_VAR, None)
+            else:
+                os.environ[_env.PREFETCH_VAR] = old
 
 
 def make_provider(name, ref):
@@ -85,6 +106,8 @@ def make_provider(name, ref):
         return torch.compile(ref, mode=mode)
     if name.endswith(RECOMPUTE):
         return FusedBlock(ref, name[:-len(RECOMPUTE)], save_conv=False)
+    if name.endswith(NOPREFETCH):
+        return FusedBlock(ref, name[:-len(NOPREFETCH)])
     return FusedBlock(ref, name)
 
 
@@ -180,6 +203,7 @@ def prepare_case(case, device, check_tol):
     ref = ref.to(memory_format=mf)
     x = torch.randn(N, C, H, W, device=device, dtype=dtype).to(memory_format=mf)
     module = make_provider(prov, ref)
+    no_prefetch = functools.partial(prefetch_off, prov.endswith(NOPREFETCH))
     train = mode != "eval"
     module.train(train)
     golden.train(train)
@@ -190,11 +214,13 @@ def prepare_case(case, device, check_tol):
     grads = mode == "train_fwdbwd"
     xr = x.detach().clone().requires_grad_(grads)
     xg = x.float().detach().clone().requires_grad_(grads)
-    out, gx = module(xr), golden(xg)
+    with no_prefetch():
+        out, gx = module(xr), golden(xg)
+        if grads:
+            out.backward(probe)
+            gx.backward(probe.float())
     checks = [("output", out, gx)]
     if grads:
-        out.backward(probe)
-        gx.backward(probe.float())
         checks.append(("x.grad", xr.grad, xg.grad))
     for what, got, want in checks:
         err = (got.float() - want).abs().max().item()
@@ -204,13 +230,14 @@ def prepare_case(case, device, check_tol):
 
     def step():
         xi = x.detach().requires_grad_(mode == "train_fwdbwd")
-        if mode == "eval":
-            with torch.no_grad():
-                return module(xi)
-        o = module(xi)
-        if mode == "train_fwdbwd":
-            o.backward(probe)
-        return o
+        with no_prefetch():
+            if mode == "eval":
+                with torch.no_grad():
+                    return module(xi)
+            o = module(xi)
+            if mode == "train_fwdbwd":
+                o.backward(probe)
+            return o
 
     return rec, step, module, x
 
@@ -480,7 +507,8 @@ def parse(argv):
                    help="eager, compile, compile-max, cuda, triton, triton_tc (16-bit dtypes), "
                         "torch (default: available); cuda-recompute, triton-recompute, "
                         "triton_tc-recompute: "
-                        "with save_conv=False")
+                        "with save_conv=False; cuda-noprefetch: the CUDA library without "
+                        "its L2 prefetches")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")

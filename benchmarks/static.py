@@ -109,9 +109,11 @@ def access_widths(opcodes):
 
 def sass_facts(opcodes):
     """The SASS facts the report keeps of one kernel: memory instructions by access width,
-    the instruction count and the FFMA count."""
+    the instruction count, the FFMA count and the L2 prefetches (``CCTL.E.PF2``)."""
     return dict(widths=access_widths(opcodes), instructions=len(opcodes),
-                ffma=sum(op.startswith("FFMA") for op in opcodes))
+                ffma=sum(op.startswith("FFMA") for op in opcodes),
+                prefetches=sum(op.startswith("CCTL") and "PF2" in op.split(".")
+                               for op in opcodes))
 
 
 def parse_sass(text):
@@ -377,6 +379,7 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
             occupancy={a: o for a, o in occ.items()},
             widths={k2: {str(w): n for w, n in v.items()} for k2, v in
                     f90.get("widths", {}).items() if v},
+            prefetches=f90.get("prefetches", 0),
             bytes_min=minimum, bytes=dram, bytes_ratio=dram / minimum, l2_bytes=l2,
             fma=cost["ffma"], fma_per_element=cost["ffma"] / elems,
             predicted_ms=t * 1e3, bound=bound))
@@ -615,9 +618,9 @@ def markdown(rows, compared=None, measured_on=None):
                          f"{f(tc, 'pct_roofline', '{:.0f}%')} |")
     lines += ["", "## Kernels", "", "| shape | dtype | layout | k | backend | pass | kernel | "
               "regs [C] | spills + stack B [C] | smem B [C] | warps/SM sm_80/sm_90 [C] | "
-              "16-byte LDG/STG [C] | bytes / min [C] | FMA/elem [C] | predicted ms [E] | "
-              "bound [E] |",
-              "|" + "---|" * 16]
+              "16-byte LDG/STG [C] | L2 prefetch [C] | bytes / min [C] | FMA/elem [C] | "
+              "predicted ms [E] | bound [E] |",
+              "|" + "---|" * 17]
     for r in rows:
         for kr in r["kernels"]:
             w = kr.get("widths", {})
@@ -629,7 +632,8 @@ def markdown(rows, compared=None, measured_on=None):
                 f"{kr['backend']} | {kr['pass_']} | {kr['kernel']} | {kr.get('regs')} | "
                 f"{(kr.get('local') or 0) + (kr.get('stack') or 0)} | {smem} | "
                 f"{kr['occupancy'][80]['warps']}/"
-                f"{kr['occupancy'][90]['warps']} | {v16} | {ratio} | "
+                f"{kr['occupancy'][90]['warps']} | {v16} | {kr.get('prefetches', '—')} | "
+                f"{ratio} | "
                 f"{kr['fma_per_element']:.0f} | {kr['predicted_ms']:.3f} | {kr['bound']} |")
     if compared:
         lines += ["", "## Measured against predicted", "",
@@ -737,9 +741,11 @@ def _measured(paths):
         with open(path) as f:
             records += json.load(f)["records"]
     for r in records:
-        if r.get("kind") == "pass" and "ms" in r and r.get("tiling") in (None, "1"):
-            # benchmarks/passes.py: one pass alone (triton_tc in the default tiling; "/u":
-            # with the convolution output saved by F1 and read by the others)
+        if r.get("kind") == "pass" and "ms" in r and r.get("tiling") in (None, "1") and \
+                r.get("prefetch") is not False:
+            # benchmarks/passes.py: one pass alone (triton_tc in the default tiling, the
+            # CUDA library with its prefetches; "/u": with the convolution output saved by
+            # F1 and read by the others)
             out[(r["shape_name"], r["dtype"], r["layout"],
                  r["pass_"] + ("/u" if r.get("saved_u") else ""), r["k"],
                  r["backend"])] = r["ms"]

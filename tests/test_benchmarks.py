@@ -148,3 +148,35 @@ def test_pass_timings_with_the_saved_convolution_output(tmp_path):
     measured = {("cm1536", "bfloat16", "nchw", "B2/u", 9, "triton"): 8.0,
                 ("cm1536", "bfloat16", "nchw", "F1", 9, "triton"): 1.0}
     assert {p["key"][3]: p["ratio"] for p in static.compare(rows, measured)} == {"B2/u": 2.0}
+
+
+def test_the_cuda_library_timed_without_its_prefetches(tmp_path, monkeypatch):
+    """The A/B of the L2 prefetches: the "-noprefetch" provider runs every launch of a step
+    (backward too) with them off, the plain one with them on; passes --prefetch both times
+    each pass both ways, and only the default (on) meets the static report's prediction."""
+    from benchmarks import passes, static
+    from conftest import kernel_backends
+    from convmixer_ext.cuda_kernels import Launchers
+    if "cuda_emu" not in kernel_backends():
+        pytest.skip("the emulation library is not built")
+    seen = {}
+    real = Launchers._prefetch
+    monkeypatch.setattr(Launchers, "_prefetch",
+                        lambda self: seen.setdefault(os.environ.get(
+                            "CONVMIXER_EXT_CUDA_PREFETCH"), set()).add(real(self)) or real(self))
+    rc = main(["--quick", "--device", "cpu", "--ks", "3", "--modes", "train_fwdbwd",
+               "--providers", "cuda_emu", "cuda_emu-noprefetch", "--reps", "1",
+               "--out", str(tmp_path / "blocks")])
+    assert rc == 0
+    assert seen == {None: {True}, "0": {False}}, seen
+    assert "CONVMIXER_EXT_CUDA_PREFETCH" not in os.environ
+    rc = passes.main(["--device", "cpu", "--shapes", "2x3x8x8", "--ks", "3", "--layouts",
+                      "nchw", "--reps", "1", "--backends", "cuda_emu", "--prefetch", "both",
+                      "--out", str(tmp_path)])
+    assert rc == 0
+    recs = json.load(open(next(tmp_path.glob("passes-*.json"))))["records"]
+    assert sorted((r["prefetch"], r["pass_"]) for r in recs) == \
+        sorted((f, p) for f in (False, True) for p in passes.PASSES)
+    on = {r["pass_"]: r["ms"] for r in recs if r["prefetch"]}
+    assert static._measured([str(next(tmp_path.glob("passes-*.json")))]) == \
+        {("2x3x8x8", "float32", "nchw", p, 3, "cuda_emu"): ms for p, ms in on.items()}

@@ -82,6 +82,17 @@ def test_every_cuda_row_is_a_compiled_instantiation(report):
             if saved else [("F1", None), ("F2", None), ("B1", None), ("B2", None)]), case["k"]
 
 
+def test_cuda_kernels_prefetch_what_they_stage(report):
+    """The L2 prefetches survive to the sm_90 code of every CUDA pass (SASS CCTL.E.PF2), but
+    F1 saving u (its register cap; docs/DESIGN.md, "L2 prefetch"). The emulator's audit
+    checks their addresses (tests/test_cuda_paths.py)."""
+    for case, k in _cuda(report):
+        if k["pass_"] == "F1" and k["u"] == "save":
+            assert k["prefetches"] == 0, (case["k"], k["kernel"])
+        else:
+            assert k["prefetches"] > 0, (case["shape_name"], case["k"], k["pass_"], k["u"])
+
+
 def test_bytes_moved_within_115_percent_of_the_minimum(report):
     for case, k in _cuda(report):
         assert k["bytes_ratio"] <= 1.15, (case["shape_name"], case["dtype"], case["layout"],
