@@ -38,6 +38,9 @@ def _libraries():
         extra = f" for {', '.join(lib.archs)} (CUDA {lib.build_info.get('cuda')})" \
             if kind == "cuda" else ""
         lines.append(f"{kind} library: {lib.path}{extra}")
+    from . import _env
+    lines.append("kernel library L2 prefetch: " + (
+        "on" if _env.cuda_prefetch() else f"off ({_env.PREFETCH_VAR}=0)"))
     return lines
 
 

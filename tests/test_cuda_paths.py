@@ -126,29 +126,39 @@ def test_activation_ids_reach_the_kernels():
 
 
 VEC_CASES = [c for c in CASES if c[8]]
+# (case, parts of F1): one part, and two where there are several tiles (>= 4 items)
+PREFETCH_CASES = [(c, 1) for c in VEC_CASES] + [(c, 2) for c in VEC_CASES if c[10]]
 
 
 @pytest.mark.skipif(BACKEND != "cuda_emu", reason="the prefetch audit is the emulator's")
 @pytest.mark.parametrize("saved_u", [False, True], ids=["recompute", "saved_u"])
-@pytest.mark.parametrize("case", VEC_CASES, ids=_ids)
-def test_prefetch_covers_every_staged_load(case, saved_u):
+@pytest.mark.parametrize("case, parts", PREFETCH_CASES,
+                         ids=[f"{_ids(c)}-{p}-part{'s' * (p > 1)}" for c, p in PREFETCH_CASES])
+def test_prefetch_covers_every_staged_load(case, saved_u, parts):
     """Pass by pass: every 16-byte load a block stages finds its 128-byte line prefetched
     into L2 by that block beforehand (the first item's lines before any staging, each next
     item's while the previous one computes), and the block loads every line it prefetches:
-    the prefetched rectangles are the staged ones. Blocks take many items (one part), with
-    the input affine (B2 stages the raw x too). F1 saving u prefetches nothing (its
-    register cap; docs/DESIGN.md, "L2 prefetch")."""
+    the prefetched rectangles are the staged ones, and no block looks past its part's last
+    item. Blocks take many items (one part, or F1's two), with the input affine (B2 stages
+    the raw x too). F1 saving u prefetches nothing (its register cap; docs/DESIGN.md,
+    "L2 prefetch")."""
     N, C, H, W, k, dtype, layout, offset = case[:8]
     lib = library("emulation")[0]
     g = torch.Generator().manual_seed(7)
     x = _make(N, C, H, W, dtype, layout, offset, g)
+    target = 1
+    if parts == 2:  # F1 in two parts of >= 2 items (the other passes as that gives)
+        plan = Launchers(lib, DEVICE, 1).plan(x, k, 0, True, saved_u=saved_u)
+        items = N * -(-H // plan.tile_h) * -(-W // plan.tile_w)
+        assert items >= 4  # two parts of >= 2 items: each looks ahead
+        target = 2 * -(-C // plan.channels_per_block[0])
     dout = _make(N, C, H, W, dtype, layout, offset, g)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     w, b = (r(C, 1, k, k) / k).to(dtype), (0.1 * r(C)).to(dtype)
     aff = (1.5 + r(C).abs(), 0.5 + r(C).abs())
     gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
-    impl = KernelBackend(Launchers(lib, DEVICE, 1, prefetch=True), saves_u=True)
-    assert impl.k.plan(x, k, 0, True, saved_u=saved_u).partial_rows[0] == 1
+    impl = KernelBackend(Launchers(lib, DEVICE, target, prefetch=True), saves_u=True)
+    assert impl.k.plan(x, k, 0, True, saved_u=saved_u).partial_rows[0] == parts
     u = {"u": torch.zeros(x.shape, dtype=f32).to(memory_format=(
         torch.channels_last if layout == "cl" else torch.contiguous_format))} if saved_u else {}
 

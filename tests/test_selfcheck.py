@@ -23,6 +23,9 @@ def test_self_check_reports_and_probes():
     assert out.count(" ok ") >= 2  # at least eager and torch ran their probe
     if not torch.cuda.is_available():
         assert "no CUDA device" in out
+    want = "off (CONVMIXER_EXT_CUDA_PREFETCH=0)" \
+        if os.environ.get("CONVMIXER_EXT_CUDA_PREFETCH", "1").strip() == "0" else "on"
+    assert f"kernel library L2 prefetch: {want}" in out
 
 
 def test_probe_detects_a_wrong_result(monkeypatch):
