@@ -39,8 +39,11 @@ def _libraries():
             if kind == "cuda" else ""
         lines.append(f"{kind} library: {lib.path}{extra}")
     from . import _env
-    lines.append("kernel library L2 prefetch: " + (
-        "on" if _env.cuda_prefetch() else f"off ({_env.PREFETCH_VAR}=0)"))
+    try:
+        state = "on" if _env.cuda_prefetch() else f"off ({_env.PREFETCH_VAR}=0)"
+    except ValueError as e:  # the kernel libraries' launches will refuse it too
+        state = str(e)
+    lines.append(f"kernel library L2 prefetch: {state}")
     return lines
 
 

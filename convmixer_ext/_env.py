@@ -31,7 +31,11 @@ def backend_override() -> str:
 
 
 def cuda_prefetch() -> bool:
-    return os.environ.get(PREFETCH_VAR, "1").strip() != "0"
+    """CONVMIXER_EXT_CUDA_PREFETCH: "1" or unset (on), "0" (off); anything else is refused."""
+    v = os.environ.get(PREFETCH_VAR, "1").strip() or "1"
+    if v not in ("0", "1"):
+        raise ValueError(f"environment variable {PREFETCH_VAR} must be 0 or 1, got {v!r}")
+    return v == "1"
 
 
 def emu_lib_override():

@@ -118,6 +118,19 @@ def test_env_override_of_auto(monkeypatch):
     assert _call(backend="auto").shape == (2, 3, 5, 5)
 
 
+def test_prefetch_switch_takes_0_or_1(monkeypatch):
+    """CONVMIXER_EXT_CUDA_PREFETCH is 0 or 1 (or unset): "false" or "off" would otherwise
+    leave the prefetches on without a word."""
+    _emu_path()
+    for bad in ("false", "off", "2"):
+        monkeypatch.setenv("CONVMIXER_EXT_CUDA_PREFETCH", bad)
+        with pytest.raises(ValueError, match="CONVMIXER_EXT_CUDA_PREFETCH must be 0 or 1"):
+            _call(backend="cuda_emu")
+    for good in ("0", "1", " 1 ", ""):
+        monkeypatch.setenv("CONVMIXER_EXT_CUDA_PREFETCH", good)
+        assert _call(backend="cuda_emu").shape == (2, 3, 5, 5)
+
+
 def test_module_constructor_checks():
     with pytest.raises(ValueError, match="activation"):
         ConvMixerLayer(4, 3, activation="tanh")
