@@ -321,6 +321,7 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
         i = _cmx_lib.PASSES.index(name)
         su = u is not None
         plan, load = plans[su], u == "load"
+        elementwise = load and name != "B2"  # F2, B1 reading u: no convolution
         kern = _CUDA_KERNEL[name]
         KT = cuda_kt(k, name, su)
         fkey = (kern, dtype, KT, su)
@@ -338,7 +339,7 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
         # halo re-reads come from L2 (neighbouring tiles of one image are consecutive)
         halo = ((TH + k - 1) * (TW + k - 1) / (TH * TW) - 1) if (TH < H or TW < W) else 0.0
         ehalo = ext / valid_per_tile - 1 if (TH < H or TW < W) else 0.0
-        if load and name != "B2":  # no convolution: the tile itself, no halo, no taps
+        if elementwise:  # the tile itself, no halo, no taps
             l2 = 0.0
             cost = dict(ffma=0.0, instr=0.0, wavefronts=0.0)
         else:
@@ -363,9 +364,8 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
             cost["ffma"] += dw_ffma
             cost["instr"] += dw_ffma + dw_lds
             cost["wavefronts"] += per_item * (RW + window) / 32
-        instr = cost["instr"] * 1.15  # address arithmetic, predicates, conversions
-        if load and name != "B2":
-            instr = ELEMENTWISE_INSTR * elems
+        instr = ELEMENTWISE_INSTR * elems if elementwise else \
+            cost["instr"] * 1.15  # address arithmetic, predicates, conversions
         t, bound = estimate(dram, l2, cost["ffma"], instr, cost["wavefronts"],
                             occ[90]["warps"], 16 if plan.vec else e, plan.blocks[i])
         rows.append(dict(

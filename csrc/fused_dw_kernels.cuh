@@ -221,7 +221,7 @@ struct Rect {
   int r0, q0, R, Q;
 };
 
-// L2 prefetch of what stage() reads of x for rectangle `a` of tile t: one prefetch per
+// L2 prefetch of what stage() reads of x for rectangle `rect` of tile t: one prefetch per
 // 128-byte line of each contiguous run (a row of a channel along W in NCHW, the tile's
 // channels at one position in channels_last), every address inside the image (16-byte path
 // only). The staging loop issues one load per thread at a time and waits for it; issued
@@ -229,10 +229,10 @@ struct Rect {
 // the prefetches put the block's bytes in flight at once and those loads then hit L2.
 template <typename T>
 __device__ void prefetch_rect(const T* __restrict__ x, const Geom& geo, const Tile& t,
-                              const Rect& a) {
+                              const Rect& rect) {
   if (!geo.prefetch) return;
-  const int h0 = max(a.r0, 0), h1 = min(a.r0 + a.R, geo.H);
-  const int w0 = max(a.q0, 0), w1 = min(a.q0 + a.Q, geo.W);
+  const int h0 = max(rect.r0, 0), h1 = min(rect.r0 + rect.R, geo.H);
+  const int w0 = max(rect.q0, 0), w1 = min(rect.q0 + rect.Q, geo.W);
   if (h0 >= h1 || w0 >= w1) return;
   const bool nchw = geo.layout == kNCHW;
   // runs: (channel, row) along W, or (row, column) along C; one thread per run
@@ -253,17 +253,29 @@ __device__ void prefetch_rect(const T* __restrict__ x, const Geom& geo, const Ti
   }
 }
 
-// s[cl*P + r*S + q] <- the input of channel c0+cl at image row a.r0 + r, column a.q0 + q
-// (r < a.R, q < a.Q), with the affine when `affine`; zero outside the image and for channels
+// The first item of a block's part: fetch(its tile) prefetches its rectangles, then a
+// barrier, so that every line is in flight before any staging load (each next item's are
+// prefetched while the current one computes). Every thread of the block calls it.
+template <class Fetch>
+__device__ __forceinline__ void prefetch_first_item(bool on, const Geom& geo, const Work& wk,
+                                                    Fetch&& fetch) {
+  if (!on || wk.first >= wk.last) return;
+  fetch(tile_at(geo, wk, wk.first));
+  __syncthreads();
+}
+
+// s[cl*P + r*S + q] <- the input of channel c0+cl at image row rect.r0 + r, column
+// rect.q0 + q (r < rect.R, q < rect.Q), with the affine when `affine`; zero outside the image and for channels
 // beyond t.cn (the padding pads the block input, so it stays zero with an affine).
 template <typename T>
 __device__ void stage(float* s, const Planes& L, const T* __restrict__ x, const Geom& geo,
-                      const Tile& t, const Rect& a, const InAffine& in_aff, bool affine) {
+                      const Tile& t, const Rect& rect, const InAffine& in_aff,
+                      bool affine) {
   constexpr int V = Blk<T>::VEC;
   const int nthreads = static_cast<int>(blockDim.x);
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t img = static_cast<int64_t>(t.n) * geo.sN;
-  const int r0 = a.r0, q0 = a.q0, R = a.R, Q = a.Q;
+  const int r0 = rect.r0, q0 = rect.q0, R = rect.R, Q = rect.Q;
   if (geo.vec && geo.layout == kNCHW) {
     // 16-byte chunks along W; chunk k covers columns [a + k*V, a + k*V + V), a aligned down
     const int a = (q0 >= 0 ? q0 / V : -cdiv(-q0, V)) * V;
@@ -618,11 +630,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   // L2 prefetch (not SU: F1 saving u runs at its 80-register cap, where the prefetches'
   // addresses spill; from k = 7 up, where it saves u, it is bound by the convolution)
   const bool prefetch = !SU && geo.prefetch;
-  if (prefetch && wk.first < wk.last) {
-    const Tile t = tile_at(geo, wk, wk.first);
-    prefetch_rect(x, geo, t, rx(t));
-    __syncthreads();  // every line in flight before any staging load
-  }
+  auto fetch = [&](const Tile& tt) { prefetch_rect(x, geo, tt, rx(tt)); };
+  prefetch_first_item(prefetch, geo, wk, fetch);
   for (int item = wk.first; item < wk.last; ++item) {
     const Tile t = tile_at(geo, wk, item);
     if (item == wk.first) stage_weights(sw, w, t, K, false);
@@ -643,10 +652,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
           if (inside(t, l.gr * RH + ro, l.gc * RW + o)) sum += g[ro][o];
         }
     }
-    if (prefetch && item + 1 < wk.last) {  // the next item's input, while this one reduces
-      const Tile nt = tile_at(geo, wk, item + 1);
-      prefetch_rect(x, geo, nt, rx(nt));
-    }
+    // the next item's input, while this one reduces
+    if (prefetch && item + 1 < wk.last) fetch(tile_at(geo, wk, item + 1));
     const float cnt = static_cast<float>(t.th * t.tw);
     const float mean = channel_sum(sum, geo, l, red, red2) / cnt;  // (its barriers also
     float m2 = 0.f;                                               //  retire the staging)
@@ -750,10 +757,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
     prefetch_rect(dout, geo, tt, rd(tt));
   };
   float s1 = 0.f, s2 = 0.f;  // this thread's sums over the part, in order
-  if (geo.prefetch && wk.first < wk.last) {
-    fetch(tile_at(geo, wk, wk.first));
-    __syncthreads();  // every line in flight before any staging load
-  }
+  prefetch_first_item(geo.prefetch, geo, wk, fetch);
   for (int item = wk.first; item < wk.last; ++item) {
     const Tile t = tile_at(geo, wk, item);
     if (SU) {
@@ -932,9 +936,11 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
   // the rectangles: u and dout on the extended region (PA before the tile); the input with
   // its halo around that (SU: around the tile only); the raw x of the tile (affine: inside
   // the input's)
-  const int xh = SU ? geo.PB : PA + geo.PB;
+  const int xo = SU ? 0 : PA;  // the tile's origin in the input planes, less PB
   auto rext = [&](const Tile& tt) { return Rect{tt.h0 - PA, tt.w0 - PA, L.ext.R, L.ext.S}; };
-  auto rin = [&](const Tile& tt) { return Rect{tt.h0 - xh, tt.w0 - xh, L.in.R, L.inq}; };
+  auto rin = [&](const Tile& tt) {
+    return Rect{tt.h0 - xo - geo.PB, tt.w0 - xo - geo.PB, L.in.R, L.inq};
+  };
   auto rraw = [&](const Tile& tt) { return Rect{tt.h0, tt.w0, L.raw.R, L.raw.S}; };
   auto fetch = [&](const Tile& tt) {  // (rin covers rraw)
     if (SU) prefetch_rect(u_saved, geo, tt, rext(tt));
@@ -942,10 +948,7 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
     prefetch_rect(dout, geo, tt, rext(tt));
   };
   float sdscale = 0.f, sdshift = 0.f;  // this thread's sums over the part, in order
-  if (geo.prefetch && wk.first < wk.last) {
-    fetch(tile_at(geo, wk, wk.first));
-    __syncthreads();  // every line in flight before any staging load
-  }
+  prefetch_first_item(geo.prefetch, geo, wk, fetch);
   for (int item = wk.first; item < wk.last; ++item) {
     const Tile t = tile_at(geo, wk, item);
     const int eh0 = t.h0 - PA, ew0 = t.w0 - PA;  // extended region origin
@@ -1046,7 +1049,6 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
       for (int task = l.grp; task < dt.tasks(); task += tpc) {
         const int u = task % dt.U, s0 = task / dt.U;
         const int i = u / dt.JB, j0 = (u % dt.JB) * DJ;
-        const int xo = SU ? 0 : PA;  // the tile's origin in the input planes, less PB
         const float* xin = sx + l.cl * L.in.P + (xo + i) * L.in.S + xo + j0;
         float acc[DJ];
         float dbs = 0.f;

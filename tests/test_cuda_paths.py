@@ -16,7 +16,7 @@ from convmixer_ext import torch_backend
 from convmixer_ext.backends import KernelBackend, backend_reason, get_impl, library
 from convmixer_ext.cuda_kernels import Launchers
 from convmixer_ext.semantics import ACTIVATIONS
-from helpers import assert_close, compare_passes
+from helpers import assert_close, compare_passes, like_x
 
 BACKEND = "cuda" if DEVICE == "cuda" else "cuda_emu"
 pytestmark = pytest.mark.skipif(backend_reason(BACKEND, DEVICE) is not None,
@@ -159,8 +159,7 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
     gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
     impl = KernelBackend(Launchers(lib, DEVICE, target, prefetch=True), saves_u=True)
     assert impl.k.plan(x, k, 0, True, saved_u=saved_u).partial_rows[0] == parts
-    u = {"u": torch.zeros(x.shape, dtype=f32).to(memory_format=(
-        torch.channels_last if layout == "cl" else torch.contiguous_format))} if saved_u else {}
+    u = {"u": like_x(x, f32, 0.0)} if saved_u else {}
 
     def audited(name, fn):
         lib.prefetch_audit_start()
