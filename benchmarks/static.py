@@ -388,7 +388,18 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
 
 # --------------------------------------------------------------------------- Triton passes
 _TRITON_PASSES = {"_stats_kernel": "F1", "_apply_kernel": "F2", "_bwd_reduce_kernel": "B1",
-                  "_bwd_du_kernel": "B2", "_bwd_dx_kernel": "B2"}
+                  "_bwd_du_kernel": "B2", "_bwd_dx_kernel": "B2", "_bwd_dw_kernel": "B2"}
+
+
+def nested_instructions(fact, outer, inner):
+    """[E] instructions one thread issues in a kernel of two nested loops (``fact["loops"]``
+    in address order: the inner body, then the outer one, which holds the inner once), run
+    ``outer`` and ``outer * inner`` times."""
+    loops = fact.get("loops", [])
+    if len(loops) != 2:
+        raise RuntimeError(f"{fact.get('kernel')}: loops {loops}, expected two nested ones")
+    body_in, body_out = loops
+    return fact["instructions"] + body_out * (outer - 1) + body_in * (outer * inner - 1)
 
 
 def triton_passes(shape, k, dtype, layout, tc=False):
@@ -426,19 +437,34 @@ def triton_passes(shape, k, dtype, layout, tc=False):
             dram = xbytes + src
         elif name == "_bwd_du_kernel":  # reads dout, writes du in fp32
             dram = xbytes + src + 4 * elems
-        else:  # dx: du (fp32, halo from L2), dout, x, writes dx; dW partials per program
+        elif name == "_bwd_dw_kernel":  # du (fp32) and x's taps; dW partials per image
+            dram, ffma = 4 * elems + xbytes, elems * kw["TAPS"] * -(-k * k // kw["TAPS"])
+        elif kw.get("TC") or kw.get("DW_TILE"):  # dx: du (fp32, halo from L2), dout, x, writes
+            # dx; the tile's dW partials
             dram, ffma = 4 * elems + 3 * xbytes, 2 * elems * k * k
+        else:  # dx: du (fp32, halo from L2), dout, writes dx (x: for the input affine)
+            dram = 4 * elems + (3 if kw["IN_AFFINE"] else 2) * xbytes
+            ffma = elems * k * k
         programs = grid[0]
         block_c = kw.get("BLOCK_C", 1)
         rows_p = programs // max(1, math.ceil(C / block_c))
         partial = {"_stats_kernel": 3 * 4, "_bwd_reduce_kernel": 2 * 4,
-                   "_bwd_dx_kernel": (k * k + 1) * 4}.get(name, 0) * rows_p * C * 2
+                   "_bwd_dx_kernel": (k * k + 1 if kw.get("TC") or kw.get("DW_TILE") else 1) * 4,
+                   }.get(name, 0) * rows_p * C * 2
+        if name == "_bwd_dw_kernel":  # written, then read by the sum over its rows
+            partial = args[4].numel() * 4 * 2
         dram += partial
-        # every tap is a masked global load through L1/L2 (no shared memory staging)
-        l2 = elems * k * k * (e if name != "_bwd_dx_kernel" else (4 + e)) / 8
+        # every tap is a masked global load through L1/L2 (no shared memory staging): x's,
+        # du's (fp32) in the transposed convolution, both in dW
+        tap_bytes = {"_bwd_dx_kernel": 4 + e if kw.get("TC") or kw.get("DW_TILE") else 4,
+                     "_bwd_dw_kernel": 4 + e}.get(name, e)
+        l2 = elems * k * k * tap_bytes / 8
         instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)
         mma, per_thread = 0.0, None
-        if load_u:  # no convolution: elementwise work over streamed tensors, no loop
+        if name == "_bwd_dw_kernel":  # loops over its rows, then their positions
+            per_thread = nested_instructions(fact, args[-1], W)
+            instr = programs * threads * per_thread
+        elif load_u:  # no convolution: elementwise work over streamed tensors, no loop
             l2 = 0.0
             per_thread = dynamic_instructions(fact, [])
             instr = programs * threads * per_thread
@@ -488,7 +514,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
             blocks=programs, occupancy=occ,
             widths={k2: {str(w): n for w, n in v.items()} for k2, v in
                     fact.get("widths", {}).items() if v},
-            bytes_min=MIN_TRAFFIC[pass_] * xbytes if name != "_bwd_du_kernel" else 0,
+            bytes_min=MIN_TRAFFIC[pass_] * xbytes
+            if name not in ("_bwd_du_kernel", "_bwd_dw_kernel") else 0,
             bytes=dram, l2_bytes=l2, fma=ffma, fma_per_element=ffma / elems, mma=mma,
             mma_per_element=mma / elems, tensor_cores=fact.get("tensor_cores"),
             wgmma=fact.get("wgmma"),

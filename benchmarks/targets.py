@@ -171,6 +171,8 @@ def cover_set():
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     for k in COVER_KS:
         _record_block((2, 64, 32, 32), f32, "nchw", k, 0, False, modes=("train",))
+        # channels_last: the CUDA-core dW kernel's tap blocks (TAPS = K * K padded, <= 128)
+        _record_block((2, 64, 16, 16), f32, "channels_last", k, 0, False, modes=("train",))
     # the convolution output saved by F1 and read by F2, B1, B2a where the default does not
     # (k < 7), and recomputed where it does; the input affine, channels_last
     _record_block((2, 64, 32, 32), f32, "nchw", 3, 0, True, modes=("train",), save_u=True)

@@ -13,8 +13,10 @@ spatial tile for channels_last). Kernels recompute ``u = dwconv(x) + b``:
 - ``_bwd_reduce_kernel`` B1: per-tile ``sum(dout)``, ``sum(dout*xhat)``;
 - ``_bwd_du_kernel``     B2a: ``du = dg * act'(u)`` into an fp32 scratch tensor (Triton has
   no addressable shared memory to keep it on the halo, as the CUDA kernels do);
-- ``_bwd_dx_kernel``     B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db``, ``dW``
-  (on tensor cores for "triton_tc": ``_bwd_tc``).
+- ``_bwd_dx_kernel``     B2b: ``dx = dout + conv_transpose(du, W)``, per-tile ``db`` (on tensor
+  cores for "triton_tc", with the ``dW`` partials: ``_bwd_tc``);
+- ``_bwd_dw_kernel``     B2c (channels_last on CUDA cores): the ``dW`` partials per image (or
+  chunk of rows), accumulated in registers over its positions.
 
 Pointwise block: ``_pw_gemm_kernel`` (GEMM with bias/activation/BN2-statistics epilogue) and
 ``_pw_bwd_du_kernel`` (the same GEMM recomputing ``u``, forming ``du`` in its epilogue).
@@ -510,7 +512,7 @@ def _conv_tc(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, ch, N, H, W, sN, sC, sH,
 
 @triton.jit
 def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid, N,
-          H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
+          C, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
           PB: tl.constexpr, IN_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_S: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, TC: tl.constexpr,
           KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, IMG: tl.constexpr,
@@ -529,8 +531,9 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w
                      sW, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP,
                      XO, CW, TC == 2, IMG)
     else:
-        u = _conv_fma(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid,
-                      H, W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S)
+        u = _conv_fma(x_ptr, w_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, C, H,
+                      W, sC, sH, sW, K, PB, IN_AFFINE, BLOCK_C, BLOCK_S)
+        u += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
     if U == U_SAVE:
         tl.store(u_ptr + base + _offs(c, h, w, sC, sH, sW), u,
                  mask=cmask[:, None] & valid[None, :])
@@ -538,10 +541,13 @@ def _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w
 
 
 @triton.jit
-def _conv_fma(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, H, W,
-              sC, sH, sW, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
+def _conv_fma(x_ptr, w_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, C, H, W, sC, sH,
+              sW, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """:func:`_conv` on CUDA cores: K*K fp32 FMAs per output, BLOCK_C channels at once."""
+    """sum over taps (i, j) of W[c, i, j] * input[c, h + i - PB, w + j - PB] on CUDA cores:
+    K*K fp32 FMAs per output, BLOCK_C channels at once, zero padding. w_ptr holds the
+    weight tap-major, ``[K * K, C]`` (:func:`_taps_major`): a tap's weights of consecutive
+    channels are contiguous, one coalesced load for the program's channels."""
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -552,10 +558,9 @@ def _conv_fma(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, v
             xv = _load_in(x_ptr, base + _offs(c, hh, ww, sC, sH, sW),
                           cmask[:, None] & m[None, :], scale_ptr, shift_ptr, c, cmask,
                           IN_AFFINE)
-            wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
+            wv = tl.load(w_ptr + (i * K + j) * C + c, mask=cmask, other=0.0)
             acc += xv * wv.to(tl.float32)[:, None]
-    bv = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    return acc + bv[:, None]
+    return acc
 
 
 # --------------------------------------------------------------------------- kernels
@@ -569,7 +574,7 @@ def _stats_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, mean_p, m2_p
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid,
-                   N, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
+                   N, C, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
                    IN_AFFINE, BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG, U), ACT)
     vm = valid[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
@@ -594,7 +599,7 @@ def _apply_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, mean_ptr, rs
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid,
-                   N, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
+                   N, C, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
                    IN_AFFINE, BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG, U), ACT)
     a = _load_c(rstd_ptr, c, cmask) * _load_c(gamma_ptr, c, cmask)
     shift = _load_c(beta_ptr, c, cmask) - a * _load_c(mean_ptr, c, cmask)
@@ -615,7 +620,7 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_pt
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     g = _act(_conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid,
-                   N, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
+                   N, C, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB,
                    IN_AFFINE, BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG, U), ACT)
     xh = (g - _load_c(mean_ptr, c, cmask)) * _load_c(rstd_ptr, c, cmask)
     m = cmask[:, None] & valid[None, :]
@@ -641,7 +646,7 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, m
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid, N,
-              H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
+              C, H, W, sN, sC, sH, sW, cb, tiles_w, tiles_per_img, tiles_total, K, PB, IN_AFFINE,
               BLOCK_C, BLOCK_S, TH, TW, TC, KP, XO, CW, IMG, U)
     offs = base + _offs(c, h, w, sC, sH, sW)
     m = cmask[:, None] & valid[None, :]
@@ -671,10 +676,12 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
                    CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
                    XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr,
-                   IMG: tl.constexpr):
-    """dx = dout + the transposed convolution of du, per-tile db and dW partials: on CUDA
-    cores (TC = 0), or on tensor cores (:func:`_bwd_tc`; TC as in :func:`_conv`). SPLIT: du
-    comes as B2a's two 16-bit terms, db from B2a."""
+                   IMG: tl.constexpr, DW_TILE: tl.constexpr):
+    """dx = dout + the transposed convolution of du and per-tile db partials: on CUDA cores
+    (TC = 0), with the tile's dW partials where DW_TILE (NCHW: the tile is a whole plane; else
+    :func:`_bwd_dw_kernel` takes them), or on tensor cores with the dW partials
+    (:func:`_bwd_tc`; TC as in :func:`_conv`). SPLIT: du comes as B2a's two 16-bit terms, db
+    from B2a."""
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -689,26 +696,21 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
                        row.to(tl.int64) * C + cb, cb, N, H, W, sN, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, CW, DO, MP,
                        RP, XO, KX, SPLIT, TC == 2, IMG)
-    else:
-        for i in range(K):
-            # dx[q] += du[q + PB - i] * w[i] (transposed conv); dW[i] += du[q] * x[q + i - PB]
-            hd = h + (PB - i)
-            hx = h + (i - PB)
-            hd_ok = valid & (hd >= 0) & (hd < H)
-            hx_ok = valid & (hx >= 0) & (hx < H)
-            for j in tl.static_range(K):
-                wd = w + (PB - j)
-                wx = w + (j - PB)
-                md = cmask[:, None] & (hd_ok & (wd >= 0) & (wd < W))[None, :]
-                mx = cmask[:, None] & (hx_ok & (wx >= 0) & (wx < W))[None, :]
-                wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
-                dus = tl.load(du_ptr + base + _offs(c, hd, wd, sC, sH, sW), mask=md,
-                              other=0.0)
-                acc += dus * wv.to(tl.float32)[:, None]
-                xs = _load_in(x_ptr, base + _offs(c, hx, wx, sC, sH, sW), mx, scale_ptr,
-                              shift_ptr, c, cmask, IN_AFFINE)
-                tl.store(dw_p + prow * (K * K) + (i * K + j), tl.sum(du * xs, axis=1),
-                         mask=cmask)
+    else:  # the transposed convolution: the convolution of du with the flipped weight
+        # (w_ptr: tap-major, flipped), padded K - 1 - PB before
+        acc += _conv_fma(du_ptr, w_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, C,
+                         H, W, sC, sH, sW, K, K - 1 - PB, False, BLOCK_C, BLOCK_S)
+        if DW_TILE:  # dW[i, j] partial of the tile: du * x[q + (i, j) - PB], summed per tap
+            for i in range(K):
+                hx = h + (i - PB)
+                hx_ok = valid & (hx >= 0) & (hx < H)
+                for j in tl.static_range(K):
+                    wx = w + (j - PB)
+                    mx = cmask[:, None] & (hx_ok & (wx >= 0) & (wx < W))[None, :]
+                    xs = _load_in(x_ptr, base + _offs(c, hx, wx, sC, sH, sW), mx, scale_ptr,
+                                  shift_ptr, c, cmask, IN_AFFINE)
+                    tl.store(dw_p + prow * (K * K) + (i * K + j), tl.sum(du * xs, axis=1),
+                             mask=cmask)
     if IN_AFFINE:  # acc is dL/d(block input); the stored input's gradient is in_scale * acc
         xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         accm = tl.where(m, acc, 0.0)
@@ -716,6 +718,53 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
         tl.store(dshift_p + prow, tl.sum(accm, axis=1), mask=cmask)
         acc = acc * _load_c(scale_ptr, c, cmask)
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_dw_kernel(du_ptr, x_ptr, scale_ptr, shift_ptr, dw_p, C, H, W, sN, sC, sH, sW, ROWS,
+                   K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
+                   LANES: tl.constexpr, TAPS: tl.constexpr):
+    """B2's dW partials on CUDA cores in channels_last: ``dw_p[n * chunks + r, c, t]`` = the
+    sum over the positions q of image n's r-th chunk of ROWS rows of ``du[n, c, q] *
+    input[n, c, q + tap t - PB]`` (input: x, or with the input affine in_scale*x + in_shift;
+    zero outside the image). A program owns one chunk, LANES channels and TAPS taps, and
+    steps through its positions one by one, each step a 16-byte load along C per tap, adding
+    to a ``[LANES, TAPS]`` tile of accumulators: nothing is summed across threads, and the
+    partials are one row per chunk (B2b's tiles would give H * W / 32 rows per image and a
+    CTA-wide sum per tap). 1-D grid: tap blocks fastest, then row chunks, channel blocks,
+    images."""
+    pid = tl.program_id(0)
+    KK: tl.constexpr = K * K
+    n_tb: tl.constexpr = (KK + TAPS - 1) // TAPS
+    chunks = tl.cdiv(H, ROWS)
+    n_cb = tl.cdiv(C, LANES)
+    tb = pid % n_tb
+    rest = pid // n_tb
+    r = rest % chunks
+    rest = rest // chunks
+    n = rest // n_cb
+    c = (rest % n_cb) * LANES + tl.arange(0, LANES)
+    cok = c < C
+    t = tb * TAPS + tl.arange(0, TAPS)
+    tok = t < KK
+    di = t // K - PB
+    dj = t % K - PB
+    xc = x_ptr + n.to(tl.int64) * sN + (c.to(tl.int64) * sC)[:, None]
+    dc = du_ptr + n.to(tl.int64) * sN + c.to(tl.int64) * sC
+    acc = tl.zeros([LANES, TAPS], dtype=tl.float32)
+    h_lo = (r * ROWS).to(tl.int64)  # the row loop's h: 64-bit offsets h * sH
+    for h in range(h_lo, tl.minimum(h_lo + ROWS, H)):
+        hh = h + di
+        hok = tok & (hh >= 0) & (hh < H)
+        for w in range(W):
+            ww = w + dj
+            m = cok[:, None] & (hok & (ww >= 0) & (ww < W))[None, :]
+            v = _load_in(xc, (hh * sH + ww * sW)[None, :], m, scale_ptr, shift_ptr, c, cok,
+                         IN_AFFINE)
+            d = tl.load(dc + (h * sH + w * sW), mask=cok, other=0.0)
+            acc += v * d[:, None]
+    prow = (n * chunks + r).to(tl.int64) * C + c
+    tl.store(dw_p + prow[:, None] * KK + t[None, :], acc, mask=cok[:, None] & tok[None, :])
 
 
 # --------------------------------------------------------------------------- launch path
@@ -826,7 +875,7 @@ def geometry(shape, strides, tc=False):
         img = max(1, min(_tc_tiling.images, 64 // th, _pow2(N)))
         warps = img * th // 16 if _tc_tiling.warps == "all" else th // 16
         return th, tw, 1, img * th * tw, warps, img
-    if strides[1] == 1 and C > 1:  # channels_last-like: vectorise over channels
+    if _lanes_over_c(shape, strides):  # channels_last-like: vectorise over channels
         block_c = min(32, _pow2(C))
         tw = min(8, W)
         th = min(4, H)
@@ -837,6 +886,44 @@ def geometry(shape, strides, tc=False):
     block_s = _pow2(th * tw)
     num_warps = 8 if block_c * block_s >= 1024 else 4
     return th, tw, block_c, block_s, num_warps, 1
+
+
+def _lanes_over_c(shape, strides) -> bool:
+    """Whether the CUDA-core kernels put their lanes over channels (channels_last-like
+    strides: C fastest) rather than over a channel's spatial positions (NCHW)."""
+    return strides[1] == 1 and shape[1] > 1
+
+
+# The dW kernel's grid aims at this many programs at least (row chunks split each image
+# where images x channel blocks give fewer); each chunk adds a partial row of C * K * K.
+_DW_MIN_PROGRAMS = 1024
+
+
+def _dw_plan(x, k):
+    """(partial rows, grid, rows per chunk, launch options) of :func:`_bwd_dw_kernel`
+    (channels_last): TAPS = K * K padded to a power of two, at most 128 (more in several tap
+    blocks), LANES = 32 channels, a warp per 1024 tile elements (1-4: about 32 accumulators a
+    thread), and the rows of each image in chunks where images and channel blocks alone give
+    fewer than _DW_MIN_PROGRAMS programs."""
+    N, C, H, W = x.shape
+    taps = min(128, _pow2(k * k))
+    lanes = min(32, _pow2(C))
+    per_img = _cdiv(C, lanes) * _cdiv(k * k, taps)
+    chunks = max(1, min(H, _cdiv(_DW_MIN_PROGRAMS, max(1, N * per_img))))
+    rows_per_chunk = _cdiv(H, chunks)
+    chunks = _cdiv(H, rows_per_chunk)
+    grid = (N * chunks * per_img,)
+    check_grid(grid, x)
+    opts = dict(LANES=lanes, TAPS=taps, num_warps=max(1, min(4, lanes * taps // 1024)))
+    return N * chunks, grid, rows_per_chunk, opts
+
+
+def _taps_major(weight, flip=False):
+    """[K * K, C]: the CUDA-core convolution's weight operand (:func:`_conv_fma`), tap-major so
+    that consecutive channels' weights of a tap are contiguous (``flip``: of the weight
+    rotated by 180 degrees, for the transposed convolution)."""
+    w = weight.reshape(weight.shape[0], -1)
+    return (w.flip(1) if flip else w).t().contiguous()
 
 
 def _plan(x, tc=False):
@@ -913,9 +1000,9 @@ def _toeplitz(weight, KP, XO, CW, flip=False):
 
 
 def _conv_weight(weight, kw):
-    """What the convolution's w_ptr takes: the weight, or on tensor cores its Toeplitz
-    operands."""
-    return _toeplitz(weight, kw["KP"], kw["XO"], kw["CW"]) if kw["TC"] else weight
+    """What the convolution's w_ptr takes: the weight tap-major (:func:`_taps_major`), or on
+    tensor cores its Toeplitz operands."""
+    return _toeplitz(weight, kw["KP"], kw["XO"], kw["CW"]) if kw["TC"] else _taps_major(weight)
 
 
 def _split_du(x, tc) -> bool:
@@ -1021,7 +1108,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
         du, dulo = torch.empty_like(x), torch.empty_like(x)
     else:
         du = dulo = torch.empty_like(x, dtype=torch.float32)
-    dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
+    db_p = _f32(x, rows, C)
     _launch(_bwd_du_kernel, grid, x,
             (dout, x, w_arg, bias, *_affine_ptrs(x, in_scale, in_shift), u_arg, mean, rstd,
              gamma, dbeta, dgamma, du, dulo, db_p, 1.0 / max(N * H * W, 1), *common),
@@ -1030,11 +1117,26 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     dx = torch.empty_like(x)
     n_aff = rows if in_scale is not None else 0
     dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
-    wt = _toeplitz(weight, bkw["KP"], bkw["DO"], bkw["CW"], flip=True) if tc else weight
+    # dW: on tensor cores and in NCHW by B2b per tile, else (channels_last on CUDA cores) by
+    # its own kernel, per image
+    dw_kernel = not tc and _lanes_over_c(x.shape, x.stride())
+    if dw_kernel:
+        dw_rows, dw_grid, dw_chunk, dw_opts = _dw_plan(x, k)
+        dw_p = _f32(x, dw_rows, C, k * k)
+    else:
+        dw_p = _f32(x, rows, C, k * k)
+    if tc:
+        wt = _toeplitz(weight, bkw["KP"], bkw["DO"], bkw["CW"], flip=True)
+    else:
+        wt = _taps_major(weight, flip=True)
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, wt, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
-            dict(_kc(weight, in_scale), **bkw, **tile))
+            dict(_kc(weight, in_scale), **bkw, **tile, DW_TILE=not tc and not dw_kernel))
+    if dw_kernel:
+        _launch(_bwd_dw_kernel, dw_grid, x,
+                (du, x, *_affine_ptrs(x, in_scale, in_shift), dw_p, C, H, W, *x.stride(),
+                 dw_chunk), dict(_kc(weight, in_scale), **dw_opts))
     return dx, dw_p, db_p, dscale_p, dshift_p
 
 

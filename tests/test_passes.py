@@ -94,3 +94,28 @@ def test_kernels_without_saved_u_refuse_one():
     x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="cannot save the convolution output"):
         impl.stats(x, torch.zeros(1, 1, 1, 1), torch.zeros(1), "gelu", None, u=x)
+
+
+# The channels_last dW kernel of the CUDA-core Triton path (triton_kernels._bwd_dw_kernel):
+# two tap blocks (k = 13: 169 taps in blocks of 128), a partial channel block (C = 40 = 32 +
+# 8, 33 = 32 + 1), image rows cut into chunks with a ragged last one (H = 7: 3 + 3 + 1), the
+# input affine's zero padding; each chunk is a partial row of its own.
+DW_CASES = [
+    (1, 40, 7, 5, 13, "gelu", torch.float32, True),
+    (2, 33, 7, 6, 3, "relu", torch.bfloat16, True),
+]
+
+
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="the triton backend")
+@pytest.mark.parametrize("with_affine", [False, True], ids=["plain", "in_affine"])
+@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: f"C{c[1]}-k{c[4]}-{_dtype_layout(c)}")
+def test_channels_last_dw_kernel_matches_twin(case, with_affine, monkeypatch):
+    from convmixer_ext import triton_kernels as tk
+    N, C, H, W, k = case[:5]
+    x = torch.empty((N, C, H, W), device="meta").to(memory_format=torch.channels_last)
+    per_img = -(-C // 32) * -(-k * k // 128)
+    monkeypatch.setattr(tk, "_DW_MIN_PROGRAMS", 3 * N * per_img)  # 3 chunks per image
+    rows, grid, rows_per_chunk, opts = tk._dw_plan(x, k)
+    assert (rows, rows_per_chunk, opts["LANES"]) == (3 * N, 3, 32)
+    assert grid == (N * 3 * per_img,) and opts["TAPS"] == min(128, 1 << (k * k - 1).bit_length())
+    _compare_case(case, "triton", 14, with_affine)

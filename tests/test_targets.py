@@ -46,7 +46,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(facts):
     tk = facts["triton_kernels"]
     assert not [f for f in tk if "error" in f]
     per_arch = {a: {f["kernel"] for f in tk if f["arch"] == a} for a in (80, 90)}
-    assert per_arch[80] == per_arch[90] and len(per_arch[90]) == 7
+    assert per_arch[80] == per_arch[90] and len(per_arch[90]) == 8
     gemm = {a: sorted(json.dumps(f["constexprs"], sort_keys=True) + str(f["dtypes"])
                       for f in tk if f["arch"] == a and f["kernel"].startswith("_pw"))
             for a in (80, 90)}
@@ -62,6 +62,12 @@ def test_covering_set_meets_every_constexpr_value(facts):
         assert set(COVER_KS) <= _values(facts, kern, "K"), kern
         assert {True, False} <= _values(facts, kern, "IN_AFFINE"), kern
         assert {1, 2, 4, 8, 16, 32} <= _values(facts, kern, "BLOCK_C"), kern
+    # channels_last's CUDA-core dW kernel: every k (1 to 2 tap blocks), partial channel blocks
+    assert set(COVER_KS) <= _values(facts, "_bwd_dw_kernel", "K")
+    assert {True, False} <= _values(facts, "_bwd_dw_kernel", "IN_AFFINE")
+    assert {1, 4, 16, 128} <= _values(facts, "_bwd_dw_kernel", "TAPS")
+    assert {2, 4, 8, 16, 32} <= _values(facts, "_bwd_dw_kernel", "LANES")
+    assert {True, False} <= _values(facts, "_bwd_dx_kernel", "DW_TILE")
     for kern in dw[:4] + ("_pw_gemm_kernel", "_pw_bwd_du_kernel"):
         if kern != "_bwd_dx_kernel":
             assert {0, 1, 2} <= _values(facts, kern, "ACT"), kern
