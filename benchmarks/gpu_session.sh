@@ -42,6 +42,11 @@
 #                                      # minutes: the CUDA tests, each pass both ways (fp32
 #                                      # and bf16, NCHW and channels_last, k = 3, 9), fp32
 #                                      # blocks (cuda, cuda-noprefetch, eager) at k = 3, 9, 31
+#   bash benchmarks/gpu_session.sh 12  # the Triton CUDA-core kernels after the tap-major
+#                                      # weight and channels_last dW kernel, in ~5 minutes:
+#                                      # their tests, each kernel's time (fp32 and bf16, both
+#                                      # layouts, k = 3, 9), blocks (triton, cuda, eager) at
+#                                      # k = 3, 9, 31 in channels_last, k = 3, 9 in NCHW
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -49,7 +54,7 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 to 11"}
+CALL=${1:?"which call: 1 to 12"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -157,7 +162,15 @@ $PWD/tests/test_api.py::test_saved_conv_output_changes_no_result" \
 eval train_fwdbwd --providers eager cuda cuda-noprefetch --dtypes float32" \
       timeout -k 5 340 bash benchmarks/gpu_run.sh build test passes bench || status=$?
     ;;
-  *) echo "call must be 1 to 11"; exit 2 ;;
+  12)
+    TEST_PATHS="$PWD/tests/test_passes.py $PWD/tests/test_layer.py" \
+    TEST_WORKERS=12 T_TEST=90 T_PASSES=110 PASSES_ARGS="--ks 3 9 --dtypes float32 bfloat16 \
+--backends triton --kernels" T_BENCH=130 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes \
+eval train_fwdbwd --providers eager cuda triton --dtypes float32 bfloat16 --layouts \
+channels_last nchw" \
+      timeout -k 5 340 bash benchmarks/gpu_run.sh build test passes bench || status=$?
+    ;;
+  *) echo "call must be 1 to 12"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -546,8 +546,9 @@ def _conv_fma(x_ptr, w_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, C
               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """sum over taps (i, j) of W[c, i, j] * input[c, h + i - PB, w + j - PB] on CUDA cores:
     K*K fp32 FMAs per output, BLOCK_C channels at once, zero padding. w_ptr holds the
-    weight tap-major, ``[K * K, C]`` (:func:`_taps_major`): a tap's weights of consecutive
-    channels are contiguous, one coalesced load for the program's channels."""
+    weight as :func:`_fma_weight` lays it out: with several channels (BLOCK_C > 1) tap-major,
+    ``[K * K, C]``, so that a tap's weights of the program's channels are one coalesced
+    load; with one, channel-major ``[C, K * K]`` (a uniform load per tap either way)."""
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(K):
         hh = h + (i - PB)
@@ -558,7 +559,10 @@ def _conv_fma(x_ptr, w_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, C
             xv = _load_in(x_ptr, base + _offs(c, hh, ww, sC, sH, sW),
                           cmask[:, None] & m[None, :], scale_ptr, shift_ptr, c, cmask,
                           IN_AFFINE)
-            wv = tl.load(w_ptr + (i * K + j) * C + c, mask=cmask, other=0.0)
+            if BLOCK_C > 1:
+                wv = tl.load(w_ptr + (i * K + j) * C + c, mask=cmask, other=0.0)
+            else:
+                wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
             acc += xv * wv.to(tl.float32)[:, None]
     return acc
 
@@ -918,12 +922,14 @@ def _dw_plan(x, k):
     return N * chunks, grid, rows_per_chunk, opts
 
 
-def _taps_major(weight, flip=False):
-    """[K * K, C]: the CUDA-core convolution's weight operand (:func:`_conv_fma`), tap-major so
-    that consecutive channels' weights of a tap are contiguous (``flip``: of the weight
-    rotated by 180 degrees, for the transposed convolution)."""
+def _fma_weight(weight, x, flip=False):
+    """The CUDA-core convolution's weight operand (:func:`_conv_fma`) for a launch over x:
+    tap-major ``[K * K, C]`` where a program takes several channels (channels_last: a tap's
+    weights of consecutive channels contiguous), else ``[C, K * K]`` as the weight is;
+    ``flip``: of the weight rotated by 180 degrees, for the transposed convolution."""
     w = weight.reshape(weight.shape[0], -1)
-    return (w.flip(1) if flip else w).t().contiguous()
+    w = w.flip(1) if flip else w
+    return w.t().contiguous() if _lanes_over_c(x.shape, x.stride()) else w.contiguous()
 
 
 def _plan(x, tc=False):
@@ -999,10 +1005,10 @@ def _toeplitz(weight, KP, XO, CW, flip=False):
     return hankel.flip(-2 if flip else -1).reshape(C, k * KP * CW)
 
 
-def _conv_weight(weight, kw):
-    """What the convolution's w_ptr takes: the weight tap-major (:func:`_taps_major`), or on
-    tensor cores its Toeplitz operands."""
-    return _toeplitz(weight, kw["KP"], kw["XO"], kw["CW"]) if kw["TC"] else _taps_major(weight)
+def _conv_weight(weight, x, kw):
+    """What the convolution's w_ptr takes: the weight as :func:`_fma_weight` lays it out, or
+    on tensor cores its Toeplitz operands."""
+    return _toeplitz(weight, kw["KP"], kw["XO"], kw["CW"]) if kw["TC"] else _fma_weight(weight, x)
 
 
 def _split_du(x, tc) -> bool:
@@ -1050,9 +1056,9 @@ def _conv_args(x, weight, u, mode, tc):
     weight's Toeplitz operands are then neither built nor read)."""
     kw = _conv_kw(x, weight, tc)
     if u is None:
-        return _conv_weight(weight, kw), x, dict(U=U_CONV.value, **kw)
+        return _conv_weight(weight, x, kw), x, dict(U=U_CONV.value, **kw)
     check_saved_u(u, x)
-    w_arg = weight if mode is U_LOAD else _conv_weight(weight, kw)
+    w_arg = weight if mode is U_LOAD else _conv_weight(weight, x, kw)
     return w_arg, u, dict(U=mode.value, **kw)
 
 
@@ -1128,7 +1134,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     if tc:
         wt = _toeplitz(weight, bkw["KP"], bkw["DO"], bkw["CW"], flip=True)
     else:
-        wt = _taps_major(weight, flip=True)
+        wt = _fma_weight(weight, x, flip=True)
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, wt, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
