@@ -760,7 +760,7 @@ def _bwd_dw_kernel(du_ptr, x_ptr, scale_ptr, shift_ptr, dw_p, C, H, W, sN, sC, s
     for h in range(h_lo, tl.minimum(h_lo + ROWS, H)):
         hh = h + di
         hok = tok & (hh >= 0) & (hh < H)
-        for w in range(W):
+        for w in range(W):  # 32-bit column offsets w * sW (_dw_plan checks their range)
             ww = w + dj
             m = cok[:, None] & (hok & (ww >= 0) & (ww < W))[None, :]
             v = _load_in(xc, (hh * sH + ww * sW)[None, :], m, scale_ptr, shift_ptr, c, cok,
@@ -910,6 +910,9 @@ def _dw_plan(x, k):
     thread), and the rows of each image in chunks where images and channel blocks alone give
     fewer than _DW_MIN_PROGRAMS programs."""
     N, C, H, W = x.shape
+    if (W + k) * x.stride(3) >= 2**31:  # the kernel's column offsets are 32-bit
+        raise ValueError(f"convmixer_ext: the channels_last Triton backward takes rows of "
+                         f"fewer than 2^31 elements (W * C), got x of shape {tuple(x.shape)}")
     taps = min(128, _pow2(k * k))
     lanes = min(32, _pow2(C))
     per_img = _cdiv(C, lanes) * _cdiv(k * k, taps)

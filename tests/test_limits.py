@@ -77,6 +77,15 @@ def test_triton_grid_limits(cl):
             tk.k_stats(big, _meta(20_000, 1, 3, 3), _meta(20_000), None, None, 0)
 
 
+def test_triton_channels_last_dw_row_limit():
+    """The channels_last dW kernel's column offsets are 32-bit: a row of 2^31 elements or
+    more (W * C) is refused by name, not wrapped around."""
+    x = _meta(1, 2**16, 2, 2**15, cl=True)
+    with pytest.raises(ValueError, match=r"fewer than 2\^31 elements \(W \* C\)"):
+        tk._dw_plan(x, 3)
+    assert tk._dw_plan(_meta(1, 2**15, 2, 2**15, cl=True), 3)[0] >= 1
+
+
 def test_pointwise_limits():
     with tk.recording(lambda *a: None):
         y = _meta(4, 64, 32, 32, cl=True)
