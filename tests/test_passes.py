@@ -119,3 +119,28 @@ def test_channels_last_dw_kernel_matches_twin(case, with_affine, monkeypatch):
     assert (rows, rows_per_chunk, opts["LANES"]) == (3 * N, 3, 32)
     assert grid == (N * 3 * per_img,) and opts["TAPS"] == min(128, 1 << (k * k - 1).bit_length())
     _compare_case(case, "triton", 14, with_affine)
+
+
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="the triton backend")
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_triton_dw_partials_per_image(cl):
+    """Where the CUDA-core Triton B2 takes dW (recorded launches on ConvMixer-1536/20's block,
+    nothing runs): channels_last in its own kernel, one partial row per image (B2b's 32-
+    position tiles made it 32 per image: about 1 GB at k = 9 in fp32), NCHW in B2b over its
+    whole-plane tile (one row per image too)."""
+    from convmixer_ext import triton_kernels as tk
+    N, C, k = 64, 1536, 9
+    x = torch.empty((N, C, 32, 32), device="meta")
+    x = x.to(memory_format=torch.channels_last) if cl else x
+    meta = dict(device="meta")
+    w, vec = torch.empty((C, 1, k, k), **meta), torch.empty(C, **meta)
+    launches = []
+    with tk.recording(lambda kern, grid, args, kw: launches.append((kern.fn.__name__, args, kw))):
+        tk.k_bwd_main(x, x, w, vec, vec, vec, vec, vec, vec, True, None, None, 0)
+    names = [n for n, _, _ in launches]
+    dx_kw = dict(launches[names.index("_bwd_dx_kernel")][2])
+    assert dx_kw["DW_TILE"] is (not cl)
+    assert ("_bwd_dw_kernel" in names) is cl
+    dw_p = launches[names.index("_bwd_dw_kernel" if cl else "_bwd_dx_kernel")][1][
+        4 if cl else 8]
+    assert tuple(dw_p.shape) == (N, C, k * k)
