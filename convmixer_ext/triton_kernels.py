@@ -548,17 +548,27 @@ def _conv_fma(x_ptr, w_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, C
     K*K fp32 FMAs per output, BLOCK_C channels at once, zero padding. w_ptr holds the
     weight as :func:`_fma_weight` lays it out: with several channels (BLOCK_C > 1) tap-major,
     ``[K * K, C]``, so that a tap's weights of the program's channels are one coalesced
-    load; with one, channel-major ``[C, K * K]`` (a uniform load per tap either way)."""
+    load; with one, channel-major ``[C, K * K]`` (a uniform load per tap either way). With
+    several channels each element's tap address is its own pointer plus one scalar per tap
+    (fewer instructions and registers there; in NCHW it took more of both: [C])."""
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    if BLOCK_C > 1:  # a pointer per element at its own position; a tap adds one scalar
+        p0 = x_ptr + base + _offs(c, h, w, sC, sH, sW)
+        row_step = base * 0 + sH  # (64-bit)
     for i in range(K):
         hh = h + (i - PB)
         hok = valid & (hh >= 0) & (hh < H)
+        if BLOCK_C > 1:
+            prow = p0 + (i - PB) * row_step
         for j in tl.static_range(K):
             ww = w + (j - PB)
-            m = hok & (ww >= 0) & (ww < W)
-            xv = _load_in(x_ptr, base + _offs(c, hh, ww, sC, sH, sW),
-                          cmask[:, None] & m[None, :], scale_ptr, shift_ptr, c, cmask,
-                          IN_AFFINE)
+            m = cmask[:, None] & (hok & (ww >= 0) & (ww < W))[None, :]
+            if BLOCK_C > 1:
+                xv = _load_in(prow, (j - PB) * sW, m, scale_ptr, shift_ptr, c, cmask,
+                              IN_AFFINE)
+            else:
+                xv = _load_in(x_ptr, base + _offs(c, hh, ww, sC, sH, sW), m, scale_ptr,
+                              shift_ptr, c, cmask, IN_AFFINE)
             if BLOCK_C > 1:
                 wv = tl.load(w_ptr + (i * K + j) * C + c, mask=cmask, other=0.0)
             else:
