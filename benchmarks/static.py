@@ -429,6 +429,8 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         load_u = u_mode == tk.U_LOAD.value  # reads F1's u (fp32) instead of x's halo taps
         ffma = 0 if load_u else elems * k * k
         src = 4 * elems if load_u else xbytes
+        # B2b takes dW on tensor cores and over a one-channel tile (NCHW), else _bwd_dw_kernel
+        dw_in_dx = name == "_bwd_dx_kernel" and bool(kw.get("TC") or kw["BLOCK_C"] == 1)
         if name == "_stats_kernel":  # U_SAVE: writes u in fp32
             dram = xbytes + (4 * elems if u_mode == tk.U_SAVE.value else 0)
         elif name == "_apply_kernel":  # reads x (the residual, and its taps), writes out
@@ -439,8 +441,7 @@ def triton_passes(shape, k, dtype, layout, tc=False):
             dram = xbytes + src + 4 * elems
         elif name == "_bwd_dw_kernel":  # du (fp32) and x's taps; dW partials per image
             dram, ffma = 4 * elems + xbytes, elems * kw["TAPS"] * -(-k * k // kw["TAPS"])
-        elif kw.get("TC") or kw.get("DW_TILE"):  # dx: du (fp32, halo from L2), dout, x, writes
-            # dx; the tile's dW partials
+        elif dw_in_dx:  # dx: du (fp32, halo from L2), dout, x, writes dx; the tile's dW
             dram, ffma = 4 * elems + 3 * xbytes, 2 * elems * k * k
         else:  # dx: du (fp32, halo from L2), dout, writes dx (x: for the input affine)
             dram = 4 * elems + (3 if kw["IN_AFFINE"] else 2) * xbytes
@@ -449,14 +450,14 @@ def triton_passes(shape, k, dtype, layout, tc=False):
         block_c = kw.get("BLOCK_C", 1)
         rows_p = programs // max(1, math.ceil(C / block_c))
         partial = {"_stats_kernel": 3 * 4, "_bwd_reduce_kernel": 2 * 4,
-                   "_bwd_dx_kernel": (k * k + 1 if kw.get("TC") or kw.get("DW_TILE") else 1) * 4,
+                   "_bwd_dx_kernel": (k * k + 1 if dw_in_dx else 1) * 4,
                    }.get(name, 0) * rows_p * C * 2
         if name == "_bwd_dw_kernel":  # written, then read by the sum over its rows
             partial = args[4].numel() * 4 * 2
         dram += partial
         # every tap is a masked global load through L1/L2 (no shared memory staging): x's,
         # du's (fp32) in the transposed convolution, both in dW
-        tap_bytes = {"_bwd_dx_kernel": 4 + e if kw.get("TC") or kw.get("DW_TILE") else 4,
+        tap_bytes = {"_bwd_dx_kernel": 4 + e if dw_in_dx else 4,
                      "_bwd_dw_kernel": 4 + e}.get(name, e)
         l2 = elems * k * k * tap_bytes / 8
         instr = ffma * (fact.get("instructions", 0) / max(fact.get("ffma", 1), 1) or 3.0)

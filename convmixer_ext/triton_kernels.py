@@ -566,12 +566,10 @@ def _conv_fma(x_ptr, w_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, C
             if BLOCK_C > 1:
                 xv = _load_in(prow, (j - PB) * sW, m, scale_ptr, shift_ptr, c, cmask,
                               IN_AFFINE)
+                wv = tl.load(w_ptr + (i * K + j) * C + c, mask=cmask, other=0.0)
             else:
                 xv = _load_in(x_ptr, base + _offs(c, hh, ww, sC, sH, sW), m, scale_ptr,
                               shift_ptr, c, cmask, IN_AFFINE)
-            if BLOCK_C > 1:
-                wv = tl.load(w_ptr + (i * K + j) * C + c, mask=cmask, other=0.0)
-            else:
                 wv = tl.load(w_ptr + c * (K * K) + (i * K + j), mask=cmask, other=0.0)
             acc += xv * wv.to(tl.float32)[:, None]
     return acc
@@ -690,10 +688,11 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
                    BLOCK_S: tl.constexpr, TC: tl.constexpr, KP: tl.constexpr,
                    CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr, RP: tl.constexpr,
                    XO: tl.constexpr, KX: tl.constexpr, SPLIT: tl.constexpr,
-                   IMG: tl.constexpr, DW_TILE: tl.constexpr):
+                   IMG: tl.constexpr):
     """dx = dout + the transposed convolution of du and per-tile db partials: on CUDA cores
-    (TC = 0), with the tile's dW partials where DW_TILE (NCHW: the tile is a whole plane; else
-    :func:`_bwd_dw_kernel` takes them), or on tensor cores with the dW partials
+    (TC = 0), with the tile's dW partials where it holds one channel (NCHW: a whole plane;
+    with several, channels_last, :func:`_bwd_dw_kernel` takes them), or on tensor cores with
+    the dW partials
     (:func:`_bwd_tc`; TC as in :func:`_conv`). SPLIT: du comes as B2a's two 16-bit terms, db
     from B2a."""
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
@@ -714,7 +713,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
         # (w_ptr: tap-major, flipped), padded K - 1 - PB before
         acc += _conv_fma(du_ptr, w_ptr, scale_ptr, shift_ptr, base, c, cmask, h, w, valid, C,
                          H, W, sC, sH, sW, K, K - 1 - PB, False, BLOCK_C, BLOCK_S)
-        if DW_TILE:  # dW[i, j] partial of the tile: du * x[q + (i, j) - PB], summed per tap
+        if BLOCK_C == 1:  # dW[i, j] partial of the tile: du * x[q + (i, j) - PB], per tap
             for i in range(K):
                 hx = h + (i - PB)
                 hx_ok = valid & (hx >= 0) & (hx < H)
@@ -1136,9 +1135,9 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     dx = torch.empty_like(x)
     n_aff = rows if in_scale is not None else 0
     dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
-    # dW: on tensor cores and in NCHW by B2b per tile, else (channels_last on CUDA cores) by
-    # its own kernel, per image
-    dw_kernel = not tc and _lanes_over_c(x.shape, x.stride())
+    # dW: on tensor cores and in NCHW by B2b per tile, else (channels_last on CUDA cores: a
+    # tile of several channels, BLOCK_C > 1) by its own kernel, per image
+    dw_kernel = not tc and tile["BLOCK_C"] > 1
     if dw_kernel:
         dw_rows, dw_grid, dw_chunk, dw_opts = _dw_plan(x, k)
         dw_p = _f32(x, dw_rows, C, k * k)
@@ -1151,7 +1150,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     _launch(_bwd_dx_kernel, grid, x,
             (dout, x, wt, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
-            dict(_kc(weight, in_scale), **bkw, **tile, DW_TILE=not tc and not dw_kernel))
+            dict(_kc(weight, in_scale), **bkw, **tile))
     if dw_kernel:
         _launch(_bwd_dw_kernel, dw_grid, x,
                 (du, x, *_affine_ptrs(x, in_scale, in_shift), dw_p, C, H, W, *x.stride(),

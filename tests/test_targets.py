@@ -67,7 +67,10 @@ def test_covering_set_meets_every_constexpr_value(facts):
     assert {True, False} <= _values(facts, "_bwd_dw_kernel", "IN_AFFINE")
     assert {1, 4, 16, 128} <= _values(facts, "_bwd_dw_kernel", "TAPS")
     assert {2, 4, 8, 16, 32} <= _values(facts, "_bwd_dw_kernel", "LANES")
-    assert {True, False} <= _values(facts, "_bwd_dx_kernel", "DW_TILE")
+    # B2b on CUDA cores both with its tile's dW (one channel) and without (several)
+    dx_fma = {f["constexprs"]["BLOCK_C"] > 1 for f in facts["triton_kernels"]
+              if f["kernel"] == "_bwd_dx_kernel" and f["constexprs"]["TC"] == 0}
+    assert {True, False} <= dx_fma
     for kern in dw[:4] + ("_pw_gemm_kernel", "_pw_bwd_du_kernel"):
         if kern != "_bwd_dx_kernel":
             assert {0, 1, 2} <= _values(facts, kern, "ACT"), kern
