@@ -41,7 +41,7 @@
 #   bash benchmarks/gpu_session.sh 11  # the CUDA library's L2 prefetches on and off, in ~5
 #                                      # minutes: the CUDA tests, each pass both ways (fp32
 #                                      # and bf16, NCHW and channels_last, k = 3, 9), fp32
-#                                      # blocks (cuda, cuda-noprefetch, eager) at k = 3, 9, 31
+#                                      # blocks (cuda-prefetch, cuda-noprefetch, eager) at k = 3, 9, 31
 #   bash benchmarks/gpu_session.sh 12  # the Triton CUDA-core kernels after the tap-major
 #                                      # weight and channels_last dW kernel, in ~5 minutes:
 #                                      # their tests, each kernel's time (fp32 and bf16, both
@@ -159,7 +159,7 @@ $PWD/tests/test_api.py::test_saved_conv_output_changes_no_result" \
     TEST_PATHS="$PWD/tests/test_passes.py $PWD/tests/test_cuda_paths.py" \
     TEST_WORKERS=12 T_TEST=80 T_PASSES=110 PASSES_ARGS="--ks 3 9 --dtypes float32 bfloat16 \
 --backends cuda --prefetch both" T_BENCH=130 BENCH_ARGS="--shapes cm1536 --ks 3 9 31 --modes \
-eval train_fwdbwd --providers eager cuda cuda-noprefetch --dtypes float32" \
+eval train_fwdbwd --providers eager cuda-prefetch cuda-noprefetch --dtypes float32" \
       timeout -k 5 340 bash benchmarks/gpu_run.sh build test passes bench || status=$?
     ;;
   12)

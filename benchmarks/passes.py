@@ -19,7 +19,7 @@ us, calls per pass), so that a pass of several kernels (B2: dx and dW) splits.
 ``--tc-tilings`` times triton_tc in each tensor-core tiling
 (``triton_kernels.tensor_core_tiling``). ``--u``: F1 saving the convolution output for the
 later passes (default: as the op decides; recompute, saved, both). ``--prefetch``: the
-CUDA library's L2 prefetches on (default), off, or both ways. Writes
+CUDA library's L2 prefetches as it decides (default: NCHW only), on, off, or on and off. Writes
 ``<out>/passes-<device>-<date>.json`` (records of kind "pass": shape_name, shape, dtype,
 layout, k, backend, pass_, ms, ms_p20, ms_p80, tiling: triton_tc's, null for the other
 backends; saved_u; prefetch).
@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from benchmarks.run import HERE, _shape, _timer, environment, prefetch_off
+from benchmarks.run import HERE, _shape, _timer, environment, prefetch_env
 from convmixer_ext._cmx_lib import PASSES
 from convmixer_ext.backends import (SAVES_U_BACKENDS, backend_reason, get_impl,
                                     saves_conv_output)
@@ -111,24 +111,31 @@ def per_launch(events, launches):
     return out
 
 
-def _variants(be, tilings, prefetch=("on",)):
+_PREFETCH_ENV = {"default": None, "on": "1", "off": "0"}
+
+
+def _variants(be, tilings, layout, prefetch=("default",)):
     """[(tiling, prefetch, context)]: triton_tc in each tensor-core tiling, the CUDA
-    library with its L2 prefetches on and / or off, every other backend once."""
+    library with its L2 prefetches as ``prefetch`` lists ("default", "on", "off"; prefetch:
+    whether they are on, in ``layout``), every other backend once."""
     if be == "triton_tc":
         from convmixer_ext import triton_kernels as tk
         return [(t, None, functools.partial(tk.tensor_core_tiling, t)) for t in tilings]
     if be in ("cuda", "cuda_emu"):
-        return [(None, p == "on", functools.partial(prefetch_off, p == "off"))
+        from convmixer_ext.cuda_kernels import default_prefetch
+        return [(None, default_prefetch(layout == "channels_last") if p == "default"
+                 else p == "on", functools.partial(prefetch_env, _PREFETCH_ENV[p]))
                 for p in prefetch]
     return [(None, None, contextlib.nullcontext)]
 
 
 def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records: None,
-        kernels=False, tilings=("1",), u_choice="default", prefetch=("on",)):
+        kernels=False, tilings=("1",), u_choice="default", prefetch=("default",)):
     """Time every pass; ``save(records)`` after each backend's four passes (an interrupted
     run keeps what it measured); triton_tc in each tensor-core tiling (records' "tiling");
     the convolution output saved or not as ``u_choice`` says (records' "saved_u"); the CUDA
-    library's prefetches as ``prefetch`` lists ("on", "off"; records' "prefetch")."""
+    library's prefetches as ``prefetch`` lists ("default", "on", "off"; records' "prefetch":
+    whether they were on)."""
     records = []
     for sname, shape in shapes:
         for dtype in dtypes:
@@ -141,13 +148,13 @@ def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records
                             continue
                         for saved_u, tiling, pf, ctx in [
                                 (s_u, t, f, c) for s_u in _u_variants(be, k, u_choice)
-                                for t, f, c in _variants(be, tilings, prefetch)]:
+                                for t, f, c in _variants(be, tilings, layout, prefetch)]:
                             with ctx():
                                 steps = pass_steps(get_impl(be), x, dout, w, b, v,
                                                    ACTIVATIONS["gelu"], saved_u)
                             tag = (f" tiling {tiling}" if tiling else "") + \
                                 (" saved u" if saved_u else "") + \
-                                (" no prefetch" if pf is False else "")
+                                {True: " prefetch", False: " no prefetch"}.get(pf, "")
                             for name, step in steps.items():
                                 with ctx():
                                     step()  # compile / warm up
@@ -196,8 +203,9 @@ def main(argv=None):
     p.add_argument("--u", default="default", choices=["default", "recompute", "saved", "both"],
                    help="F1 saving the convolution output for F2, B1, B2: "
                         "as the op decides by default, never, always, or each way")
-    p.add_argument("--prefetch", default="on", choices=["on", "off", "both"],
-                   help="the CUDA library's L2 prefetches: on (default), off, or each way")
+    p.add_argument("--prefetch", default="default", choices=["default", "on", "off", "both"],
+                   help="the CUDA library's L2 prefetches: its default (NCHW only), on, off, "
+                        "or on and off")
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     a = p.parse_args(argv)
     gpu = a.device == "cuda"

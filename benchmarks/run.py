@@ -77,21 +77,27 @@ class FusedBlock(nn.Module):
 # "<backend>-recompute": the backend with save_conv=False (every pass recomputes the
 # convolution: the memory-lean setting, beside the default that saves it from k = 7 up)
 RECOMPUTE = "-recompute"
-# "<backend>-noprefetch": the CUDA library without its L2 prefetches
-# (CONVMIXER_EXT_CUDA_PREFETCH=0 around every call: docs/DESIGN.md, "L2 prefetch")
-NOPREFETCH = "-noprefetch"
+# "<backend>-noprefetch" / "<backend>-prefetch": the CUDA library without / with its L2
+# prefetches in either layout (CONVMIXER_EXT_CUDA_PREFETCH=0 / 1 around every call); the
+# plain provider takes the library's default, NCHW only (docs/DESIGN.md, "L2 prefetch")
+PREFETCH_SUFFIXES = {"-noprefetch": "0", "-prefetch": "1"}
+
+
+def prefetch_setting(name):
+    """The CONVMIXER_EXT_CUDA_PREFETCH value a provider name asks for (None: the default)."""
+    return next((v for suf, v in PREFETCH_SUFFIXES.items() if name.endswith(suf)), None)
 
 
 @contextlib.contextmanager
-def prefetch_off(off=True):
-    """The CUDA library's L2 prefetches off within (as CONVMIXER_EXT_CUDA_PREFETCH=0)."""
+def prefetch_env(value=None):
+    """CONVMIXER_EXT_CUDA_PREFETCH set to ``value`` ("0" or "1") within; None: untouched."""
     old = os.environ.get(_env.PREFETCH_VAR)
-    if off:
-        os.environ[_env.PREFETCH_VAR] = "0"
+    if value is not None:
+        os.environ[_env.PREFETCH_VAR] = value
     try:
         yield
     finally:
-        if off:
+        if value is not None:
             if old is None:
                 os.environ.pop(_env.PREFETCH_VAR, None)
             else:
@@ -106,8 +112,9 @@ def make_provider(name, ref):
         return torch.compile(ref, mode=mode)
     if name.endswith(RECOMPUTE):
         return FusedBlock(ref, name[:-len(RECOMPUTE)], save_conv=False)
-    if name.endswith(NOPREFETCH):
-        return FusedBlock(ref, name[:-len(NOPREFETCH)])
+    for suffix in PREFETCH_SUFFIXES:
+        if name.endswith(suffix):
+            return FusedBlock(ref, name[:-len(suffix)])
     return FusedBlock(ref, name)
 
 
@@ -203,7 +210,7 @@ def prepare_case(case, device, check_tol):
     ref = ref.to(memory_format=mf)
     x = torch.randn(N, C, H, W, device=device, dtype=dtype).to(memory_format=mf)
     module = make_provider(prov, ref)
-    no_prefetch = functools.partial(prefetch_off, prov.endswith(NOPREFETCH))
+    prefetch_ctx = functools.partial(prefetch_env, prefetch_setting(prov))
     train = mode != "eval"
     module.train(train)
     golden.train(train)
@@ -214,7 +221,7 @@ def prepare_case(case, device, check_tol):
     grads = mode == "train_fwdbwd"
     xr = x.detach().clone().requires_grad_(grads)
     xg = x.float().detach().clone().requires_grad_(grads)
-    with no_prefetch():
+    with prefetch_ctx():
         out, gx = module(xr), golden(xg)
         if grads:
             out.backward(probe)
@@ -230,7 +237,7 @@ def prepare_case(case, device, check_tol):
 
     def step():
         xi = x.detach().requires_grad_(mode == "train_fwdbwd")
-        with no_prefetch():
+        with prefetch_ctx():
             if mode == "eval":
                 with torch.no_grad():
                     return module(xi)
@@ -507,8 +514,8 @@ def parse(argv):
                    help="eager, compile, compile-max, cuda, triton, triton_tc (16-bit dtypes), "
                         "torch (default: available); cuda-recompute, triton-recompute, "
                         "triton_tc-recompute: "
-                        "with save_conv=False; cuda-noprefetch: the CUDA library without "
-                        "its L2 prefetches")
+                        "with save_conv=False; cuda-noprefetch, cuda-prefetch: the CUDA library "
+                        "without / with its L2 prefetches in both layouts (plain: NCHW only)")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")

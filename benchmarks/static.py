@@ -764,16 +764,17 @@ def _devices(paths):
 
 def _measured(paths):
     """{(shape, dtype, layout, mode, k, provider): ms} from GPU benchmark JSONs."""
+    from convmixer_ext.cuda_kernels import default_prefetch
     records, out = [], {}
     for path in paths:
         with open(path) as f:
             records += json.load(f)["records"]
     for r in records:
         if r.get("kind") == "pass" and "ms" in r and r.get("tiling") in (None, "1") and \
-                r.get("prefetch") is not False:
+                r.get("prefetch") in (None, default_prefetch(r["layout"] == "channels_last")):
             # benchmarks/passes.py: one pass alone (triton_tc in the default tiling, the
-            # CUDA library with its prefetches; "/u": with the convolution output saved by
-            # F1 and read by the others)
+            # CUDA library with its prefetches as it sets them by default; "/u": with the
+            # convolution output saved by F1 and read by the others)
             out[(r["shape_name"], r["dtype"], r["layout"],
                  r["pass_"] + ("/u" if r.get("saved_u") else ""), r["k"],
                  r["backend"])] = r["ms"]

@@ -40,7 +40,9 @@ def _libraries():
         lines.append(f"{kind} library: {lib.path}{extra}")
     from . import _env
     try:
-        state = "on" if _env.cuda_prefetch() else f"off ({_env.PREFETCH_VAR}=0)"
+        state = {None: "NCHW only (the default; channels_last runs faster without)",
+                 True: f"on ({_env.PREFETCH_VAR}=1)",
+                 False: f"off ({_env.PREFETCH_VAR}=0)"}[_env.cuda_prefetch()]
     except ValueError as e:  # the kernel libraries' launches will refuse it too
         state = str(e)
     lines.append(f"kernel library L2 prefetch: {state}")

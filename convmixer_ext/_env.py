@@ -6,8 +6,9 @@
   kernels run on CPU tensors in Triton's interpreter;
 - ``CONVMIXER_EXT_EMU_LIB``: load this file as the host-emulation library instead of the
   built one (the sanitizer tier uses it);
-- ``CONVMIXER_EXT_CUDA_PREFETCH=0``: the CUDA library's kernels issue no L2 prefetch of what
-  they stage (docs/DESIGN.md, "L2 prefetch"; the benchmarks time both ways).
+- ``CONVMIXER_EXT_CUDA_PREFETCH``: ``0`` / ``1``: the CUDA library's kernels issue no / every
+  L2 prefetch of what they stage, in both layouts; unset: as measured fastest (NCHW only:
+  ``cuda_kernels.default_prefetch``; docs/DESIGN.md, "L2 prefetch").
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ def backend_override() -> str:
     return os.environ.get(BACKEND_VAR, "auto").strip() or "auto"
 
 
-def cuda_prefetch() -> bool:
-    """CONVMIXER_EXT_CUDA_PREFETCH: "1" or unset (on), "0" (off); anything else is refused."""
-    v = os.environ.get(PREFETCH_VAR, "1").strip() or "1"
-    if v not in ("0", "1"):
+def cuda_prefetch():
+    """CONVMIXER_EXT_CUDA_PREFETCH: "1" (True: on), "0" (False: off), unset or empty (None:
+    the library's default for the layout); anything else is refused."""
+    v = os.environ.get(PREFETCH_VAR, "").strip()
+    if v not in ("", "0", "1"):
         raise ValueError(f"environment variable {PREFETCH_VAR} must be 0 or 1, got {v!r}")
-    return v == "1"
+    return None if v == "" else v == "1"
 
 
 def emu_lib_override():

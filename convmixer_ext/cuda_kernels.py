@@ -17,7 +17,7 @@ import torch
 
 from . import _cmx_lib as abi
 from . import _env
-from ._layout import check_saved_u
+from ._layout import check_saved_u, is_channels_last
 
 _DTYPE_IDS = {torch.float32: abi.DTYPE_IDS["float32"], torch.float16: abi.DTYPE_IDS["float16"],
               torch.bfloat16: abi.DTYPE_IDS["bfloat16"]}
@@ -45,6 +45,17 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     return s
 
 
+def default_prefetch(channels_last: bool) -> bool:
+    """Whether the kernels issue their L2 prefetches (docs/DESIGN.md, "L2 prefetch") where
+    neither the caller nor CONVMIXER_EXT_CUDA_PREFETCH says: in NCHW only. Measured on an H200
+    (``benchmarks/results/NVIDIA_H200-2026-11-27-run9-prefetch*``, ConvMixer-1536/20's block,
+    fp32): in NCHW they took the training step 5.05 -> 4.78 ms at k = 3 and 6.44 -> 6.23 at
+    k = 9 (B2 and B1 gaining most); in channels_last they cost 7-15% (eval at k = 9 1.36 ->
+    1.56 ms, training 8.07 -> 9.19; F2 and B1 slower, in bf16 too) and the bound at k = 31
+    is the convolution either way (within 1.5%)."""
+    return not channels_last
+
+
 def _p(t):
     return None if t is None else t.data_ptr()
 
@@ -59,12 +70,13 @@ class Launchers:
     def __init__(self, lib: abi.Library, device_type: str, target_blocks: int = 0,
                  prefetch: bool | None = None):
         """``prefetch``: L2 prefetch in the kernels; None: as CONVMIXER_EXT_CUDA_PREFETCH says
-        at each launch (default on)."""
+        at each launch, and where it is unset as :func:`default_prefetch` says for x."""
         self.lib, self.device_type, self.target_blocks = lib, device_type, target_blocks
         self.prefetch = prefetch
 
-    def _prefetch(self) -> bool:
-        return _env.cuda_prefetch() if self.prefetch is None else self.prefetch
+    def _prefetch(self, x) -> bool:
+        p = _env.cuda_prefetch() if self.prefetch is None else self.prefetch
+        return default_prefetch(is_channels_last(x)) if p is None else p
 
     def plan(self, x, k, act=0, has_in_affine=False, *others, saved_u=False) -> abi.Plan:
         """The library's launch plan for x (shape-only: nothing is read or launched);
@@ -97,7 +109,7 @@ class Launchers:
         others = tuple(t for t in (dout, u) if t is not None)
         shape = shape_of(x, weight.shape[-1], act, in_scale is not None, *others,
                          target_blocks=self.target_blocks, saved_u=u is not None,
-                         prefetch=self._prefetch())
+                         prefetch=self._prefetch(x))
         plan = self._plan(shape)
         inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
                             in_shift=_p(in_shift), u=_p(u))

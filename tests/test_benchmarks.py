@@ -150,33 +150,48 @@ def test_pass_timings_with_the_saved_convolution_output(tmp_path):
     assert {p["key"][3]: p["ratio"] for p in static.compare(rows, measured)} == {"B2/u": 2.0}
 
 
-def test_the_cuda_library_timed_without_its_prefetches(tmp_path, monkeypatch):
-    """The A/B of the L2 prefetches: the "-noprefetch" provider runs every launch of a step
-    (backward too) with them off, the plain one with them on; passes --prefetch both times
-    each pass both ways, and only the default (on) meets the static report's prediction."""
+def test_the_cuda_library_timed_with_and_without_its_prefetches(tmp_path, monkeypatch):
+    """The A/B of the L2 prefetches: the "-noprefetch" / "-prefetch" providers run every
+    launch of a step (backward too) with them off / on in both layouts, the plain one with
+    the library's default (on in NCHW, off in channels_last); passes --prefetch both times
+    each pass both ways, records whether they were on, and only the default meets the static
+    report's prediction."""
     from benchmarks import passes, static
     from conftest import kernel_backends
+    from convmixer_ext._layout import is_channels_last
     from convmixer_ext.cuda_kernels import Launchers
     if "cuda_emu" not in kernel_backends():
         pytest.skip("the emulation library is not built")
     seen = {}
     real = Launchers._prefetch
-    monkeypatch.setattr(Launchers, "_prefetch",
-                        lambda self: seen.setdefault(os.environ.get(
-                            "CONVMIXER_EXT_CUDA_PREFETCH"), set()).add(real(self)) or real(self))
+
+    def spy(self, x):
+        key = (os.environ.get("CONVMIXER_EXT_CUDA_PREFETCH"), is_channels_last(x))
+        seen.setdefault(key, set()).add(real(self, x))
+        return real(self, x)
+    monkeypatch.setattr(Launchers, "_prefetch", spy)
     rc = main(["--quick", "--device", "cpu", "--ks", "3", "--modes", "train_fwdbwd",
-               "--providers", "cuda_emu", "cuda_emu-noprefetch", "--reps", "1",
+               "--layouts", "nchw", "channels_last", "--providers", "cuda_emu",
+               "cuda_emu-noprefetch", "cuda_emu-prefetch", "--reps", "1",
                "--out", str(tmp_path / "blocks")])
     assert rc == 0
-    assert seen == {None: {True}, "0": {False}}, seen
+    assert seen == {(None, False): {True}, (None, True): {False}, ("0", False): {False},
+                    ("0", True): {False}, ("1", False): {True}, ("1", True): {True}}, seen
     assert "CONVMIXER_EXT_CUDA_PREFETCH" not in os.environ
-    rc = passes.main(["--device", "cpu", "--shapes", "2x3x8x8", "--ks", "3", "--layouts",
-                      "nchw", "--reps", "1", "--backends", "cuda_emu", "--prefetch", "both",
-                      "--out", str(tmp_path)])
+    rc = passes.main(["--device", "cpu", "--shapes", "2x3x8x8", "--ks", "3", "--reps", "1",
+                      "--backends", "cuda_emu", "--prefetch", "both", "--out", str(tmp_path)])
     assert rc == 0
-    recs = json.load(open(next(tmp_path.glob("passes-*.json"))))["records"]
-    assert sorted((r["prefetch"], r["pass_"]) for r in recs) == \
-        sorted((f, p) for f in (False, True) for p in passes.PASSES)
-    on = {r["pass_"]: r["ms"] for r in recs if r["prefetch"]}
-    assert static._measured([str(next(tmp_path.glob("passes-*.json")))]) == \
-        {("2x3x8x8", "float32", "nchw", p, 3, "cuda_emu"): ms for p, ms in on.items()}
+    path = str(next(tmp_path.glob("passes-*.json")))
+    recs = json.load(open(path))["records"]
+    assert sorted((r["layout"], r["prefetch"], r["pass_"]) for r in recs) == \
+        sorted((lay, f, p) for lay in ("nchw", "channels_last") for f in (False, True)
+               for p in passes.PASSES)
+    default = {(r["layout"], r["pass_"]): r["ms"] for r in recs
+               if r["prefetch"] == (r["layout"] == "nchw")}
+    assert static._measured([path]) == \
+        {("2x3x8x8", "float32", lay, p, 3, "cuda_emu"): ms for (lay, p), ms in default.items()}
+    rc = passes.main(["--device", "cpu", "--shapes", "2x3x8x8", "--ks", "3", "--reps", "1",
+                      "--backends", "cuda_emu", "--out", str(tmp_path)])
+    assert rc == 0
+    assert {(r["layout"], r["prefetch"]) for r in json.load(open(path))["records"]} == \
+        {("nchw", True), ("channels_last", False)}

@@ -186,24 +186,34 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
 
 @pytest.mark.skipif(BACKEND != "cuda_emu", reason="the prefetch audit is the emulator's")
 def test_prefetch_switch_reaches_the_kernels(monkeypatch):
-    """CONVMIXER_EXT_CUDA_PREFETCH=0 (or prefetch=False) turns the prefetches off, and the
-    audit then counts every staged load as missed (so it can fail); unset, they are on."""
+    """Unset, CONVMIXER_EXT_CUDA_PREFETCH leaves the prefetches on in NCHW and off in
+    channels_last (cuda_kernels.default_prefetch); =0 / =1 (or prefetch=False / True) turn
+    them off / on in both layouts. Off, the audit counts every staged load as missed (so it
+    can fail)."""
     lib = library("emulation")[0]
     g = torch.Generator().manual_seed(8)
-    x = _make(2, 4, 8, 8, f32, "nchw", 0, g)
     w, b = torch.randn(4, 1, 3, 3, generator=g) / 3, torch.zeros(4)
-    counts = {}
-    for name, flag, env in (("off", None, "0"), ("on", None, None), ("arg", False, None)):
-        if env is None:
-            monkeypatch.delenv("CONVMIXER_EXT_CUDA_PREFETCH", raising=False)
-        else:
-            monkeypatch.setenv("CONVMIXER_EXT_CUDA_PREFETCH", env)
-        impl = KernelBackend(Launchers(lib, DEVICE, prefetch=flag), saves_u=True)
-        lib.prefetch_audit_start()
-        try:
-            impl.stats(x, w, b, "gelu")
-        finally:
-            counts[name] = lib.prefetch_audit_stop()
-    assert counts["on"]["prefetches"] > 0 and counts["on"]["missed"] == 0
-    for name in ("off", "arg"):
-        assert counts[name]["prefetches"] == 0 and counts[name]["missed"] > 0
+    on = {}
+    for layout in ("nchw", "cl"):
+        x = _make(2, 4, 8, 8, f32, layout, 0, g)
+        for name, flag, env in (("unset", None, None), ("env 0", None, "0"),
+                                ("env 1", None, "1"), ("arg off", False, "1"),
+                                ("arg on", True, "0")):
+            if env is None:
+                monkeypatch.delenv("CONVMIXER_EXT_CUDA_PREFETCH", raising=False)
+            else:
+                monkeypatch.setenv("CONVMIXER_EXT_CUDA_PREFETCH", env)
+            impl = KernelBackend(Launchers(lib, DEVICE, prefetch=flag), saves_u=True)
+            lib.prefetch_audit_start()
+            try:
+                impl.stats(x, w, b, "gelu")
+            finally:
+                audit = lib.prefetch_audit_stop()
+            if audit["prefetches"] > 0:
+                assert audit["missed"] == 0, (layout, name, audit)
+            else:
+                assert audit["missed"] > 0, (layout, name, audit)
+            on[layout, name] = audit["prefetches"] > 0
+    assert on == {(lay, n): v for lay in ("nchw", "cl") for n, v in
+                  (("unset", lay == "nchw"), ("env 0", False), ("env 1", True),
+                   ("arg off", False), ("arg on", True))}, on

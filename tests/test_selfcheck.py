@@ -23,8 +23,8 @@ def test_self_check_reports_and_probes():
     assert out.count(" ok ") >= 2  # at least eager and torch ran their probe
     if not torch.cuda.is_available():
         assert "no CUDA device" in out
-    want = "off (CONVMIXER_EXT_CUDA_PREFETCH=0)" \
-        if os.environ.get("CONVMIXER_EXT_CUDA_PREFETCH", "1").strip() == "0" else "on"
+    want = {"0": "off (CONVMIXER_EXT_CUDA_PREFETCH=0)", "1": "on (CONVMIXER_EXT_CUDA_PREFETCH=1)",
+            "": "NCHW only (the default"}[os.environ.get("CONVMIXER_EXT_CUDA_PREFETCH", "").strip()]
     assert f"kernel library L2 prefetch: {want}" in out
 
 
