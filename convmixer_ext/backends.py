@@ -319,15 +319,25 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
 
     Everything else, measured on an H200 (`NVIDIA_H200-2026-11-26*`: k = 3, 7, 9 in fp32
     and bf16, both layouts, eval and training step; k = 15 and 31 in bf16 NCHW; `-run3-b2`:
-    training at k = 3, 9, 31 after B2's dW rework): the choice did not depend on the dtype.
-    A size between two measured ones takes another backend only where both neighbours agree
-    on it (k = 4-6 in channels_last training); sizes below 3 follow k=3; everything else
-    takes the CUDA library (k=31 NCHW training in fp32: 200 ms against eager's 201, measured
-    before it saved the convolution output, which the static model predicts at 37 ms)."""
+    training at k = 3, 9, 31 after B2's dW rework; `NVIDIA_H200-2026-11-27-run9-*`: k = 3, 7,
+    9, 31 after the Triton CUDA-core rework, the CUDA library with its L2 prefetches as it
+    now sets them). channels_last training: eager at k = 3 (cuDNN: 3.27 ms fp32, 2.45 bf16,
+    against Triton's 4.00 / 3.68); at k = 7 the dtype decides: cuDNN's bf16 kernel stays fast
+    (4.69 ms against Triton's 6.49 and the CUDA library's 6.71) while its fp32 one is 4.3x
+    slower than Triton (30.1 ms against 7.00; the CUDA library 7.73). Sizes 4-6 were not
+    timed: 16-bit takes eager (both neighbours agree), fp32 takes Triton (1.2x slower than
+    eager at k = 3, where eager is 4.3x slower at k = 7: the smaller worst case). From k = 8,
+    the CUDA library (k = 9: 8.07 / 7.31 ms against Triton's 10.69 / 9.38). In eval, and in
+    NCHW, the choice did not depend on the dtype: Triton at k <= 3 in training and in
+    channels_last eval (1.2-2.1x faster than the CUDA library; NCHW eval at k = 3: within
+    4%, the CUDA library kept), the CUDA library everywhere else (NCHW training at k = 9:
+    6.29 ms against Triton's 12.58; k = 31: 36.3 against 154)."""
     if dtype in TENSOR_CORE_DTYPES and not channels_last:
         return "triton_tc"
     if training and channels_last and kernel_size <= 7:
-        return "eager"   # cuDNN's channels_last depthwise: 1.7-2.3x faster up to k=7, not at 9
+        if kernel_size <= 3 or dtype in TENSOR_CORE_DTYPES:
+            return "eager"   # cuDNN's channels_last depthwise
+        return "triton"      # fp32 k = 4..7: cuDNN's fp32 kernel is 4.3x slower at k = 7
     if kernel_size <= 3 and (training or channels_last):
         return "triton"  # k=3: the Triton kernels are 1.2-2.1x faster than the CUDA library
     return "cuda"
