@@ -86,7 +86,8 @@ def occupancy(arch: int, threads: int, regs: int, smem: int) -> dict:
 
 # --------------------------------------------------------------------------- SASS facts
 # kernel, element type, KT and SU: whether it saves (F1) or reads (F2, B1, B2) the saved u
-_MANGLED = re.compile(r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)Li(\d+)E(?:Lb([01])E)?")
+_MANGLED = re.compile(
+    r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)(?:Li(\d+)E)?(?:Lb([01])E)?")
 _DTYPE_OF = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
 # one SASS instruction: (address, opcode, operands)
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
@@ -174,7 +175,8 @@ def dynamic_instructions(fact, trips):
 @functools.lru_cache(maxsize=None)
 def cuda_kernel_facts(lib_path):
     """{(arch, kernel, dtype, KT, SU): {regs, stack, local, shared, sass widths, instrs}} of
-    the built CUDA library (SU: the instantiation that saves or reads the saved u)."""
+    the built CUDA library (SU: the instantiation that saves or reads the saved u; a kernel
+    templated on T alone, apply_u_kernel: KT 0, SU False)."""
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],
@@ -185,7 +187,7 @@ def cuda_kernel_facts(lib_path):
         if not m:
             continue
         ops = sass.get((r["arch"], r["function"]), [])
-        key = (r["arch"], m.group(1), _DTYPE_OF[m.group(2)], int(m.group(3)),
+        key = (r["arch"], m.group(1), _DTYPE_OF[m.group(2)], int(m.group(3) or 0),
                m.group(4) == "1")
         facts[key] = dict(r, **sass_facts(ops))
     return facts
@@ -281,10 +283,12 @@ def cuda_kt(k, pass_, su):
     return (k if k in (7, 9) else 0) if pass_ in ("F1", "B2") else 0
 
 
-# [E] instructions per element of a pass that reads the saved u and convolves nothing (F2,
-# B1): two planes staged through shared memory (16-byte loads, scalar shared stores and
-# loads), the activation (erf: ~15), the affine or the two sums
-ELEMENTWISE_INSTR = 30
+# [E] instructions per element of a pass that reads the saved u and convolves nothing: B1,
+# two planes staged through shared memory (16-byte loads, scalar shared stores and loads),
+# the activation (erf: ~15) and the two sums; F2 (apply_u_kernel, element by element): the
+# 16-byte loads and store, the activation, the input and BN affines with their per-channel
+# loads
+ELEMENTWISE_INSTR = {"B1": 30, "F2": 24}
 
 
 def cuda_passes(shape, k, dtype, layout, lib_path):
@@ -322,11 +326,16 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
         su = u is not None
         plan, load = plans[su], u == "load"
         elementwise = load and name != "B2"  # F2, B1 reading u: no convolution
-        kern = _CUDA_KERNEL[name]
-        KT = cuda_kt(k, name, su)
-        fkey = (kern, dtype, KT, su)
-        f90, f80 = facts.get((90, *fkey), {}), facts.get((80, *fkey), {})
         threads, smem = plan.threads[i], plan.smem[i]
+        # F2 reading u on a dense x: apply_u_kernel (no tile, so no shared memory)
+        apply_u = name == "F2" and load and smem == 0
+        kern = "apply_u_kernel" if apply_u else _CUDA_KERNEL[name]
+        KT = cuda_kt(k, name, su)
+        fkey = ("apply_u_kernel", dtype, 0, False) if apply_u else (kern, dtype, KT, su)
+        # the 16-byte path: the tiles' (the plan's), or apply_u_kernel's own: rows of C
+        # (channels_last) or H*W (NCHW) elements in 16-byte chunks
+        vec = (C if layout == "channels_last" else H * W) % RW == 0 if apply_u else plan.vec
+        f90, f80 = facts.get((90, *fkey), {}), facts.get((80, *fkey), {})
         occ = {a: occupancy(a, threads, f.get("regs", 0), smem + f.get("shared", 0))
                for a, f in ((80, f80), (90, f90))}
         parts = plan.partial_rows[i]
@@ -364,10 +373,10 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
             cost["ffma"] += dw_ffma
             cost["instr"] += dw_ffma + dw_lds
             cost["wavefronts"] += per_item * (RW + window) / 32
-        instr = ELEMENTWISE_INSTR * elems if elementwise else \
+        instr = ELEMENTWISE_INSTR[name] * elems if elementwise else \
             cost["instr"] * 1.15  # address arithmetic, predicates, conversions
         t, bound = estimate(dram, l2, cost["ffma"], instr, cost["wavefronts"],
-                            occ[90]["warps"], 16 if plan.vec else e, plan.blocks[i])
+                            occ[90]["warps"], 16 if vec else e, plan.blocks[i])
         rows.append(dict(
             backend="cuda", pass_=name, kernel=kern, u=u, modes=modes,
             regs=f90.get("regs"),
@@ -375,7 +384,7 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
             stack=max(f90.get("stack", 0), f80.get("stack", 0)),
             smem_dynamic=smem, smem_static=f90.get("shared", 0), threads=threads,
             blocks=plan.blocks[i], channels_per_block=plan.channels_per_block[i],
-            tile=[TH, TW], vec=bool(plan.vec), partial_rows=parts,
+            tile=[TH, TW], vec=bool(vec), partial_rows=parts,
             occupancy={a: o for a, o in occ.items()},
             widths={k2: {str(w): n for w, n in v.items()} for k2, v in
                     f90.get("widths", {}).items() if v},

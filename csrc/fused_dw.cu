@@ -38,6 +38,9 @@ constexpr int kMaxCB = 32;                  // channels per block (channel_sum's
 // Reductions split the (image, tile) items of a channel block into just enough parts to give
 // about this many blocks (8 per SM of a 132-SM GPU): fewer partial rows to write and sum.
 constexpr int64_t kTargetBlocks = 1056;
+// The elementwise F2 (apply_u_kernel): blocks of kMaxThreads threads, at most this many (its
+// grid-stride loop takes the rest): 8 waves of 8 resident blocks per SM on 132 SMs.
+constexpr int64_t kElementwiseBlocks = 8 * kTargetBlocks;
 
 thread_local char g_error[1024] = "";
 
@@ -101,6 +104,7 @@ struct Plan {
   int64_t rows, blocks;
   int threads;
   size_t smem;
+  bool elementwise = false;  // F2 reading u: apply_u_kernel (rows of contiguous elements)
 };
 
 int32_t check_shape(const cmx_shape* s) {
@@ -218,10 +222,36 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   g.parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, items)));
 }
 
+// x dense in its layout (NCHW-contiguous or channels_last; a dimension of size 1 may have any
+// stride) with a row length below 2^31: apply_u_kernel's rows of L contiguous elements.
+bool dense_rows(const Geom& g) {
+  const int64_t W = g.W, HW = int64_t{g.H} * g.W, C = g.C;
+  auto is = [](int64_t size, int64_t stride, int64_t want) { return size == 1 || stride == want; };
+  if (g.layout == kChannelsLast)
+    return is(g.C, g.sC, 1) && is(g.W, g.sW, C) && is(g.H, g.sH, W * C) && is(g.N, g.sN, HW * C);
+  return HW <= INT32_MAX && is(g.W, g.sW, 1) && is(g.H, g.sH, W) && is(g.C, g.sC, HW) &&
+         is(g.N, g.sN, HW * C);
+}
+
 int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
   if (int32_t e = check_shape(s)) return e;
   Geom& g = p.geo;
   choose(s, pass, aligned, g);
+  if (pass == kF2 && s->saved_u != 0 && dense_rows(g)) {
+    const int V = 16 / elem_size(s->dtype);
+    const int64_t L = g.layout == kChannelsLast ? g.C : int64_t{g.H} * g.W;
+    g.vec = aligned && L % V == 0 ? 1 : 0;
+    g.prefetch = 0;  // nothing is staged
+    const int64_t chunks = s->n * g.C * g.H * g.W / (g.vec ? V : 1);
+    p.elementwise = true;
+    p.rows = 0;
+    p.threads = kMaxThreads;
+    // (the test knob target_blocks caps it too: a few blocks then loop over many chunks)
+    p.blocks = std::min<int64_t>((chunks + kMaxThreads - 1) / kMaxThreads,
+                                 s->target_blocks > 0 ? s->target_blocks : kElementwiseBlocks);
+    p.smem = 0;
+    return CMX_OK;
+  }
   p.rows = s->n > 0 ? g.parts : 0;
   p.blocks = p.rows * g.cblocks;
   p.threads = g.CB * g.GH * g.GW;
@@ -463,6 +493,11 @@ CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
        {in->rstd, "rstd"}, {in->gamma, "gamma"}, {in->beta, "beta"}, {out->y, "out"}},
       "apply_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
         using T = decltype(tag);
+        if constexpr (decltype(su)::value)
+          if (p.elementwise)
+            return launch(apply_u_kernel<T>, p, in, as<T>(in->x), in->u, in->mean, in->rstd,
+                          in->gamma, in->beta, static_cast<T*>(out->y),
+                          in_affine_of(s, in, nullptr), p.geo);
         return launch(apply_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
                       as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u, in->mean,
                       in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),

@@ -728,6 +728,83 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   store_group<T>(out, geo, t, l, y, sout);
 }
 
+// ---------------------------------------------------------------- F2 reading the saved u
+// apply_kernel's SU result element by element: with u saved there is nothing to convolve,
+// so no tile, halo, shared memory or barrier (staging u and x into channel planes and
+// channels_last's transposed store cost the tiled kernel 4x its bytes' time on an H200).
+// x, u and out are dense in one layout (the planner checks), seen as rows of L contiguous
+// elements: NCHW, a plane per row (N*C rows of H*W, channel = row mod C); channels_last, a
+// position per row (N*H*W rows of C, channel = column). Each step of a grid-stride loop
+// takes one chunk of a row: V elements (16 bytes of x) when geo.vec, else one. The row,
+// column and channel advance by additions: the loop divides nothing.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    apply_u_kernel(const T* __restrict__ x, const float* __restrict__ u,
+                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                   const float* __restrict__ gamma, const float* __restrict__ beta,
+                   T* __restrict__ out, InAffine in_aff, Geom geo) {
+  constexpr int V = Blk<T>::VEC;
+  const bool cl = geo.layout == kChannelsLast, affine = in_aff.scale != nullptr;
+  const int64_t rows = static_cast<int64_t>(geo.N) * (cl ? static_cast<int64_t>(geo.H) * geo.W
+                                                         : geo.C);
+  const int L = cl ? geo.C : geo.H * geo.W;  // (the planner: below 2^31)
+  const int vw = geo.vec ? V : 1, chunks = L / vw;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t row = start / chunks;
+  int col = static_cast<int>(start % chunks);
+  const int64_t drow = step / chunks;
+  const int dcol = static_cast<int>(step % chunks);
+  int ch = cl ? 0 : static_cast<int>(row % geo.C);  // NCHW: the row's channel
+  const int dch = cl ? 0 : static_cast<int>(drow % geo.C);
+  for (; row < rows;) {
+    const int64_t off = row * L + static_cast<int64_t>(col) * vw;
+    float xv[V], uv[V];
+    if (geo.vec) {
+      const Vec16<T> raw = ld16(x + off);
+      CMX_UNROLL
+      for (int e = 0; e < V; ++e) xv[e] = cmx_to_float(raw.v[e]);
+      CMX_UNROLL
+      for (int q = 0; q < V / 4; ++q) {  // fp32 u: V / 4 16-byte loads
+        const Vec16<float> f = ld16(u + off + 4 * q);
+        CMX_UNROLL
+        for (int e = 0; e < 4; ++e) uv[4 * q + e] = f.v[e];
+      }
+    } else {
+      xv[0] = ld(x, off);
+      uv[0] = u[off];
+    }
+    float y[V];
+    CMX_UNROLL
+    for (int e = 0; e < V; ++e) {
+      if (e >= vw) break;
+      const int c = cl ? col * vw + e : ch;
+      // as stage() and apply_kernel compute them: bitwise the tiled kernel's result
+      const float sc = affine ? in_aff.scale[c] : 1.f, sh = affine ? in_aff.shift[c] : 0.f;
+      const float a = gamma[c] * rstd[c];
+      const float shift = beta[c] - a * mean[c];
+      y[e] = (xv[e] * sc + sh) + a * act_fwd(uv[e], geo.act) + shift;
+    }
+    if (geo.vec) {
+      Vec16<T> v;
+      CMX_UNROLL
+      for (int e = 0; e < V; ++e) v.v[e] = cmx_from_float(y[e], T{});
+      st16(out + off, v);
+    } else {
+      out[off] = cmx_from_float(y[0], T{});
+    }
+    col += dcol;
+    row += drow;
+    ch += dch;
+    if (col >= chunks) {
+      col -= chunks;
+      ++row;
+      ++ch;
+    }
+    if (ch >= geo.C) ch -= geo.C;
+  }
+}
+
 // ---------------------------------------------------------------- B1: dbeta / dgamma partials
 // SU: u from the saved u (staged in the input planes, no halo; x is not read).
 template <typename T, int KT, bool SU>

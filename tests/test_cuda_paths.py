@@ -114,6 +114,46 @@ def test_kernel_paths_with_a_misaligned_saved_u_alone(layout):
                    saved_u=True, u_offset=1)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "strided"])
+def test_kernel_paths_saved_u_apply_elementwise_only_on_a_dense_x(layout, dense):
+    """F2 reading the saved u runs element by element (apply_u_kernel) where x is dense in
+    its layout, and the tiled kernel where it is not (here x dense in another dimension
+    order, which the C ABI's strides allow: H outside C for NCHW's W-contiguous rows, W
+    outside H for channels_last's C-contiguous positions), with the twin's results either
+    way; the emulator's audit tells the two apart (the tiled kernel prefetches what it
+    stages, the elementwise one stages nothing)."""
+    g = torch.Generator().manual_seed(11)
+    N, C, H, W = 2, 8, 6, 8
+
+    def make():
+        if dense:
+            return _make(N, C, H, W, f32, layout, 0, g)
+        if layout == "cl":  # memory order N, W, H, C
+            return torch.randn(N, W, H, C, generator=g).to(DEVICE).permute(0, 3, 2, 1)
+        return torch.randn(N, H, C, W, generator=g).to(DEVICE).permute(0, 2, 1, 3)
+    x, dout = make(), make()
+    assert x.is_contiguous(memory_format=torch.channels_last if layout == "cl"
+                           else torch.contiguous_format) == dense
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    w, b = r(C, 1, 7, 7) / 7, 0.1 * r(C)
+    lib = library("cuda" if BACKEND == "cuda" else "emulation")[0]
+    impl = KernelBackend(Launchers(lib, DEVICE, prefetch=True), saves_u=True)
+    assert impl.k.plan(x, 7, 0, False, saved_u=True).vec
+    compare_passes(impl, x, dout, w, b, 1 + 0.3 * r(C), 0.2 * r(C), "gelu", None, f32,
+                   saved_u=True)
+    if BACKEND != "cuda_emu":
+        return
+    u = like_x(x, f32, 0.5)
+    mean, rstd = torch.zeros(C), torch.ones(C)
+    lib.prefetch_audit_start()
+    try:
+        impl.apply(x, w, b, mean, rstd, torch.ones(C), torch.zeros(C), "gelu", None, u=u)
+    finally:
+        audit = lib.prefetch_audit_stop()
+    assert (audit["prefetches"] == 0) == dense, audit
+
+
 def test_activation_ids_reach_the_kernels():
     """Each activation gives its own result through the library (ids agree end to end)."""
     impl = get_impl(BACKEND)
@@ -141,7 +181,7 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
     the prefetched rectangles are the staged ones, and no block looks past its part's last
     item. Blocks take many items (one part, or F1's two), with the input affine (B2 stages
     the raw x too). F1 saving u prefetches nothing (its register cap; docs/DESIGN.md,
-    "L2 prefetch")."""
+    "L2 prefetch"), and F2 reading it stages nothing (it runs element by element)."""
     N, C, H, W, k, dtype, layout, offset = case[:8]
     lib = library("emulation")[0]
     g = torch.Generator().manual_seed(7)
@@ -169,6 +209,8 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
             audit = lib.prefetch_audit_stop()
         if name == "F1" and saved_u:
             assert audit["prefetches"] == 0, audit
+        elif name == "F2" and saved_u:  # elementwise (apply_u_kernel): nothing staged
+            assert audit == {"prefetches": 0, "missed": 0, "unused": 0}, audit
         else:
             assert audit["prefetches"] > 0, (name, audit)
             assert audit["missed"] == 0, (name, audit)
