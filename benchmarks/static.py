@@ -176,7 +176,7 @@ def dynamic_instructions(fact, trips):
 def cuda_kernel_facts(lib_path):
     """{(arch, kernel, dtype, KT, SU): {regs, stack, local, shared, sass widths, instrs}} of
     the built CUDA library (SU: the instantiation that saves or reads the saved u; a kernel
-    templated on T alone, apply_u_kernel: KT 0, SU False)."""
+    templated on T alone, apply_u_kernel and bwd_reduce_u_kernel: KT 0, SU False)."""
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],
@@ -285,10 +285,10 @@ def cuda_kt(k, pass_, su):
 
 # [E] instructions per element of a pass that reads the saved u and convolves nothing: B1,
 # two planes staged through shared memory (16-byte loads, scalar shared stores and loads),
-# the activation (erf: ~15) and the two sums; F2 (apply_u_kernel, element by element): the
-# 16-byte loads and store, the activation, the input and BN affines with their per-channel
-# loads
-ELEMENTWISE_INSTR = {"B1": 30, "F2": 24}
+# the activation (erf: ~15) and the two sums (bwd_reduce_u_kernel, NCHW: its 16-byte loads
+# direct, about 6 fewer); F2 (apply_u_kernel, element by element): the 16-byte loads and
+# store, the activation, the input and BN affines with their per-channel loads
+ELEMENTWISE_INSTR = {"B1": 30, "B1 direct": 24, "F2": 24}
 
 
 def cuda_passes(shape, k, dtype, layout, lib_path):
@@ -327,11 +327,14 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
         plan, load = plans[su], u == "load"
         elementwise = load and name != "B2"  # F2, B1 reading u: no convolution
         threads, smem = plan.threads[i], plan.smem[i]
-        # F2 reading u on a dense x: apply_u_kernel (no tile, so no shared memory)
-        apply_u = name == "F2" and load and smem == 0
-        kern = "apply_u_kernel" if apply_u else _CUDA_KERNEL[name]
+        # the library's direct kernels (plan.direct): F2 reading u on a dense x,
+        # apply_u_kernel; B1 reading it in NCHW on the 16-byte path, bwd_reduce_u_kernel
+        direct = bool(plan.direct >> i & 1)
+        apply_u, reduce_u = direct and name == "F2", direct and name == "B1"
+        kern = "apply_u_kernel" if apply_u else "bwd_reduce_u_kernel" if reduce_u else \
+            _CUDA_KERNEL[name]
         KT = cuda_kt(k, name, su)
-        fkey = ("apply_u_kernel", dtype, 0, False) if apply_u else (kern, dtype, KT, su)
+        fkey = (kern, dtype, 0, False) if apply_u or reduce_u else (kern, dtype, KT, su)
         # the 16-byte path: the tiles' (the plan's), or apply_u_kernel's own: rows of C
         # (channels_last) or H*W (NCHW) elements in 16-byte chunks
         vec = (C if layout == "channels_last" else H * W) % RW == 0 if apply_u else plan.vec
@@ -373,7 +376,7 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
             cost["ffma"] += dw_ffma
             cost["instr"] += dw_ffma + dw_lds
             cost["wavefronts"] += per_item * (RW + window) / 32
-        instr = ELEMENTWISE_INSTR[name] * elems if elementwise else \
+        instr = ELEMENTWISE_INSTR[name + " direct" * reduce_u] * elems if elementwise else \
             cost["instr"] * 1.15  # address arithmetic, predicates, conversions
         t, bound = estimate(dram, l2, cost["ffma"], instr, cost["wavefronts"],
                             occ[90]["warps"], 16 if vec else e, plan.blocks[i])

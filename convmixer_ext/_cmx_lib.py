@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # error codes of cmx_abi.h
 OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
@@ -41,7 +41,7 @@ PASSES = ("F1", "F2", "B1", "B2")  # index of the per-pass arrays of Plan
 class Plan(ctypes.Structure):
     """Per pass (index: PASSES): partial rows of its reduction, blocks, threads, channels
     per block, bytes of dynamic shared memory."""
-    _fields_ = [("tile_h", _i32), ("tile_w", _i32), ("vec", _i32), ("pad_", _i32),
+    _fields_ = [("tile_h", _i32), ("tile_w", _i32), ("vec", _i32), ("direct", _i32),
                 ("partial_rows", _i64 * 4), ("blocks", _i64 * 4), ("threads", _i32 * 4),
                 ("channels_per_block", _i32 * 4), ("smem", _i32 * 4)]
 

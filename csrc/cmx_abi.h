@@ -15,7 +15,7 @@
 
 #include <stdint.h>
 
-#define CMX_ABI_VERSION 4
+#define CMX_ABI_VERSION 5
 
 #if defined(_WIN32)
 #define CMX_API __declspec(dllexport)
@@ -71,7 +71,8 @@ typedef struct {
 typedef struct {
   int32_t tile_h, tile_w;
   int32_t vec;                  /* 16-byte global accesses along the contiguous dimension */
-  int32_t pad_;
+  int32_t direct;               /* bit i: pass i loads global memory directly, no staged
+                                 * tiles (F2, B1 reading the saved u: their own kernels) */
   int64_t partial_rows[4];
   int64_t blocks[4];
   int32_t threads[4];

@@ -104,7 +104,9 @@ struct Plan {
   int64_t rows, blocks;
   int threads;
   size_t smem;
-  bool elementwise = false;  // F2 reading u: apply_u_kernel (rows of contiguous elements)
+  // F2 / B1 reading u, their kernels that load global memory directly instead of staging
+  // tiles: apply_u_kernel (F2, x dense), bwd_reduce_u_kernel (B1, NCHW, 16-byte path)
+  bool direct = false;
 };
 
 int32_t check_shape(const cmx_shape* s) {
@@ -243,7 +245,7 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
     g.vec = aligned && L % V == 0 ? 1 : 0;
     g.prefetch = 0;  // nothing is staged
     const int64_t chunks = s->n * g.C * g.H * g.W / (g.vec ? V : 1);
-    p.elementwise = true;
+    p.direct = true;
     p.rows = 0;
     p.threads = kMaxThreads;
     // (the test knob target_blocks caps it too: a few blocks then loop over many chunks)
@@ -257,6 +259,10 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
   p.threads = g.CB * g.GH * g.GW;
   p.smem = static_cast<size_t>(smem_bytes(g, elem_size(s->dtype), pass,
                                           s->has_in_affine != 0, s->saved_u != 0));
+  if (pass == kB1 && s->saved_u != 0 && g.layout == kNCHW && g.vec) {
+    p.direct = true;  // its shared memory: channel_sum's scratch alone
+    p.smem = (kMaxThreads + 32) * sizeof(float);
+  }
   if (s->n * g.tiles_per_img > INT32_MAX)
     return fail(CMX_E_LIMIT, "x of shape [%lld, %lld, %lld, %lld] has more than 2^31 tiles",
                 (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w);
@@ -460,12 +466,14 @@ CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
   plan->tile_h = ps[0].geo.TH;  // one spatial tiling for every pass
   plan->tile_w = ps[0].geo.TW;
   plan->vec = ps[0].geo.vec;
+  plan->direct = 0;
   for (int i = 0; i < 4; ++i) {
     plan->partial_rows[i] = i == kF2 ? 0 : ps[i].rows;
     plan->blocks[i] = ps[i].blocks;
     plan->threads[i] = ps[i].threads;
     plan->channels_per_block[i] = ps[i].geo.CB;
     plan->smem[i] = static_cast<int32_t>(ps[i].smem);
+    plan->direct |= ps[i].direct ? 1 << i : 0;
   }
   return CMX_OK;
 }
@@ -494,7 +502,7 @@ CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
       "apply_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
         using T = decltype(tag);
         if constexpr (decltype(su)::value)
-          if (p.elementwise)
+          if (p.direct)
             return launch(apply_u_kernel<T>, p, in, as<T>(in->x), in->u, in->mean, in->rstd,
                           in->gamma, in->beta, static_cast<T*>(out->y),
                           in_affine_of(s, in, nullptr), p.geo);
@@ -515,6 +523,10 @@ CMX_API int32_t cmx_bwd_reduce(const cmx_shape* s, const cmx_inputs* in,
        {out->dgamma_p, "dgamma_p"}},
       "bwd_reduce_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
         using T = decltype(tag);
+        if constexpr (decltype(su)::value)
+          if (p.direct)
+            return launch(bwd_reduce_u_kernel<T>, p, in, as<T>(in->dout), in->u, in->mean,
+                          in->rstd, out->dbeta_p, out->dgamma_p, p.geo);
         return launch(bwd_reduce_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
                       as<T>(in->dout), as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u,
                       in->mean, in->rstd, out->dbeta_p, out->dgamma_p,

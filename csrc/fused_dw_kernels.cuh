@@ -806,6 +806,21 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // ---------------------------------------------------------------- B1: dbeta / dgamma partials
+// The block's channel sums of its threads' s1 = sum(dout), s2 = sum(dout * xhat), written to
+// its partial row (every thread of the block calls it: channel_sum's barriers).
+__device__ __forceinline__ void write_b1_partials(float s1, float s2, const Geom& geo,
+                                                  const Work& wk, const Lane& l, float* red,
+                                                  float* red2, float* __restrict__ dbeta_p,
+                                                  float* __restrict__ dgamma_p) {
+  s1 = channel_sum(s1, geo, l, red, red2);
+  s2 = channel_sum(s2, geo, l, red, red2);
+  if (l.active && l.first) {
+    dbeta_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = s1;
+    dgamma_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = s2;
+  }
+}
+
+
 // SU: u from the saved u (staged in the input planes, no halo; x is not read).
 template <typename T, int KT, bool SU>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
@@ -866,12 +881,56 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
     }
     __syncthreads();  // the next tile's staging overwrites sx and sd
   }
-  s1 = channel_sum(s1, geo, l, red, red2);
-  s2 = channel_sum(s2, geo, l, red, red2);
-  if (l.active && l.first) {
-    dbeta_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = s1;
-    dgamma_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = s2;
+  write_b1_partials(s1, s2, geo, wk, l, red, red2, dbeta_p, dgamma_p);
+}
+
+// B1 reading the saved u in NCHW on the 16-byte path (bwd_reduce_kernel's grid and partial
+// rows, shared memory for channel_sum alone): nothing to convolve, and a thread's RH x RW outputs are RH 16-byte runs along W, so
+// it loads u and dout from global memory directly (a warp's loads of a row are contiguous),
+// all of an item's at once: no staging, no barrier and no L2 prefetch per item. Same values
+// and the same order of the sums as the staged kernel: its results bitwise. A kernel of its
+// own so that the staged one (channels_last) keeps its registers.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
+    bwd_reduce_u_kernel(const T* __restrict__ dout, const float* __restrict__ u,
+                        const float* __restrict__ mean, const float* __restrict__ rstd,
+                        float* __restrict__ dbeta_p, float* __restrict__ dgamma_p, Geom geo) {
+  constexpr int RH = Blk<T>::RH, RW = Blk<T>::RW;
+  CMX_DYN_SMEM(smem);
+  const Work wk = work_of(geo);
+  const Lane l = lane_of(geo, wk);
+  float *red = smem, *red2 = red + kMaxThreads;  // (its only shared memory: the planner)
+  float s1 = 0.f, s2 = 0.f;  // this thread's sums over the part, in order
+  for (int item = wk.first; item < wk.last; ++item) {
+    const Tile t = tile_at(geo, wk, item);
+    const int q = l.gc * RW;
+    if (!l.active || t.w0 + q >= geo.W) continue;
+    const int c = t.c0 + l.cl;
+    const float m = mean[c], rs = rstd[c];
+    const int64_t base = plane_base(geo, t.n, c);
+    CMX_UNROLL
+    for (int ro = 0; ro < RH; ++ro) {
+      const int r = l.gr * RH + ro;
+      if (t.h0 + r >= geo.H) break;
+      const int64_t off = offset_of(geo, base, t.h0 + r, t.w0 + q);
+      const Vec16<T> dv = ld16(dout + off);
+      float uv[RW];
+      CMX_UNROLL
+      for (int h = 0; h < RW / 4; ++h) {  // fp32 u: RW / 4 16-byte loads
+        const Vec16<float> f = ld16(u + off + 4 * h);
+        CMX_UNROLL
+        for (int e = 0; e < 4; ++e) uv[4 * h + e] = f.v[e];
+      }
+      CMX_UNROLL
+      for (int o = 0; o < RW; ++o)
+        if (inside(t, r, q + o)) {
+          const float d = cmx_to_float(dv.v[o]);
+          s1 += d;
+          s2 += d * (act_fwd(uv[o], geo.act) - m) * rs;
+        }
+    }
   }
+  write_b1_partials(s1, s2, geo, wk, l, red, red2, dbeta_p, dgamma_p);
 }
 
 // ---------------------------------------------------------------- B2: dx, dW / db partials
