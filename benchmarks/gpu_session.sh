@@ -41,7 +41,9 @@
 #   bash benchmarks/gpu_session.sh 11  # the CUDA library's L2 prefetches on and off, in ~5
 #                                      # minutes: the CUDA tests, each pass both ways (fp32
 #                                      # and bf16, NCHW and channels_last, k = 3, 9), fp32
-#                                      # blocks (cuda-prefetch, cuda-noprefetch, eager) at k = 3, 9, 31
+#                                      # blocks (cuda-prefetch, cuda-noprefetch, eager) at k = 3, 9, 31;
+#                                      # at k = 9 the passes include F2 and B1 reading the
+#                                      # saved u through their direct kernels
 #   bash benchmarks/gpu_session.sh 12  # the Triton CUDA-core kernels after the tap-major
 #                                      # weight and channels_last dW kernel, in ~5 minutes:
 #                                      # their tests, each kernel's time (fp32 and bf16, both
