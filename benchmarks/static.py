@@ -256,6 +256,8 @@ def _elem(dtype):
 # --------------------------------------------------------------------------- CUDA passes
 _CUDA_KERNEL = {"F1": "stats_kernel", "F2": "apply_kernel", "B1": "bwd_reduce_kernel",
                 "B2": "bwd_main_kernel"}
+# the passes' kernels that load global memory directly (plan.direct: reading the saved u)
+_CUDA_DIRECT_KERNEL = {"F2": "apply_u_kernel", "B1": "bwd_reduce_u_kernel"}
 
 
 def _planner():
@@ -283,12 +285,12 @@ def cuda_kt(k, pass_, su):
     return (k if k in (7, 9) else 0) if pass_ in ("F1", "B2") else 0
 
 
-# [E] instructions per element of a pass that reads the saved u and convolves nothing: B1,
-# two planes staged through shared memory (16-byte loads, scalar shared stores and loads),
-# the activation (erf: ~15) and the two sums (bwd_reduce_u_kernel, NCHW: its 16-byte loads
-# direct, about 6 fewer); F2 (apply_u_kernel, element by element): the 16-byte loads and
+# [E] instructions per element of a kernel that reads the saved u and convolves nothing: B1's
+# staged one, two planes through shared memory (16-byte loads, scalar shared stores and
+# loads), the activation (erf: ~15) and the two sums; bwd_reduce_u_kernel (NCHW), its 16-byte
+# loads direct, about 6 fewer; apply_u_kernel (F2, element by element), the 16-byte loads and
 # store, the activation, the input and BN affines with their per-channel loads
-ELEMENTWISE_INSTR = {"B1": 30, "B1 direct": 24, "F2": 24}
+ELEMENTWISE_INSTR = {"bwd_reduce_kernel": 30, "bwd_reduce_u_kernel": 24, "apply_u_kernel": 24}
 
 
 def cuda_passes(shape, k, dtype, layout, lib_path):
@@ -330,14 +332,13 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
         # the library's direct kernels (plan.direct): F2 reading u on a dense x,
         # apply_u_kernel; B1 reading it in NCHW on the 16-byte path, bwd_reduce_u_kernel
         direct = bool(plan.direct >> i & 1)
-        apply_u, reduce_u = direct and name == "F2", direct and name == "B1"
-        kern = "apply_u_kernel" if apply_u else "bwd_reduce_u_kernel" if reduce_u else \
-            _CUDA_KERNEL[name]
+        kern = (_CUDA_DIRECT_KERNEL if direct else _CUDA_KERNEL)[name]
         KT = cuda_kt(k, name, su)
-        fkey = (kern, dtype, 0, False) if apply_u or reduce_u else (kern, dtype, KT, su)
+        fkey = (kern, dtype, 0, False) if direct else (kern, dtype, KT, su)
         # the 16-byte path: the tiles' (the plan's), or apply_u_kernel's own: rows of C
         # (channels_last) or H*W (NCHW) elements in 16-byte chunks
-        vec = (C if layout == "channels_last" else H * W) % RW == 0 if apply_u else plan.vec
+        vec = (C if layout == "channels_last" else H * W) % RW == 0 \
+            if kern == "apply_u_kernel" else plan.vec
         f90, f80 = facts.get((90, *fkey), {}), facts.get((80, *fkey), {})
         occ = {a: occupancy(a, threads, f.get("regs", 0), smem + f.get("shared", 0))
                for a, f in ((80, f80), (90, f90))}
@@ -376,7 +377,7 @@ def cuda_passes(shape, k, dtype, layout, lib_path):
             cost["ffma"] += dw_ffma
             cost["instr"] += dw_ffma + dw_lds
             cost["wavefronts"] += per_item * (RW + window) / 32
-        instr = ELEMENTWISE_INSTR[name + " direct" * reduce_u] * elems if elementwise else \
+        instr = ELEMENTWISE_INSTR[kern] * elems if elementwise else \
             cost["instr"] * 1.15  # address arithmetic, predicates, conversions
         t, bound = estimate(dram, l2, cost["ffma"], instr, cost["wavefronts"],
                             occ[90]["warps"], 16 if vec else e, plan.blocks[i])

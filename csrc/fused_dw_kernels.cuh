@@ -214,6 +214,17 @@ __device__ __forceinline__ void st16(T* p, const Vec16<T>& v) {
   *reinterpret_cast<Vec16<T>*>(p) = v;
 }
 
+// N consecutive floats (the saved u: fp32 beside a row chunk of x) in N / 4 16-byte loads.
+template <int N>
+__device__ __forceinline__ void ld16_floats(const float* p, float (&v)[N]) {
+  CMX_UNROLL
+  for (int q = 0; q < N / 4; ++q) {
+    const Vec16<float> f = ld16(p + 4 * q);
+    CMX_UNROLL
+    for (int e = 0; e < 4; ++e) v[4 * q + e] = f.v[e];
+  }
+}
+
 // ---------------------------------------------------------------- staging
 // A rectangle of image rows r0 .. r0 + R - 1 and columns q0 .. q0 + Q - 1 (it may reach
 // outside the image: the padding) of the tile's channels.
@@ -683,6 +694,25 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 }
 
 // ---------------------------------------------------------------- F2 / eval: apply
+// F2's output from the block input and u = conv(input) + b of channel c: input + a*act(u) +
+// shift, a = gamma*rstd, shift = beta - a*mean. One expression for the tiled and the
+// element-by-element kernel, so that their results agree bitwise.
+struct BnApply {
+  float a, shift;
+};
+
+__device__ __forceinline__ BnApply bn_apply_of(const float* __restrict__ gamma,
+                                               const float* __restrict__ rstd,
+                                               const float* __restrict__ beta,
+                                               const float* __restrict__ mean, int c) {
+  const float a = gamma[c] * rstd[c];
+  return {a, beta[c] - a * mean[c]};
+}
+
+__device__ __forceinline__ float bn_apply(float input, float u, const BnApply& bn, int act) {
+  return input + bn.a * act_fwd(u, act) + bn.shift;
+}
+
 // out = input + a*g + shift with a = gamma*rstd, shift = beta - a*mean. SU: g from the saved
 // u (F1's, float32 with x's strides) instead of the convolution.
 template <typename T, int KT, bool SU>
@@ -713,8 +743,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   float y[RH][RW];
   if (l.active) {
     const int c = t.c0 + l.cl;
-    const float a = gamma[c] * rstd[c];
-    const float shift = beta[c] - a * mean[c];
+    const BnApply bn = bn_apply_of(gamma, rstd, beta, mean, c);
     conv_group<T, KT, SU>(SU ? su : sx, SU ? L.tile : L.in, sw, geo, l, SU ? 0.f : ld(b, c), y);
     const float* xin = sx + l.cl * L.in.P + pb * L.in.S + pb;
     CMX_UNROLL
@@ -722,7 +751,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
       CMX_UNROLL
       for (int o = 0; o < RW; ++o) {
         const int r = l.gr * RH + ro, q = l.gc * RW + o;
-        y[ro][o] = xin[r * L.in.S + q] + a * act_fwd(y[ro][o], geo.act) + shift;
+        y[ro][o] = bn_apply(xin[r * L.in.S + q], y[ro][o], bn, geo.act);
       }
   }
   store_group<T>(out, geo, t, l, y, sout);
@@ -764,12 +793,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       const Vec16<T> raw = ld16(x + off);
       CMX_UNROLL
       for (int e = 0; e < V; ++e) xv[e] = cmx_to_float(raw.v[e]);
-      CMX_UNROLL
-      for (int q = 0; q < V / 4; ++q) {  // fp32 u: V / 4 16-byte loads
-        const Vec16<float> f = ld16(u + off + 4 * q);
-        CMX_UNROLL
-        for (int e = 0; e < 4; ++e) uv[4 * q + e] = f.v[e];
-      }
+      ld16_floats(u + off, uv);
     } else {
       xv[0] = ld(x, off);
       uv[0] = u[off];
@@ -779,11 +803,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int e = 0; e < V; ++e) {
       if (e >= vw) break;
       const int c = cl ? col * vw + e : ch;
-      // as stage() and apply_kernel compute them: bitwise the tiled kernel's result
+      // the input as stage() forms it, then apply_kernel's expression: bitwise its result
       const float sc = affine ? in_aff.scale[c] : 1.f, sh = affine ? in_aff.shift[c] : 0.f;
-      const float a = gamma[c] * rstd[c];
-      const float shift = beta[c] - a * mean[c];
-      y[e] = (xv[e] * sc + sh) + a * act_fwd(uv[e], geo.act) + shift;
+      y[e] = bn_apply(xv[e] * sc + sh, uv[e], bn_apply_of(gamma, rstd, beta, mean, c),
+                      geo.act);
     }
     if (geo.vec) {
       Vec16<T> v;
@@ -819,7 +842,6 @@ __device__ __forceinline__ void write_b1_partials(float s1, float s2, const Geom
     dgamma_p[static_cast<int64_t>(wk.part) * geo.C + wk.c0 + l.cl] = s2;
   }
 }
-
 
 // SU: u from the saved u (staged in the input planes, no halo; x is not read).
 template <typename T, int KT, bool SU>
@@ -915,12 +937,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks - 1)
       const int64_t off = offset_of(geo, base, t.h0 + r, t.w0 + q);
       const Vec16<T> dv = ld16(dout + off);
       float uv[RW];
-      CMX_UNROLL
-      for (int h = 0; h < RW / 4; ++h) {  // fp32 u: RW / 4 16-byte loads
-        const Vec16<float> f = ld16(u + off + 4 * h);
-        CMX_UNROLL
-        for (int e = 0; e < 4; ++e) uv[4 * h + e] = f.v[e];
-      }
+      ld16_floats(u + off, uv);
       CMX_UNROLL
       for (int o = 0; o < RW; ++o)
         if (inside(t, r, q + o)) {
