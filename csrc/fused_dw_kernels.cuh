@@ -65,8 +65,28 @@ struct InAffine {
 };
 
 // ---------------------------------------------------------------- activations (CMX_ACT_*)
+// Phi(u), the standard normal CDF, in fp32: the Triton kernels' _cdf (docs/DESIGN.md,
+// "Activation"), the same degree-10 polynomial t and the same 2^x, so both backends compute
+// GELU alike: Phi(-a) = 2^(a t(a) - 1) for a = |u| (t's argument clamped to [0, 6]),
+// Phi(u) = 1 - Phi(-u) for u >= 0 (a Phi below 2^-126, u < -25, flushed to 0). Fifteen
+// instructions where erff's two pieces took about thirty. The coefficients are kNormalCdfPoly (tests/test_reliability.py checks them
+// against triton_kernels._cdf's).
+__device__ __forceinline__ float normal_cdf(float u) {
+  constexpr float kNormalCdfPoly[11] = {
+      2.0813755163828773e-09f, -8.049305222357361e-08f, 1.3783111398879555e-06f,
+      -1.3629657587443944e-05f, 8.335785241797566e-05f, -0.00028527918038889766f,
+      -1.3915718227508478e-05f, 0.006986461579799652f, -0.05247931554913521f,
+      -0.4592057466506958f, -1.1511061191558838f};
+  const float a = fabsf(u), c = fminf(a, 6.f);
+  float t = kNormalCdfPoly[0];
+  CMX_UNROLL
+  for (int i = 1; i < 11; ++i) t = fmaf(t, c, kNormalCdfPoly[i]);
+  const float e = cmx_exp2(fmaf(a, t, -1.f));
+  return u < 0.f ? e : 1.f - e;
+}
+
 __device__ __forceinline__ float act_fwd(float u, int act) {
-  if (act == CMX_ACT_GELU) return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+  if (act == CMX_ACT_GELU) return u * normal_cdf(u);
   if (act == CMX_ACT_GELU_TANH) {
     const float t = tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u));
     return 0.5f * u * (1.f + t);
@@ -74,11 +94,12 @@ __device__ __forceinline__ float act_fwd(float u, int act) {
   return u > 0.f ? u : 0.f;
 }
 
+// GELU's derivative Phi(u) + u phi(u), the density as one 2^x: exp(-u^2 / 2) / sqrt(2 pi) =
+// 2^(u^2 A + B), A = -1 / (2 ln 2), B = log2(1 / sqrt(2 pi)) (as the Triton kernels).
 __device__ __forceinline__ float act_grad(float u, int act) {
-  if (act == CMX_ACT_GELU) {
-    const float cdf = 0.5f * (1.f + erff(u * 0.70710678118654752f));
-    return cdf + u * expf(-0.5f * u * u) * 0.39894228040143268f;
-  }
+  if (act == CMX_ACT_GELU)
+    return fmaf(u, cmx_exp2(fmaf(u * u, -0.72134752044448170f, -1.3257480647361593f)),
+                normal_cdf(u));
   if (act == CMX_ACT_GELU_TANH) {
     const float t = tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u));
     const float dt = 0.79788456080286536f * (1.f + 3.f * 0.044715f * u * u);

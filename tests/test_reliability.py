@@ -303,3 +303,29 @@ def test_triton_normal_cdf_accuracy():
     assert err_far <= 1e-9, f"Phi off by {err_far:.2e} below -6"
     ys = cdf(torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")]))
     assert ys[:4].tolist() == [0.5, 0.5, 1.0, 0.0] and ys[4].isnan()
+
+
+def test_cuda_and_triton_kernels_share_the_normal_cdf():
+    """The CUDA library's Phi (normal_cdf in csrc/fused_dw_kernels.cuh) evaluates the same
+    polynomial as the Triton kernels' _cdf (docs/DESIGN.md, "Activation"): the same eleven
+    coefficients in the same order, and the same density constants of GELU's derivative."""
+    import inspect
+    import math
+    import os
+    import re
+    from convmixer_ext import triton_kernels
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cuh = open(os.path.join(root, "csrc", "fused_dw_kernels.cuh")).read()
+    body = cuh[cuh.index("kNormalCdfPoly[11] = {"):]
+    body = body[:body.index("};")]
+    num = r"-?\d+\.\d+(?:e-?\d+)?"
+    cuda = [float(v) for v in re.findall(num + "(?=f)", body)]
+    src = inspect.getsource(triton_kernels._cdf.fn)
+    first = re.search(r"t = tl\.fma\(c, (" + num + "), (" + num + r")\)", src)
+    triton = [float(first.group(1)), float(first.group(2))] + [
+        float(v) for v in re.findall(r"t = tl\.fma\(t, c, (" + num + r")\)", src)]
+    assert len(cuda) == 11 and cuda == triton, (cuda, triton)
+    grad = cuh[cuh.index("__device__ __forceinline__ float act_grad"):]
+    a, b = (float(v) for v in re.findall(num + "(?=f)", grad[:grad.index("normal_cdf")]))
+    assert a == pytest.approx(-0.5 / math.log(2.0), rel=1e-15)
+    assert b == pytest.approx(math.log2(1.0 / math.sqrt(2.0 * math.pi)), rel=1e-15)
