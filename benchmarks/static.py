@@ -110,9 +110,11 @@ def access_widths(opcodes):
 
 def sass_facts(opcodes):
     """The SASS facts the report keeps of one kernel: memory instructions by access width,
-    the instruction count, the FFMA count and the L2 prefetches (``CCTL.E.PF2``)."""
+    the instruction count, the FFMA and tensor-core MMA (``HMMA``) counts and the L2
+    prefetches (``CCTL.E.PF2``)."""
     return dict(widths=access_widths(opcodes), instructions=len(opcodes),
                 ffma=sum(op.startswith("FFMA") for op in opcodes),
+                hmma=sum(op.startswith("HMMA") for op in opcodes),
                 prefetches=sum(op.startswith("CCTL") and "PF2" in op.split(".")
                                for op in opcodes))
 
@@ -176,7 +178,8 @@ def dynamic_instructions(fact, trips):
 def cuda_kernel_facts(lib_path):
     """{(arch, kernel, dtype, KT, SU): {regs, stack, local, shared, sass widths, instrs}} of
     the built CUDA library (SU: the instantiation that saves or reads the saved u; a kernel
-    templated on T alone, apply_u_kernel and bwd_reduce_u_kernel: KT 0, SU False)."""
+    templated on T alone, apply_u_kernel and bwd_reduce_u_kernel: KT 0, SU False; for
+    apply_mma_kernel the bool is its AFF, the input affine's instantiation)."""
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 # error codes of cmx_abi.h
 OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
@@ -32,7 +32,7 @@ class Shape(ctypes.Structure):
     _fields_ = [("n", _i64), ("c", _i64), ("h", _i64), ("w", _i64), ("stride", _i64 * 4),
                 ("dtype", _i32), ("k", _i32), ("act", _i32), ("has_in_affine", _i32),
                 ("aligned", _i32), ("target_blocks", _i32), ("saved_u", _i32),
-                ("prefetch", _i32)]
+                ("prefetch", _i32), ("tensor_cores", _i32)]
 
 
 PASSES = ("F1", "F2", "B1", "B2")  # index of the per-pass arrays of Plan
@@ -40,9 +40,11 @@ PASSES = ("F1", "F2", "B1", "B2")  # index of the per-pass arrays of Plan
 
 class Plan(ctypes.Structure):
     """Per pass (index: PASSES): partial rows of its reduction, blocks, threads, channels
-    per block, bytes of dynamic shared memory."""
+    per block, bytes of dynamic shared memory; bit masks over the passes: ``direct`` (no
+    staged tiles) and ``mma`` (the convolution on tensor cores)."""
     _fields_ = [("tile_h", _i32), ("tile_w", _i32), ("vec", _i32), ("direct", _i32),
-                ("partial_rows", _i64 * 4), ("blocks", _i64 * 4), ("threads", _i32 * 4),
+                ("mma", _i32), ("partial_rows", _i64 * 4), ("blocks", _i64 * 4),
+                ("threads", _i32 * 4),
                 ("channels_per_block", _i32 * 4), ("smem", _i32 * 4)]
 
 
@@ -90,6 +92,8 @@ class Library:
                     ("cmx_make_plan", _i32, [ctypes.POINTER(Shape), ctypes.POINTER(Plan)]),
                     ("cmx_index_probe", _i64, [ctypes.POINTER(_i64), _i64, _i64, _i64, _i64]),
                     ("cmx_prefetch_audit", _i32, [_i32, ctypes.POINTER(_i64)]),
+                    ("cmx_mma_probe", _i32, [_i32, ctypes.POINTER(ctypes.c_uint32),
+                                             ctypes.POINTER(ctypes.c_float)]),
                     *((p, _i32, [ctypes.POINTER(Shape), ctypes.POINTER(Inputs),
                                  ctypes.POINTER(Outputs)]) for p in _PASSES)):
                 fn = getattr(lib, name)
@@ -156,6 +160,15 @@ class Library:
         counts = (_i64 * 3)()
         self._check(self._lib.cmx_prefetch_audit(0, counts), "prefetch audit")
         return dict(prefetches=counts[0], missed=counts[1], unused=counts[2])
+
+    def mma_probe(self, dtype: str, regs, acc):
+        """Emulation build: one warp's tensor-core MMA (mma.sync.m16n8k16 .row.col, fp32
+        accumulators) on per-lane fragment registers, ``regs`` 32 x 6 unsigned 32-bit values
+        (a0..a3, b0, b1), ``acc`` 32 x 4 floats; returns acc + A B as 32 x 4 floats."""
+        r = (ctypes.c_uint32 * (32 * 6))(*[int(v) for row in regs for v in row])
+        d = (ctypes.c_float * (32 * 4))(*[float(v) for row in acc for v in row])
+        self._check(self._lib.cmx_mma_probe(DTYPE_IDS[dtype], r, d), "mma probe")
+        return [list(d[4 * lane:4 * lane + 4]) for lane in range(32)]
 
     # ------------------------------------------------------------------ passes
     def run(self, name: str, shape: Shape, inputs: Inputs, outputs: Outputs) -> None:

@@ -8,7 +8,10 @@
   built one (the sanitizer tier uses it);
 - ``CONVMIXER_EXT_CUDA_PREFETCH``: ``0`` / ``1``: the CUDA library's kernels issue no / every
   L2 prefetch of what they stage, in both layouts; unset: as measured fastest (NCHW only:
-  ``cuda_kernels.default_prefetch``; docs/DESIGN.md, "L2 prefetch").
+  ``cuda_kernels.default_prefetch``; docs/DESIGN.md, "L2 prefetch");
+- ``CONVMIXER_EXT_CUDA_TC``: ``1``: the CUDA library's F2 / eval pass convolves float16 /
+  bfloat16 NCHW on tensor cores where its kernel takes the shape (opt-in until a GPU has
+  timed it; docs/DESIGN.md, "CUDA tensor cores"); ``0`` or unset: on CUDA cores.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 BACKEND_VAR = "CONVMIXER_EXT_BACKEND"
 EMU_LIB_VAR = "CONVMIXER_EXT_EMU_LIB"
 PREFETCH_VAR = "CONVMIXER_EXT_CUDA_PREFETCH"
+CUDA_TC_VAR = "CONVMIXER_EXT_CUDA_TC"
 
 
 def triton_interpreter() -> bool:
@@ -38,6 +42,14 @@ def cuda_prefetch():
     if v not in ("", "0", "1"):
         raise ValueError(f"environment variable {PREFETCH_VAR} must be 0 or 1, got {v!r}")
     return None if v == "" else v == "1"
+
+
+def cuda_tensor_cores() -> bool:
+    """CONVMIXER_EXT_CUDA_TC: "1" (on), "0" or unset (off); anything else is refused."""
+    v = os.environ.get(CUDA_TC_VAR, "").strip()
+    if v not in ("", "0", "1"):
+        raise ValueError(f"environment variable {CUDA_TC_VAR} must be 0 or 1, got {v!r}")
+    return v == "1"
 
 
 def emu_lib_override():

@@ -25,13 +25,16 @@ _PASS_CODES = {abi.E_INVALID: ValueError, abi.E_LIMIT: ValueError}
 
 
 def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
-             target_blocks: int = 0, saved_u: bool = False, prefetch: bool = True) -> abi.Shape:
+             target_blocks: int = 0, saved_u: bool = False, prefetch: bool = True,
+             tensor_cores: bool = False) -> abi.Shape:
     """The C ABI's shape of x; ``aligned`` says whether x and ``others`` (the tensors that
     share its strides: dout, the outputs, the saved u) start 16-byte aligned (meta tensors:
     as torch's allocator gives); ``target_blocks`` (0: the library's default) sets how finely
     the reductions split their work (tests make blocks take many tiles with a small value);
     ``saved_u``: F1 saves the convolution output and the later passes read it;
-    ``prefetch``: the kernels prefetch what they stage into L2 (a hint: same results)."""
+    ``prefetch``: the kernels prefetch what they stage into L2 (a hint: same results);
+    ``tensor_cores``: F2 convolves on tensor cores where its kernel takes the shape
+    (16-bit x, NCHW, 16-byte path, k <= 17; the plan's ``mma`` says where)."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):
@@ -42,6 +45,7 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     s.target_blocks = target_blocks
     s.saved_u = int(saved_u)
     s.prefetch = int(prefetch)
+    s.tensor_cores = int(tensor_cores)
     return s
 
 
@@ -68,21 +72,27 @@ class Launchers:
     """The four passes of one library build on tensors of its device type."""
 
     def __init__(self, lib: abi.Library, device_type: str, target_blocks: int = 0,
-                 prefetch: bool | None = None):
+                 prefetch: bool | None = None, tensor_cores: bool | None = None):
         """``prefetch``: L2 prefetch in the kernels; None: as CONVMIXER_EXT_CUDA_PREFETCH says
-        at each launch, and where it is unset as :func:`default_prefetch` says for x."""
+        at each launch, and where it is unset as :func:`default_prefetch` says for x.
+        ``tensor_cores``: F2 on tensor cores where its kernel takes the shape; None: as
+        CONVMIXER_EXT_CUDA_TC says at each launch (off where unset)."""
         self.lib, self.device_type, self.target_blocks = lib, device_type, target_blocks
-        self.prefetch = prefetch
+        self.prefetch, self.tensor_cores = prefetch, tensor_cores
 
     def _prefetch(self, x) -> bool:
         p = _env.cuda_prefetch() if self.prefetch is None else self.prefetch
         return default_prefetch(is_channels_last(x)) if p is None else p
 
+    def _tc(self) -> bool:
+        return _env.cuda_tensor_cores() if self.tensor_cores is None else self.tensor_cores
+
     def plan(self, x, k, act=0, has_in_affine=False, *others, saved_u=False) -> abi.Plan:
         """The library's launch plan for x (shape-only: nothing is read or launched);
         ValueError for a shape beyond a hardware limit."""
         return self._plan(shape_of(x, k, act, has_in_affine, *others,
-                                   target_blocks=self.target_blocks, saved_u=saved_u))
+                                   target_blocks=self.target_blocks, saved_u=saved_u,
+                                   tensor_cores=self._tc()))
 
     def _plan(self, shape):
         try:
@@ -109,7 +119,7 @@ class Launchers:
         others = tuple(t for t in (dout, u) if t is not None)
         shape = shape_of(x, weight.shape[-1], act, in_scale is not None, *others,
                          target_blocks=self.target_blocks, saved_u=u is not None,
-                         prefetch=self._prefetch(x))
+                         prefetch=self._prefetch(x), tensor_cores=self._tc())
         plan = self._plan(shape)
         inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
                             in_shift=_p(in_shift), u=_p(u))

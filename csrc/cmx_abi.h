@@ -15,7 +15,7 @@
 
 #include <stdint.h>
 
-#define CMX_ABI_VERSION 5
+#define CMX_ABI_VERSION 6
 
 #if defined(_WIN32)
 #define CMX_API __declspec(dllexport)
@@ -62,6 +62,9 @@ typedef struct {
   int32_t prefetch;     /* L2 prefetch of every rectangle a block stages, ahead of its staging
                          * loop (the next item's while one computes); 16-byte path only. A
                          * hint: results do not depend on it */
+  int32_t tensor_cores; /* F2 convolves on tensor cores (mma.sync) where its kernel takes the
+                         * shape: 16-bit x in NCHW on the 16-byte path, k <= 17, no saved_u
+                         * (cmx_plan.mma says which passes do); elsewhere ignored */
 } cmx_shape;
 
 /* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the
@@ -73,6 +76,8 @@ typedef struct {
   int32_t vec;                  /* 16-byte global accesses along the contiguous dimension */
   int32_t direct;               /* bit i: pass i loads global memory directly, no staged
                                  * tiles (F2, B1 reading the saved u: their own kernels) */
+  int32_t mma;                  /* bit i: pass i convolves on tensor cores (F2 with
+                                 * shape.tensor_cores: apply_mma_kernel) */
   int64_t partial_rows[4];
   int64_t blocks[4];
   int32_t threads[4];
@@ -144,6 +149,10 @@ CMX_API int32_t cmx_bwd_main(const cmx_shape* shape, const cmx_inputs* in,
  * 64-bit index helpers. */
 CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, int64_t h,
                                 int64_t w);
+/* Test hook (emulation build; the CUDA build returns CMX_E_INVALID): one warp's emulated
+ * mma.sync.m16n8k16 (.row.col, fp32 accumulators) of dtype CMX_FLOAT16 or CMX_BFLOAT16 on the
+ * fragment registers regs[32][6] (a0..a3, b0, b1 of each lane), d[32][4] += A B in place. */
+CMX_API int32_t cmx_mma_probe(int32_t dtype, const uint32_t* regs, float* d);
 /* Test hook (emulation build; the CUDA build returns CMX_E_INVALID): on = 1 starts recording
  * the L2 prefetches and the staged 16-byte loads of the launches that follow; on = 0 stops
  * and writes counts[3]: prefetches issued, staged loads whose 128-byte line their block had

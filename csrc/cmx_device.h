@@ -9,6 +9,10 @@
 //  - __shfl_xor_sync is an exchange through a per-block buffer between two block-wide
 //    barriers, so every thread of the block must reach it together (true where the
 //    kernels use it: block-level reductions called by all threads);
+//  - the tensor-core MMA (cmx_mma_16816) is the same kind of exchange: every lane posts its
+//    A and B fragment registers, and each computes its accumulator elements from its warp's
+//    fragments as the PTX ISA lays them out (mma.m16n8k16 .row.col, 16-bit inputs, fp32
+//    accumulators), products exact and summed in fp32;
 //  - launches are serialised by a mutex (statics are process-wide);
 //  - an L2 prefetch reads one byte of its address (so the address sanitizer checks it) and,
 //    while an audit runs (cmx_prefetch_audit), is recorded per block with every staged
@@ -55,6 +59,7 @@ namespace cmx_emu {
 inline std::barrier<>* g_barrier = nullptr;
 inline std::vector<float> g_dyn_smem;
 inline std::vector<float> g_shfl;  // one slot per thread of the block
+inline std::vector<uint32_t> g_mma;  // cmx_mma_16816: 6 fragment registers per thread
 inline std::mutex g_launch_mutex;
 
 // The prefetch audit: (block, 128-byte line) pairs prefetched and loaded, and the loads that
@@ -175,6 +180,56 @@ inline cmx_bf16 cmx_from_float(float f, cmx_bf16) {
   return {static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16)};
 }
 
+inline uint16_t cmx_bits(cmx_half h) { return h.bits; }
+inline uint16_t cmx_bits(cmx_bf16 h) { return h.bits; }
+
+// Two 16-bit elements at p (4-byte aligned) as one register, the first in the low half.
+template <typename T>
+inline uint32_t cmx_ld_pair(const T* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// d += A B for one warp's 16 x 16 A (row-major) and 16 x 8 B (column-major) of 16-bit T,
+// in the fragment layout of PTX's mma.sync.m16n8k16 (lane = 4 g + t): a[0] = A[g][2t, 2t+1],
+// a[1] = A[g+8][2t, 2t+1], a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9];
+// b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]; d = D[g][2t, 2t+1], D[g+8][2t, 2t+1]
+// (the lower-indexed element of a pair in the low 16 bits). Every thread of the block
+// reaches it together (two barriers, as __shfl_xor_sync).
+template <typename T>
+inline void cmx_mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], T) {
+  const unsigned tid = cmx_linear_tid();
+  uint32_t* slot = &cmx_emu::g_mma[size_t{tid} * 6];
+  for (int i = 0; i < 4; ++i) slot[i] = a[i];
+  slot[4] = b[0];
+  slot[5] = b[1];
+  __syncthreads();
+  const unsigned warp0 = tid & ~31u, g = (tid & 31u) >> 2, t = tid & 3u;
+  auto half = [](uint32_t reg, int k) {
+    T h;
+    h.bits = static_cast<uint16_t>(k % 2 ? reg >> 16 : reg & 0xffffu);
+    return cmx_to_float(h);
+  };
+  auto A = [&](int r, int k) {  // lane 4 (r mod 8) + (k mod 8) / 2, register r / 8 + 2 (k / 8)
+    const unsigned lane = warp0 + 4 * (r % 8) + (k % 8) / 2;
+    return half(cmx_emu::g_mma[size_t{lane} * 6 + r / 8 + 2 * (k / 8)], k);
+  };
+  auto B = [&](int k, int n) {  // lane 4 n + (k mod 8) / 2, register 4 + k / 8
+    const unsigned lane = warp0 + 4 * n + (k % 8) / 2;
+    return half(cmx_emu::g_mma[size_t{lane} * 6 + 4 + k / 8], k);
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int r = static_cast<int>(g) + 8 * (e / 2), n = static_cast<int>(2 * t) + e % 2;
+    float s = d[e];
+    for (int k = 0; k < 16; ++k) s += A(r, k) * B(k, n);
+    out[e] = s;
+  }
+  __syncthreads();
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
 // 2^x with results below the normal range flushed to zero (the GPU's ex2.approx.ftz).
 inline float cmx_exp2(float v) {
   const float r = std::exp2(v);
@@ -196,6 +251,7 @@ cmx_error_t cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, 
   gridDim = grid;
   cmx_emu::g_dyn_smem.assign(smem_bytes / sizeof(float), 0.f);  // exact: ASan sees overflows
   cmx_emu::g_shfl.assign(nthreads, 0.f);
+  cmx_emu::g_mma.assign(size_t{nthreads} * 6, 0u);
   std::barrier<> bar(nthreads);
   cmx_emu::g_barrier = &bar;
   std::vector<std::thread> pool;
@@ -244,6 +300,32 @@ __host__ __device__ __forceinline__ cmx_half cmx_from_float(float f, cmx_half) {
 }
 __host__ __device__ __forceinline__ cmx_bf16 cmx_from_float(float f, cmx_bf16) {
   return __float2bfloat16_rn(f);
+}
+
+__device__ __forceinline__ uint16_t cmx_bits(cmx_half h) { return __half_as_ushort(h); }
+__device__ __forceinline__ uint16_t cmx_bits(cmx_bf16 h) { return __bfloat16_as_ushort(h); }
+
+template <typename T>
+__device__ __forceinline__ uint32_t cmx_ld_pair(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// d += A B on tensor cores (the emulation build's cmx_mma_16816 documents the fragments).
+__device__ __forceinline__ void cmx_mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                              const uint32_t (&b)[2], cmx_bf16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void cmx_mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                              const uint32_t (&b)[2], cmx_half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 // 2^x in one MUFU.EX2 (2 ulp; results below the normal range flushed to zero): exp2f's

@@ -32,6 +32,7 @@ constexpr int64_t kSmemDefault = 48 * 1024;
 constexpr int64_t kSmemPerSM = 233472, kSmemReserve = 1024, kMaxBlocksPerSM = 32,
                   kMaxThreadsPerSM = 2048;
 constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit (1-D grid)
+constexpr int64_t kMaxGridYZ = 65535;       // gridDim.y, gridDim.z limits
 constexpr int kTile = 32;                   // spatial tile edge (the whole ConvMixer plane)
 constexpr int kThreadsTarget = 128;         // preferred threads per block (NCHW)
 constexpr int kMaxCB = 32;                  // channels per block (channel_sum's scratch)
@@ -107,6 +108,10 @@ struct Plan {
   // F2 / B1 reading u, their kernels that load global memory directly instead of staging
   // tiles: apply_u_kernel (F2, x dense), bwd_reduce_u_kernel (B1, NCHW, 16-byte path)
   bool direct = false;
+  // F2 on tensor cores (apply_mma_kernel): 32 x 32 tiles of one channel, a block each, on
+  // a 3-D grid (blocks planes x gy tile columns x gz tile rows)
+  bool mma = false;
+  int64_t gy = 1, gz = 1;
 };
 
 int32_t check_shape(const cmx_shape* s) {
@@ -235,6 +240,15 @@ bool dense_rows(const Geom& g) {
          is(g.N, g.sN, HW * C);
 }
 
+// Whether F2 takes apply_mma_kernel: asked for (shape.tensor_cores), 16-bit x in NCHW on the
+// 16-byte path (W a multiple of 8: every 16-byte chunk of a halo row wholly inside or outside
+// the image), a kernel whose halo fits 8 columns either side (k <= kMmaMaxK) and nothing
+// saved (F2 reading u convolves nothing).
+bool mma_takes(const cmx_shape* s, const Geom& g) {
+  return s->tensor_cores != 0 && s->dtype != CMX_FLOAT32 && g.layout == kNCHW && g.vec &&
+         s->saved_u == 0 && s->k <= kMmaMaxK;
+}
+
 int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
   if (int32_t e = check_shape(s)) return e;
   Geom& g = p.geo;
@@ -252,6 +266,28 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
     p.blocks = std::min<int64_t>((chunks + kMaxThreads - 1) / kMaxThreads,
                                  s->target_blocks > 0 ? s->target_blocks : kElementwiseBlocks);
     p.smem = 0;
+    return CMX_OK;
+  }
+  if (pass == kF2 && mma_takes(s, g)) {
+    const MmaShape m(g.K);
+    g.TH = g.TW = kMmaTile;
+    g.tiles_w = cdiv(g.W, kMmaTile);
+    g.tiles_per_img = cdiv(g.H, kMmaTile) * g.tiles_w;
+    g.prefetch = 0;
+    p.mma = true;
+    p.rows = 0;
+    p.threads = kMmaWarps * 32;
+    p.blocks = s->n * g.C;
+    p.gy = g.tiles_w;
+    p.gz = cdiv(g.H, kMmaTile);
+    p.smem = static_cast<size_t>(m.elements(s->has_in_affine != 0)) * 2;
+    if (p.blocks > kMaxBlocks || p.gy > kMaxGridYZ || p.gz > kMaxGridYZ)
+      return fail(CMX_E_LIMIT,
+                  "x of shape [%lld, %lld, %lld, %lld] needs a grid of %lld x %lld x %lld "
+                  "blocks, beyond the CUDA limits of %lld x %lld x %lld",
+                  (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w,
+                  (long long)p.blocks, (long long)p.gy, (long long)p.gz, (long long)kMaxBlocks,
+                  (long long)kMaxGridYZ, (long long)kMaxGridYZ);
     return CMX_OK;
   }
   p.rows = s->n > 0 ? g.parts : 0;
@@ -342,7 +378,9 @@ cmx_error_t launch(Kernel kernel, const Plan& p, const cmx_inputs* in, Args... a
     if (opt_in != cudaSuccess) return opt_in;
   }
 #endif
-  return cmx_launch(kernel, dim3(static_cast<unsigned>(p.blocks)),
+  return cmx_launch(kernel,
+                    dim3(static_cast<unsigned>(p.blocks), static_cast<unsigned>(p.gy),
+                         static_cast<unsigned>(p.gz)),
                     dim3(static_cast<unsigned>(p.threads)), p.smem,
                     reinterpret_cast<cudaStream_t>(in->stream), args...);
 }
@@ -384,6 +422,20 @@ int32_t run_pass(const cmx_shape* s, const cmx_inputs* in, const void* u,
   }
   return check_launch(err, what);
 }
+
+#ifdef CMX_HOST_EMULATION
+// One warp's MMA on fragment registers given per lane (cmx_mma_probe).
+template <typename T>
+void mma_probe_kernel(const uint32_t* regs, float* d) {
+  const unsigned lane = threadIdx.x;
+  const uint32_t a[4] = {regs[lane * 6], regs[lane * 6 + 1], regs[lane * 6 + 2],
+                         regs[lane * 6 + 3]};
+  const uint32_t b[2] = {regs[lane * 6 + 4], regs[lane * 6 + 5]};
+  float acc[4] = {d[lane * 4], d[lane * 4 + 1], d[lane * 4 + 2], d[lane * 4 + 3]};
+  cmx_mma_16816(acc, a, b, T{});
+  for (int e = 0; e < 4; ++e) d[lane * 4 + e] = acc[e];
+}
+#endif
 
 }  // namespace
 }  // namespace cmx
@@ -467,13 +519,15 @@ CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
   plan->tile_w = ps[0].geo.TW;
   plan->vec = ps[0].geo.vec;
   plan->direct = 0;
+  plan->mma = 0;
   for (int i = 0; i < 4; ++i) {
     plan->partial_rows[i] = i == kF2 ? 0 : ps[i].rows;
-    plan->blocks[i] = ps[i].blocks;
+    plan->blocks[i] = ps[i].blocks * ps[i].gy * ps[i].gz;
     plan->threads[i] = ps[i].threads;
     plan->channels_per_block[i] = ps[i].geo.CB;
     plan->smem[i] = static_cast<int32_t>(ps[i].smem);
     plan->direct |= ps[i].direct ? 1 << i : 0;
+    plan->mma |= ps[i].mma ? 1 << i : 0;
   }
   return CMX_OK;
 }
@@ -506,6 +560,15 @@ CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
             return launch(apply_u_kernel<T>, p, in, as<T>(in->x), in->u, in->mean, in->rstd,
                           in->gamma, in->beta, static_cast<T*>(out->y),
                           in_affine_of(s, in, nullptr), p.geo);
+        if constexpr (!std::is_same_v<T, float> && !decltype(su)::value)
+          if (p.mma) {
+            constexpr int KT = decltype(kc)::value;
+            auto kernel = s->has_in_affine ? apply_mma_kernel<T, KT, true>
+                                           : apply_mma_kernel<T, KT, false>;
+            return launch(kernel, p, in, as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
+                          in->mean, in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),
+                          in_affine_of(s, in, nullptr), p.geo);
+          }
         return launch(apply_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
                       as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u, in->mean,
                       in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),
@@ -570,6 +633,26 @@ CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, in
   geo.sW = strides[3];
   return offset_of(geo, plane_base(geo, static_cast<int>(n), static_cast<int>(c)),
                    static_cast<int>(h), static_cast<int>(w));
+}
+
+
+CMX_API int32_t cmx_mma_probe(int32_t dtype, const uint32_t* regs, float* d) {
+#ifdef CMX_HOST_EMULATION
+  if (!regs || !d) return fail(CMX_E_INVALID, "regs or d is NULL");
+  cmx_error_t e = cmx_success;
+  if (dtype == CMX_FLOAT16)
+    e = cmx_launch(mma_probe_kernel<cmx_half>, dim3(1), dim3(32), 0, nullptr, regs, d);
+  else if (dtype == CMX_BFLOAT16)
+    e = cmx_launch(mma_probe_kernel<cmx_bf16>, dim3(1), dim3(32), 0, nullptr, regs, d);
+  else
+    return fail(CMX_E_INVALID, "the MMA takes float16 or bfloat16, got dtype id %d", dtype);
+  return check_launch(e, "mma_probe_kernel");
+#else
+  (void)dtype;
+  (void)regs;
+  (void)d;
+  return fail(CMX_E_INVALID, "the MMA probe exists in the emulation build only");
+#endif
 }
 
 CMX_API int32_t cmx_prefetch_audit(int32_t on, int64_t* counts) {

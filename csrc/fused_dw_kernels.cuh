@@ -849,6 +849,201 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ---------------------------------------------------------------- F2 / eval on tensor cores
+// apply_kernel's result (no saved u) with the convolution on tensor cores, for 16-bit x in
+// NCHW on the 16-byte path and k <= kMmaMaxK (docs/DESIGN.md, "CUDA tensor cores"). For
+// kernel row i and 8 output columns c0 .. c0 + 7 the convolution is one m16n8k16 MMA per 16
+// output rows and 16 input columns: u[r, c0 + n] += sum_q X_i[r, q] T_i[q, n], X_i[r, q] =
+// halo[r + i][c0 + e + q] and the banded Toeplitz T_i[q, n] = W[i, q - s - n] (0 outside
+// 0 <= q - s - n < K). A block takes one 32 x 32 tile of one channel in one image: its halo
+// (32 + K - 1 rows, staged once with 16-byte loads, zero outside the image) serves every
+// kernel row, whose operands are register loads from shared memory at a row offset. The
+// products of 16-bit values are exact in the fp32 accumulators: the result is apply_kernel's
+// up to summation order. With the input affine a*x + c the MMAs take x and the in-image mask
+// M (exact 0 / 1): u = a (X * W) + c (M * W) + b, no rounding of a*x + c to 16 bits.
+constexpr int kMmaTile = 32;    // output rows and columns of a block
+constexpr int kMmaWarps = 2;    // a warp per 16 output rows, all 32 columns (4 MMA columns)
+constexpr int kMmaMaxK = 17;    // the halo starts 8 columns (16 bytes) left of the tile
+constexpr int kMmaLead = 8;
+
+// The shapes of one kernel size (host and device): the windows start e columns into the halo
+// (even: 4-byte aligned operand pairs) and T_i's band s columns after that; ks MMAs of 16
+// input columns cover the 8 + K - 1 + s a window needs; each halo row is `chunks` 16-byte
+// chunks, `stride` elements apart (an odd number of 4-word groups: the 8 rows of an operand
+// load fall in different banks).
+struct MmaShape {
+  int K, PB, e, s, ks, chunks, stride, rows;
+  __host__ __device__ constexpr MmaShape(int k)
+      : K(k), PB((k - 1) / 2), e((kMmaLead - (k - 1) / 2) & ~1), s((kMmaLead - (k - 1) / 2) & 1),
+        ks(cdiv(7 + ((kMmaLead - (k - 1) / 2) & 1) + k, 16)),
+        chunks(cdiv(((kMmaLead - (k - 1) / 2) & ~1) + kMmaTile - 8 +
+                        16 * cdiv(7 + ((kMmaLead - (k - 1) / 2) & 1) + k, 16), 8)),
+        stride(0), rows(kMmaTile + k - 1) {
+    stride = chunks * 8 + ((chunks * 4) % 8 == 0 ? 8 : 0);
+  }
+  // shared memory in elements: the halo (and the mask plane)
+  __host__ __device__ constexpr int halo() const { return rows * stride; }
+  __host__ __device__ constexpr int elements(bool affine) const {
+    return (affine ? 2 : 1) * halo();
+  }
+};
+
+// 16 bytes moved as they are (a halo chunk).
+struct alignas(16) Raw16 {
+  uint32_t w[4];
+};
+
+// Two 16-bit values as one register, a in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T a, T b) {
+  return static_cast<uint32_t>(cmx_bits(a)) | (static_cast<uint32_t>(cmx_bits(b)) << 16);
+}
+
+// The two 16-bit values of a register (cmx_ld_pair's order) in fp32.
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t v, float (&f)[2]) {
+  T a, b;
+  const uint16_t lo = static_cast<uint16_t>(v & 0xffffu), hi = static_cast<uint16_t>(v >> 16);
+  std::memcpy(&a, &lo, 2);
+  std::memcpy(&b, &hi, 2);
+  f[0] = cmx_to_float(a);
+  f[1] = cmx_to_float(b);
+}
+
+// AFF: with the input affine (its mask MMAs and accumulators: an instantiation of its own,
+// so that the plain one keeps its registers).
+template <typename T, int KT, bool AFF>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    apply_mma_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                     const float* __restrict__ mean, const float* __restrict__ rstd,
+                     const float* __restrict__ gamma, const float* __restrict__ beta,
+                     T* __restrict__ out, InAffine in_aff, Geom geo) {
+  constexpr int V = Blk<T>::VEC;  // 8
+  const MmaShape S(KT > 0 ? KT : geo.K);
+  const int K = KT > 0 ? KT : geo.K;
+  constexpr bool affine = AFF;
+  CMX_DYN_SMEM(smem);
+  T* halo = reinterpret_cast<T*>(smem);
+  T* mask = halo + S.halo();
+  // grid: x the plane (image n, channel c), y and z the tile's column and row
+  const unsigned plane = blockIdx.x;
+  const int c = static_cast<int>(plane % static_cast<unsigned>(geo.C));
+  const int n = static_cast<int>(plane / static_cast<unsigned>(geo.C));
+  const int w0 = static_cast<int>(blockIdx.y) * kMmaTile, h0 = static_cast<int>(blockIdx.z) * kMmaTile;
+  const int64_t base = plane_base(geo, n, c);
+  const int tid = static_cast<int>(threadIdx.x);
+  // The halo: rows h0 - PB .., columns w0 - 8 .. in 16-byte chunks, each wholly inside or
+  // outside the image (W and w0 multiples of 8), copied as raw bytes (zeros outside); the
+  // mask plane beside it. A thread takes chunk m of rows r0, r0 + 8, ... (chunks <= 8:
+  // kMmaMaxK), its addresses advancing by additions.
+  {
+    const uint32_t one = pack2(cmx_from_float(1.f, T{}), cmx_from_float(1.f, T{}));
+    const int m = tid % 8, r0 = tid / 8;
+    const int gw = w0 - kMmaLead + m * V;
+    if (m < S.chunks) {
+      const bool col_in = gw >= 0 && gw < geo.W;
+      int64_t off = offset_of(geo, base, h0 - S.PB + r0, gw);
+      const int64_t step = 8 * geo.sH;
+      for (int r = r0; r < S.rows; r += 8, off += step) {
+        const int gh = h0 - S.PB + r;
+        const bool in = col_in && gh >= 0 && gh < geo.H;
+        Raw16 v{{0u, 0u, 0u, 0u}};
+        if (in) v = *reinterpret_cast<const Raw16*>(x + off);
+        *reinterpret_cast<Raw16*>(halo + r * S.stride + m * V) = v;
+        if (affine) {
+          const uint32_t mv = in ? one : 0u;
+          *reinterpret_cast<Raw16*>(mask + r * S.stride + m * V) = Raw16{{mv, mv, mv, mv}};
+        }
+      }
+    }
+  }
+  // B (T_i's fragment, the same for every output column): this lane's T_i[16 kk + 2t (+1),
+  // g] and T_i[16 kk + 2t + 8 (+1), g] = W[i, j] for j = 16 kk + 2t - s - g + {0, 1, 8, 9},
+  // 0 outside [0, K): four pointers into weight row 0 and their validity per k-step, which
+  // do not depend on i (row i: + i K)
+  const int warp = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+  const T* wc = w + static_cast<int64_t>(c) * K * K;
+  const T zero16 = cmx_from_float(0.f, T{});
+  constexpr int KS = KT > 0 ? MmaShape(KT).ks : 2;  // k-steps (at most 2: kMmaMaxK)
+  const T* wp[KS][4];
+  bool wok[KS][4];
+  CMX_UNROLL
+  for (int kk = 0; kk < KS; ++kk)
+    CMX_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const int j = 16 * kk + 2 * t - S.s - g + (q % 2) + 8 * (q / 2);
+      wok[kk][q] = kk < S.ks && j >= 0 && j < K;
+      wp[kk][q] = wc + (wok[kk][q] ? j : 0);
+    }
+  __syncthreads();
+  float acc[4][4], accm[4][4];
+  CMX_UNROLL
+  for (int nb = 0; nb < 4; ++nb)
+    CMX_UNROLL
+    for (int q = 0; q < 4; ++q) acc[nb][q] = accm[nb][q] = 0.f;
+  const int row0 = (16 * warp + g) * S.stride + S.e + 2 * t;
+  CMX_UNROLL
+  for (int i = 0; i < K; ++i) {
+    CMX_UNROLL
+    for (int kk = 0; kk < KS; ++kk) {
+      if (kk >= S.ks) break;
+      T wv[4];
+      CMX_UNROLL
+      for (int q = 0; q < 4; ++q) wv[q] = wok[kk][q] ? wp[kk][q][i * K] : zero16;
+      const uint32_t bf[2] = {pack2(wv[0], wv[1]), pack2(wv[2], wv[3])};
+      // A: rows g and g + 8 of the warp's 16, columns 8 nb + 2t (+1) and + 8 of the window
+      const int o = row0 + i * S.stride + 16 * kk;
+      uint32_t lo[5], hi[5], mlo[5], mhi[5];
+      CMX_UNROLL
+      for (int q = 0; q < 5; ++q) {
+        lo[q] = cmx_ld_pair(halo + o + 8 * q);
+        hi[q] = cmx_ld_pair(halo + o + 8 * S.stride + 8 * q);
+        if (affine) {
+          mlo[q] = cmx_ld_pair(mask + o + 8 * q);
+          mhi[q] = cmx_ld_pair(mask + o + 8 * S.stride + 8 * q);
+        }
+      }
+      CMX_UNROLL
+      for (int nb = 0; nb < 4; ++nb) {
+        const uint32_t af[4] = {lo[nb], hi[nb], lo[nb + 1], hi[nb + 1]};
+        cmx_mma_16816(acc[nb], af, bf, T{});
+        if (affine) {
+          const uint32_t mf[4] = {mlo[nb], mhi[nb], mlo[nb + 1], mhi[nb + 1]};
+          cmx_mma_16816(accm[nb], mf, bf, T{});
+        }
+      }
+    }
+  }
+  // Epilogue: accumulator pairs (rows g, g + 8; columns 8 nb + 2t, + 1) with the residual
+  // from the halo's centre; two outputs per 4-byte store (an output column pair lies wholly
+  // inside or outside the image).
+  const BnApply bn = bn_apply_of(gamma, rstd, beta, mean, c);
+  const float bias = ld(b, c);
+  const float as = affine ? in_aff.scale[c] : 1.f, ac = affine ? in_aff.shift[c] : 0.f;
+  CMX_UNROLL
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = 16 * warp + g + 8 * hr;
+    if (h0 + r >= geo.H) continue;
+    const T* xin = halo + (r + S.PB) * S.stride + kMmaLead + 2 * t;
+    T* orow = out + offset_of(geo, base, h0 + r, w0 + 2 * t);
+    CMX_UNROLL
+    for (int nb = 0; nb < 4; ++nb) {
+      if (w0 + 8 * nb >= geo.W) break;
+      float xv[2];
+      unpack2<T>(cmx_ld_pair(xin + 8 * nb), xv);
+      T y[2];
+      CMX_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        float u = acc[nb][2 * hr + e];
+        u = (affine ? as * u + ac * accm[nb][2 * hr + e] : u) + bias;
+        const float input = affine ? xv[e] * as + ac : xv[e];
+        y[e] = cmx_from_float(bn_apply(input, u, bn, geo.act), T{});
+      }
+      *reinterpret_cast<uint32_t*>(orow + 8 * nb) = pack2(y[0], y[1]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- B1: dbeta / dgamma partials
 // The block's channel sums of its threads' s1 = sum(dout), s2 = sum(dout * xhat), written to
 // its partial row (every thread of the block calls it: channel_sum's barriers).

@@ -24,7 +24,9 @@ CONVMIXER_EXT_EMU_LIB="$OUTDIR/_cmx_emu_asan.so" \
 CONVMIXER_EXT_REQUIRE_BACKENDS=cuda_emu CONVMIXER_EXT_NO_TRITON=1 \
   $PY -m pytest -q -p no:cacheprovider tests/test_passes.py tests/test_layer.py \
   tests/test_reliability.py tests/test_pointwise.py tests/test_strides.py tests/test_cuda_paths.py \
-  -k "cuda_emu or index or kernel_paths or activation_ids or prefetch" -x || status=$?
+  tests/test_cuda_tensor_cores.py \
+  -k "cuda_emu or index or kernel_paths or activation_ids or prefetch or tensor_cores or mma" \
+  -x || status=$?
 if compgen -G "$OUTDIR/report.*" > /dev/null; then
   echo "sanitizer reports:"
   grep -v "^    #[1-9][0-9]" "$OUTDIR"/report.* | head -60

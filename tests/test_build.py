@@ -58,14 +58,38 @@ def test_cuda_library_has_no_spills():
     """Every kernel instantiation for each architecture: no local memory (spills) and no
     stack frame. 3 dtypes x (4 kernels x k in {3, 5, 7, 9, generic}; with the saved
     convolution output, F1 and B2 x k in {7, 9, generic}, F2 (tiled, for other strides) and
-    B1 (channels_last, ...) x 1, F2 element by element and B1's direct loads in NCHW)."""
+    B1 (channels_last, ...) x 1, F2 element by element and B1's direct loads in NCHW), and
+    F2 on tensor cores for the 2 16-bit dtypes x k in {3, 5, 7, 9, generic} x with and
+    without the input affine."""
     from benchmarks.targets import resource_usage
     rows = resource_usage(_lib_path("cuda"))
     for arch in (80, 90):
         mine = [r for r in rows if r["arch"] == arch]
-        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2), (arch, len(mine))
+        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 2, (arch, len(mine))
         bad = [r for r in mine if r["local"] or r["stack"]]
         assert not bad, f"spills / stack frames on sm_{arch}: {bad}"
+
+
+def test_tensor_core_kernel_is_on_tensor_cores():
+    """F2's tensor-core kernel runs its convolution as HMMA instructions in the sm_80 and the
+    sm_90 code of every instantiation (the emulator runs its arithmetic, not this
+    instruction): for the unrolled k (one MMA k-step up to k = 9) K * 4 of them, twice that
+    with the input affine's mask MMAs; the CUDA-core kernels have none."""
+    from benchmarks.static import cuda_kernel_facts
+    facts = cuda_kernel_facts(_lib_path("cuda"))
+    for arch in (80, 90):
+        mma = {key: f for key, f in facts.items() if key[0] == arch and
+               key[1] == "apply_mma_kernel"}
+        assert sorted(k[2:] for k in mma) == [
+            (dt, kt, aff) for dt in ("bfloat16", "float16") for kt in (0, 3, 5, 7, 9)
+            for aff in (False, True)]
+        for (_, _, _, kt, aff), f in mma.items():
+            assert f["hmma"] > 0, (arch, kt, aff)
+            if kt:
+                assert f["hmma"] == (2 if aff else 1) * kt * 4, (arch, kt, aff, f["hmma"])
+        others = [key for key, f in facts.items() if key[0] == arch and
+                  key[1] != "apply_mma_kernel" and f["hmma"]]
+        assert not others, others
 
 
 def test_no_cuda_device_is_the_reason_here():

@@ -1,0 +1,186 @@
+"""The CUDA library's F2 / eval pass on tensor cores (apply_mma_kernel, opt-in:
+CONVMIXER_EXT_CUDA_TC=1 or ``Launchers(tensor_cores=True)``; docs/DESIGN.md, "CUDA tensor
+cores"), executed by the host emulator (the real kernel on a GPU): the emulated MMA against
+the PTX ISA's fragment layout, written out here independently of the library; the pass
+against the torch twin and against the CUDA-core kernel (the same result up to summation
+order: within one unit in the last place of the output) at every kernel size it takes, edge
+tiles, both 16-bit dtypes, with and without the input affine; and where the planner takes
+it and where not."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from convmixer_ext import ConvMixerLayer, _env
+from convmixer_ext import torch_backend as twin
+from convmixer_ext.backends import KernelBackend, backend_reason, library
+from convmixer_ext.cuda_kernels import Launchers
+from convmixer_ext.semantics import rstd_from_var
+from helpers import assert_close, randomize_bn
+
+BACKEND = "cuda" if DEVICE == "cuda" else "cuda_emu"
+pytestmark = pytest.mark.skipif(backend_reason(BACKEND, DEVICE) is not None,
+                                reason=f"{BACKEND} unavailable here")
+
+F2 = 1 << 1  # the plan's mma bit of F2
+# one unit in the last place, relative to the largest output (8 / 11 significant bits)
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+def _lib():
+    return library("cuda" if BACKEND == "cuda" else "emulation")[0]
+
+
+def _impls():
+    lib = _lib()
+    return (KernelBackend(Launchers(lib, DEVICE, tensor_cores=True), saves_u=True),
+            KernelBackend(Launchers(lib, DEVICE, tensor_cores=False), saves_u=True))
+
+
+# ---------------------------------------------------------------- the emulated MMA
+def _bits(t):
+    """16-bit values as their unsigned bit patterns (int64)."""
+    return t.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+@pytest.mark.skipif(BACKEND != "cuda_emu", reason="the MMA probe is the emulator's")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_emulated_mma_follows_the_ptx_fragment_layout(dtype):
+    """mma.sync.aligned.m16n8k16.row.col with fp32 accumulators, as the PTX ISA lays out its
+    fragments (lane = 4 * groupID + threadID_in_group): a0/a1 hold A[g][2t], A[g][2t+1] /
+    A[g+8][...], a2/a3 the same at columns + 8; b0 B[2t][g], B[2t+1][g], b1 rows + 8; c0, c1
+    D[g][2t], D[g][2t+1], c2, c3 row g + 8; the lower-indexed element in the low 16 bits.
+    The probe's D must be C + A B (exact products, fp32 sums: within 1e-6 of the largest
+    term sum), so any register or lane misplaced in the emulator shows. (The order of the two
+    halves of a register is not observable through a product, where A and B share it: the
+    kernel packs both alike, pack2 and cmx_ld_pair putting the first element low.)"""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(16, 16, generator=g).to(dtype)
+    B = torch.randn(16, 8, generator=g).to(dtype)
+    C = torch.randn(16, 8, generator=g)
+    a, b = _bits(A), _bits(B)
+    regs, acc = [], []
+    for lane in range(32):
+        gid, tig = lane // 4, lane % 4
+
+        def pair(lo, hi):
+            return int(lo) | (int(hi) << 16)
+        c0 = 2 * tig
+        regs.append([pair(a[gid, c0], a[gid, c0 + 1]), pair(a[gid + 8, c0], a[gid + 8, c0 + 1]),
+                     pair(a[gid, c0 + 8], a[gid, c0 + 9]),
+                     pair(a[gid + 8, c0 + 8], a[gid + 8, c0 + 9]),
+                     pair(b[c0, gid], b[c0 + 1, gid]), pair(b[c0 + 8, gid], b[c0 + 9, gid])])
+        acc.append([C[gid, c0].item(), C[gid, c0 + 1].item(), C[gid + 8, c0].item(),
+                    C[gid + 8, c0 + 1].item()])
+    d = _lib().mma_probe(str(dtype)[6:], regs, acc)
+    D = torch.empty(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        gid, tig = lane // 4, lane % 4
+        D[gid, 2 * tig], D[gid, 2 * tig + 1] = d[lane][0], d[lane][1]
+        D[gid + 8, 2 * tig], D[gid + 8, 2 * tig + 1] = d[lane][2], d[lane][3]
+    ref = C.double() + A.double() @ B.double()
+    terms = C.double().abs() + A.double().abs() @ B.double().abs()
+    assert (D - ref).abs().max().item() <= 1e-6 * terms.max().item()
+
+
+@pytest.mark.skipif(BACKEND != "cuda_emu", reason="the MMA probe is the emulator's")
+def test_mma_probe_refuses_float32():
+    from convmixer_ext._cmx_lib import LibraryError
+    with pytest.raises(LibraryError, match="float16 or bfloat16"):
+        _lib().mma_probe("float32", [[0] * 6] * 32, [[0.0] * 4] * 32)
+
+
+# ---------------------------------------------------------------- the pass
+# (N, C, H, W, k): a whole 32 x 32 plane, ragged edge tiles (H 40 / 9, W 24 / 48), every
+# kernel size class (1, even, unrolled 3 / 5 / 7 / 9, generic 13, the largest 17: two
+# MMA k-steps)
+CASES = [(2, 3, 32, 32, 3), (1, 2, 40, 24, 9), (1, 2, 9, 48, 7), (2, 2, 16, 16, 1),
+         (1, 2, 20, 16, 4), (1, 3, 33, 40, 5), (1, 2, 24, 32, 13), (1, 2, 35, 40, 17)]
+
+
+def _inputs(N, C, H, W, k, dtype, affine, g):
+    x = torch.randn(N, C, H, W, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(C, 1, k, k, generator=g) / k).to(DEVICE, dtype)
+    b = (0.1 * torch.randn(C, generator=g)).to(DEVICE, dtype)
+    aff = ((1.5 + torch.randn(C, generator=g).abs()).to(DEVICE),
+           (0.5 + torch.randn(C, generator=g).abs()).to(DEVICE)) if affine else None
+    return x, w, b, aff
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "in_affine"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "{}x{}x{}x{}-k{}".format(*c))
+def test_f2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, affine, act):
+    N, C, H, W, k = case
+    g = torch.Generator().manual_seed(7)
+    x, w, b, aff = _inputs(N, C, H, W, k, dtype, affine, g)
+    tc, cc = _impls()
+    assert tc.k.plan(x, k, 0, affine).mma == F2, "F2 must take the tensor-core kernel here"
+    assert cc.k.plan(x, k, 0, affine).mma == 0
+    mean_t, var_t = twin.stats(x, w, b, act, aff)
+    rstd = rstd_from_var(var_t, 1e-5)
+    gamma = (1 + 0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    beta = (0.2 * torch.randn(C, generator=g)).to(DEVICE)
+    out = tc.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff)
+    assert out.dtype == dtype and out.stride() == x.stride()
+    assert_close(out, twin.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff), dtype, "F2")
+    ref = cc.apply(x, w, b, mean_t, rstd, gamma, beta, act, aff)
+    err = (out.double() - ref.double()).abs().max().item()
+    assert err <= ULP[dtype] * ref.double().abs().max().item(), err
+
+
+def test_tensor_cores_only_where_the_kernel_takes_the_shape():
+    """The planner takes apply_mma_kernel for F2 alone and only for 16-bit x in NCHW on the
+    16-byte path, k <= 17, without a saved u, and only when asked; the other passes keep
+    their kernels."""
+    tc, cc = _impls()
+    bf = torch.bfloat16
+
+    def mma(x, k=3, saved_u=False, impl=tc):
+        return impl.k.plan(x, k, 0, False, saved_u=saved_u).mma
+
+    x = torch.zeros(2, 4, 16, 16, dtype=bf, device=DEVICE)
+    assert mma(x) == F2 and mma(x, 17) == F2
+    assert mma(x, impl=cc) == 0                                        # not asked
+    assert mma(x, 19) == 0                                             # halo beyond 8 columns
+    assert mma(x, 9, saved_u=True) == 0                                # F2 reads u: no conv
+    assert mma(x.float()) == 0                                         # fp32: exact FMA
+    assert mma(x.to(memory_format=torch.channels_last)) == 0           # channels_last
+    assert mma(torch.zeros(2, 4, 16, 12, dtype=bf, device=DEVICE)) == 0  # W % 8 != 0
+    off = torch.zeros(2 * 4 * 16 * 16 + 1, dtype=bf, device=DEVICE)[1:].view(2, 4, 16, 16)
+    assert mma(off) == 0                                               # misaligned
+    plan = tc.k.plan(x, 3, 0, False)
+    assert plan.blocks[1] == 2 * 4 * 1 and plan.threads[1] == 64       # a block per plane tile
+
+
+def test_the_switch_reaches_the_layer(monkeypatch):
+    """CONVMIXER_EXT_CUDA_TC=1 puts a ConvMixerLayer's eval forward on the tensor-core kernel
+    (the shape the library gets asks for it; the result within one unit in the last place of
+    the CUDA-core one); unset, nothing asks; other values are refused with the variable's
+    name."""
+    from convmixer_ext import cuda_kernels
+    asked = []
+    real = cuda_kernels.shape_of
+
+    def spy(*a, **kw):
+        asked.append(kw.get("tensor_cores", False))
+        return real(*a, **kw)
+    monkeypatch.setattr(cuda_kernels, "shape_of", spy)
+    torch.manual_seed(0)
+    layer = ConvMixerLayer(8, 9, backend=BACKEND).to(DEVICE, torch.bfloat16).eval()
+    randomize_bn(layer)
+    x = torch.randn(2, 8, 16, 24, device=DEVICE, dtype=torch.bfloat16)
+    monkeypatch.delenv(_env.CUDA_TC_VAR, raising=False)
+    with torch.no_grad():
+        ref = layer(x)
+    assert asked and not any(asked)
+    asked.clear()
+    monkeypatch.setenv(_env.CUDA_TC_VAR, "1")
+    with torch.no_grad():
+        out = layer(x)
+    assert asked and all(asked)
+    err = (out.double() - ref.double()).abs().max().item()
+    assert err <= ULP[torch.bfloat16] * ref.double().abs().max().item()
+    monkeypatch.setenv(_env.CUDA_TC_VAR, "yes")
+    with pytest.raises(ValueError, match=_env.CUDA_TC_VAR), torch.no_grad():
+        layer(x)
