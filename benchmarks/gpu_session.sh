@@ -49,6 +49,11 @@
 #                                      # their tests, each kernel's time (fp32 and bf16, both
 #                                      # layouts, k = 3, 9), blocks (triton, cuda, eager) at
 #                                      # k = 3, 9, 31 in channels_last, k = 3, 9 in NCHW
+#   bash benchmarks/gpu_session.sh 13  # the CUDA library's F2 / eval on tensor cores
+#                                      # (CONVMIXER_EXT_CUDA_TC=1), in ~4 minutes: its tests
+#                                      # and the CUDA paths', then bf16 and fp16 NCHW blocks
+#                                      # (cuda, cuda-tc, triton_tc, eager) at k = 3, 7, 9, 15:
+#                                      # eval is F2 alone, the kernel's own time
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -56,7 +61,7 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 to 12"}
+CALL=${1:?"which call: 1 to 13"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -172,7 +177,14 @@ eval train_fwdbwd --providers eager cuda triton --dtypes float32 bfloat16 --layo
 channels_last nchw" \
       timeout -k 5 340 bash benchmarks/gpu_run.sh build test passes bench || status=$?
     ;;
-  *) echo "call must be 1 to 12"; exit 2 ;;
+  13)
+    TEST_PATHS="$PWD/tests/test_cuda_tensor_cores.py $PWD/tests/test_cuda_paths.py" \
+    TEST_WORKERS=12 T_TEST=70 T_BENCH=150 BENCH_ARGS="--shapes cm1536 --ks 3 7 9 15 --modes \
+eval train_fwdbwd --providers eager cuda cuda-tc triton_tc --dtypes bfloat16 float16 \
+--layouts nchw" \
+      timeout -k 5 280 bash benchmarks/gpu_run.sh build test bench || status=$?
+    ;;
+  *) echo "call must be 1 to 13"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

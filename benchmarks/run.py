@@ -79,29 +79,36 @@ class FusedBlock(nn.Module):
 RECOMPUTE = "-recompute"
 # "<backend>-noprefetch" / "<backend>-prefetch": the CUDA library without / with its L2
 # prefetches in either layout (CONVMIXER_EXT_CUDA_PREFETCH=0 / 1 around every call); the
-# plain provider takes the library's default, NCHW only (docs/DESIGN.md, "L2 prefetch")
-PREFETCH_SUFFIXES = {"-noprefetch": "0", "-prefetch": "1"}
+# plain provider takes the library's default, NCHW only (docs/DESIGN.md, "L2 prefetch").
+# "<backend>-tc": the CUDA library with F2 / eval on tensor cores where its kernel takes the
+# shape (CONVMIXER_EXT_CUDA_TC=1; docs/DESIGN.md, "CUDA tensor cores").
+PROVIDER_ENV = {"-noprefetch": (_env.PREFETCH_VAR, "0"), "-prefetch": (_env.PREFETCH_VAR, "1"),
+                "-tc": (_env.CUDA_TC_VAR, "1")}
 
 
-def prefetch_setting(name):
-    """The CONVMIXER_EXT_CUDA_PREFETCH value a provider name asks for (None: the default)."""
-    return next((v for suf, v in PREFETCH_SUFFIXES.items() if name.endswith(suf)), None)
+def provider_env(name):
+    """{variable: value} a provider name asks for around every call (empty: the defaults)."""
+    return dict(v for suf, v in PROVIDER_ENV.items() if name.endswith(suf))
 
 
 @contextlib.contextmanager
-def prefetch_env(value=None):
-    """CONVMIXER_EXT_CUDA_PREFETCH set to ``value`` ("0" or "1") within; None: untouched."""
-    old = os.environ.get(_env.PREFETCH_VAR)
-    if value is not None:
-        os.environ[_env.PREFETCH_VAR] = value
+def env_vars(settings):
+    """The environment variables of ``settings`` ({name: value}) set within."""
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(_env.PREFETCH_VAR, None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ[_env.PREFETCH_VAR] = old
+                os.environ[k] = v
+
+
+def prefetch_env(value=None):
+    """CONVMIXER_EXT_CUDA_PREFETCH set to ``value`` ("0" or "1") within; None: untouched."""
+    return env_vars({} if value is None else {_env.PREFETCH_VAR: value})
 
 
 def make_provider(name, ref):
@@ -112,7 +119,7 @@ def make_provider(name, ref):
         return torch.compile(ref, mode=mode)
     if name.endswith(RECOMPUTE):
         return FusedBlock(ref, name[:-len(RECOMPUTE)], save_conv=False)
-    for suffix in PREFETCH_SUFFIXES:
+    for suffix in PROVIDER_ENV:
         if name.endswith(suffix):
             return FusedBlock(ref, name[:-len(suffix)])
     return FusedBlock(ref, name)
@@ -210,7 +217,7 @@ def prepare_case(case, device, check_tol):
     ref = ref.to(memory_format=mf)
     x = torch.randn(N, C, H, W, device=device, dtype=dtype).to(memory_format=mf)
     module = make_provider(prov, ref)
-    prefetch_ctx = functools.partial(prefetch_env, prefetch_setting(prov))
+    env_ctx = functools.partial(env_vars, provider_env(prov))
     train = mode != "eval"
     module.train(train)
     golden.train(train)
@@ -221,7 +228,7 @@ def prepare_case(case, device, check_tol):
     grads = mode == "train_fwdbwd"
     xr = x.detach().clone().requires_grad_(grads)
     xg = x.float().detach().clone().requires_grad_(grads)
-    with prefetch_ctx():
+    with env_ctx():
         out, gx = module(xr), golden(xg)
         if grads:
             out.backward(probe)
@@ -237,7 +244,7 @@ def prepare_case(case, device, check_tol):
 
     def step():
         xi = x.detach().requires_grad_(mode == "train_fwdbwd")
-        with prefetch_ctx():
+        with env_ctx():
             if mode == "eval":
                 with torch.no_grad():
                     return module(xi)
@@ -515,7 +522,8 @@ def parse(argv):
                         "torch (default: available); cuda-recompute, triton-recompute, "
                         "triton_tc-recompute: "
                         "with save_conv=False; cuda-noprefetch, cuda-prefetch: the CUDA library "
-                        "without / with its L2 prefetches in both layouts (plain: NCHW only)")
+                        "without / with its L2 prefetches in both layouts (plain: NCHW only); "
+                        "cuda-tc: the CUDA library's F2 / eval on tensor cores (16-bit NCHW)")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")

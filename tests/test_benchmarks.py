@@ -195,3 +195,32 @@ def test_the_cuda_library_timed_with_and_without_its_prefetches(tmp_path, monkey
     assert rc == 0
     assert {(r["layout"], r["prefetch"]) for r in json.load(open(path))["records"]} == \
         {("nchw", True), ("channels_last", False)}
+
+
+def test_the_cuda_library_timed_on_tensor_cores(tmp_path, monkeypatch):
+    """The "-tc" provider runs the CUDA library with CONVMIXER_EXT_CUDA_TC=1 around every
+    call (its F2 / eval then asks for tensor cores), checks its result against the fp32
+    reference like every provider, and leaves the variable as it found it."""
+    from conftest import kernel_backends
+    from convmixer_ext.cuda_kernels import Launchers
+    if "cuda_emu" not in kernel_backends():
+        pytest.skip("the emulation library is not built")
+    seen = set()
+    real = Launchers._tc
+
+    def spy(self):
+        seen.add((os.environ.get("CONVMIXER_EXT_CUDA_TC"), real(self)))
+        return real(self)
+    monkeypatch.setattr(Launchers, "_tc", spy)
+    monkeypatch.delenv("CONVMIXER_EXT_CUDA_TC", raising=False)
+    out = tmp_path / "blocks"
+    rc = main(["--quick", "--device", "cpu", "--ks", "3", "--modes", "eval", "--dtypes",
+               "bfloat16", "--layouts", "nchw", "--providers", "cuda_emu", "cuda_emu-tc",
+               "--reps", "1", "--out", str(out)])
+    assert rc == 0
+    assert seen == {(None, False), ("1", True)}, seen
+    assert "CONVMIXER_EXT_CUDA_TC" not in os.environ
+    recs = [r for f in out.glob("*.json") for r in json.load(open(f))["records"]
+            if r.get("kind") == "block"]
+    assert {r["provider"] for r in recs} == {"cuda_emu", "cuda_emu-tc"}
+    assert all("error" not in r and r["ms"] > 0 for r in recs), recs
