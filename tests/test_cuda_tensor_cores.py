@@ -184,3 +184,24 @@ def test_the_switch_reaches_the_layer(monkeypatch):
     monkeypatch.setenv(_env.CUDA_TC_VAR, "yes")
     with pytest.raises(ValueError, match=_env.CUDA_TC_VAR), torch.no_grad():
         layer(x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input_never_vanishes_and_results_repeat(bad):
+    """A non-finite x reaches every output the CUDA-core kernel's does (an MMA also
+    multiplies the band's zeros by it, so more of its rows: docs/DESIGN.md, "CUDA tensor
+    cores"), never fewer; finite inputs give bitwise-identical outputs run after run (no
+    atomics, a fixed order of MMAs)."""
+    g = torch.Generator().manual_seed(9)
+    x, w, b, _ = _inputs(1, 2, 16, 16, 5, torch.bfloat16, False, g)
+    tc, cc = _impls()
+    C = x.shape[1]
+    args = (torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE),
+            torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE), "gelu", None)
+    first = tc.apply(x, w, b, *args)
+    assert torch.equal(first, tc.apply(x, w, b, *args))
+    x[0, 1, 7, 9] = bad
+    out, ref = tc.apply(x, w, b, *args), cc.apply(x, w, b, *args)
+    bad_ref, bad_out = ~torch.isfinite(ref), ~torch.isfinite(out)
+    assert bad_ref.any() and bad_out[bad_ref].all()
+    assert torch.isfinite(out[0, 0]).all()  # the other channel is untouched
