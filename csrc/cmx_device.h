@@ -310,23 +310,22 @@ __device__ __forceinline__ uint32_t cmx_ld_pair(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// d += A B on tensor cores (the emulation build's cmx_mma_16816 documents the fragments).
+// d += A B on tensor cores (the emulation build's cmx_mma_16816 documents the fragments);
+// TY: the PTX type of the 16-bit inputs.
+#define CMX_MMA_16816(TY)                                                                  \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                          \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"       \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
 __device__ __forceinline__ void cmx_mma_16816(float (&d)[4], const uint32_t (&a)[4],
                                               const uint32_t (&b)[2], cmx_bf16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  CMX_MMA_16816("bf16");
 }
 __device__ __forceinline__ void cmx_mma_16816(float (&d)[4], const uint32_t (&a)[4],
                                               const uint32_t (&b)[2], cmx_half) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  CMX_MMA_16816("f16");
 }
+#undef CMX_MMA_16816
 
 // 2^x in one MUFU.EX2 (2 ulp; results below the normal range flushed to zero): exp2f's
 // range handling around it costs three more instructions.
