@@ -35,8 +35,11 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 
 setup: $(VENV)/.deps-stamp
 
+# With a toolkit found, a CUDA build that fails stops here (a user's `pip install .` drops it
+# with a notice instead).
 build: setup
-	CONVMIXER_EXT_BUILD_EMU=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	CONVMIXER_EXT_BUILD_EMU=1 $(if $(CUDA_HOME),CONVMIXER_EXT_BUILD_CUDA=1) \
+	  $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
 	$(if $(XDIST),OMP_NUM_THREADS=1) CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) \

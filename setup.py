@@ -140,6 +140,8 @@ class BuildLibraries(build_ext):
                 raise RuntimeError(f"building {ext.name} failed:\n{why}")
             _notice(f"the CUDA kernels did not build, installing without them: {why}")
             BUILD_INFO["SKIPPED"]["cuda"] = "the CUDA build failed at install time"
+            if os.path.exists(out):  # (in place) an older source's library would load instead
+                os.remove(out)
             self.extensions.remove(ext)
             for pkg_dir in {os.path.join(HERE, "convmixer_ext"),
                             os.path.dirname(self.get_ext_fullpath(ext.name))}:

@@ -144,6 +144,34 @@ def test_build_switches(clean_env):
     assert "disabled" in _setup.BUILD_INFO["SKIPPED"]["cuda"]
 
 
+def test_failed_cuda_build_leaves_no_stale_library(clean_env, tmp_path):
+    """A CUDA build that fails (and is dropped: CONVMIXER_EXT_BUILD_CUDA unset) removes the
+    library an earlier build left at its output path (an in-place build's), so that the old
+    kernels are not loaded as if they were the source's; with CONVMIXER_EXT_BUILD_CUDA=1 the
+    failure is fatal."""
+    from setuptools import Distribution
+    out = tmp_path / "_cmx_cuda.so"
+    written = []
+    clean_env.setattr(_setup, "_find_cuda_home", lambda: "/usr/local/cuda")
+    clean_env.setattr(_setup, "_cuda_command",
+                      lambda home, o: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    clean_env.setattr(_setup, "_write_build_info", lambda d: written.append(d))
+
+    def build():
+        out.write_bytes(b"an older build")
+        cmd = _setup.BuildLibraries(Distribution())
+        cmd.extensions = [_setup.CmxLibrary("convmixer_ext._cmx_cuda", "cuda", "csrc/fused_dw.cu")]
+        cmd.get_ext_fullpath = lambda name: str(out)
+        cmd.build_extensions()
+        return cmd
+    cmd = build()
+    assert not out.exists() and cmd.extensions == [] and written
+    assert "failed" in _setup.BUILD_INFO["SKIPPED"]["cuda"]
+    clean_env.setenv("CONVMIXER_EXT_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="failed"):
+        build()
+
+
 @pytest.mark.parametrize("spec, names", [
     ("8.0;9.0+PTX", ["sm_80", "sm_90", "compute_90"]),
     ("8.0 8.6", ["sm_80", "sm_86"]),
