@@ -46,6 +46,13 @@ def _libraries():
     except ValueError as e:  # the kernel libraries' launches will refuse it too
         state = str(e)
     lines.append(f"kernel library L2 prefetch: {state}")
+    try:
+        tc = (f"on ({_env.CUDA_TC_VAR}=1: F2 / eval of 16-bit NCHW, k <= 17)"
+              if _env.cuda_tensor_cores() else
+              f"off (the default; {_env.CUDA_TC_VAR}=1 turns it on, not yet timed on a GPU)")
+    except ValueError as e:
+        tc = str(e)
+    lines.append(f"kernel library tensor cores: {tc}")
     return lines
 
 

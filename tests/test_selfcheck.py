@@ -26,6 +26,9 @@ def test_self_check_reports_and_probes():
     want = {"0": "off (CONVMIXER_EXT_CUDA_PREFETCH=0)", "1": "on (CONVMIXER_EXT_CUDA_PREFETCH=1)",
             "": "NCHW only (the default"}[os.environ.get("CONVMIXER_EXT_CUDA_PREFETCH", "").strip()]
     assert f"kernel library L2 prefetch: {want}" in out
+    tc = "on (CONVMIXER_EXT_CUDA_TC=1" if os.environ.get("CONVMIXER_EXT_CUDA_TC", "").strip() \
+        == "1" else "off (the default"
+    assert f"kernel library tensor cores: {tc}" in out
 
 
 def test_probe_detects_a_wrong_result(monkeypatch):
