@@ -35,21 +35,24 @@ def backend_override() -> str:
     return os.environ.get(BACKEND_VAR, "auto").strip() or "auto"
 
 
-def cuda_prefetch():
-    """CONVMIXER_EXT_CUDA_PREFETCH: "1" (True: on), "0" (False: off), unset or empty (None:
-    the library's default for the layout); anything else is refused."""
-    v = os.environ.get(PREFETCH_VAR, "").strip()
+def _switch(var):
+    """An on/off variable: "1" True, "0" False, unset or empty None; anything else is
+    refused, naming the variable."""
+    v = os.environ.get(var, "").strip()
     if v not in ("", "0", "1"):
-        raise ValueError(f"environment variable {PREFETCH_VAR} must be 0 or 1, got {v!r}")
+        raise ValueError(f"environment variable {var} must be 0 or 1, got {v!r}")
     return None if v == "" else v == "1"
 
 
+def cuda_prefetch():
+    """CONVMIXER_EXT_CUDA_PREFETCH: "1" (True: on), "0" (False: off), unset or empty (None:
+    the library's default for the layout)."""
+    return _switch(PREFETCH_VAR)
+
+
 def cuda_tensor_cores() -> bool:
-    """CONVMIXER_EXT_CUDA_TC: "1" (on), "0" or unset (off); anything else is refused."""
-    v = os.environ.get(CUDA_TC_VAR, "").strip()
-    if v not in ("", "0", "1"):
-        raise ValueError(f"environment variable {CUDA_TC_VAR} must be 0 or 1, got {v!r}")
-    return v == "1"
+    """CONVMIXER_EXT_CUDA_TC: "1" (on), "0" or unset (off)."""
+    return _switch(CUDA_TC_VAR) is True
 
 
 def emu_lib_override():

@@ -146,7 +146,7 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   g.H = static_cast<int>(s->h);
   g.W = static_cast<int>(s->w);
   g.K = s->k;
-  g.PB = (s->k - 1) / 2;  // PyTorch "same" (semantics.pad_before)
+  g.PB = pad_before(s->k);
   g.act = s->act;
   g.sN = s->stride[0];
   g.sC = s->stride[1];
@@ -269,16 +269,12 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
     return CMX_OK;
   }
   if (pass == kF2 && mma_takes(s, g)) {
-    const MmaShape m(g.K);
-    g.TH = g.TW = kMmaTile;
-    g.tiles_w = cdiv(g.W, kMmaTile);
-    g.tiles_per_img = cdiv(g.H, kMmaTile) * g.tiles_w;
-    g.prefetch = 0;
+    const MmaShape m(g.K);  // (its grid places the tiles: geo's tiling is not read)
     p.mma = true;
     p.rows = 0;
     p.threads = kMmaWarps * 32;
     p.blocks = s->n * g.C;
-    p.gy = g.tiles_w;
+    p.gy = cdiv(g.W, kMmaTile);
     p.gz = cdiv(g.H, kMmaTile);
     p.smem = static_cast<size_t>(m.elements(s->has_in_affine != 0)) * 2;
     if (p.blocks > kMaxBlocks || p.gy > kMaxGridYZ || p.gz > kMaxGridYZ)
@@ -634,7 +630,6 @@ CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, in
   return offset_of(geo, plane_base(geo, static_cast<int>(n), static_cast<int>(c)),
                    static_cast<int>(h), static_cast<int>(w));
 }
-
 
 CMX_API int32_t cmx_mma_probe(int32_t dtype, const uint32_t* regs, float* d) {
 #ifdef CMX_HOST_EMULATION

@@ -35,6 +35,9 @@ struct Blk {
 
 __host__ __device__ constexpr int round_up(int a, int b) { return (a + b - 1) / b * b; }
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
+// Zero padding before the first tap of a k-tap "same" convolution (PyTorch's; Python's
+// semantics.pad_before).
+__host__ __device__ constexpr int pad_before(int k) { return (k - 1) / 2; }
 
 enum { kNCHW = 0, kChannelsLast = 1 };
 
@@ -874,11 +877,13 @@ constexpr int kMmaLead = 8;
 struct MmaShape {
   int K, PB, e, s, ks, chunks, stride, rows;
   __host__ __device__ constexpr MmaShape(int k)
-      : K(k), PB((k - 1) / 2), e((kMmaLead - (k - 1) / 2) & ~1), s((kMmaLead - (k - 1) / 2) & 1),
-        ks(cdiv(7 + ((kMmaLead - (k - 1) / 2) & 1) + k, 16)),
-        chunks(cdiv(((kMmaLead - (k - 1) / 2) & ~1) + kMmaTile - 8 +
-                        16 * cdiv(7 + ((kMmaLead - (k - 1) / 2) & 1) + k, 16), 8)),
-        stride(0), rows(kMmaTile + k - 1) {
+      : K(k), PB(pad_before(k)), e(0), s(0), ks(0), chunks(0), stride(0),
+        rows(kMmaTile + k - 1) {
+    const int lead = kMmaLead - PB;  // the first tap's column in the halo, output column 0
+    e = lead & ~1;
+    s = lead & 1;
+    ks = cdiv(7 + s + K, 16);
+    chunks = cdiv(e + kMmaTile - 8 + 16 * ks, 8);
     stride = chunks * 8 + ((chunks * 4) % 8 == 0 ? 8 : 0);
   }
   // shared memory in elements: the halo (and the mask plane)
@@ -920,7 +925,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                      T* __restrict__ out, InAffine in_aff, Geom geo) {
   constexpr int V = Blk<T>::VEC;  // 8
   const MmaShape S(KT > 0 ? KT : geo.K);
-  const int K = KT > 0 ? KT : geo.K;
+  const int K = S.K;
   constexpr bool affine = AFF;
   CMX_DYN_SMEM(smem);
   T* halo = reinterpret_cast<T*>(smem);
