@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 
 import torch
 
 from . import _cmx_lib, _env
 from ._layout import out_like
+from .cuda_kernels import TC_MAX_KERNEL_SIZE
 from ._partials import merge_stats, sum_partials
 from .semantics import ACTIVATIONS, KERNEL_DTYPES, MAX_KERNEL_SIZE, TENSOR_CORE_DTYPES
 
@@ -145,6 +147,13 @@ def _version(mod) -> tuple:
     return tuple(int(p) for p in mod.__version__.split("+")[0].split(".")[:2])
 
 
+def _triton_interprets() -> bool:
+    """Whether the Triton kernels run in the interpreter: as they were defined where they are
+    imported (triton_kernels.triton_interpreter), else as they will be (TRITON_INTERPRET)."""
+    tk = sys.modules.get(f"{__package__}.triton_kernels")
+    return tk.triton_interpreter() if tk is not None else _env.triton_interpreter()
+
+
 @functools.lru_cache(maxsize=None)
 def _interpreter_problem():
     """Triton < 3.7's interpreter turns a scalar argument into an int with ``int(array)``,
@@ -193,7 +202,7 @@ def backend_reason(name: str, device=None):
         return err
     on_cpu = dev_type == "cpu" or (dev_type is None and not torch.cuda.is_available())
     if on_cpu:
-        if not _env.triton_interpreter():
+        if not _triton_interprets():
             return ("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                     "triton is imported to run its kernels on CPU tensors in the interpreter")
         return _interpreter_problem()
@@ -303,7 +312,15 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     """The fastest depthwise backend on CUDA tensors as measured on ConvMixer-1536/20's block
     (benchmarks/results/).
 
-    16-bit x in NCHW: the tensor-core kernels, measured on an H100 (`-run4*`, bf16, k = 3,
+    16-bit x in NCHW eval up to k = TC_MAX_KERNEL_SIZE: the CUDA library, whose F2 runs on
+    tensor cores there, measured on an H200 (`NVIDIA_H200-2026-11-27-run10-cuda-tc`, fp16
+    (bf16 alike, its first cases noisier), k = 3, 7, 9, 15): 0.234 / 0.276 / 0.305 / 0.806
+    ms against Triton's tensor-core kernels' 0.321 / 0.541 / 0.651 / 1.004 and the CUDA
+    library's CUDA-core kernel's 0.413 / 0.610 / 0.728 / 1.986. Beyond that k, and in
+    training (the CUDA library's training step, on tensor cores at k < 7 only, 3.70 ms
+    against 2.94 at k = 3, 5.41 against 3.56 at k = 9):
+
+    16-bit x in NCHW: the Triton tensor-core kernels, measured on an H100 (`-run4*`, bf16, k = 3,
     7, 9, 15, 31, eval and training step, against the CUDA library and the Triton CUDA-core
     kernels): fastest at every size (eval 0.36 / 0.59 / 0.71 / 1.09 / 3.5 ms against the
     CUDA library's 0.45 / 0.64 / 0.76 / 1.94 / 7.9; training 2.9 / 5.0 / 6.1 / 9.2 / 33 ms
@@ -333,6 +350,8 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     4%, the CUDA library kept), the CUDA library everywhere else (NCHW training at k = 9:
     6.29 ms against Triton's 12.58; k = 31: 36.3 against 154)."""
     if dtype in TENSOR_CORE_DTYPES and not channels_last:
+        if not training and kernel_size <= TC_MAX_KERNEL_SIZE and _env.cuda_tensor_cores():
+            return "cuda"
         return "triton_tc"
     if training and channels_last and kernel_size <= 7:
         if kernel_size <= 3 or dtype in TENSOR_CORE_DTYPES:

@@ -43,7 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import triton_interpreter
+
+
+def triton_interpreter() -> bool:
+    """Whether these kernels run in Triton's interpreter: fixed when ``triton.jit`` defined
+    them, by TRITON_INTERPRET as it was then, whatever the environment says at a later
+    launch (a compiled kernel must never be launched as if interpreted, or the reverse)."""
+    return _INTERPRETED
 from ._layout import check_saved_u
 from .semantics import ACTIVATIONS, GELU_TANH_COEF, TENSOR_CORE_DTYPES, pad_before
 
@@ -222,11 +228,14 @@ def _split16(a, DT: tl.constexpr, UPCAST: tl.constexpr):
     instead of 8 or 11 (docs/DESIGN.md, "Tensor cores"). On a GPU the roundings are the
     hardware's round-to-nearest-even conversions; UPCAST (the interpreter): the same values
     from :func:`_round16`, kept in fp32."""
+    # (one return: triton 3.6 rejects returns of different types under a constexpr if)
     if UPCAST:
         hi = _round16(a, DT == tl.bfloat16)
-        return hi, _round16(a - hi, DT == tl.bfloat16)
-    hi = a.to(DT, fp_downcast_rounding="rtne")
-    return hi, (a - hi.to(tl.float32)).to(DT, fp_downcast_rounding="rtne")
+        lo = _round16(a - hi, DT == tl.bfloat16)
+    else:
+        hi = a.to(DT, fp_downcast_rounding="rtne")
+        lo = (a - hi.to(tl.float32)).to(DT, fp_downcast_rounding="rtne")
+    return hi, lo
 
 
 @triton.jit
@@ -312,8 +321,8 @@ def _x_window(xch, roff, xrow, rok, xcol, H, W, sH, sW, UPCAST: tl.constexpr):
     (the interpreter's dot and bool -> 16-bit cast mishandle 16-bit values; the products are
     exact in fp32 either way)."""
     xi, m = _plane_rows(xch, roff, xrow, xcol, H, W, sH, sW, rok & (xrow >= 0))
-    if UPCAST:
-        return xi.to(tl.float32), m.to(tl.float32)
+    if UPCAST:  # (one return, as in _split16)
+        xi = xi.to(tl.float32)
     return xi, m.to(xi.dtype)
 
 
@@ -1324,3 +1333,7 @@ def pw_bwd_du(dg, dmean, dvar, y, w2, bias, mean, act):
              W, *y.stride(), *dg.stride()),
             dict(ACT=act, **cfg))
     return du, db_p
+
+
+# (after the kernels: triton.jit read TRITON_INTERPRET as it defined them)
+_INTERPRETED = type(_apply_kernel).__name__ == "InterpretedFunction"

@@ -2,7 +2,6 @@
 processes), against the reference block run in one process on the whole global batch —
 which is what nn.SyncBatchNorm computes (nn.SyncBatchNorm itself does not run on CPU)."""
 import copy
-import os
 
 import pytest
 import torch
@@ -73,10 +72,12 @@ def _worker(rank, init_file, backend):
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cuda_emu", "triton")
                                      if backend_reason(b, "cpu") is None])
-def test_sync_bn_under_ddp_gloo(backend, tmp_path):
+def test_sync_bn_under_ddp_gloo(backend, tmp_path, monkeypatch):
     if not dist.is_available():
         pytest.skip("torch.distributed not built")
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # the spawned workers import triton afresh: the interpreter for their CPU tensors (set
+    # for them only: this process's later tests may launch compiled kernels on a GPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     mp.spawn(_worker, args=(str(tmp_path / "init"), backend), nprocs=WORLD, join=True)
 
 

@@ -170,6 +170,23 @@ def test_tensor_core_non_finite_values_never_vanish():
         assert_close(got[..., away, :], want[..., away, :], bf16, what)
 
 
+def test_a_later_triton_interpret_changes_no_launch(monkeypatch):
+    """triton.jit fixed whether these kernels are interpreted when it defined them; the
+    launchers and the availability check follow that, not TRITON_INTERPRET at launch time
+    (a test that set it for its subprocesses, left set, once sent a GPU's compiled launches
+    down the interpreter's path: fp32 operands, which triton 3.6 refused to compile)."""
+    was = tk.triton_interpreter()
+    assert was == (type(tk._apply_kernel).__name__ == "InterpretedFunction")
+    x, dout, w, b, gamma, beta, _ = _tensors(1, 2, 16, 20, 3, bf16, False, False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if was else "1")
+    assert tk.triton_interpreter() == was
+    assert backend_reason("triton_tc", DEVICE) is None
+    assert tk.targets_gpu(x) is (DEVICE == "cuda")
+    assert tk._conv_kw(x, w, True)["TC"] == (1 if DEVICE == "cuda" else 2)
+    if DEVICE == "cuda":  # (on the CPU, triton's own lazy imports read the variable too)
+        compare_passes(get_impl("triton_tc"), x, dout, w, b, gamma, beta, "gelu", None, bf16)
+
+
 def test_tensor_core_results_are_bitwise_reproducible():
     """Same inputs, same outputs and gradients, to the bit (fixed-order partial sums; no
     atomics)."""
@@ -197,7 +214,8 @@ def test_tensor_core_layer_matches_reference():
     compare_models(ref, fused, x, bf16, train=True, steps=2, ref_lowp=ref_lowp)
 
 
-def test_tensor_core_backend_refuses_float32_and_auto_takes_it_for_16_bit_nchw_only():
+def test_tensor_core_backend_refuses_float32_and_auto_takes_it_for_16_bit_nchw_only(
+        monkeypatch):
     x = torch.randn(1, 2, 5, 5, device=DEVICE)
     w = torch.randn(2, 1, 3, 3, device=DEVICE)
     v = torch.ones(2, device=DEVICE)
@@ -206,7 +224,9 @@ def test_tensor_core_backend_refuses_float32_and_auto_takes_it_for_16_bit_nchw_o
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         ConvMixerLayer(2, 3, backend="triton_tc").to(DEVICE)(x)
     # "auto" on this device: the tensor cores for 16-bit NCHW on a GPU (measured fastest
-    # there at every k), never for fp32 or channels_last, never off a GPU
+    # there at every k; in eval up to k = 17 the CUDA library's), never for fp32 or
+    # channels_last, never off a GPU
+    monkeypatch.delenv("CONVMIXER_EXT_CUDA_TC", raising=False)
     for k in (1, 3, 9, 31):
         for dtype in (bf16, f16, torch.float32):
             for cl in (False, True):
@@ -214,7 +234,8 @@ def test_tensor_core_backend_refuses_float32_and_auto_takes_it_for_16_bit_nchw_o
                     got = resolve_backend("auto", torch.device(DEVICE), dtype, k,
                                           channels_last=cl, training=training)
                     tc = DEVICE == "cuda" and dtype != torch.float32 and not cl
-                    assert (got == "triton_tc") is tc, (k, dtype, cl, training, got)
+                    want = "triton_tc" if training or k > 17 else "cuda"
+                    assert (got == want) is tc, (k, dtype, cl, training, got)
 
 
 @pytest.mark.parametrize("k, KP, XO, CW", [(3, 32, 7, 16), (9, 32, 4, 16), (4, 16, 0, 16),
