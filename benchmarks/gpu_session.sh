@@ -49,11 +49,15 @@
 #                                      # their tests, each kernel's time (fp32 and bf16, both
 #                                      # layouts, k = 3, 9), blocks (triton, cuda, eager) at
 #                                      # k = 3, 9, 31 in channels_last, k = 3, 9 in NCHW
-#   bash benchmarks/gpu_session.sh 13  # the CUDA library's F2 / eval on tensor cores
-#                                      # (CONVMIXER_EXT_CUDA_TC=1), in ~4 minutes: its tests
-#                                      # and the CUDA paths', then bf16 and fp16 NCHW blocks
-#                                      # (cuda, cuda-tc, triton_tc, eager) at k = 3, 7, 9, 15:
-#                                      # eval is F2 alone, the kernel's own time
+#   bash benchmarks/gpu_session.sh 13  # the CUDA library's F2 / eval on tensor cores (the
+#                                      # default; cuda-notc: CONVMIXER_EXT_CUDA_TC=0), in ~4
+#                                      # minutes: its tests and the CUDA paths', then bf16 and
+#                                      # fp16 NCHW blocks (cuda, cuda-notc, triton_tc, eager)
+#                                      # at k = 3, 7, 9, 15: eval is F2 alone, the kernel's own
+#                                      # time
+#   bash benchmarks/gpu_session.sh 14  # the whole suite on 14 workers, then bf16 NCHW eval
+#                                      # blocks (auto, cuda, cuda-notc, triton_tc) at k = 3,
+#                                      # 7, 9, 31, in ~3 minutes: "auto" after a dispatch change
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -61,7 +65,7 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 to 13"}
+CALL=${1:?"which call: 1 to 14"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -180,11 +184,16 @@ channels_last nchw" \
   13)
     TEST_PATHS="$PWD/tests/test_cuda_tensor_cores.py $PWD/tests/test_cuda_paths.py" \
     TEST_WORKERS=12 T_TEST=70 T_BENCH=150 BENCH_ARGS="--shapes cm1536 --ks 3 7 9 15 --modes \
-eval train_fwdbwd --providers eager cuda cuda-tc triton_tc --dtypes bfloat16 float16 \
+eval train_fwdbwd --providers eager cuda cuda-notc triton_tc --dtypes bfloat16 float16 \
 --layouts nchw" \
       timeout -k 5 280 bash benchmarks/gpu_run.sh build test bench || status=$?
     ;;
-  *) echo "call must be 1 to 13"; exit 2 ;;
+  14)
+    TEST_WORKERS=14 T_TEST=150 T_BENCH=70 BENCH_ARGS="--shapes cm1536 --ks 3 7 9 31 --modes \
+eval --providers auto cuda cuda-notc triton_tc --dtypes bfloat16 --layouts nchw" \
+      timeout -k 5 260 bash benchmarks/gpu_run.sh build test bench || status=$?
+    ;;
+  *) echo "call must be 1 to 14"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

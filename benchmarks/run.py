@@ -80,10 +80,11 @@ RECOMPUTE = "-recompute"
 # "<backend>-noprefetch" / "<backend>-prefetch": the CUDA library without / with its L2
 # prefetches in either layout (CONVMIXER_EXT_CUDA_PREFETCH=0 / 1 around every call); the
 # plain provider takes the library's default, NCHW only (docs/DESIGN.md, "L2 prefetch").
-# "<backend>-tc": the CUDA library with F2 / eval on tensor cores where its kernel takes the
-# shape (CONVMIXER_EXT_CUDA_TC=1; docs/DESIGN.md, "CUDA tensor cores").
+# "<backend>-tc" / "<backend>-notc": the CUDA library with F2 / eval on tensor cores where its
+# kernel takes the shape (the default) / on CUDA cores (CONVMIXER_EXT_CUDA_TC=1 / 0;
+# docs/DESIGN.md, "CUDA tensor cores").
 PROVIDER_ENV = {"-noprefetch": (_env.PREFETCH_VAR, "0"), "-prefetch": (_env.PREFETCH_VAR, "1"),
-                "-tc": (_env.CUDA_TC_VAR, "1")}
+                "-tc": (_env.CUDA_TC_VAR, "1"), "-notc": (_env.CUDA_TC_VAR, "0")}
 
 
 def provider_env(name):
@@ -523,7 +524,8 @@ def parse(argv):
                         "triton_tc-recompute: "
                         "with save_conv=False; cuda-noprefetch, cuda-prefetch: the CUDA library "
                         "without / with its L2 prefetches in both layouts (plain: NCHW only); "
-                        "cuda-tc: the CUDA library's F2 / eval on tensor cores (16-bit NCHW)")
+                        "cuda-tc, cuda-notc: the CUDA library's F2 / eval on tensor cores "
+                        "(16-bit NCHW; plain: the same) / on CUDA cores")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")

@@ -47,9 +47,10 @@ def _libraries():
         state = str(e)
     lines.append(f"kernel library L2 prefetch: {state}")
     try:
-        tc = (f"on ({_env.CUDA_TC_VAR}=1: F2 / eval of 16-bit NCHW, k <= 17)"
-              if _env.cuda_tensor_cores() else
-              f"off (the default; {_env.CUDA_TC_VAR}=1 turns it on, not yet timed on a GPU)")
+        from .cuda_kernels import TC_MAX_KERNEL_SIZE
+        tc = (f"on (the default: F2 / eval of 16-bit NCHW, k <= {TC_MAX_KERNEL_SIZE}; "
+              f"{_env.CUDA_TC_VAR}=0 turns it off)" if _env.cuda_tensor_cores() else
+              f"off ({_env.CUDA_TC_VAR}=0)")
     except ValueError as e:
         tc = str(e)
     lines.append(f"kernel library tensor cores: {tc}")

@@ -9,9 +9,10 @@
 - ``CONVMIXER_EXT_CUDA_PREFETCH``: ``0`` / ``1``: the CUDA library's kernels issue no / every
   L2 prefetch of what they stage, in both layouts; unset: as measured fastest (NCHW only:
   ``cuda_kernels.default_prefetch``; docs/DESIGN.md, "L2 prefetch");
-- ``CONVMIXER_EXT_CUDA_TC``: ``1``: the CUDA library's F2 / eval pass convolves float16 /
-  bfloat16 NCHW on tensor cores where its kernel takes the shape (opt-in until a GPU has
-  timed it; docs/DESIGN.md, "CUDA tensor cores"); ``0`` or unset: on CUDA cores.
+- ``CONVMIXER_EXT_CUDA_TC``: ``1`` or unset: the CUDA library's F2 / eval pass convolves
+  float16 / bfloat16 NCHW on tensor cores where its kernel takes the shape (measured faster
+  than its CUDA-core kernel at every k it takes; docs/DESIGN.md, "CUDA tensor cores");
+  ``0``: on CUDA cores.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def cuda_prefetch():
 
 
 def cuda_tensor_cores() -> bool:
-    """CONVMIXER_EXT_CUDA_TC: "1" (on), "0" or unset (off)."""
-    return _switch(CUDA_TC_VAR) is True
+    """CONVMIXER_EXT_CUDA_TC: "1", unset or empty (on), "0" (off)."""
+    return _switch(CUDA_TC_VAR) is not False
 
 
 def emu_lib_override():

@@ -24,6 +24,12 @@ _DTYPE_IDS = {torch.float32: abi.DTYPE_IDS["float32"], torch.float16: abi.DTYPE_
 _PASS_CODES = {abi.E_INVALID: ValueError, abi.E_LIMIT: ValueError}
 
 
+# The largest k whose F2 the library runs on tensor cores (the planner's kMmaMaxK in
+# csrc/fused_dw_kernels.cuh: its halo starts 16 bytes left of the tile); "auto" sends 16-bit
+# NCHW eval up to it to this library (backends.measured_depthwise_choice).
+TC_MAX_KERNEL_SIZE = 17
+
+
 def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
              target_blocks: int = 0, saved_u: bool = False, prefetch: bool = True,
              tensor_cores: bool = False) -> abi.Shape:
@@ -34,7 +40,8 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     ``saved_u``: F1 saves the convolution output and the later passes read it;
     ``prefetch``: the kernels prefetch what they stage into L2 (a hint: same results);
     ``tensor_cores``: F2 convolves on tensor cores where its kernel takes the shape
-    (16-bit x, NCHW, 16-byte path, k <= 17; the plan's ``mma`` says where)."""
+    (16-bit x, NCHW, 16-byte path, k <= TC_MAX_KERNEL_SIZE; the plan's ``mma`` says
+    where)."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):
@@ -76,7 +83,7 @@ class Launchers:
         """``prefetch``: L2 prefetch in the kernels; None: as CONVMIXER_EXT_CUDA_PREFETCH says
         at each launch, and where it is unset as :func:`default_prefetch` says for x.
         ``tensor_cores``: F2 on tensor cores where its kernel takes the shape; None: as
-        CONVMIXER_EXT_CUDA_TC says at each launch (off where unset)."""
+        CONVMIXER_EXT_CUDA_TC says at each launch (on where unset)."""
         self.lib, self.device_type, self.target_blocks = lib, device_type, target_blocks
         self.prefetch, self.tensor_cores = prefetch, tensor_cores
 

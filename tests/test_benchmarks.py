@@ -198,9 +198,10 @@ def test_the_cuda_library_timed_with_and_without_its_prefetches(tmp_path, monkey
 
 
 def test_the_cuda_library_timed_on_tensor_cores(tmp_path, monkeypatch):
-    """The "-tc" provider runs the CUDA library with CONVMIXER_EXT_CUDA_TC=1 around every
-    call (its F2 / eval then asks for tensor cores), checks its result against the fp32
-    reference like every provider, and leaves the variable as it found it."""
+    """The "-tc" / "-notc" providers run the CUDA library with CONVMIXER_EXT_CUDA_TC=1 / 0
+    around every call (its F2 / eval then asks for tensor cores / not; the plain provider
+    asks, as the default does), check their result against the fp32 reference like every
+    provider, and leave the variable as they found it."""
     from conftest import kernel_backends
     from convmixer_ext.cuda_kernels import Launchers
     if "cuda_emu" not in kernel_backends():
@@ -216,11 +217,11 @@ def test_the_cuda_library_timed_on_tensor_cores(tmp_path, monkeypatch):
     out = tmp_path / "blocks"
     rc = main(["--quick", "--device", "cpu", "--ks", "3", "--modes", "eval", "--dtypes",
                "bfloat16", "--layouts", "nchw", "--providers", "cuda_emu", "cuda_emu-tc",
-               "--reps", "1", "--out", str(out)])
+               "cuda_emu-notc", "--reps", "1", "--out", str(out)])
     assert rc == 0
-    assert seen == {(None, False), ("1", True)}, seen
+    assert seen == {(None, True), ("1", True), ("0", False)}, seen
     assert "CONVMIXER_EXT_CUDA_TC" not in os.environ
     recs = [r for f in out.glob("*.json") for r in json.load(open(f))["records"]
             if r.get("kind") == "block"]
-    assert {r["provider"] for r in recs} == {"cuda_emu", "cuda_emu-tc"}
+    assert {r["provider"] for r in recs} == {"cuda_emu", "cuda_emu-tc", "cuda_emu-notc"}
     assert all("error" not in r and r["ms"] > 0 for r in recs), recs

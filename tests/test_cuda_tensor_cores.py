@@ -13,7 +13,7 @@ from conftest import DEVICE
 from convmixer_ext import ConvMixerLayer, _env
 from convmixer_ext import torch_backend as twin
 from convmixer_ext.backends import KernelBackend, backend_reason, library
-from convmixer_ext.cuda_kernels import Launchers
+from convmixer_ext.cuda_kernels import TC_MAX_KERNEL_SIZE, Launchers
 from convmixer_ext.semantics import rstd_from_var
 from helpers import assert_close, randomize_bn
 
@@ -142,7 +142,9 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     x = torch.zeros(2, 4, 16, 16, dtype=bf, device=DEVICE)
     assert mma(x) == F2 and mma(x, 17) == F2
     assert mma(x, impl=cc) == 0                                        # not asked
-    assert mma(x, 19) == 0                                             # halo beyond 8 columns
+    assert mma(x, 18) == 0 and mma(x, 19) == 0                         # halo beyond 8 columns
+    # the largest k it takes is the one "auto" sends to the library for 16-bit NCHW eval
+    assert mma(x, TC_MAX_KERNEL_SIZE) == F2 and mma(x, TC_MAX_KERNEL_SIZE + 1) == 0
     assert mma(x, 9, saved_u=True) == 0                                # F2 reads u: no conv
     assert mma(x.float()) == 0                                         # fp32: exact FMA
     assert mma(x.to(memory_format=torch.channels_last)) == 0           # channels_last
@@ -154,10 +156,10 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
 
 
 def test_the_switch_reaches_the_layer(monkeypatch):
-    """CONVMIXER_EXT_CUDA_TC=1 puts a ConvMixerLayer's eval forward on the tensor-core kernel
-    (the shape the library gets asks for it; the result within one unit in the last place of
-    the CUDA-core one); unset, nothing asks; other values are refused with the variable's
-    name."""
+    """A ConvMixerLayer's eval forward runs on the tensor-core kernel by default (the shape
+    the library gets asks for it; the result within one unit in the last place of the
+    CUDA-core one); CONVMIXER_EXT_CUDA_TC=0: nothing asks, =1 as unset; other values are
+    refused with the variable's name."""
     from convmixer_ext import cuda_kernels
     asked = []
     real = cuda_kernels.shape_of
@@ -170,15 +172,19 @@ def test_the_switch_reaches_the_layer(monkeypatch):
     layer = ConvMixerLayer(8, 9, backend=BACKEND).to(DEVICE, torch.bfloat16).eval()
     randomize_bn(layer)
     x = torch.randn(2, 8, 16, 24, device=DEVICE, dtype=torch.bfloat16)
-    monkeypatch.delenv(_env.CUDA_TC_VAR, raising=False)
+    monkeypatch.setenv(_env.CUDA_TC_VAR, "0")
     with torch.no_grad():
         ref = layer(x)
     assert asked and not any(asked)
-    asked.clear()
-    monkeypatch.setenv(_env.CUDA_TC_VAR, "1")
-    with torch.no_grad():
-        out = layer(x)
-    assert asked and all(asked)
+    for on in ("1", None):
+        asked.clear()
+        if on is None:
+            monkeypatch.delenv(_env.CUDA_TC_VAR)
+        else:
+            monkeypatch.setenv(_env.CUDA_TC_VAR, on)
+        with torch.no_grad():
+            out = layer(x)
+        assert asked and all(asked), on
     err = (out.double() - ref.double()).abs().max().item()
     assert err <= ULP[torch.bfloat16] * ref.double().abs().max().item()
     monkeypatch.setenv(_env.CUDA_TC_VAR, "yes")

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from convmixer_ext import BackendUnavailableError, backends
+from convmixer_ext import BackendUnavailableError, _env, backends
 
 
 class FakeLibrary:
@@ -107,7 +107,8 @@ def test_blackwell_runs_the_ptx_without_ptx_falls_back(gpu):
 # (k, channels_last, training) -> auto's pick on an H100/H200 with every backend there
 # (fp32's, 16-bit's where they differ), from the measured tables
 # (benchmarks/results/NVIDIA_H200-2026-11-26*.md and -2026-11-27-run9-*.md; 16-bit NCHW:
-# NVIDIA_H100_80GB_HBM3-2026-11-26-run4*.md), written out here by hand
+# NVIDIA_H100_80GB_HBM3-2026-11-26-run4*.md, and for its eval up to k = 17
+# NVIDIA_H200-2026-11-27-run10-cuda-tc.md), written out here by hand
 @pytest.mark.parametrize("k, cl, training, pick", [
     (3, False, True, "triton"), (3, False, False, "cuda"), (3, True, True, "eager"),
     (3, True, False, "triton"), (7, False, True, "cuda"), (7, True, True, ("triton", "eager")),
@@ -117,13 +118,16 @@ def test_blackwell_runs_the_ptx_without_ptx_falls_back(gpu):
     (4, True, True, ("triton", "eager")), (5, True, True, ("triton", "eager")),
     (8, True, True, "cuda"), (5, True, False, "cuda"),
 ])
-def test_auto_takes_the_measured_fastest(gpu, k, cl, training, pick):
+def test_auto_takes_the_measured_fastest(gpu, monkeypatch, k, cl, training, pick):
     pick32, pick16 = pick if isinstance(pick, tuple) else (pick, pick)
+    monkeypatch.delenv(_env.CUDA_TC_VAR, raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            # 16-bit NCHW: the tensor-core kernels measured fastest at every k
-            want = pick32 if dtype == torch.float32 else "triton_tc" if not cl else pick16
+            # 16-bit NCHW: tensor cores measured fastest at every k, the CUDA library's in
+            # eval up to k = 17, Triton's elsewhere
+            tc = "cuda" if not training and k <= 17 else "triton_tc"
+            want = pick32 if dtype == torch.float32 else tc if not cl else pick16
             assert backends.resolve_backend("auto", CUDA0, dtype, k, channels_last=cl,
                                             training=training) == want, dtype
 
@@ -131,11 +135,17 @@ def test_auto_takes_the_measured_fastest(gpu, k, cl, training, pick):
 @pytest.mark.parametrize("training", [True, False])
 def test_auto_tensor_cores_for_16_bit_nchw_only(gpu, monkeypatch, training):
     auto = functools.partial(backends.resolve_backend, "auto", CUDA0, training=training)
-    for k in (1, 3, 7, 9, 15, 31):
-        assert auto(torch.bfloat16, k) == "triton_tc", k
-        assert auto(torch.float16, k) == "triton_tc", k
+    monkeypatch.delenv(_env.CUDA_TC_VAR, raising=False)
+    for k in (1, 3, 7, 9, 15, 17, 18, 31):
+        # eval up to k = 17: the CUDA library, its F2 on tensor cores (unless switched off)
+        tc = "cuda" if not training and k <= 17 else "triton_tc"
+        assert auto(torch.bfloat16, k) == tc, k
+        assert auto(torch.float16, k) == tc, k
         assert auto(torch.float32, k) != "triton_tc", k          # fp32 stays on FP32 FMA
         assert auto(torch.bfloat16, k, channels_last=True) != "triton_tc", k  # 2-10x slower
+    monkeypatch.setenv(_env.CUDA_TC_VAR, "0")   # its CUDA-core F2 is slower than Triton's
+    assert auto(torch.bfloat16, 9) == "triton_tc"
+    monkeypatch.delenv(_env.CUDA_TC_VAR)
     # without Triton: the CUDA library, which runs it, without a warning
     monkeypatch.setattr(backends, "_triton_import_error", lambda: "no triton here")
     with warnings.catch_warnings():

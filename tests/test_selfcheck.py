@@ -26,8 +26,8 @@ def test_self_check_reports_and_probes():
     want = {"0": "off (CONVMIXER_EXT_CUDA_PREFETCH=0)", "1": "on (CONVMIXER_EXT_CUDA_PREFETCH=1)",
             "": "NCHW only (the default"}[os.environ.get("CONVMIXER_EXT_CUDA_PREFETCH", "").strip()]
     assert f"kernel library L2 prefetch: {want}" in out
-    tc = "on (CONVMIXER_EXT_CUDA_TC=1" if os.environ.get("CONVMIXER_EXT_CUDA_TC", "").strip() \
-        == "1" else "off (the default"
+    tc = "off (CONVMIXER_EXT_CUDA_TC=0)" if os.environ.get("CONVMIXER_EXT_CUDA_TC", "").strip() \
+        == "0" else "on (the default: F2 / eval of 16-bit NCHW, k <= 17"
     assert f"kernel library tensor cores: {tc}" in out
 
 
