@@ -120,7 +120,8 @@ def _variants(be, tilings, layout, prefetch=("default",)):
     whether they are on, in ``layout``), every other backend once."""
     if be == "triton_tc":
         from convmixer_ext import triton_kernels as tk
-        return [(t, None, functools.partial(tk.tensor_core_tiling, t)) for t in tilings]
+        return [(t, None, functools.partial(tk.tensor_core_tiling, t))
+                for t in (tilings or (tk.DEFAULT_TC_TILING,))]
     if be in ("cuda", "cuda_emu"):
         from convmixer_ext.cuda_kernels import default_prefetch
         return [(None, default_prefetch(layout == "channels_last") if p == "default"
@@ -130,7 +131,7 @@ def _variants(be, tilings, layout, prefetch=("default",)):
 
 
 def run(shapes, ks, dtypes, layouts, backends, device, reps, save=lambda records: None,
-        kernels=False, tilings=("1",), u_choice="default", prefetch=("default",)):
+        kernels=False, tilings=None, u_choice="default", prefetch=("default",)):
     """Time every pass; ``save(records)`` after each backend's four passes (an interrupted
     run keeps what it measured); triton_tc in each tensor-core tiling (records' "tiling");
     the convolution output saved or not as ``u_choice`` says (records' "saved_u"); the CUDA
@@ -197,9 +198,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions")
     p.add_argument("--kernels", action="store_true",
                    help="also each kernel's time under the CUDA profiler (GPU only)")
-    p.add_argument("--tc-tilings", nargs="+", default=["1"], metavar="SPEC",
+    p.add_argument("--tc-tilings", nargs="+", default=None, metavar="SPEC",
                    help="triton_tc in each of these tilings (1, 2, 4, 2w, 4w: images per "
-                        "program and warps, triton_kernels.tensor_core_tiling)")
+                        "program and warps, triton_kernels.tensor_core_tiling; default: "
+                        "its default, DEFAULT_TC_TILING)")
     p.add_argument("--u", default="default", choices=["default", "recompute", "saved", "both"],
                    help="F1 saving the convolution output for F2, B1, B2: "
                         "as the op decides by default, never, always, or each way")

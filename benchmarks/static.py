@@ -781,12 +781,13 @@ def _devices(paths):
 def _measured(paths):
     """{(shape, dtype, layout, mode, k, provider): ms} from GPU benchmark JSONs."""
     from convmixer_ext.cuda_kernels import default_prefetch
+    from convmixer_ext.triton_kernels import DEFAULT_TC_TILING
     records, out = [], {}
     for path in paths:
         with open(path) as f:
             records += json.load(f)["records"]
     for r in records:
-        if r.get("kind") == "pass" and "ms" in r and r.get("tiling") in (None, "1") and \
+        if r.get("kind") == "pass" and "ms" in r and r.get("tiling") in (None, DEFAULT_TC_TILING) and \
                 r.get("prefetch") in (None, default_prefetch(r["layout"] == "channels_last")):
             # benchmarks/passes.py: one pass alone (triton_tc in the default tiling, the
             # CUDA library with its prefetches as it sets them by default; "/u": with the

@@ -195,10 +195,12 @@ def cover_set():
     _record_block((2, 8, 12, 20), f16, "channels_last", 5, 1, True, tc=True)
     _record_block((2, 8, 12, 20), f16, "channels_last", 5, 1, True, tc=True, save_u=True)
     _record_block((2, 8, 32, 32), bf16, "nchw", 9, 0, True, tc=True, save_u=False)
-    # ... and its tilings of several images per program (triton_kernels.tensor_core_tiling):
-    # 2 images of 32 rows, 4 of 16, under the warps of one image or a warp per 16 rows
+    # ... (those in the default tiling, DEFAULT_TC_TILING) and its other tilings
+    # (triton_kernels.tensor_core_tiling): one image per program, 2 images of 32 rows, 4 of
+    # 16, under the warps of one image or a warp per 16 rows
     from convmixer_ext import triton_kernels as tk
-    for spec, shape, k, dtype in (("2", (2, 8, 32, 32), 9, bf16), ("2", (2, 8, 32, 32), 31, bf16),
+    for spec, shape, k, dtype in (("1", (2, 8, 32, 32), 9, bf16), ("1", (2, 8, 32, 32), 31, bf16),
+                                  ("2", (2, 8, 32, 32), 9, bf16), ("2", (2, 8, 32, 32), 31, bf16),
                                   ("2w", (2, 8, 32, 32), 9, bf16), ("4", (4, 8, 16, 16), 9, f16),
                                   ("4w", (4, 8, 16, 16), 9, bf16)):
         with tk.tensor_core_tiling(spec):

@@ -850,21 +850,27 @@ def _pow2(n: int) -> int:
 # --------------------------------------------------------------------------- depthwise launchers
 # The tensor-core programs' tiling (:func:`tensor_core_tiling`): images stacked per program,
 # and whether every 16 GEMM rows get a warp ("all") or only one image's ("image").
-_tc_tiling = types.SimpleNamespace(images=1, warps="image")
 TC_TILINGS = {"1": (1, "image"), "2": (2, "image"), "4": (4, "image"), "2w": (2, "all"),
               "4w": (4, "all")}
+# The default, as measured (H200, `passes-NVIDIA_H200-2026-11-27-run10-tilings.json`, bf16
+# NCHW, ConvMixer-1536/20's block): "2" took F1 + F2 + B1 + B2 from 2.168 to 2.074 ms at
+# k = 3 (every pass faster, F1 9%) and from 3.346 to 3.311 ms at k = 9 (F1 8% faster, F2, B1
+# and B2 up to 3% slower); "2w" was the slowest at both (2.231, 3.543).
+DEFAULT_TC_TILING = "2"
+_tc_tiling = types.SimpleNamespace(images=TC_TILINGS[DEFAULT_TC_TILING][0],
+                                   warps=TC_TILINGS[DEFAULT_TC_TILING][1])
 
 
 @contextlib.contextmanager
-def tensor_core_tiling(spec="1"):
+def tensor_core_tiling(spec=DEFAULT_TC_TILING):
     """Within this context the tensor-core launchers stack up to ``images`` images' tiles per
-    program along the GEMMs' M (at most 64 rows), spec one of :data:`TC_TILINGS`: "1" (the
-    default: one image, TH / 16 warps), "2" / "4" (2 / 4 images, the warps of one: each warp
-    takes that many row blocks; every Toeplitz operand, index and band reduction serves them
-    all), "2w" / "4w" (a warp per 16 rows: M = 64 under 4 warps, warpgroup GEMMs on sm_90).
-    Which is fastest is the GPU's to say (``python -m benchmarks.passes --tc-tilings``): the
-    compiled facts trade instructions per element against registers and resident warps
-    (docs/DESIGN.md, "Tensor cores")."""
+    program along the GEMMs' M (at most 64 rows), spec one of :data:`TC_TILINGS`: "1" (one
+    image, TH / 16 warps), "2" / "4" (2 / 4 images, the warps of one: each warp takes that
+    many row blocks; every Toeplitz operand, index and band reduction serves them all),
+    "2w" / "4w" (a warp per 16 rows: M = 64 under 4 warps, warpgroup GEMMs on sm_90).
+    The default, :data:`DEFAULT_TC_TILING`, is the one a GPU measured fastest (``python -m
+    benchmarks.passes --tc-tilings``): the compiled facts trade instructions per element
+    against registers and resident warps (docs/DESIGN.md, "Tensor cores")."""
     if spec not in TC_TILINGS:
         raise ValueError(f"tensor_core_tiling: spec must be one of {sorted(TC_TILINGS)}, "
                          f"got {spec!r}")
