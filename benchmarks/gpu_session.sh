@@ -58,6 +58,13 @@
 #   bash benchmarks/gpu_session.sh 14  # the whole suite on 14 workers, then bf16 NCHW eval
 #                                      # blocks (auto, cuda, cuda-notc, triton_tc) at k = 3,
 #                                      # 7, 9, 31, in ~3 minutes: "auto" after a dispatch change
+#   bash benchmarks/gpu_session.sh 15  # run10's open questions, in ~5 minutes: fp16 and bf16
+#                                      # NCHW blocks, fp16 first this time (bf16 eval on tensor
+#                                      # cores ran slow and spread at k = 3 and 7, fp16 did
+#                                      # not), eval and training at k = 3, 7, 9 (training: the
+#                                      # default tiling "2", #15's k = 9 / k = 3 ratio), then
+#                                      # Nsight Compute on the CUDA tensor-core F2 (k = 3,
+#                                      # both dtypes)
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -65,24 +72,28 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 to 14"}
+CALL=${1:?"which call: 1 to 15"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
 status=0
-# Nsight Compute on one launch of each named tensor-core kernel (bf16 NCHW, k = 9): issue,
-# occupancy, pipes, DRAM, and where warps stall (WarpStateStats).
+# Nsight Compute on one launch of each named tensor-core kernel (bf16 NCHW, k = 9: triton_tc's
+# passes; NCU_PASSES, NCU_TAG name others): issue, occupancy, pipes, DRAM, and where warps
+# stall (WarpStateStats).
+NCU_PASSES=${NCU_PASSES:---ks 9 --dtypes bfloat16 --layouts nchw --backends triton_tc}
+NCU_TAG=${NCU_TAG:-k9}
 ncu_one() {  # NCU kernel extra-metrics (a metric this ncu lacks fails the run: retried bare)
-  (cd build/gpu-run && timeout -k 5 45 "$1" --kernel-name "$2" --launch-count 1 \
+  # (NCU_LAUNCHES: launches of the kernel profiled)
+  (cd build/gpu-run && timeout -k 5 45 "$1" --kernel-name "$2" \
+    --launch-count "${NCU_LAUNCHES:-1}" \
     --csv --section WarpStateStats --metrics gpu__time_duration.sum,\
 smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,\
 sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,\
 launch__grid_size,launch__block_size,\
 sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
 smsp__issue_active.avg.pct_of_peak_sustained_active$3 \
-    python -m benchmarks.passes --ks 9 --dtypes bfloat16 --layouts nchw --backends \
-triton_tc --out "$OUT/ncu-run") > "$OUT/ncu-$2-k9.csv" 2>&1 \
-    && ! grep -q "==ERROR==" "$OUT/ncu-$2-k9.csv"
+    python -m benchmarks.passes $NCU_PASSES --out "$OUT/ncu-run") \
+    > "$OUT/ncu-$2-$NCU_TAG.csv" 2>&1 && ! grep -q "==ERROR==" "$OUT/ncu-$2-$NCU_TAG.csv"
 }
 nsight() {
   local NCU kern r STALLS=""
@@ -96,9 +107,10 @@ nsight() {
   NCU=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null)
   if [[ -z "$NCU" ]]; then echo "no Nsight Compute (ncu) on this machine"; return 0; fi
   for kern in "$@"; do
-    echo "== Nsight Compute: $kern of triton_tc, bf16 NCHW, k = 9"
+    echo "== Nsight Compute: $kern, passes $NCU_PASSES"
     ncu_one "$NCU" "$kern" ",$STALLS" || ncu_one "$NCU" "$kern" "" || echo "ncu: rc $?"
-    grep -i "stall\|issue_active\|duration" "$OUT/ncu-$kern-k9.csv" | cut -d, -f5,13- | head -40
+    grep -i "stall\|issue_active\|duration" "$OUT/ncu-$kern-$NCU_TAG.csv" | cut -d, -f5,13- \
+      | head -40
   done
 }
 case "$CALL" in
@@ -193,7 +205,14 @@ eval train_fwdbwd --providers eager cuda cuda-notc triton_tc --dtypes bfloat16 f
 eval --providers auto cuda cuda-notc triton_tc --dtypes bfloat16 --layouts nchw" \
       timeout -k 5 260 bash benchmarks/gpu_run.sh build test bench || status=$?
     ;;
-  *) echo "call must be 1 to 14"; exit 2 ;;
+  15)
+    T_BENCH=170 BENCH_ARGS="--shapes cm1536 --ks 3 7 9 --modes eval train_fwdbwd --providers \
+cuda triton_tc eager --dtypes float16 bfloat16 --layouts nchw" \
+      timeout -k 5 220 bash benchmarks/gpu_run.sh build bench || status=$?
+    NCU_LAUNCHES=2 NCU_TAG=k3 NCU_PASSES="--ks 3 --dtypes float16 bfloat16 --layouts nchw \
+--backends cuda" nsight apply_mma_kernel
+    ;;
+  *) echo "call must be 1 to 15"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -264,12 +264,16 @@ _CUDA_DIRECT_KERNEL = {"F2": "apply_u_kernel", "B1": "bwd_reduce_u_kernel"}
 
 
 def _planner():
+    """The CUDA library's planner, its F2 on CUDA cores: the model's CUDA rows cost the
+    CUDA-core kernels (16-bit NCHW F2 runs on tensor cores by default, apply_mma_kernel: not
+    modelled here; its static count holds every activation's epilogue, and its time is
+    measured: docs/DESIGN.md, "CUDA tensor cores")."""
     from convmixer_ext import backends
     from convmixer_ext.cuda_kernels import Launchers
     for kind in ("cuda", "emulation"):
         lib, _ = backends.library(kind)
         if lib is not None:
-            return Launchers(lib, "meta")
+            return Launchers(lib, "meta", tensor_cores=False)
     raise RuntimeError("neither library is built: the planner is needed for the CUDA report")
 
 
@@ -646,7 +650,10 @@ def markdown(rows, compared=None, measured_on=None):
     set against it (``measured_on`` names its device)."""
     lines = ["# Static performance report (predicted, H100 SXM)", "",
              "[C] compiled facts; [E] estimates of the model in docs/DESIGN.md, "
-             "\"Performance model\" (+-50%). Occupancy: resident warps/SM on sm_90.", "",
+             "\"Performance model\" (+-50%). Occupancy: resident warps/SM on sm_90. The cuda "
+             "rows cost F2 on CUDA cores; in 16-bit NCHW (k <= 17) the library runs it on "
+             "tensor cores by default, not modelled here (docs/DESIGN.md, \"CUDA tensor "
+             "cores\").", "",
              "| shape | dtype | layout | k | mode | eager [E] ms | cuda [E] ms | x eager | "
              "% roofline | triton [E] ms | x eager | triton_tc [E] ms | x eager | % roofline |",
              "|" + "---|" * 14]

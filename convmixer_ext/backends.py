@@ -325,11 +325,14 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     kernels): fastest at every size (eval 0.36 / 0.59 / 0.71 / 1.09 / 3.5 ms against the
     CUDA library's 0.45 / 0.64 / 0.76 / 1.94 / 7.9; training 2.9 / 5.0 / 6.1 / 9.2 / 33 ms
     against 3.7 / 5.3 / 6.2 / 21 / 123, and the Triton CUDA-core kernels' 3.3 ms at k = 3),
-    the gap closest at k = 9 in training (1-5%). float16 runs the same kernels (plus one
-    scaling pass over B2's halo) and was not timed: it follows bfloat16. The price is
-    memory: like "triton", a training step keeps an fp32 du scratch (peak 772 MiB against
-    the CUDA library's 384 MiB on that block, measured before the saved convolution output,
-    which from k = 7 keeps 384 MiB more from the forward to the backward:
+    the gap closest at k = 9 in training (1-5%). float16 runs the same kernels (B2b scales
+    and splits each du halo itself, where bfloat16's B2a stores du split) and follows
+    bfloat16; the H200 timed its training step (run10) at 2.65 / 3.83 / 4.52 / 6.74 ms at
+    k = 3 / 7 / 9 / 15 against the CUDA library's 3.98 / 3.90 / 5.49 / 8.37 and eager's 2.82
+    / 16.5 / 25.6 / 57.1: still the fastest, by 2% at k = 7 and 6% over eager at k = 3.
+    The price is memory: like "triton", a training step keeps an fp32 du scratch (peak 772
+    MiB against the CUDA library's 384 MiB on that block, measured before the saved
+    convolution output, which from k = 7 keeps 384 MiB more from the forward to the backward:
     :func:`saves_conv_output`). channels_last on tensor cores was 2-10x
     slower than the CUDA library except in training at k = 31 (203 against 249 ms, one
     sample each, at 2.9x its peak memory): not taken.
