@@ -62,11 +62,13 @@ def _make(N, C, H, W, dtype, layout, offset, g):
 
 def _impl(target_blocks):
     """The backend, with reductions split for about ``target_blocks`` blocks (1: each block
-    takes every item of its channel block; 0: the library's default)."""
+    takes every item of its channel block, and F2 stays on CUDA cores, where 16-bit NCHW on
+    the 16-byte path takes the tensor cores by default; 0: the library's defaults)."""
     if target_blocks == 0:
         return get_impl(BACKEND)
     lib = library("cuda" if BACKEND == "cuda" else "emulation")[0]
-    return KernelBackend(Launchers(lib, DEVICE, target_blocks), saves_u=True)
+    return KernelBackend(Launchers(lib, DEVICE, target_blocks, tensor_cores=False),
+                         saves_u=True)
 
 
 @pytest.mark.parametrize("saved_u", [False, True], ids=["recompute", "saved_u"])
@@ -93,6 +95,9 @@ def test_kernel_paths_match_twin(case, with_affine, target_blocks, saved_u):
     assert (plan.tile_h < H or plan.tile_w < W) == multi_tile
     items = N * -(-H // plan.tile_h) * -(-W // plan.tile_w)
     assert plan.partial_rows[3] == (1 if target_blocks == 1 else items)  # one part: all items
+    # F2 on tensor cores by default where its kernel takes the shape (16-bit NCHW, 16 bytes)
+    tc_shape = dtype != f32 and layout == "nchw" and vec and not saved_u and k <= 17
+    assert bool(plan.mma & 2) == (tc_shape and target_blocks == 0)
 
     compare_passes(impl, x, dout, w, b, gamma, beta, "gelu", aff, dtype, saved_u=saved_u)
 
@@ -182,7 +187,9 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
     item. Blocks take many items (one part, or F1's two), with the input affine (B2 stages
     the raw x too). F1 saving u prefetches nothing (its register cap; docs/DESIGN.md,
     "L2 prefetch"); reading it, F2 (element by element) and B1 in NCHW (loading u and dout
-    directly) stage nothing."""
+    directly) stage nothing. F2 on CUDA cores throughout (16-bit NCHW F2 runs on tensor cores
+    by default: a block per tile, its halo staged once, nothing to prefetch ahead of, which
+    the end checks)."""
     N, C, H, W, k, dtype, layout, offset = case[:8]
     lib = library("emulation")[0]
     g = torch.Generator().manual_seed(7)
@@ -198,7 +205,8 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
     w, b = (r(C, 1, k, k) / k).to(dtype), (0.1 * r(C)).to(dtype)
     aff = (1.5 + r(C).abs(), 0.5 + r(C).abs())
     gamma, beta = 1 + 0.3 * r(C), 0.2 * r(C)
-    impl = KernelBackend(Launchers(lib, DEVICE, target, prefetch=True), saves_u=True)
+    impl = KernelBackend(Launchers(lib, DEVICE, target, prefetch=True, tensor_cores=False),
+                         saves_u=True)
     assert impl.k.plan(x, k, 0, True, saved_u=saved_u).partial_rows[0] == parts
     u = {"u": like_x(x, f32, 0.0)} if saved_u else {}
 
@@ -226,6 +234,15 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
                                                           aff, **u))
     audited("B2", lambda: impl.bwd_main(dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, True,
                                         "gelu", aff, **u))
+    tc = KernelBackend(Launchers(lib, DEVICE, target, prefetch=True, tensor_cores=True),
+                       saves_u=True)
+    if tc.k.plan(x, k, 0, True, saved_u=saved_u).mma & 2:  # F2 on tensor cores
+        lib.prefetch_audit_start()
+        try:
+            tc.apply(x, w, b, mean, rstd, gamma, beta, "gelu", aff, **u)
+        finally:
+            audit = lib.prefetch_audit_stop()
+        assert audit == {"prefetches": 0, "missed": 0, "unused": 0}, audit
 
 
 @pytest.mark.skipif(BACKEND != "cuda_emu", reason="the prefetch audit is the emulator's")
