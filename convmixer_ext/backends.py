@@ -35,8 +35,8 @@ import torch
 
 from . import _cmx_lib, _env
 from ._layout import out_like
-from .cuda_kernels import TC_MAX_KERNEL_SIZE
 from ._partials import merge_stats, sum_partials
+from .cuda_kernels import TC_MAX_KERNEL_SIZE
 from .semantics import ACTIVATIONS, KERNEL_DTYPES, MAX_KERNEL_SIZE, TENSOR_CORE_DTYPES
 
 BACKENDS = ("cuda", "triton", "triton_tc", "cuda_emu", "torch", "eager")
@@ -313,8 +313,9 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     (benchmarks/results/).
 
     16-bit x in NCHW eval up to k = TC_MAX_KERNEL_SIZE: the CUDA library, whose F2 runs on
-    tensor cores there, measured on an H200 (`NVIDIA_H200-2026-11-27-run10-cuda-tc`, fp16
-    (bf16 alike, its first cases noisier), k = 3, 7, 9, 15): 0.234 / 0.276 / 0.305 / 0.806
+    tensor cores there, measured on an H200 (`NVIDIA_H200-2026-11-27-run10-cuda-tc`, fp16,
+    k = 3, 7, 9, 15; bf16 the same at 9 and 15, slower and spread at 3 and 7, as Triton's
+    tensor-core kernels were, not explained yet): 0.234 / 0.276 / 0.305 / 0.806
     ms against Triton's tensor-core kernels' 0.321 / 0.541 / 0.651 / 1.004 and the CUDA
     library's CUDA-core kernel's 0.413 / 0.610 / 0.728 / 1.986. Beyond that k, and in
     training (the CUDA library's training step, on tensor cores at k < 7 only, 3.70 ms

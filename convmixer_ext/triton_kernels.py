@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import check_saved_u
+from .semantics import ACTIVATIONS, GELU_TANH_COEF, TENSOR_CORE_DTYPES, pad_before
 
 
 def triton_interpreter() -> bool:
@@ -50,8 +52,7 @@ def triton_interpreter() -> bool:
     them, by TRITON_INTERPRET as it was then, whatever the environment says at a later
     launch (a compiled kernel must never be launched as if interpreted, or the reverse)."""
     return _INTERPRETED
-from ._layout import check_saved_u
-from .semantics import ACTIVATIONS, GELU_TANH_COEF, TENSOR_CORE_DTYPES, pad_before
+
 
 # Globals used inside @triton.jit code must be tl.constexpr (a plain Python number compiles
 # under the interpreter only).
