@@ -286,9 +286,80 @@ def run_case(case, device, reps, bw, fma_rate, check_tol):
     rec, step, module, x = prepare_case(case, device, check_tol)
     if step is None:
         return rec
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return finish_case(rec, _timer(step, device, reps), step, module, x, bw, fma_rate)
+    if device != "cuda":
+        return finish_case(rec, _timer(step, device, reps), step, module, x, bw, fma_rate)
+    torch.cuda.synchronize()
+    with GpuMonitor(torch.cuda.current_device()) as mon:
+        times = _timer(step, device, reps)
+    if mon.state:
+        rec["gpu_state"] = mon.state
+    return finish_case(rec, times, step, module, x, bw, fma_rate)
+
+
+class GpuMonitor:
+    """What the GPU did while a case was timed: its SM clock (MHz), power draw (W) and
+    temperature (C), read through NVML when the timing starts, every ``period_s`` while it
+    runs (a thread) and when it ends, kept as ``state`` = {quantity: [min, max]} (empty
+    without NVML). A clock or power limit that moves between cases shows here, not in the
+    times alone. ``read``: a function returning (clock, power, temperature), each None where
+    unknown (default: :func:`nvml_reader`'s)."""
+    KEYS = ("sm_clock_mhz", "power_w", "temp_c")
+
+    def __init__(self, index=0, read=None, period_s=0.02):
+        self.read = read if read is not None else nvml_reader(index)
+        self.period_s, self.samples, self.state = period_s, [], {}
+        self._stop, self._thread = None, None
+
+    def _sample(self):
+        try:
+            self.samples.append(self.read())
+        except Exception:  # noqa: BLE001 - a reading that fails is left out
+            pass
+
+    def _loop(self):
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def __enter__(self):
+        if self.read is None:
+            return self
+        import threading
+        self._sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        values = {k: [s[i] for s in self.samples if s[i] is not None]
+                  for i, k in enumerate(self.KEYS)}
+        self.state = {k: [min(v), max(v)] for k, v in values.items() if v}
+        return False
+
+
+def nvml_reader(index):
+    """A function reading (SM clock MHz, power W, temperature C) of CUDA device ``index``
+    through NVML (the nvidia-ml-py package), or None where NVML or the mapping from CUDA's
+    index to NVML's is missing (only the identity, when CUDA sees every GPU, is trusted)."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None or \
+                pynvml.nvmlDeviceGetCount() != torch.cuda.device_count():
+            return None
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # noqa: BLE001 - no NVML: no readings
+        return None
+
+    def read():
+        return (float(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)),
+                pynvml.nvmlDeviceGetPowerUsage(h) / 1e3,
+                float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)))
+    return read
 
 
 def run_group(cases, device, reps, bw, fma_rate, check_tol):
@@ -454,6 +525,7 @@ def markdown(env, records):
         lines.append(head + f" {r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f}) | "
                      f"{r['gbps']:.0f} | {roof} | {ratio(e)} | {ratio(c)} | "
                      f"{mib(r.get('saved_bytes'))} | {mib(r.get('peak_mem_bytes'))} |")
+    lines += gpu_state_lines(records)
     models = [r for r in records if r.get("kind") == "model"]
     if models:
         lines += ["", "| model | k | provider | batch | train img/s | inference img/s | "
@@ -465,6 +537,30 @@ def markdown(env, records):
                          f"{mib(r.get('train_saved_bytes'))} | "
                          f"{mib(r.get('train_peak_mem_bytes'))} |")
     return "\n".join(lines) + "\n"
+
+
+def gpu_state_lines(records):
+    """The GPU's SM clock, power and temperature over the timed cases (GpuMonitor), and the
+    cases whose clock fell below 95% of the run's highest: [] without samples."""
+    states = [(r, r["gpu_state"]) for r in records if r.get("gpu_state")]
+    if not states:
+        return []
+    span = lambda key: [f(s[key][i] for _, s in states if key in s)  # noqa: E731
+                        for i, f in ((0, min), (1, max))] if any(key in s for _, s in states) \
+        else None
+    lines = ["", "While timed (NVML, every 20 ms): "
+             + ", ".join(f"{name} {lo:.0f}-{hi:.0f}" for name, key in
+                         (("SM clock MHz", "sm_clock_mhz"), ("power W", "power_w"),
+                          ("temperature C", "temp_c"))
+                         if (v := span(key)) for lo, hi in [v]) + "."]
+    clock = span("sm_clock_mhz")
+    if clock:
+        low = [f"{r['dtype']} {r['mode']} k={r['k']} {r['provider']} "
+               f"({s['sm_clock_mhz'][0]:.0f} MHz)" for r, s in states
+               if "sm_clock_mhz" in s and s["sm_clock_mhz"][0] < 0.95 * clock[1]]
+        lines.append("Clock below 95% of the run's highest: " + ("; ".join(low) or "none")
+                     + ".")
+    return lines
 
 
 def plot(env, records, path):

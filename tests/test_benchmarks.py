@@ -225,3 +225,32 @@ def test_the_cuda_library_timed_on_tensor_cores(tmp_path, monkeypatch):
             if r.get("kind") == "block"]
     assert {r["provider"] for r in recs} == {"cuda_emu", "cuda_emu-tc", "cuda_emu-notc"}
     assert all("error" not in r and r["ms"] > 0 for r in recs), recs
+
+
+def test_gpu_state_is_sampled_while_a_case_is_timed():
+    """GpuMonitor reads the GPU when a timing starts and when it ends (and in between, on
+    its thread) and keeps each quantity's range, readings it lacks (None) or that fail left
+    out; without NVML it records nothing. The report names the cases whose SM clock fell
+    below 95% of the run's highest."""
+    from benchmarks.run import GpuMonitor, gpu_state_lines
+    readings = iter([(1980.0, 612.5, 51.0), (1755.0, None, 53.0)])
+    # (a period longer than any test: the two readings are the start's and the end's)
+    with GpuMonitor(read=lambda: next(readings), period_s=3600) as mon:
+        assert len(mon.samples) == 1
+    assert mon.state == {"sm_clock_mhz": [1755.0, 1980.0], "power_w": [612.5, 612.5],
+                         "temp_c": [51.0, 53.0]}
+    with GpuMonitor(read=lambda: 1 / 0, period_s=3600) as mon:
+        pass
+    assert mon.state == {}
+    mon = GpuMonitor(read=None)
+    mon.read = None  # (as where NVML is missing)
+    with mon:
+        pass
+    assert mon.state == {}
+    recs = [dict(dtype="bfloat16", mode="eval", k=k, provider="cuda",
+                 gpu_state={"sm_clock_mhz": [lo, 1980.0], "power_w": [300.0, 650.0]})
+            for k, lo in ((3, 1500.0), (9, 1970.0))]
+    lines = gpu_state_lines(recs + [dict(k=1)])
+    assert "SM clock MHz 1500-1980" in lines[1] and "power W 300-650" in lines[1]
+    assert lines[2] == "Clock below 95% of the run's highest: bfloat16 eval k=3 cuda (1500 MHz)."
+    assert gpu_state_lines([dict(k=1)]) == []
