@@ -59,7 +59,8 @@ wheel: setup
 
 # That one wheel installed next to the oldest supported torch + triton: the kernel tests
 # run against the installed wheel (from build/, so the source tree does not shadow it),
-# then every Triton kernel of the benchmark shapes is compiled for sm_90 by that triton.
+# then every Triton kernel of the benchmark shapes and of the covering set (every value of
+# every constexpr) is compiled for sm_90 by that triton: the GPU image's version.
 $(COMPAT_VENV)/.deps-stamp: Makefile
 	test -x $(CPY) || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(CPY) -m pip install -q $(COMPAT_SPEC) $(COMPAT_DEPS)
@@ -70,7 +71,8 @@ test-compat: wheel $(COMPAT_VENV)/.deps-stamp
 	cd build && CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) ../$(CPY) -m pytest -q \
 	  -p no:cacheprovider --rootdir=.. -c ../pyproject.toml $(addprefix ../,$(COMPAT_TESTS)) \
 	  -k "not timm and not folded_model"
-	PYTHONPATH=. $(CPY) -m benchmarks.targets --set bench --arch 90 --json build/targets-compat.json
+	PYTHONPATH=. $(CPY) -m benchmarks.targets --set bench cover --arch 90 \
+	  --json build/targets-compat.json
 
 bench: build
 	$(VPY) -m benchmarks $(BENCH_ARGS)
