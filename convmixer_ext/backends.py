@@ -240,14 +240,17 @@ def _warn_fallback(chosen: str, why: str) -> None:
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype,
                     kernel_size: int = 1, op: str = "depthwise", sync: bool = False,
-                    channels_last: bool = False, training: bool = True) -> str:
+                    channels_last: bool = False, training: bool = True,
+                    tc_width: bool = True) -> str:
     """The concrete backend running ``op`` for tensors on ``device`` of ``dtype`` with kernel
     size ``kernel_size``; ``sync``: batch statistics synchronised over a process group;
-    ``channels_last``, ``training``: the layout of x and the mode (auto's measured choice,
-    see :func:`measured_depthwise_choice`). Raises what a bad choice deserves (an unknown
-    name, an unavailable backend, a dtype or kernel size it does not take)."""
+    ``channels_last``, ``training``: the layout of x and the mode; ``tc_width``: whether x's
+    width suits the CUDA library's tensor-core F2 (``cuda_kernels.tc_takes_width``) (auto's
+    measured choice, see :func:`measured_depthwise_choice`). Raises what a bad choice
+    deserves (an unknown name, an unavailable backend, a dtype or kernel size it does not
+    take)."""
     name, err = _resolve(backend, device, dtype, kernel_size, op, sync, channels_last,
-                         training)
+                         training, tc_width)
     if err is not None:
         raise _ERRORS[err[0]](err[1])
     return name
@@ -261,10 +264,11 @@ _ERRORS = {"value": ValueError, "type": TypeError, "unavailable": BackendUnavail
 # the graph's guards (x's device, dtype, strides) fix. It returns its error instead of
 # raising it, so that the caller raises the exception itself (as Dynamo passes it on).
 @torch.compiler.assume_constant_result
-def _resolve(backend, device, dtype, kernel_size, op, sync, channels_last, training):
+def _resolve(backend, device, dtype, kernel_size, op, sync, channels_last, training,
+             tc_width=True):
     try:
         return _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_last,
-                                 training), None
+                                 training, tc_width), None
     except BackendUnavailableError as e:
         return None, ("unavailable", str(e))
     except TypeError as e:
@@ -274,7 +278,7 @@ def _resolve(backend, device, dtype, kernel_size, op, sync, channels_last, train
 
 
 def _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_last,
-                      training) -> str:
+                      training, tc_width=True) -> str:
     check_backend_name(backend, op)
     if backend == "auto":
         env = _env.backend_override()
@@ -285,7 +289,7 @@ def _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_la
             if op in OPS[env]:
                 backend = env
     if backend == "auto":
-        return _auto(device, dtype, kernel_size, op, sync, channels_last, training)
+        return _auto(device, dtype, kernel_size, op, sync, channels_last, training, tc_width)
     why = backend_reason(backend, device)
     if why is not None:
         raise BackendUnavailableError(f"backend {backend!r} is not available: {why}")
@@ -308,16 +312,18 @@ def _resolve_or_raise(backend, device, dtype, kernel_size, op, sync, channels_la
 
 
 def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: bool,
-                              dtype: torch.dtype = torch.float32) -> str:
+                              dtype: torch.dtype = torch.float32, tc_width: bool = True) -> str:
     """The fastest depthwise backend on CUDA tensors as measured on ConvMixer-1536/20's block
     (benchmarks/results/).
 
-    16-bit x in NCHW eval up to k = TC_MAX_KERNEL_SIZE: the CUDA library, whose F2 runs on
-    tensor cores there, measured on an H200 (`NVIDIA_H200-2026-11-27-run10-cuda-tc`, fp16,
-    k = 3, 7, 9, 15; bf16 the same at 9 and 15, slower and spread at 3 and 7, as Triton's
-    tensor-core kernels were, not explained yet): 0.234 / 0.276 / 0.305 / 0.806
-    ms against Triton's tensor-core kernels' 0.321 / 0.541 / 0.651 / 1.004 and the CUDA
-    library's CUDA-core kernel's 0.413 / 0.610 / 0.728 / 1.986. Beyond that k, and in
+    16-bit x in NCHW eval up to k = TC_MAX_KERNEL_SIZE, of a width its kernel takes
+    (``tc_width``; other widths run its CUDA-core F2, slower than Triton's tensor cores): the
+    CUDA library, whose F2 runs on tensor cores there, measured on an H200
+    (`NVIDIA_H200-2026-11-27-run10-cuda-tc`, fp16, k = 3, 7, 9, 15; bf16 the same at 9 and
+    15, slower and spread at 3 and 7, as Triton's tensor-core kernels were, not explained
+    yet): 0.234 / 0.276 / 0.305 / 0.806 ms against Triton's tensor-core kernels' 0.321 /
+    0.541 / 0.651 / 1.004 and the CUDA library's CUDA-core kernel's 0.413 / 0.610 / 0.728 /
+    1.986. Beyond that k, at other widths, and in
     training (the CUDA library's training step, on tensor cores at k < 7 only, 3.70 ms
     against 2.94 at k = 3, 5.41 against 3.56 at k = 9):
 
@@ -354,7 +360,8 @@ def measured_depthwise_choice(kernel_size: int, channels_last: bool, training: b
     4%, the CUDA library kept), the CUDA library everywhere else (NCHW training at k = 9:
     6.29 ms against Triton's 12.58; k = 31: 36.3 against 154)."""
     if dtype in TENSOR_CORE_DTYPES and not channels_last:
-        if not training and kernel_size <= TC_MAX_KERNEL_SIZE and _env.cuda_tensor_cores():
+        if not training and kernel_size <= TC_MAX_KERNEL_SIZE and tc_width and \
+                _env.cuda_tensor_cores():
             return "cuda"
         return "triton_tc"
     if training and channels_last and kernel_size <= 7:
@@ -395,12 +402,13 @@ def saves_conv_output(backend: str, kernel_size: int, batch_stats: bool,
     return save_conv
 
 
-def _auto(device, dtype, kernel_size, op, sync, channels_last=False, training=True) -> str:
+def _auto(device, dtype, kernel_size, op, sync, channels_last=False, training=True,
+          tc_width=True) -> str:
     fallback = "torch" if sync else "eager"
     if device.type != "cuda" or dtype not in KERNEL_DTYPES or kernel_size > MAX_KERNEL_SIZE:
         return fallback
     if op == "depthwise":
-        pick = measured_depthwise_choice(kernel_size, channels_last, training, dtype)
+        pick = measured_depthwise_choice(kernel_size, channels_last, training, dtype, tc_width)
         if pick == "eager" and not sync:  # (eager cannot synchronise statistics)
             return "eager"
         if pick in ("triton", "triton_tc") and backend_reason(pick, device) is None:

@@ -30,6 +30,13 @@ _PASS_CODES = {abi.E_INVALID: ValueError, abi.E_LIMIT: ValueError}
 TC_MAX_KERNEL_SIZE = 17
 
 
+def tc_takes_width(width) -> bool:
+    """Whether the tensor-core F2 takes x of this width (NCHW): its halo moves in 16-byte
+    chunks of 8 16-bit elements, each wholly inside or outside a row (the planner's 16-byte
+    path, which also needs x 16-byte aligned, as torch's allocations are)."""
+    return width % 8 == 0
+
+
 def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
              target_blocks: int = 0, saved_u: bool = False, prefetch: bool = True,
              tensor_cores: bool = False) -> abi.Shape:

@@ -26,6 +26,7 @@ from ._common import (autocast_dtype, batch_stats_plan, check_eps, check_momentu
                       sync_stats)
 from ._layout import dense, dense_vec, is_channels_last, same_layout
 from .backends import get_impl, resolve_backend, saves_conv_output
+from .cuda_kernels import tc_takes_width
 from .semantics import check_activation, rstd_from_var, stats_dtype, update_running_stats
 
 
@@ -333,7 +334,8 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
     in_affine = check_in_affine(in_affine, xc, "pre" if pre is not None else "in_affine")
     batch_stats, group, n = batch_stats_plan(training, running_mean, x, process_group, "x")
     name = resolve_backend(backend, x.device, xc.dtype, k, sync=group is not None,
-                           channels_last=is_channels_last(x), training=training)
+                           channels_last=is_channels_last(x), training=training,
+                           tc_width=bool(tc_takes_width(x.shape[-1])))
     save_u = saves_conv_output(name, k, batch_stats, save_conv)
     if name == "eager":  # PyTorch's own ops: autocast casts inside them, as in the reference
         return eager.dw_block(x, weight, bias, gamma, beta, running_mean, running_var,

@@ -13,7 +13,7 @@ from conftest import DEVICE
 from convmixer_ext import ConvMixerLayer, _env
 from convmixer_ext import torch_backend as twin
 from convmixer_ext.backends import KernelBackend, backend_reason, library
-from convmixer_ext.cuda_kernels import TC_MAX_KERNEL_SIZE, Launchers
+from convmixer_ext.cuda_kernels import TC_MAX_KERNEL_SIZE, Launchers, tc_takes_width
 from convmixer_ext.semantics import rstd_from_var
 from helpers import assert_close, randomize_bn
 
@@ -149,6 +149,10 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     assert mma(x.float()) == 0                                         # fp32: exact FMA
     assert mma(x.to(memory_format=torch.channels_last)) == 0           # channels_last
     assert mma(torch.zeros(2, 4, 16, 12, dtype=bf, device=DEVICE)) == 0  # W % 8 != 0
+    # the widths auto counts on (cuda_kernels.tc_takes_width) are the planner's
+    for W in (8, 12, 16, 20, 24):
+        got = mma(torch.zeros(2, 4, 16, W, dtype=bf, device=DEVICE)) == F2
+        assert got == tc_takes_width(W), W
     off = torch.zeros(2 * 4 * 16 * 16 + 1, dtype=bf, device=DEVICE)[1:].view(2, 4, 16, 16)
     assert mma(off) == 0                                               # misaligned
     plan = tc.k.plan(x, 3, 0, False)

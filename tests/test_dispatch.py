@@ -143,7 +143,10 @@ def test_auto_tensor_cores_for_16_bit_nchw_only(gpu, monkeypatch, training):
         assert auto(torch.float16, k) == tc, k
         assert auto(torch.float32, k) != "triton_tc", k          # fp32 stays on FP32 FMA
         assert auto(torch.bfloat16, k, channels_last=True) != "triton_tc", k  # 2-10x slower
-    monkeypatch.setenv(_env.CUDA_TC_VAR, "0")   # its CUDA-core F2 is slower than Triton's
+    # a width its tensor-core F2 does not take (not a multiple of 8): its CUDA-core F2 there
+    # is slower than Triton's tensor cores
+    assert auto(torch.bfloat16, 9, tc_width=False) == "triton_tc"
+    monkeypatch.setenv(_env.CUDA_TC_VAR, "0")   # the same, switched off
     assert auto(torch.bfloat16, 9) == "triton_tc"
     monkeypatch.delenv(_env.CUDA_TC_VAR)
     # without Triton: the CUDA library, which runs it, without a warning
@@ -221,3 +224,24 @@ def test_old_triton_interpreter_with_new_numpy_is_refused_clearly(monkeypatch):
     finally:
         monkeypatch.undo()
         backends._interpreter_problem.cache_clear()
+
+
+def test_the_op_tells_auto_whether_the_width_suits_the_tensor_core_f2(monkeypatch):
+    """fused_dwconv_block passes resolve_backend whether x's width is one the CUDA library's
+    tensor-core F2 takes (a multiple of 8), which decides auto's 16-bit NCHW eval pick."""
+    from convmixer_ext import fused_dwconv_block, ops
+    from convmixer_ext.cuda_kernels import tc_takes_width
+    seen = []
+    real = ops.resolve_backend
+
+    def spy(*a, **kw):
+        seen.append(kw["tc_width"])
+        return real(*a, **kw)
+    monkeypatch.setattr(ops, "resolve_backend", spy)
+    for W in (16, 12, 24, 7):
+        x = torch.randn(1, 2, 5, W)
+        w = torch.randn(2, 1, 3, 3)
+        v = torch.ones(2)
+        fused_dwconv_block(x, w, v, v, v, backend="torch")
+    assert seen == [True, False, True, False]
+    assert [tc_takes_width(W) for W in (8, 16, 12, 7)] == [True, True, False, False]
