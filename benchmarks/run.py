@@ -341,10 +341,12 @@ class GpuMonitor:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def nvml_reader(index):
     """A function reading (SM clock MHz, power W, temperature C) of CUDA device ``index``
     through NVML (the nvidia-ml-py package), or None where NVML or the mapping from CUDA's
-    index to NVML's is missing (only the identity, when CUDA sees every GPU, is trusted)."""
+    index to NVML's is missing (only the identity, when CUDA sees every GPU, is trusted).
+    Made once per device: NVML is initialised once per run, not once per case."""
     try:
         import pynvml
         pynvml.nvmlInit()

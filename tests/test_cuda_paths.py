@@ -60,6 +60,16 @@ def _make(N, C, H, W, dtype, layout, offset, g):
     return t.permute(0, 3, 1, 2) if layout == "cl" else t
 
 
+def _audited(lib, fn):
+    """(fn(), the emulator's prefetch audit of what fn ran)."""
+    lib.prefetch_audit_start()
+    try:
+        out = fn()
+    finally:
+        audit = lib.prefetch_audit_stop()
+    return out, audit
+
+
 def _impl(target_blocks):
     """The backend, with reductions split for about ``target_blocks`` blocks (1: each block
     takes every item of its channel block, and F2 stays on CUDA cores, where 16-bit NCHW on
@@ -151,11 +161,8 @@ def test_kernel_paths_saved_u_apply_elementwise_only_on_a_dense_x(layout, dense)
         return
     u = like_x(x, f32, 0.5)
     mean, rstd = torch.zeros(C), torch.ones(C)
-    lib.prefetch_audit_start()
-    try:
-        impl.apply(x, w, b, mean, rstd, torch.ones(C), torch.zeros(C), "gelu", None, u=u)
-    finally:
-        audit = lib.prefetch_audit_stop()
+    _, audit = _audited(lib, lambda: impl.apply(x, w, b, mean, rstd, torch.ones(C),
+                                                torch.zeros(C), "gelu", None, u=u))
     assert (audit["prefetches"] == 0) == dense, audit
 
 
@@ -211,11 +218,7 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
     u = {"u": like_x(x, f32, 0.0)} if saved_u else {}
 
     def audited(name, fn):
-        lib.prefetch_audit_start()
-        try:
-            out = fn()
-        finally:
-            audit = lib.prefetch_audit_stop()
+        out, audit = _audited(lib, fn)
         if name == "F1" and saved_u:
             assert audit["prefetches"] == 0, audit
         elif saved_u and (name == "F2" or (name == "B1" and layout == "nchw")):
@@ -237,11 +240,8 @@ def test_prefetch_covers_every_staged_load(case, saved_u, parts):
     tc = KernelBackend(Launchers(lib, DEVICE, target, prefetch=True, tensor_cores=True),
                        saves_u=True)
     if tc.k.plan(x, k, 0, True, saved_u=saved_u).mma & 2:  # F2 on tensor cores
-        lib.prefetch_audit_start()
-        try:
-            tc.apply(x, w, b, mean, rstd, gamma, beta, "gelu", aff, **u)
-        finally:
-            audit = lib.prefetch_audit_stop()
+        _, audit = _audited(lib, lambda: tc.apply(x, w, b, mean, rstd, gamma, beta, "gelu",
+                                                  aff, **u))
         assert audit == {"prefetches": 0, "missed": 0, "unused": 0}, audit
 
 
@@ -265,11 +265,7 @@ def test_prefetch_switch_reaches_the_kernels(monkeypatch):
             else:
                 monkeypatch.setenv("CONVMIXER_EXT_CUDA_PREFETCH", env)
             impl = KernelBackend(Launchers(lib, DEVICE, prefetch=flag), saves_u=True)
-            lib.prefetch_audit_start()
-            try:
-                impl.stats(x, w, b, "gelu")
-            finally:
-                audit = lib.prefetch_audit_stop()
+            _, audit = _audited(lib, lambda: impl.stats(x, w, b, "gelu"))
             if audit["prefetches"] > 0:
                 assert audit["missed"] == 0, (layout, name, audit)
             else:
