@@ -22,9 +22,16 @@ def check_strided(name: str, t: Tensor) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
+def _finite(v) -> bool:
+    """math.isfinite for a real number that may be symbolic: under torch.compile(dynamic=True)
+    a module's float attributes (eps, momentum) are, and they compare but have no isfinite
+    (NaN fails both comparisons)."""
+    return -math.inf < v < math.inf
+
+
 def check_eps(eps) -> float:
     """``eps`` as a float; ValueError unless it is a finite positive number."""
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps <= 0:
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not _finite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
     return float(eps)
 
@@ -39,7 +46,7 @@ def check_momentum(momentum, num_batches_tracked, training: bool, running_mean) 
                              "the BatchNorm's num_batches_tracked buffer or a momentum")
         return
     if isinstance(momentum, bool) or not isinstance(momentum, Real) \
-            or not math.isfinite(momentum):
+            or not _finite(momentum):
         raise ValueError(f"momentum must be None or a finite number, got {momentum!r}")
 
 

@@ -333,9 +333,11 @@ def fused_dwconv_block(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, b
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     in_affine = check_in_affine(in_affine, xc, "pre" if pre is not None else "in_affine")
     batch_stats, group, n = batch_stats_plan(training, running_mean, x, process_group, "x")
+    # (tc_width: `True if .. else False` makes a symbolic width's test a guarded constant
+    # under torch.compile(dynamic=True), as the backend choice needs; bool() would not)
     name = resolve_backend(backend, x.device, xc.dtype, k, sync=group is not None,
                            channels_last=is_channels_last(x), training=training,
-                           tc_width=bool(tc_takes_width(x.shape[-1])))
+                           tc_width=True if tc_takes_width(x.shape[-1]) else False)
     save_u = saves_conv_output(name, k, batch_stats, save_conv)
     if name == "eager":  # PyTorch's own ops: autocast casts inside them, as in the reference
         return eager.dw_block(x, weight, bias, gamma, beta, running_mean, running_var,

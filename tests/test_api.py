@@ -165,6 +165,34 @@ def test_torch_compile_fullgraph_matches_eager(backend, save_conv):
         assert torch.allclose(be.float(), bc.float(), rtol=1e-5, atol=1e-6), n
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"] + kernel_backends())
+def test_torch_compile_dynamic_fullgraph_matches_eager(backend):
+    """dynamic=True: the batch, height and width are symbolic and the module's floats (eps,
+    momentum) too; validation compares them instead of calling math.isfinite, and the
+    backend choice takes the width's divisibility as a guarded constant (a width of the
+    other kind recompiles, it does not reuse the choice)."""
+    torch._dynamo.reset()
+    ref, fused = layer_pair(4, 5, "gelu", backend, torch.float32, DEVICE)
+    eager = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(1)
+    for shape, train in (((2, 4, 6, 6), True), ((3, 4, 7, 8), False), ((1, 4, 9, 16), True)):
+        eager.train(train)
+        fused.train(train)
+        x = torch.randn(shape, generator=g).to(DEVICE)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        oe, oc = eager(xe), compiled(xc)
+        assert_close(oc, oe, torch.float32, f"compiled out {shape}")
+        probe = torch.randn(oe.shape, generator=g).to(DEVICE)
+        oe.backward(probe)
+        oc.backward(probe)
+        assert_close(xc.grad, xe.grad, torch.float32, f"compiled x.grad {shape}")
+    for (n, pe), (_, pc) in zip(eager.named_parameters(), fused.named_parameters()):
+        assert_close(pc.grad, pe.grad, torch.float32, f"compiled {n}.grad")
+    for (n, be), (_, bc) in zip(eager.named_buffers(), fused.named_buffers()):
+        assert torch.allclose(be.float(), bc.float(), rtol=1e-5, atol=1e-6), n
+
+
 def test_layer_state_dict_keys_and_round_trip():
     ref = conv_mixer_layer(6, 7, "relu")
     fused = ConvMixerLayer(6, 7, "relu")

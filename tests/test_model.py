@@ -20,11 +20,14 @@ def _pair(backend, dim=8, depth=2, k=5, activation="gelu", pointwise="unfused"):
     return ref.to(DEVICE), fused.to(DEVICE)
 
 
-@pytest.mark.parametrize("pointwise", ["unfused", "torch"])
-def test_compile_fullgraph_whole_model(pointwise):
+@pytest.mark.parametrize("pointwise, dynamic", [("unfused", None), ("torch", None),
+                                               ("torch", True)])
+def test_compile_fullgraph_whole_model(pointwise, dynamic):
+    """dynamic=True: symbolic sizes and module floats through every layer, BN2 folded."""
     torch._dynamo.reset()
     ref, fused = _pair("torch", pointwise=pointwise)
-    compiled = torch.compile(fused, fullgraph=True)  # fullgraph: a graph break raises
+    # fullgraph: a graph break raises
+    compiled = torch.compile(fused, fullgraph=True, dynamic=dynamic)
     x = torch.randn(2, 3, 12, 10, device=DEVICE)
     for train in (True, False):
         ref.train(train)
