@@ -195,6 +195,9 @@ def cover_set():
     _record_block((2, 8, 12, 20), f16, "channels_last", 5, 1, True, tc=True)
     _record_block((2, 8, 12, 20), f16, "channels_last", 5, 1, True, tc=True, save_u=True)
     _record_block((2, 8, 32, 32), bf16, "nchw", 9, 0, True, tc=True, save_u=False)
+    # float16 B2 with the fp32 du scratch (two tiles per image: B2b scales each halo; one
+    # tile, as above, has B2a store du's scaled terms: triton_kernels._split_du)
+    _record_block((2, 8, 40, 20), f16, "nchw", 9, 0, False, modes=("train",), tc=True)
     # ... (those in the default tiling, DEFAULT_TC_TILING) and its other tilings
     # (triton_kernels.tensor_core_tiling): one image per program, 2 images of 32 rows, 4 of
     # 16, under the warps of one image or a warp per 16 rows

@@ -354,7 +354,7 @@ def _band_sums(h0, l0, h1, l1, xch, roff, xrow, rok, xcol, H, W, sH, sW, band,
 
 
 @triton.jit
-def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ch, N, H, W,
+def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dus_p, dw_p, prow, ch, N, H, W,
             sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
             PB: tl.constexpr, IN_AFFINE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
             KP: tl.constexpr, CW: tl.constexpr, DO: tl.constexpr, MP: tl.constexpr,
@@ -365,9 +365,9 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ch
     ``dw_p + prow * K * K``, summed over the images by the GEMMs' reduction over M) and
     returns the transposed convolution ``sum_ij du[r + PB - i, c + PB - j] W[i, j]`` as
     [1, M*TW] fp32. du enters the GEMMs as its two 16-bit terms (:func:`_split16`): split
-    here from the fp32 scratch, or (SPLIT, bfloat16) stored split by B2a at du_ptr (high)
-    and dulo_ptr (low), which leaves the loop's operands to go from memory to the tensor
-    cores unconverted; x and W are 16-bit and exact.
+    here from the fp32 scratch, or (SPLIT) stored split by B2a at du_ptr (high) and dulo_ptr
+    (low), which leaves the loop's operands to go from memory to the tensor cores
+    unconverted; x and W are 16-bit and exact.
 
     dx, kernel row i, per CW columns c0 + [0, CW) as in :func:`_conv_tc`: ``D_i @ T'_i`` with
     ``D_i[r, q] = du[h0 + r + PB - i, w0 + c0 + PB - (K-1) - DO + q]`` (TH x KP, zero outside
@@ -383,7 +383,8 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ch
     (:func:`_band_sums`). With the input affine,
     ``dW = a (du * x) + c (du * M)``, M the in-image mask. For float16 (whose range is not
     fp32's) du is scaled by the power of two that takes the halo's largest |du| into [1, 4),
-    undone on the fp32 results."""
+    undone on the fp32 results (SPLIT: B2a scaled it, and stored 1 / s at ``dus_p + prow``:
+    its tile is this program's whole halo)."""
     _, _, n, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW, IMG)
     BF16: tl.constexpr = w_ptr.dtype.element_ty == tl.bfloat16
     M: tl.constexpr = IMG * TH
@@ -395,7 +396,9 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p, prow, ch
     dcol = w0 + (PB - (K - 1) - DO) + q  # the window of dx columns w0 .. w0 + CW - 1 (+ CW)
     s = 1.0
     inv_s = 1.0
-    if not BF16:  # one scale for the halo: every du this program reads (all IMG images)
+    if not BF16 and SPLIT:  # B2a's scale
+        inv_s = tl.load(dus_p + prow)
+    elif not BF16:  # one scale for the halo: every du this program reads (all IMG images)
         hr, hoff, hiok, _ = _tile_rows(n, N, sN, RP, IMG)
         hh = h0 + (PB - (K - 1)) + hr
         hok = hiok & (hr < TH + K - 1) & (hh >= 0)
@@ -655,16 +658,20 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_pt
 
 @triton.jit
 def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, mean_ptr, rstd_ptr,
-                   gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, dulo_ptr, db_p, inv_n, N, C, H, W, sN,
+                   gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, dulo_ptr, dus_p, db_p, inv_n, N, C, H,
+                   W, sN,
                    sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                    PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr,
                    BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,
                    KP: tl.constexpr, XO: tl.constexpr, CW: tl.constexpr, SPLIT: tl.constexpr,
                    IMG: tl.constexpr, U: tl.constexpr):
-    """du = dg * act'(u) into the scratch: fp32 at du_ptr, or (SPLIT: bfloat16 on tensor
-    cores) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at dulo_ptr,
-    with the tile's db partial taken here from the fp32 values (B2b never sees them)."""
+    """du = dg * act'(u) into the scratch: fp32 at du_ptr, or (SPLIT, on tensor cores:
+    :func:`_split_du`) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at
+    dulo_ptr, with the tile's db partial taken here from the fp32 values (B2b never sees
+    them). float16: the terms of ``s * du``, s the power of two that takes the tile's largest
+    |du| into [1, 4) (:func:`_pow2_scale`; the tile is B2b's whole halo, as each image is one
+    tile), and 1 / s stored at ``dus_p`` per partial row and channel for B2b to undo."""
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     u = _conv(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, base, c, cmask, h, w, valid, N,
@@ -681,7 +688,12 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, m
             - xh * (_load_c(dgamma_ptr, c, cmask) * inv_n)
     du = scale * d * _act_grad(u, ACT)
     if SPLIT:
-        hi, lo = _split16(du, du_ptr.dtype.element_ty, TC == 2)
+        if du_ptr.dtype.element_ty == tl.float16:  # one scale per channel of the tile
+            sc, inv_sc = _pow2_scale(tl.max(tl.abs(tl.where(m, du, 0.0)), axis=1))
+            tl.store(dus_p + row.to(tl.int64) * C + c, inv_sc, mask=cmask)
+            hi, lo = _split16(du * sc[:, None], du_ptr.dtype.element_ty, TC == 2)
+        else:
+            hi, lo = _split16(du, du_ptr.dtype.element_ty, TC == 2)
         tl.store(du_ptr + offs, hi.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(dulo_ptr + offs, lo.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(db_p + row.to(tl.int64) * C + c, tl.sum(tl.where(m, du, 0.0), axis=1),
@@ -691,7 +703,8 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, m
 
 
 @triton.jit
-def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dx_ptr, dw_p,
+def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dus_p, dx_ptr,
+                   dw_p,
                    db_p, dscale_p, dshift_p, N, C, H, W, sN, sC, sH, sW, tiles_w, tiles_per_img,
                    tiles_total, K: tl.constexpr, PB: tl.constexpr, IN_AFFINE: tl.constexpr,
                    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -703,8 +716,8 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
     (TC = 0), with the tile's dW partials where it holds one channel (NCHW: a whole plane;
     with several, channels_last, :func:`_bwd_dw_kernel` takes them), or on tensor cores with
     the dW partials
-    (:func:`_bwd_tc`; TC as in :func:`_conv`). SPLIT: du comes as B2a's two 16-bit terms, db
-    from B2a."""
+    (:func:`_bwd_tc`; TC as in :func:`_conv`). SPLIT: du comes as B2a's two 16-bit terms
+    (float16: scaled, 1 / scale at dus_p), db from B2a."""
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
     offs = base + _offs(c, h, w, sC, sH, sW)
@@ -715,7 +728,7 @@ def _bwd_dx_kernel(dout_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_pt
         tl.store(db_p + prow, tl.sum(du, axis=1), mask=cmask)
     acc = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if TC > 0:
-        acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dw_p,
+        acc += _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dus_p, dw_p,
                        row.to(tl.int64) * C + cb, cb, N, H, W, sN, sC, sH, sW, tiles_w,
                        tiles_per_img, tiles_total, K, PB, IN_AFFINE, TH, TW, KP, CW, DO, MP,
                        RP, XO, KX, SPLIT, TC == 2, IMG)
@@ -1039,10 +1052,15 @@ def _conv_weight(weight, x, kw):
     return _toeplitz(weight, kw["KP"], kw["XO"], kw["CW"]) if kw["TC"] else _fma_weight(weight, x)
 
 
-def _split_du(x, tc) -> bool:
-    """Whether B2a stores du as its two 16-bit terms (bfloat16 on tensor cores; float16 keeps
-    the fp32 scratch: B2b scales each halo into float16's range before splitting it)."""
-    return bool(tc) and x.dtype == torch.bfloat16
+def _split_du(x, tc, tile) -> bool:
+    """Whether B2a stores du as its two 16-bit terms, on tensor cores: bfloat16 always;
+    float16 (whose range is not fp32's: the terms are of du scaled by a power of two) where
+    each image is one tile of the launch (``tile``: :func:`_plan`'s), so that a B2a
+    program's tile is the B2b program's whole halo and B2a can pick the scale B2b's halo
+    needs; larger images keep the fp32 scratch, which B2b scales halo by halo."""
+    if not tc or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return x.dtype == torch.bfloat16 or (x.shape[2] <= tile["TH"] and x.shape[3] <= tile["TW"])
 
 
 def _bwd_conv_kw(x, weight, tile, tc, kw):
@@ -1054,7 +1072,7 @@ def _bwd_conv_kw(x, weight, tile, tc, kw):
     and KP, at least 32: dW's GEMMs take them, 16 rows, and at 16 columns (k = 1) both warps
     would compute the same 16 x 16); kw: :func:`_conv_kw`'s."""
     k = weight.shape[-1]
-    split = _split_du(x, tc)
+    split = _split_du(x, tc, tile)
     if tc:
         pa = k - 1 - pad_before(k)  # the transposed convolution's padding before
         do = _col_shift(pa, 4)
@@ -1143,9 +1161,11 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     else:
         du = dulo = torch.empty_like(x, dtype=torch.float32)
     db_p = _f32(x, rows, C)
+    # float16 split: 1 / the scale of each partial row and channel (else never read)
+    dus_p = _f32(x, rows, C) if split and x.dtype == torch.float16 else db_p
     _launch(_bwd_du_kernel, grid, x,
             (dout, x, w_arg, bias, *_affine_ptrs(x, in_scale, in_shift), u_arg, mean, rstd,
-             gamma, dbeta, dgamma, du, dulo, db_p, 1.0 / max(N * H * W, 1), *common),
+             gamma, dbeta, dgamma, du, dulo, dus_p, db_p, 1.0 / max(N * H * W, 1), *common),
             dict(_kc(weight, in_scale), ACT=act, BATCH_STATS=bool(batch_stats), **kw, **tile,
                  SPLIT=split))
     dx = torch.empty_like(x)
@@ -1164,7 +1184,7 @@ def k_bwd_main(dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_st
     else:
         wt = _fma_weight(weight, x, flip=True)
     _launch(_bwd_dx_kernel, grid, x,
-            (dout, x, wt, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dx, dw_p, db_p,
+            (dout, x, wt, *_affine_ptrs(x, in_scale, in_shift), du, dulo, dus_p, dx, dw_p, db_p,
              *_affine_ptrs(db_p, dscale_p if n_aff else None, dshift_p), *common),
             dict(_kc(weight, in_scale), **bkw, **tile))
     if dw_kernel:

@@ -75,6 +75,12 @@ def test_covering_set_meets_every_constexpr_value(facts):
         if kern != "_bwd_dx_kernel":
             assert {0, 1, 2} <= _values(facts, kern, "ACT"), kern
     assert {True, False} <= _values(facts, "_bwd_du_kernel", "BATCH_STATS")
+    # tensor-core B2 with du stored as 16-bit terms and as the fp32 scratch, in float16 too
+    for kern in ("_bwd_du_kernel", "_bwd_dx_kernel"):
+        split = {(f["constexprs"]["SPLIT"], d) for f in facts["triton_kernels"]
+                 if f["kernel"] == kern and f["constexprs"]["TC"] == 1
+                 for d in f["dtypes"] if d in ("bfloat16", "float16")}
+        assert {(True, "bfloat16"), (True, "float16"), (False, "float16")} <= split, kern
     dtypes = {d for f in facts["triton_kernels"] for d in f["dtypes"]}
     assert {"float32", "bfloat16", "float16"} <= dtypes
     # the GPU tile of the pointwise GEMM, 16-bit operands on tensor cores (the interpreter

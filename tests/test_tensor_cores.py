@@ -115,18 +115,29 @@ def test_tensor_core_tiling_stacks_what_the_batch_and_64_rows_allow():
             pass
 
 
+def _b2_splits(x):
+    """Whether the tensor-core B2a stores du split for x (triton_kernels._split_du)."""
+    tile = tk._plan(x, tc=True)[3]
+    return tk._split_du(x, True, tile)
+
+
 @pytest.mark.parametrize("tiling", ["1", "2"])
 @pytest.mark.parametrize("gamma_scale", [1e-7, 1e6], ids=["tiny-du", "huge-du"])
+@pytest.mark.parametrize("H, split", [(33, False), (20, True)], ids=["b2b-scales", "b2a-scales"])
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # dx: inf, as the twin's
-def test_tensor_core_b2_keeps_fp32_range_in_float16(gamma_scale, tiling):
+def test_tensor_core_b2_keeps_fp32_range_in_float16(H, split, gamma_scale, tiling):
     """float16 has 5 exponent bits: du (fp32) from a BN gamma of 1e-7 falls below its normal
     range (a plain float16 split keeps ~3 of its bits: dW off by ~15%) and from 1e6 beyond
     its largest value (inf). B2 scales each program's du by a power of two first, so dW and
     db keep the fp32 tolerance; with two images per program ("2") the scale covers both,
-    the second's du 2^16 times the first's (a scale from the first alone overflows)."""
+    the second's du 2^16 times the first's (a scale from the first alone overflows). Two
+    tiles per image (H = 33): B2b scales each halo of the fp32 scratch; one (H = 20): B2a
+    scales its tile, which is B2b's whole halo, and stores the terms."""
     from convmixer_ext import torch_backend as twin
     from convmixer_ext.semantics import rstd_from_var
-    x, dout, w, b, gamma, beta, _ = _tensors(2, 2, 33, 17, 7, f16, False, False)
+    x, dout, w, b, gamma, beta, _ = _tensors(2, 2, H, 17, 7, f16, False, False)
+    with tk.tensor_core_tiling(tiling):
+        assert _b2_splits(x) == split
     gamma = gamma * gamma_scale
     dout[0] *= 2.0**-8
     dout[1] *= 2.0**8
@@ -142,6 +153,33 @@ def test_tensor_core_b2_keeps_fp32_range_in_float16(gamma_scale, tiling):
         m = want.abs().max()  # relative to their own magnitude (assert_close floors at 1e-2)
         assert 0 < m < float("inf")
         assert_close(got / m, want / m, torch.float32, what)
+
+
+@pytest.mark.parametrize("tiling", ["1", "2"])
+def test_tensor_core_float16_b2_is_the_same_split_or_not(tiling, monkeypatch):
+    """float16 B2 where each image is one tile: B2a scales du and stores its 16-bit terms,
+    B2b reads them; with the fp32 scratch (what larger images take) B2b scales its halo and
+    splits: the same scale (the tile is the halo), the same terms, the same GEMMs, so dx, dW
+    and db are bitwise equal. Batch statistics on, the input affine, two images per
+    program at "2" (one scale over both), du of different magnitudes in each."""
+    x, dout, w, b, gamma, beta, aff = _tensors(3, 2, 20, 17, 7, f16, False, True)
+    dout[0] *= 2.0**-12
+    dout[2] *= 2.0**10
+    from convmixer_ext import torch_backend as twin
+    from convmixer_ext.semantics import rstd_from_var
+    mean, var = twin.stats(x, w, b, "gelu", aff)
+    rstd = rstd_from_var(var, 1e-5)
+    dbeta, dgamma = twin.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", aff)
+    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, True, "gelu", aff)
+    impl = get_impl("triton_tc")
+    with tk.tensor_core_tiling(tiling):
+        assert _b2_splits(x)
+        split = impl.bwd_main(*args)
+        monkeypatch.setattr(tk, "_split_du", lambda *a: False)
+        unsplit = impl.bwd_main(*args)
+    flat = lambda r: [r[0], r[1], r[2], *r[3]]  # dx, dW, db, (dscale, dshift)  # noqa: E731
+    for a, b_ in zip(flat(split), flat(unsplit), strict=True):
+        assert torch.equal(a, b_)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # 0 * inf, on purpose
