@@ -65,6 +65,13 @@
 #                                      # default tiling "2", #15's k = 9 / k = 3 ratio), then
 #                                      # Nsight Compute on the CUDA tensor-core F2 (k = 3,
 #                                      # both dtypes)
+#   bash benchmarks/gpu_session.sh 16  # the CUDA library's B2 on tensor cores (opt-in:
+#                                      # cuda-tcall, CONVMIXER_EXT_CUDA_TC=all), in ~5
+#                                      # minutes: its tests, then bf16 and fp16 NCHW training
+#                                      # blocks (cuda, cuda-tcall, triton_tc, eager) at k = 7,
+#                                      # 9, 15 (B2 reads the saved u there) and Nsight Compute
+#                                      # on bwd_mma_kernel (k = 9): #15's k = 9 / k = 3 ratio,
+#                                      # and fp16 triton_tc training with du stored split
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -72,7 +79,7 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 to 15"}
+CALL=${1:?"which call: 1 to 16"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -212,7 +219,16 @@ cuda triton_tc eager --dtypes float16 bfloat16 --layouts nchw" \
     NCU_LAUNCHES=2 NCU_TAG=k3 NCU_PASSES="--ks 3 --dtypes float16 bfloat16 --layouts nchw \
 --backends cuda" nsight apply_mma_kernel
     ;;
-  *) echo "call must be 1 to 15"; exit 2 ;;
+  16)
+    TEST_PATHS="$PWD/tests/test_cuda_tensor_cores.py $PWD/tests/test_tensor_cores.py" \
+    TEST_WORKERS=12 T_TEST=60 T_BENCH=150 BENCH_ARGS="--shapes cm1536 --ks 7 9 15 --modes \
+train_fwdbwd --providers cuda cuda-tcall triton_tc eager --dtypes bfloat16 float16 --layouts \
+nchw" \
+      timeout -k 5 260 bash benchmarks/gpu_run.sh build test bench || status=$?
+    CONVMIXER_EXT_CUDA_TC=all NCU_LAUNCHES=2 NCU_TAG=b2-k9 NCU_PASSES="--ks 9 --dtypes \
+bfloat16 float16 --layouts nchw --backends cuda" nsight bwd_mma_kernel
+    ;;
+  *) echo "call must be 1 to 16"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -82,9 +82,11 @@ RECOMPUTE = "-recompute"
 # plain provider takes the library's default, NCHW only (docs/DESIGN.md, "L2 prefetch").
 # "<backend>-tc" / "<backend>-notc": the CUDA library with F2 / eval on tensor cores where its
 # kernel takes the shape (the default) / on CUDA cores (CONVMIXER_EXT_CUDA_TC=1 / 0;
-# docs/DESIGN.md, "CUDA tensor cores").
+# docs/DESIGN.md, "CUDA tensor cores"); "<backend>-tcall": B2 too, where it reads the saved
+# convolution output (CONVMIXER_EXT_CUDA_TC=all: opt-in until a GPU has timed it).
 PROVIDER_ENV = {"-noprefetch": (_env.PREFETCH_VAR, "0"), "-prefetch": (_env.PREFETCH_VAR, "1"),
-                "-tc": (_env.CUDA_TC_VAR, "1"), "-notc": (_env.CUDA_TC_VAR, "0")}
+                "-tc": (_env.CUDA_TC_VAR, "1"), "-notc": (_env.CUDA_TC_VAR, "0"),
+                "-tcall": (_env.CUDA_TC_VAR, "all")}
 
 
 def provider_env(name):

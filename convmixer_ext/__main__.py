@@ -48,9 +48,12 @@ def _libraries():
     lines.append(f"kernel library L2 prefetch: {state}")
     try:
         from .cuda_kernels import TC_MAX_KERNEL_SIZE
-        tc = (f"on (the default: F2 / eval of 16-bit NCHW, k <= {TC_MAX_KERNEL_SIZE}; "
-              f"{_env.CUDA_TC_VAR}=0 turns it off)" if _env.cuda_tensor_cores() else
-              f"off ({_env.CUDA_TC_VAR}=0)")
+        level = _env.cuda_tensor_cores()
+        tc = [f"off ({_env.CUDA_TC_VAR}=0)",
+              f"on (the default: F2 / eval of 16-bit NCHW, k <= {TC_MAX_KERNEL_SIZE}; "
+              f"{_env.CUDA_TC_VAR}=0 turns it off, =all adds B2)",
+              f"F2 and B2 ({_env.CUDA_TC_VAR}=all: B2 of 16-bit NCHW reading the saved "
+              f"convolution output, no input affine, k <= {TC_MAX_KERNEL_SIZE})"][level]
     except ValueError as e:
         tc = str(e)
     lines.append(f"kernel library tensor cores: {tc}")

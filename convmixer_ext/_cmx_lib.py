@@ -15,13 +15,17 @@ from __future__ import annotations
 import ctypes
 import os
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 # error codes of cmx_abi.h
 OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
 
 # element type ids of cmx_abi.h, by dtype name
 DTYPE_IDS = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+# cmx_shape.tensor_cores of cmx_abi.h: the passes that may run on tensor cores (none, F2,
+# F2 and B2)
+TC_NONE, TC_F2, TC_ALL = 0, 1, 2
 
 LIBRARY_FILES = {"cuda": "_cmx_cuda.so", "emulation": "_cmx_emu.so"}
 

@@ -12,7 +12,8 @@
 - ``CONVMIXER_EXT_CUDA_TC``: ``1`` or unset: the CUDA library's F2 / eval pass convolves
   float16 / bfloat16 NCHW on tensor cores where its kernel takes the shape (measured faster
   than its CUDA-core kernel at every k it takes; docs/DESIGN.md, "CUDA tensor cores");
-  ``0``: on CUDA cores.
+  ``all``: its B2 too where it reads the saved convolution output (no input affine; not
+  yet timed on a GPU, so asked for only); ``0``: every pass on CUDA cores.
 """
 from __future__ import annotations
 
@@ -51,9 +52,13 @@ def cuda_prefetch():
     return _switch(PREFETCH_VAR)
 
 
-def cuda_tensor_cores() -> bool:
-    """CONVMIXER_EXT_CUDA_TC: "1", unset or empty (on), "0" (off)."""
-    return _switch(CUDA_TC_VAR) is not False
+def cuda_tensor_cores() -> int:
+    """CONVMIXER_EXT_CUDA_TC: "0" (0: none), "1", unset or empty (1: F2), "all" (2: F2 and
+    B2): the C ABI's cmx_shape.tensor_cores levels (_cmx_lib.TC_*)."""
+    v = os.environ.get(CUDA_TC_VAR, "").strip()
+    if v not in ("", "0", "1", "all"):
+        raise ValueError(f"environment variable {CUDA_TC_VAR} must be 0, 1 or all, got {v!r}")
+    return {"0": 0, "all": 2}.get(v, 1)
 
 
 def emu_lib_override():

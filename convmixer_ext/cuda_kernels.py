@@ -46,9 +46,10 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     the reductions split their work (tests make blocks take many tiles with a small value);
     ``saved_u``: F1 saves the convolution output and the later passes read it;
     ``prefetch``: the kernels prefetch what they stage into L2 (a hint: same results);
-    ``tensor_cores``: F2 convolves on tensor cores where its kernel takes the shape
-    (16-bit x, NCHW, 16-byte path, k <= TC_MAX_KERNEL_SIZE; the plan's ``mma`` says
-    where)."""
+    ``tensor_cores``: the passes that may run on tensor cores where their kernels take the
+    shape (16-bit x, NCHW, 16-byte path, k <= TC_MAX_KERNEL_SIZE; the plan's ``mma`` says
+    where): False / 0 none, True / 1 (``_cmx_lib.TC_F2``) F2, 2 (``TC_ALL``) B2 too, where
+    it reads the saved u and has no input affine."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):
@@ -60,6 +61,8 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     s.saved_u = int(saved_u)
     s.prefetch = int(prefetch)
     s.tensor_cores = int(tensor_cores)
+    if s.tensor_cores not in (abi.TC_NONE, abi.TC_F2, abi.TC_ALL):
+        raise ValueError(f"tensor_cores must be a bool, 0, 1 or 2, got {tensor_cores!r}")
     return s
 
 
@@ -89,8 +92,9 @@ class Launchers:
                  prefetch: bool | None = None, tensor_cores: bool | None = None):
         """``prefetch``: L2 prefetch in the kernels; None: as CONVMIXER_EXT_CUDA_PREFETCH says
         at each launch, and where it is unset as :func:`default_prefetch` says for x.
-        ``tensor_cores``: F2 on tensor cores where its kernel takes the shape; None: as
-        CONVMIXER_EXT_CUDA_TC says at each launch (on where unset)."""
+        ``tensor_cores``: the passes on tensor cores where their kernels take the shape
+        (:func:`shape_of`); None: as CONVMIXER_EXT_CUDA_TC says at each launch (F2 where
+        unset)."""
         self.lib, self.device_type, self.target_blocks = lib, device_type, target_blocks
         self.prefetch, self.tensor_cores = prefetch, tensor_cores
 
@@ -98,7 +102,7 @@ class Launchers:
         p = _env.cuda_prefetch() if self.prefetch is None else self.prefetch
         return default_prefetch(is_channels_last(x)) if p is None else p
 
-    def _tc(self) -> bool:
+    def _tc(self) -> int:
         return _env.cuda_tensor_cores() if self.tensor_cores is None else self.tensor_cores
 
     def plan(self, x, k, act=0, has_in_affine=False, *others, saved_u=False) -> abi.Plan:

@@ -15,7 +15,11 @@
 
 #include <stdint.h>
 
-#define CMX_ABI_VERSION 6
+#define CMX_ABI_VERSION 7
+
+/* cmx_shape.tensor_cores: the passes that may run on tensor cores */
+#define CMX_TC_F2 1
+#define CMX_TC_ALL 2
 
 #if defined(_WIN32)
 #define CMX_API __declspec(dllexport)
@@ -62,9 +66,10 @@ typedef struct {
   int32_t prefetch;     /* L2 prefetch of every rectangle a block stages, ahead of its staging
                          * loop (the next item's while one computes); 16-byte path only. A
                          * hint: results do not depend on it */
-  int32_t tensor_cores; /* F2 convolves on tensor cores (mma.sync) where its kernel takes the
-                         * shape: 16-bit x in NCHW on the 16-byte path, k <= 17, no saved_u
-                         * (cmx_plan.mma says which passes do); elsewhere ignored */
+  int32_t tensor_cores; /* passes on tensor cores (mma.sync) where their kernels take the
+                         * shape (16-bit x in NCHW on the 16-byte path, k <= 17; cmx_plan.mma
+                         * says which passes do): 0 none; CMX_TC_F2 F2 without saved_u;
+                         * CMX_TC_ALL also B2 with saved_u and no input affine */
 } cmx_shape;
 
 /* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the
@@ -77,7 +82,8 @@ typedef struct {
   int32_t direct;               /* bit i: pass i loads global memory directly, no staged
                                  * tiles (F2, B1 reading the saved u: their own kernels) */
   int32_t mma;                  /* bit i: pass i convolves on tensor cores (F2 with
-                                 * shape.tensor_cores: apply_mma_kernel) */
+                                 * shape.tensor_cores: apply_mma_kernel; B2:
+                                 * bwd_mma_kernel) */
   int64_t partial_rows[4];
   int64_t blocks[4];
   int32_t threads[4];

@@ -108,8 +108,8 @@ struct Plan {
   // F2 / B1 reading u, their kernels that load global memory directly instead of staging
   // tiles: apply_u_kernel (F2, x dense), bwd_reduce_u_kernel (B1, NCHW, 16-byte path)
   bool direct = false;
-  // F2 on tensor cores (apply_mma_kernel): 32 x 32 tiles of one channel, a block each, on
-  // a 3-D grid (blocks planes x gy tile columns x gz tile rows)
+  // F2 or B2 on tensor cores (apply_mma_kernel, bwd_mma_kernel): 32 x 32 tiles of one
+  // channel, a block each, on a 3-D grid (blocks planes x gy tile columns x gz tile rows)
   bool mma = false;
   int64_t gy = 1, gz = 1;
 };
@@ -245,8 +245,35 @@ bool dense_rows(const Geom& g) {
 // the image), a kernel whose halo fits 8 columns either side (k <= kMmaMaxK) and nothing
 // saved (F2 reading u convolves nothing).
 bool mma_takes(const cmx_shape* s, const Geom& g) {
-  return s->tensor_cores != 0 && s->dtype != CMX_FLOAT32 && g.layout == kNCHW && g.vec &&
+  return s->tensor_cores >= CMX_TC_F2 && s->dtype != CMX_FLOAT32 && g.layout == kNCHW && g.vec &&
          s->saved_u == 0 && s->k <= kMmaMaxK;
+}
+
+// Whether B2 takes bwd_mma_kernel: asked for all passes (CMX_TC_ALL), as F2's otherwise, but
+// reading the saved u (it computes du from u on dx's halo) and without the input affine
+// (bwd_main_kernel takes that).
+bool mma_b2_takes(const cmx_shape* s, const Geom& g) {
+  return s->tensor_cores >= CMX_TC_ALL && s->dtype != CMX_FLOAT32 && g.layout == kNCHW && g.vec &&
+         s->saved_u != 0 && s->k <= kMmaB2MaxK && s->has_in_affine == 0;
+}
+
+// The plan of a tensor-core kernel: a block of kMmaWarps warps per 32 x 32 tile of a plane.
+int32_t mma_plan(const cmx_shape* s, const Geom& g, size_t smem, int64_t rows, Plan& p) {
+  p.mma = true;
+  p.rows = rows;
+  p.threads = kMmaWarps * 32;
+  p.blocks = s->n * g.C;
+  p.gy = cdiv(g.W, kMmaTile);
+  p.gz = cdiv(g.H, kMmaTile);
+  p.smem = smem;
+  if (p.blocks > kMaxBlocks || p.gy > kMaxGridYZ || p.gz > kMaxGridYZ)
+    return fail(CMX_E_LIMIT,
+                "x of shape [%lld, %lld, %lld, %lld] needs a grid of %lld x %lld x %lld "
+                "blocks, beyond the CUDA limits of %lld x %lld x %lld",
+                (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w,
+                (long long)p.blocks, (long long)p.gy, (long long)p.gz, (long long)kMaxBlocks,
+                (long long)kMaxGridYZ, (long long)kMaxGridYZ);
+  return CMX_OK;
 }
 
 int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
@@ -268,24 +295,13 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
     p.smem = 0;
     return CMX_OK;
   }
-  if (pass == kF2 && mma_takes(s, g)) {
-    const MmaShape m(g.K);  // (its grid places the tiles: geo's tiling is not read)
-    p.mma = true;
-    p.rows = 0;
-    p.threads = kMmaWarps * 32;
-    p.blocks = s->n * g.C;
-    p.gy = cdiv(g.W, kMmaTile);
-    p.gz = cdiv(g.H, kMmaTile);
-    p.smem = static_cast<size_t>(m.elements(s->has_in_affine != 0)) * 2;
-    if (p.blocks > kMaxBlocks || p.gy > kMaxGridYZ || p.gz > kMaxGridYZ)
-      return fail(CMX_E_LIMIT,
-                  "x of shape [%lld, %lld, %lld, %lld] needs a grid of %lld x %lld x %lld "
-                  "blocks, beyond the CUDA limits of %lld x %lld x %lld",
-                  (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w,
-                  (long long)p.blocks, (long long)p.gy, (long long)p.gz, (long long)kMaxBlocks,
-                  (long long)kMaxGridYZ, (long long)kMaxGridYZ);
-    return CMX_OK;
-  }
+  // (the tensor-core kernels' grids place the tiles: geo's tiling is not read)
+  if (pass == kF2 && mma_takes(s, g))
+    return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).elements(s->has_in_affine != 0)) * 2,
+                    0, p);
+  if (pass == kB2 && mma_b2_takes(s, g))  // a partial row per image and tile
+    return mma_plan(s, g, static_cast<size_t>(MmaB2Layout(g.K).bytes(s->dtype == CMX_FLOAT16)),
+                    s->n * cdiv(g.W, kMmaTile) * cdiv(g.H, kMmaTile), p);
   p.rows = s->n > 0 ? g.parts : 0;
   p.blocks = p.rows * g.cblocks;
   p.threads = g.CB * g.GH * g.GW;
@@ -612,6 +628,12 @@ CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx
        {out->dw_p, "dw_p"}, {out->db_p, "db_p"}},
       "bwd_main_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
         using T = decltype(tag);
+        if constexpr (!std::is_same_v<T, float> && decltype(su)::value)
+          if (p.mma)
+            return launch(bwd_mma_kernel<T, decltype(kc)::value>, p, in, as<T>(in->dout),
+                          as<T>(in->x), as<T>(in->weight), in->u, in->mean, in->rstd,
+                          in->gamma, in->dbeta, in->dgamma, in->batch_stats != 0,
+                          static_cast<T*>(out->y), out->dw_p, out->db_p, p.geo);
         return launch(bwd_main_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
                       as<T>(in->dout), as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u,
                       in->mean, in->rstd, in->gamma, in->dbeta, in->dgamma,

@@ -869,27 +869,42 @@ constexpr int kMmaWarps = 2;    // a warp per 16 output rows, all 32 columns (4 
 constexpr int kMmaMaxK = 17;    // the halo starts 8 columns (16 bytes) left of the tile
 constexpr int kMmaLead = 8;
 
+// Shared-memory rows of `chunks` 16-byte chunks: `stride` elements apart, an odd number of
+// 4-word groups (the 8 rows of an operand load fall in different banks).
+__host__ __device__ constexpr int mma_stride(int chunks) {
+  return chunks * 8 + ((chunks * 4) % 8 == 0 ? 8 : 0);
+}
+
+// The channel's weights for the MMAs' B fragments, in shared memory (stage_mma_weights):
+// kernel row i at i * mma_wrow(KS), tap j at column j + 8 (KS k-steps reach taps -8 .. 16 KS
+// - 1: zeros outside [0, K), so that the loads need no guard).
+__host__ __device__ constexpr int mma_wrow(int ks) { return 16 * ks + 8; }
+
 // The shapes of one kernel size (host and device): the windows start e columns into the halo
 // (even: 4-byte aligned operand pairs) and T_i's band s columns after that; ks MMAs of 16
 // input columns cover the 8 + K - 1 + s a window needs; each halo row is `chunks` 16-byte
-// chunks, `stride` elements apart (an odd number of 4-word groups: the 8 rows of an operand
-// load fall in different banks).
+// chunks, mma_stride(chunks) elements apart.
 struct MmaShape {
   int K, PB, e, s, ks, chunks, stride, rows;
-  __host__ __device__ constexpr MmaShape(int k)
-      : K(k), PB(pad_before(k)), e(0), s(0), ks(0), chunks(0), stride(0),
+  // pb: the correlation's padding before (B2's dx: the flipped kernel's, k - 1 - pad_before)
+  __host__ __device__ constexpr MmaShape(int k, int pb = -1)
+      : K(k), PB(pb < 0 ? pad_before(k) : pb), e(0), s(0), ks(0), chunks(0), stride(0),
         rows(kMmaTile + k - 1) {
     const int lead = kMmaLead - PB;  // the first tap's column in the halo, output column 0
     e = lead & ~1;
     s = lead & 1;
     ks = cdiv(7 + s + K, 16);
     chunks = cdiv(e + kMmaTile - 8 + 16 * ks, 8);
-    stride = chunks * 8 + ((chunks * 4) % 8 == 0 ? 8 : 0);
+    stride = mma_stride(chunks);
   }
-  // shared memory in elements: the halo (and the mask plane)
+  // shared memory in elements: the halo (and the mask plane), then the staged weights (rows
+  // for two k-steps, what a generic-k instantiation stages)
   __host__ __device__ constexpr int halo() const { return rows * stride; }
-  __host__ __device__ constexpr int elements(bool affine) const {
+  __host__ __device__ constexpr int weights_at(bool affine) const {
     return (affine ? 2 : 1) * halo();
+  }
+  __host__ __device__ constexpr int elements(bool affine) const {
+    return weights_at(affine) + K * mma_wrow(2);
   }
 };
 
@@ -913,6 +928,73 @@ __device__ __forceinline__ void unpack2(uint32_t v, float (&f)[2]) {
   std::memcpy(&b, &hi, 2);
   f[0] = cmx_to_float(a);
   f[1] = cmx_to_float(b);
+}
+
+// stage_mma_weights: A strided loop of the block (a barrier must follow before they are
+// read); FLIP: the rotated kernel W[K-1-i, K-1-j].
+
+template <typename T, bool FLIP>
+__device__ __forceinline__ void stage_mma_weights(T* sw, const T* wc, int K, int ks) {
+  const int row = mma_wrow(ks);
+  for (int e = static_cast<int>(threadIdx.x); e < K * row; e += static_cast<int>(blockDim.x)) {
+    const int i = e / row, j = e % row - 8;
+    sw[e] = j >= 0 && j < K ? wc[FLIP ? (K - 1 - i) * K + K - 1 - j : i * K + j]
+                            : cmx_from_float(0.f, T{});
+  }
+}
+
+// The correlation's MMAs of one warp over halo planes in shared memory, row by row of the
+// kernel (apply_mma_kernel's convolution; B2's dx, the rotated kernel over du's terms): for
+// kernel row i, k-step kk and 8 output columns nb, A = rows g and g + 8 of the warp's 16
+// (from row 16 warp) at the window's columns 8 nb + 2t (+1) and + 8, i rows down: register
+// loads at a row offset; B = T_i's fragment, the same for every output column: this lane's
+// T_i[16 kk + 2t (+1), g] and T_i[16 kk + 2t + 8 (+1), g] = W[i, j] for j = 16 kk + 2t - s -
+// g + {0, 1, 8, 9} (0 outside [0, K)), from the staged weights sw (stage_mma_weights) at
+// offsets fixed for the lane. Plane p (of NP: plane0, plane1) accumulates into acc0 (p % NA
+// == 0) or acc1; both start at zero here.
+template <typename T, int KT, int KS, int NP, int NA>
+__device__ __forceinline__ void mma_correlate(const T* plane0, const T* plane1, const T* sw,
+                                              const MmaShape& S, int warp,
+                                              float (&acc0)[4][4], float (&acc1)[4][4]) {
+  const int K = KT > 0 ? KT : S.K;  // (a constant trip count where KT is one)
+  const int lane = static_cast<int>(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  constexpr int WROW = mma_wrow(KS);
+  const T* const wl = sw + 2 * t - S.s - g + 8;
+  CMX_UNROLL
+  for (int nb = 0; nb < 4; ++nb)
+    CMX_UNROLL
+    for (int q = 0; q < 4; ++q) acc0[nb][q] = acc1[nb][q] = 0.f;
+  const int row0 = (16 * warp + g) * S.stride + S.e + 2 * t;
+  CMX_UNROLL
+  for (int i = 0; i < K; ++i) {
+    CMX_UNROLL
+    for (int kk = 0; kk < KS; ++kk) {
+      if (kk >= S.ks) break;
+      const T* wi = wl + i * WROW + 16 * kk;
+      const uint32_t bf[2] = {pack2(wi[0], wi[1]), pack2(wi[8], wi[9])};
+      const int o = row0 + i * S.stride + 16 * kk;
+      auto mmas = [&](const T* plane, float (&acc)[4][4]) {
+        uint32_t lo[5], hi[5];
+        CMX_UNROLL
+        for (int q = 0; q < 5; ++q) {
+          lo[q] = cmx_ld_pair(plane + o + 8 * q);
+          hi[q] = cmx_ld_pair(plane + o + 8 * S.stride + 8 * q);
+        }
+        CMX_UNROLL
+        for (int nb = 0; nb < 4; ++nb) {
+          const uint32_t af[4] = {lo[nb], hi[nb], lo[nb + 1], hi[nb + 1]};
+          cmx_mma_16816(acc[nb], af, bf, T{});
+        }
+      };
+      mmas(plane0, acc0);
+      if constexpr (NP == 2) {
+        if constexpr (NA == 2)
+          mmas(plane1, acc1);
+        else
+          mmas(plane1, acc0);
+      }
+    }
+  }
 }
 
 // AFF: with the input affine (its mask MMAs and accumulators: an instantiation of its own,
@@ -962,63 +1044,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       }
     }
   }
-  // B (T_i's fragment, the same for every output column): this lane's T_i[16 kk + 2t (+1),
-  // g] and T_i[16 kk + 2t + 8 (+1), g] = W[i, j] for j = 16 kk + 2t - s - g + {0, 1, 8, 9},
-  // 0 outside [0, K): four pointers into weight row 0 and their validity per k-step, which
-  // do not depend on i (row i: + i K)
-  const int warp = tid / 32, g = (tid % 32) / 4, t = tid % 4;
-  const T* wc = w + static_cast<int64_t>(c) * K * K;
-  const T zero16 = cmx_from_float(0.f, T{});
   constexpr int KS = KT > 0 ? MmaShape(KT).ks : 2;  // k-steps (at most 2: kMmaMaxK)
-  const T* wp[KS][4];
-  bool wok[KS][4];
-  CMX_UNROLL
-  for (int kk = 0; kk < KS; ++kk)
-    CMX_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      const int j = 16 * kk + 2 * t - S.s - g + (q % 2) + 8 * (q / 2);
-      wok[kk][q] = kk < S.ks && j >= 0 && j < K;
-      wp[kk][q] = wc + (wok[kk][q] ? j : 0);
-    }
+  T* sw = halo + S.weights_at(affine);
+  stage_mma_weights<T, false>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
   __syncthreads();
-  float acc[4][4], accm[4][4];
-  CMX_UNROLL
-  for (int nb = 0; nb < 4; ++nb)
-    CMX_UNROLL
-    for (int q = 0; q < 4; ++q) acc[nb][q] = accm[nb][q] = 0.f;
-  const int row0 = (16 * warp + g) * S.stride + S.e + 2 * t;
-  CMX_UNROLL
-  for (int i = 0; i < K; ++i) {
-    CMX_UNROLL
-    for (int kk = 0; kk < KS; ++kk) {
-      if (kk >= S.ks) break;
-      T wv[4];
-      CMX_UNROLL
-      for (int q = 0; q < 4; ++q) wv[q] = wok[kk][q] ? wp[kk][q][i * K] : zero16;
-      const uint32_t bf[2] = {pack2(wv[0], wv[1]), pack2(wv[2], wv[3])};
-      // A: rows g and g + 8 of the warp's 16, columns 8 nb + 2t (+1) and + 8 of the window
-      const int o = row0 + i * S.stride + 16 * kk;
-      uint32_t lo[5], hi[5], mlo[5], mhi[5];
-      CMX_UNROLL
-      for (int q = 0; q < 5; ++q) {
-        lo[q] = cmx_ld_pair(halo + o + 8 * q);
-        hi[q] = cmx_ld_pair(halo + o + 8 * S.stride + 8 * q);
-        if (affine) {
-          mlo[q] = cmx_ld_pair(mask + o + 8 * q);
-          mhi[q] = cmx_ld_pair(mask + o + 8 * S.stride + 8 * q);
-        }
-      }
-      CMX_UNROLL
-      for (int nb = 0; nb < 4; ++nb) {
-        const uint32_t af[4] = {lo[nb], hi[nb], lo[nb + 1], hi[nb + 1]};
-        cmx_mma_16816(acc[nb], af, bf, T{});
-        if (affine) {
-          const uint32_t mf[4] = {mlo[nb], mhi[nb], mlo[nb + 1], mhi[nb + 1]};
-          cmx_mma_16816(accm[nb], mf, bf, T{});
-        }
-      }
-    }
-  }
+  const int warp = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+  float acc[4][4], accm[4][4];  // accm: the mask's (affine)
+  mma_correlate<T, KT, KS, affine ? 2 : 1, affine ? 2 : 1>(halo, mask, sw, S, warp, acc, accm);
   // Epilogue: accumulator pairs (rows g, g + 8; columns 8 nb + 2t, + 1) with the residual
   // from the halo's centre; two outputs per 4-byte store (an output column pair lies wholly
   // inside or outside the image).
@@ -1261,6 +1293,29 @@ struct BwdSmem {
   }
 };
 
+// du = dL/du of the block (docs/DESIGN.md, "Backward"): gamma rstd (dout - [dbeta / n] -
+// [(act(u) - mean) rstd dgamma / n]) act'(u), the bracketed terms with batch statistics.
+struct DuCoef {
+  float scale, mean, rstd, mb, mg;
+  bool batch;
+};
+
+__device__ __forceinline__ DuCoef du_coef_of(const float* __restrict__ gamma,
+                                             const float* __restrict__ rstd,
+                                             const float* __restrict__ mean,
+                                             const float* __restrict__ dbeta,
+                                             const float* __restrict__ dgamma, bool batch_stats,
+                                             float inv_n, int c) {
+  const float rs = rstd[c];
+  return DuCoef{gamma[c] * rs, mean[c], rs, batch_stats ? dbeta[c] * inv_n : 0.f,
+                batch_stats ? dgamma[c] * inv_n : 0.f, batch_stats};
+}
+
+__device__ __forceinline__ float du_of(float dv, float u, const DuCoef& k, int act) {
+  if (k.batch) dv = dv - k.mb - (act_fwd(u, act) - k.mean) * k.rstd * k.mg;
+  return k.scale * dv * act_grad(u, act);
+}
+
 // B2 holds the most live values (the extended du correlation's and dx's accumulators): with
 // 16-bit x it is held to 128 registers (no spill), 4 blocks of 4 warps per SM where shared
 // memory allows; fp32 to 168 on sm_90 (3 blocks; at 128 it gets stack frames);
@@ -1340,9 +1395,7 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
     // 1) du on the extended region (zero outside the image: those terms do not exist)
     if (l.active) {
       const int c = t.c0 + l.cl;
-      const float rs = rstd[c], m = mean[c], scale = gamma[c] * rs;
-      const float mb = batch_stats ? dbeta[c] * geo.inv_n : 0.f;
-      const float mg = batch_stats ? dgamma[c] * geo.inv_n : 0.f;
+      const DuCoef kd = du_coef_of(gamma, rstd, mean, dbeta, dgamma, batch_stats, geo.inv_n, c);
       [[maybe_unused]] const float bias = ld(b, c);
       const float* d = sd + l.cl * L.ext.P;
       float* du = sdu + l.cl * L.ext.P;
@@ -1367,13 +1420,9 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
           for (int o = 0; o < RW; ++o) {
             const int h = eh0 + r + ro, wc = ew0 + q + o;
             const int at = (r + ro) * L.ext.S + q + o;
-            float v = 0.f;
-            if (h >= 0 && h < geo.H && wc >= 0 && wc < geo.W) {
-              float dv = d[at];
-              if (batch_stats) dv = dv - mb - (act_fwd(u[ro][o], geo.act) - m) * rs * mg;
-              v = scale * dv * act_grad(u[ro][o], geo.act);
-            }
-            du[at] = v;
+            du[at] = h >= 0 && h < geo.H && wc >= 0 && wc < geo.W
+                         ? du_of(d[at], u[ro][o], kd, geo.act)
+                         : 0.f;
           }
       }
     }
@@ -1490,6 +1539,277 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
       in_aff.dscale_p[prow + l.cl] = sdscale;
       in_aff.dshift_p[prow + l.cl] = sdshift;
     }
+  }
+}
+
+// ---------------------------------------------------------------- B2 on tensor cores
+// bwd_main_kernel's results with the saved u (SU), with dx and dW on tensor cores, for 16-bit
+// x in NCHW on the 16-byte path, k <= kMmaB2MaxK and no input affine (docs/DESIGN.md, "CUDA
+// tensor cores"). A block takes one 32 x 32 tile of one channel in one image, 2 warps:
+//  1. du on dx's halo (32 + K - 1 rows from PA = K - 1 - PB above the tile, 16-byte chunks
+//     from 8 columns left of it; zero outside the image), from the saved u and dout, as two
+//     16-bit terms in two planes, hi = rn(s du) and lo = rn(s du - hi): s = 1 in bfloat16;
+//     float16, whose range is not fp32's, takes the power of two that brings the halo's
+//     largest |du| into [1, 2), undone on the fp32 results (the Triton kernels' split and
+//     scale, docs/DESIGN.md, "Numerics of B2"). The tile's db from the fp32 values. Beside
+//     them x's forward halo (PB above the tile) and a copy of it one column on.
+//  2. dx = dout + the correlation of du with the rotated kernel (padding before PA):
+//     apply_mma_kernel's MMAs (mma_correlate) over both terms' planes.
+//  3. dW, per row rr of x's halo: dW^T[j, i] += sum_c X[rr][c + j] du[rr - i][c] over the
+//     tile's 32 columns c (two k-steps). A (16 taps j x 16 columns) is a Hankel matrix of the
+//     halo row: its fragments are register loads at columns g + 2t + ..., a[1] = a[2], the
+//     odd columns' from the copy one column on (every operand pair 4-byte aligned); B (16
+//     columns x 8 taps i) is du's terms at tile row rr - i (0 outside the tile). The
+//     accumulators are dW's taps themselves: no band to extract. The warps take alternate
+//     rows; their sums meet in shared memory, in a fixed order.
+// Shared memory, in 16-bit elements: du's hi and lo planes (MmaShape with PA), x's halo and
+// its copy (xchunks 16-byte chunks a row: the A pairs reach column 54 - PB), the
+// rotated kernel's weights; then floats: float16's fp32 du on the halo, and 4 for the
+// block's sums.
+constexpr int kMmaB2MaxK = 16;  // dW's taps j: the 16 rows of one MMA tile
+
+struct MmaB2Layout {
+  MmaShape D;          // du's halo: dx's correlation, the rotated kernel, PA before
+  int NT;              // dW's MMA tiles along its taps i, 8 each
+  int xchunks, xstride, xrows;
+  __host__ __device__ constexpr MmaB2Layout(int k)
+      : D(k, k - 1 - pad_before(k)), NT(cdiv(k, 8)), xchunks(cdiv(55 - pad_before(k), 8)),
+        xstride(0), xrows(kMmaTile + k - 1) {
+    xstride = mma_stride(xchunks);
+  }
+  __host__ __device__ constexpr int lo() const { return D.halo(); }
+  __host__ __device__ constexpr int x0() const { return 2 * D.halo(); }
+  __host__ __device__ constexpr int x1() const { return x0() + xrows * xstride; }
+  // the rotated kernel's staged weights (stage_mma_weights)
+  __host__ __device__ constexpr int wts() const { return x1() + xrows * xstride; }
+  // float offsets, 16-byte aligned
+  __host__ __device__ constexpr int scratch() const {
+    return round_up(wts() + D.K * mma_wrow(2), 8) / 2;
+  }
+  __host__ __device__ constexpr int red(bool half) const {
+    return scratch() + (half ? D.halo() : 0);
+  }
+  __host__ __device__ constexpr int bytes(bool half) const { return (red(half) + 4) * 4; }
+};
+
+// (s, 1/s): the power of two s that takes mag (>= 0) into [1, 2) ([0, 1) below the smallest
+// normal number); applying and undoing it is exact (triton_kernels._pow2_scale).
+__device__ __forceinline__ void pow2_scale(float mag, float& s, float& inv) {
+  uint32_t b;
+  std::memcpy(&b, &mag, 4);
+  uint32_t e = (b >> 23) & 0xffu;
+  e = e < 1u ? 1u : (e > 253u ? 253u : e);
+  const uint32_t sb = (254u - e) << 23, ib = e << 23;
+  std::memcpy(&s, &sb, 4);
+  std::memcpy(&inv, &ib, 4);
+}
+
+// A chunk of 8 values v, times s, as its two 16-bit terms at `at` of the hi and lo planes.
+template <typename T>
+__device__ __forceinline__ void store_terms(T* hi, T* lo, int at, const float (&v)[8], float s) {
+  Vec16<T> h, l;
+  CMX_UNROLL
+  for (int e = 0; e < 8; ++e) {
+    const float a = v[e] * s;
+    h.v[e] = cmx_from_float(a, T{});
+    l.v[e] = cmx_from_float(a - cmx_to_float(h.v[e]), T{});
+  }
+  st16(hi + at, h);
+  st16(lo + at, l);
+}
+
+// (__maxnreg__(96) rather than __launch_bounds__(64), which cannot go with it: under that
+// bound ptxas took 72 registers on sm_80 and kept pointers on the stack across du's unrolled
+// activations; at 2 warps a block, occupancy is shared memory's to limit)
+template <typename T, int KT>
+__global__ void __maxnreg__(96)
+    bwd_mma_kernel(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
+                   const float* __restrict__ u_saved, const float* __restrict__ mean,
+                   const float* __restrict__ rstd, const float* __restrict__ gamma,
+                   const float* __restrict__ dbeta, const float* __restrict__ dgamma,
+                   bool batch_stats, T* __restrict__ dx, float* __restrict__ dw_p,
+                   float* __restrict__ db_p, Geom geo) {
+  constexpr int V = Blk<T>::VEC;  // 8
+  constexpr bool half = std::is_same_v<T, cmx_half>;
+  const MmaB2Layout L(KT > 0 ? KT : geo.K);
+  const MmaShape& D = L.D;
+  const int K = D.K, PA = D.PB, PB = K - 1 - PA;
+  CMX_DYN_SMEM(smem);
+  T* const dhi = reinterpret_cast<T*>(smem);
+  T* const dlo = dhi + L.lo();
+  T* const xh0 = dhi + L.x0();
+  T* const xh1 = dhi + L.x1();
+  T* const sw = dhi + L.wts();
+  float* const dsc = smem + L.scratch();
+  float* const red = smem + L.red(half);
+  // grid: x the plane (image n, channel c), y and z the tile's column and row
+  const unsigned plane = blockIdx.x;
+  const int c = static_cast<int>(plane % static_cast<unsigned>(geo.C));
+  const int n = static_cast<int>(plane / static_cast<unsigned>(geo.C));
+  const int w0 = static_cast<int>(blockIdx.y) * kMmaTile;
+  const int h0 = static_cast<int>(blockIdx.z) * kMmaTile;
+  const int64_t base = plane_base(geo, n, c);
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  // a thread's 16-byte chunk column m (from w0 - 8) and rows r0, r0 + 8, ... (chunks <= 8)
+  const int m = tid % 8, r0 = tid / 8;
+  const int gw = w0 - kMmaLead + m * V;
+  const bool col_in = gw >= 0 && gw < geo.W;  // (W, w0 multiples of 8: whole chunks)
+  constexpr int KS = KT > 0 ? MmaShape(KT, KT - 1 - pad_before(KT)).ks : 2;
+  stage_mma_weights<T, true>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
+  // 1. x's halo, rows h0 - PB .., as raw bytes (zeros outside the image)
+  if (m < L.xchunks)
+    for (int r = r0; r < L.xrows; r += 8) {
+      const int gh = h0 - PB + r;
+      Raw16 v{{0u, 0u, 0u, 0u}};
+      if (col_in && gh >= 0 && gh < geo.H)
+        v = *reinterpret_cast<const Raw16*>(x + offset_of(geo, base, gh, gw));
+      *reinterpret_cast<Raw16*>(xh0 + r * L.xstride + m * V) = v;
+    }
+  //    du on dx's halo, rows h0 - PA ..: its terms (bfloat16), or (float16) its fp32 values
+  //    until the halo's largest |du| is known; db over the tile's chunks (1 to 4)
+  const DuCoef kd = du_coef_of(gamma, rstd, mean, dbeta, dgamma, batch_stats, geo.inv_n, c);
+  float dbs = 0.f, mx = 0.f;
+  if (m < D.chunks) {
+    const bool col_tile = m >= 1 && m <= kMmaTile / V;
+    for (int r = r0; r < D.rows; r += 8) {
+      const int gh = h0 - PA + r;
+      float du[V];
+      if (col_in && gh >= 0 && gh < geo.H) {
+        const int64_t off = offset_of(geo, base, gh, gw);
+        const Vec16<T> dv = ld16(dout + off);
+        float u[V];
+        ld16_floats<V>(u_saved + off, u);
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) du[e] = du_of(cmx_to_float(dv.v[e]), u[e], kd, geo.act);
+      } else {
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) du[e] = 0.f;
+      }
+      if (col_tile && r >= PA && r < PA + kMmaTile)
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) dbs += du[e];
+      if constexpr (half) {
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) {
+          mx = fmaxf(mx, fabsf(du[e]));
+          dsc[r * D.stride + m * V + e] = du[e];
+        }
+      } else {
+        store_terms(dhi, dlo, r * D.stride + m * V, du, 1.f);
+      }
+    }
+  }
+  CMX_UNROLL
+  for (int o = 16; o > 0; o /= 2) {  // the warp's sums, in a fixed order
+    dbs += __shfl_xor_sync(0xffffffffu, dbs, o);
+    if constexpr (half) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  }
+  if (lane == 0) {
+    red[warp] = dbs;
+    red[2 + warp] = mx;
+  }
+  __syncthreads();
+  float s = 1.f, inv_s = 1.f;
+  if constexpr (half) {
+    pow2_scale(fmaxf(red[2], red[3]), s, inv_s);
+    if (m < D.chunks)
+      for (int r = r0; r < D.rows; r += 8) {
+        float v[V];
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) v[e] = dsc[r * D.stride + m * V + e];
+        store_terms(dhi, dlo, r * D.stride + m * V, v, s);
+      }
+  }
+  //    x's halo one column on (its last column is never read)
+  if (m < L.xchunks)
+    for (int r = r0; r < L.xrows; r += 8)
+      CMX_UNROLL
+      for (int e = 0; e < V; ++e) {
+        const int q = r * L.xstride + m * V + e;
+        xh1[q] = m * V + e + 1 < L.xchunks * V ? xh0[q + 1] : cmx_from_float(0.f, T{});
+      }
+  __syncthreads();
+  // 2. dx: accumulator pairs (rows g, g + 8 of the warp's 16; columns 8 nb + 2t, + 1) plus
+  //    dout, two outputs per 4-byte access (a column pair lies wholly inside or outside)
+  {
+    float acc[4][4], unused[4][4];
+    mma_correlate<T, KT, KS, 2, 1>(dhi, dlo, sw, D, warp, acc, unused);
+    CMX_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = 16 * warp + g + 8 * hr;
+      if (h0 + r >= geo.H) continue;
+      const int64_t orow = offset_of(geo, base, h0 + r, w0 + 2 * t);
+      CMX_UNROLL
+      for (int nb = 0; nb < 4; ++nb) {
+        if (w0 + 8 * nb >= geo.W) break;
+        float dv[2];
+        unpack2<T>(cmx_ld_pair(dout + orow + 8 * nb), dv);
+        const T y0 = cmx_from_float(dv[0] + acc[nb][2 * hr] * inv_s, T{});
+        const T y1 = cmx_from_float(dv[1] + acc[nb][2 * hr + 1] * inv_s, T{});
+        *reinterpret_cast<uint32_t*>(dx + orow + 8 * nb) = pack2(y0, y1);
+      }
+    }
+  }
+  // 3. dW: A from x's halo row rr at columns c + j + 8 - PB (this lane's pairs from column
+  //    col0 on, or from the copy one column on where col0 is odd); B from du's terms at plane
+  //    row rr - i + PA, columns 8 + c. Every thread runs every row pair (the MMAs are the
+  //    warp's together: the emulator's, the block's); a warp's rows past the halo add zeros.
+  constexpr int NTX = KT > 0 ? cdiv(KT, 8) : 2;
+  float aw[NTX][4];
+  CMX_UNROLL
+  for (int nt = 0; nt < NTX; ++nt)
+    CMX_UNROLL
+    for (int q = 0; q < 4; ++q) aw[nt][q] = 0.f;
+  const int col0 = g + 2 * t + kMmaLead - PB;
+  const T* const xa = (col0 & 1) ? xh1 + col0 - 1 : xh0 + col0;
+  for (int rp = 0; rp < cdiv(L.xrows, kMmaWarps); ++rp) {
+    const int rr = kMmaWarps * rp + warp;
+    const bool row_ok = rr < L.xrows;
+    CMX_UNROLL
+    for (int kk = 0; kk < 2; ++kk) {
+      const T* p = xa + rr * L.xstride + 16 * kk;
+      const uint32_t a1 = row_ok ? cmx_ld_pair(p + 8) : 0u;
+      const uint32_t a[4] = {row_ok ? cmx_ld_pair(p) : 0u, a1, a1,
+                             row_ok ? cmx_ld_pair(p + 16) : 0u};
+      CMX_UNROLL
+      for (int nt = 0; nt < NTX; ++nt) {
+        if (nt >= L.NT) break;
+        const int r = rr - 8 * nt - g;  // du's tile row
+        const bool ok = row_ok && r >= 0 && r < kMmaTile;
+        const int o = (r + PA) * D.stride + kMmaLead + 2 * t + 16 * kk;
+        CMX_UNROLL
+        for (int term = 0; term < 2; ++term) {
+          const T* du = term == 0 ? dhi : dlo;
+          const uint32_t bf[2] = {ok ? cmx_ld_pair(du + o) : 0u,
+                                  ok ? cmx_ld_pair(du + o + 8) : 0u};
+          cmx_mma_16816(aw[nt], a, bf, T{});
+        }
+      }
+    }
+  }
+  __syncthreads();  // the x planes are free: warp 1's sums go there, warp 0 adds its own
+  float* const ex = smem + L.x0() / 2;
+  if (warp == 1)
+    CMX_UNROLL
+    for (int nt = 0; nt < NTX; ++nt)
+      CMX_UNROLL
+      for (int q = 0; q < 4; ++q) ex[(nt * 4 + q) * 32 + lane] = aw[nt][q];
+  __syncthreads();
+  if (warp == 0) {
+    // the partial row: image n's tile (blockIdx.z, blockIdx.y) of gridDim.y * gridDim.z
+    const int64_t prow =
+        ((static_cast<int64_t>(n) * gridDim.z + blockIdx.z) * gridDim.y + blockIdx.y) * geo.C +
+        c;
+    float* const out = dw_p + prow * K * K;
+    CMX_UNROLL
+    for (int nt = 0; nt < NTX; ++nt)
+      CMX_UNROLL
+      for (int q = 0; q < 4; ++q) {
+        const int j = g + 8 * (q / 2), i = 8 * nt + 2 * t + q % 2;
+        if (i < K && j < K) out[i * K + j] = (aw[nt][q] + ex[(nt * 4 + q) * 32 + lane]) * inv_s;
+      }
+    if (tid == 0) db_p[prow] = red[0] + red[1];
   }
 }
 

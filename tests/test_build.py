@@ -60,19 +60,20 @@ def test_cuda_library_has_no_spills():
     convolution output, F1 and B2 x k in {7, 9, generic}, F2 (tiled, for other strides) and
     B1 (channels_last, ...) x 1, F2 element by element and B1's direct loads in NCHW), and
     F2 on tensor cores for the 2 16-bit dtypes x k in {3, 5, 7, 9, generic} x with and
-    without the input affine."""
+    without the input affine, and B2 on tensor cores (reading the saved u) for the 2 16-bit
+    dtypes x k in {7, 9, generic}."""
     from benchmarks.targets import resource_usage
     rows = resource_usage(_lib_path("cuda"))
     for arch in (80, 90):
         mine = [r for r in rows if r["arch"] == arch]
-        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 2, (arch, len(mine))
+        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 2 + 2 * 3, (arch, len(mine))
         bad = [r for r in mine if r["local"] or r["stack"]]
         assert not bad, f"spills / stack frames on sm_{arch}: {bad}"
 
 
 def test_tensor_core_kernel_is_on_tensor_cores():
-    """F2's tensor-core kernel runs its convolution as HMMA instructions in the sm_80 and the
-    sm_90 code of every instantiation (the emulator runs its arithmetic, not this
+    """F2's and B2's tensor-core kernels run their convolutions as HMMA instructions in the
+    sm_80 and the sm_90 code of every instantiation (the emulator runs its arithmetic, not this
     instruction): for the unrolled k (one MMA k-step up to k = 9) K * 4 of them, twice that
     with the input affine's mask MMAs; the CUDA-core kernels have none."""
     from benchmarks.static import cuda_kernel_facts
@@ -87,8 +88,20 @@ def test_tensor_core_kernel_is_on_tensor_cores():
             assert f["hmma"] > 0, (arch, kt, aff)
             if kt:
                 assert f["hmma"] == (2 if aff else 1) * kt * 4, (arch, kt, aff, f["hmma"])
+        # B2's: dx as F2's over du's two terms (K * ks * 4 * 2, ks = 1 up to k = 9) and dW's
+        # loop body (2 k-steps x ceil(k / 8) tiles x 2 terms), as many times as the compiler
+        # unrolled it
+        b2 = {key: f for key, f in facts.items() if key[0] == arch and
+              key[1] == "bwd_mma_kernel"}
+        assert sorted(k[2:4] for k in b2) == [(dt, kt) for dt in ("bfloat16", "float16")
+                                              for kt in (0, 7, 9)]
+        for (_, _, _, kt, _), f in b2.items():
+            assert f["hmma"] > 0, (arch, kt)
+            if kt:
+                dw = f["hmma"] - kt * 4 * 2
+                assert dw > 0 and dw % (2 * -(-kt // 8) * 2) == 0, (arch, kt, f["hmma"])
         others = [key for key, f in facts.items() if key[0] == arch and
-                  key[1] != "apply_mma_kernel" and f["hmma"]]
+                  key[1] not in ("apply_mma_kernel", "bwd_mma_kernel") and f["hmma"]]
         assert not others, others
 
 

@@ -11,6 +11,7 @@ import torch
 
 from conftest import DEVICE
 from convmixer_ext import ConvMixerLayer, _env
+from convmixer_ext._cmx_lib import TC_ALL, TC_F2
 from convmixer_ext import torch_backend as twin
 from convmixer_ext.backends import KernelBackend, backend_reason, library
 from convmixer_ext.cuda_kernels import TC_MAX_KERNEL_SIZE, Launchers, tc_takes_width
@@ -21,7 +22,7 @@ BACKEND = "cuda" if DEVICE == "cuda" else "cuda_emu"
 pytestmark = pytest.mark.skipif(backend_reason(BACKEND, DEVICE) is not None,
                                 reason=f"{BACKEND} unavailable here")
 
-F2 = 1 << 1  # the plan's mma bit of F2
+F2, B2 = 1 << 1, 1 << 3  # the plan's mma bits of F2 and B2
 # one unit in the last place, relative to the largest output (8 / 11 significant bits)
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
@@ -30,9 +31,11 @@ def _lib():
     return library("cuda" if BACKEND == "cuda" else "emulation")[0]
 
 
-def _impls():
+def _impls(level=TC_ALL):
+    """(tensor cores at ``level``: every pass that has a tensor-core kernel by default,
+    CUDA cores)."""
     lib = _lib()
-    return (KernelBackend(Launchers(lib, DEVICE, tensor_cores=True), saves_u=True),
+    return (KernelBackend(Launchers(lib, DEVICE, tensor_cores=level), saves_u=True),
             KernelBackend(Launchers(lib, DEVICE, tensor_cores=False), saves_u=True))
 
 
@@ -130,14 +133,14 @@ def test_f2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, affine, act
 
 
 def test_tensor_cores_only_where_the_kernel_takes_the_shape():
-    """The planner takes apply_mma_kernel for F2 alone and only for 16-bit x in NCHW on the
-    16-byte path, k <= 17, without a saved u, and only when asked; the other passes keep
-    their kernels."""
+    """The planner takes apply_mma_kernel for F2 and bwd_mma_kernel for B2 only for 16-bit x
+    in NCHW on the 16-byte path, k <= 17, and only when asked: F2 without a saved u, B2
+    with one (it reads u) and without the input affine; F1 and B1 keep their kernels."""
     tc, cc = _impls()
     bf = torch.bfloat16
 
-    def mma(x, k=3, saved_u=False, impl=tc):
-        return impl.k.plan(x, k, 0, False, saved_u=saved_u).mma
+    def mma(x, k=3, saved_u=False, impl=tc, affine=False):
+        return impl.k.plan(x, k, 0, affine, saved_u=saved_u).mma
 
     x = torch.zeros(2, 4, 16, 16, dtype=bf, device=DEVICE)
     assert mma(x) == F2 and mma(x, 17) == F2
@@ -145,7 +148,17 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     assert mma(x, 18) == 0 and mma(x, 19) == 0                         # halo beyond 8 columns
     # the largest k it takes is the one "auto" sends to the library for 16-bit NCHW eval
     assert mma(x, TC_MAX_KERNEL_SIZE) == F2 and mma(x, TC_MAX_KERNEL_SIZE + 1) == 0
-    assert mma(x, 9, saved_u=True) == 0                                # F2 reads u: no conv
+    assert mma(x, 9, saved_u=True) == B2                               # F2 reads u: no conv
+    assert mma(x, 16, saved_u=True) == B2 and mma(x, 17, saved_u=True) == 0  # dW: 16 taps
+    assert mma(x, 9, saved_u=True, affine=True) == 0                   # B2: no input affine
+    assert mma(x, 9, affine=True) == F2
+    assert mma(x, 9, saved_u=True, impl=cc) == 0
+    f2_only = _impls(TC_F2)[0]                                         # the default level
+    assert mma(x, 9, saved_u=True, impl=f2_only) == 0 and mma(x, impl=f2_only) == F2
+    assert mma(x, impl=_impls(True)[0]) == F2                          # True: that level
+    for bad in (x.float(), x.to(memory_format=torch.channels_last),
+                torch.zeros(2, 4, 16, 12, dtype=bf, device=DEVICE)):
+        assert mma(bad, 9, saved_u=True) == 0
     assert mma(x.float()) == 0                                         # fp32: exact FMA
     assert mma(x.to(memory_format=torch.channels_last)) == 0           # channels_last
     assert mma(torch.zeros(2, 4, 16, 12, dtype=bf, device=DEVICE)) == 0  # W % 8 != 0
@@ -157,6 +170,11 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     assert mma(off) == 0                                               # misaligned
     plan = tc.k.plan(x, 3, 0, False)
     assert plan.blocks[1] == 2 * 4 * 1 and plan.threads[1] == 64       # a block per plane tile
+    # B2: a block and a partial row per image and 32 x 32 tile
+    plan = tc.k.plan(torch.zeros(3, 4, 40, 72, dtype=bf, device=DEVICE), 9, 0, False,
+                     saved_u=True)
+    assert plan.blocks[3] == 3 * 4 * 2 * 3 and plan.threads[3] == 64
+    assert plan.partial_rows[3] == 3 * 2 * 3
 
 
 def test_the_switch_reaches_the_layer(monkeypatch):
@@ -215,3 +233,106 @@ def test_non_finite_input_never_vanishes_and_results_repeat(bad):
     bad_ref, bad_out = ~torch.isfinite(ref), ~torch.isfinite(out)
     assert bad_ref.any() and bad_out[bad_ref].all()
     assert torch.isfinite(out[0, 0]).all()  # the other channel is untouched
+
+
+# ---------------------------------------------------------------- B2
+# (k <= 16: dW's taps along one MMA tile's 16 rows; k = 16 the largest, even, two MMA tiles
+# of its 8 taps i)
+B2_CASES = [c for c in CASES if c[-1] <= 16] + [(1, 2, 20, 24, 16)]
+
+
+def _b2_inputs(case, dtype, g):
+    N, C, H, W, k = case
+    x, w, b, _ = _inputs(N, C, H, W, k, dtype, False, g)
+    dout = torch.randn(N, C, H, W, generator=g).to(DEVICE, dtype)
+    gamma = (1 + 0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    beta = (0.2 * torch.randn(C, generator=g)).to(DEVICE)
+    return x, dout, w, b, gamma, beta
+
+
+@pytest.mark.parametrize("dtype, act", [(torch.bfloat16, "gelu"), (torch.float16, "gelu"),
+                                        (torch.bfloat16, "relu")], ids=["bf16", "fp16", "relu"])
+@pytest.mark.parametrize("case", B2_CASES, ids=lambda c: "{}x{}x{}x{}-k{}".format(*c))
+def test_b2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, act):
+    """bwd_mma_kernel (B2 reading the saved u): every pass against the twin (dx in the
+    dtype's tolerance, dW and db in fp32's: du enters the MMAs as two 16-bit terms, docs/
+    DESIGN.md, "Numerics of B2"), with batch statistics and without; and dx within one unit
+    in the last place of the CUDA-core kernel's (the same sums in another order), and dW and
+    db in fp32's tolerance of it without batch statistics (with them, BN's projection makes
+    dW a sum that cancels to a fraction of its terms, which compare_passes holds against
+    the twin)."""
+    from helpers import compare_passes
+    g = torch.Generator().manual_seed(11)
+    x, dout, w, b, gamma, beta = _b2_inputs(case, dtype, g)
+    k = case[-1]
+    tc, cc = _impls()
+    assert tc.k.plan(x, k, 0, False, saved_u=True).mma == B2, "B2 must take bwd_mma_kernel"
+    assert cc.k.plan(x, k, 0, False, saved_u=True).mma == 0
+    compare_passes(tc, x, dout, w, b, gamma, beta, act, None, dtype, saved_u=True)
+    u = torch.empty_like(x, dtype=torch.float32)
+    mean, var = cc.stats(x, w, b, act, None, u=u)
+    rstd = rstd_from_var(var, 1e-5)
+    dbeta, dgamma = cc.bwd_reduce(dout, x, w, b, mean, rstd, act, None, u=u)
+    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, act, None)
+    dx, dw, db, _ = tc.bwd_main(*args, u=u)
+    dx_c, dw_c, db_c, _ = cc.bwd_main(*args, u=u)
+    err = (dx.double() - dx_c.double()).abs().max().item()
+    assert err <= ULP[dtype] * dx_c.double().abs().max().item(), err
+    # ... and rounds to the same 16-bit value almost everywhere: only where the fp32 sums sit
+    # at a rounding boundary (du's high term alone would move ~half of them by an ulp)
+    differ = (dx != dx_c).double().mean().item()
+    assert differ <= 0.01, differ
+    assert_close(dw, dw_c, torch.float32, "dW against CUDA cores")
+    assert_close(db, db_c, torch.float32, "db against CUDA cores")
+
+
+@pytest.mark.parametrize("gamma_scale", [1e-7, 1e6], ids=["tiny-du", "huge-du"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # dx: inf, as the twin's
+def test_b2_on_tensor_cores_keeps_fp32_range_in_float16(gamma_scale):
+    """float16 has 5 exponent bits: du from a BN gamma of 1e-7 falls below its normal range
+    and from 1e6 beyond its largest value. Each block scales its halo's du by a power of two
+    before splitting it, so dW and db keep the fp32 tolerance; the images' du 2^16 apart (a
+    scale per block, not per launch)."""
+    g = torch.Generator().manual_seed(12)
+    x, dout, w, b, gamma, _ = _b2_inputs((2, 2, 40, 24, 7), torch.float16, g)
+    gamma = gamma * gamma_scale
+    dout[0] *= 2.0**-8
+    dout[1] *= 2.0**8
+    tc, _ = _impls()
+    u = twin.conv_u(x, w, b, None).contiguous()
+    mean, var = twin.stats(x, w, b, "gelu", None)
+    rstd = rstd_from_var(var, 1e-5)
+    dbeta, dgamma = twin.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", None)
+    # (no batch-statistics terms: they would mix the images)
+    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, "gelu", None)
+    assert tc.k.plan(x, 7, 0, False, saved_u=True).mma == B2
+    _, dw, db, _ = tc.bwd_main(*args, u=u)
+    _, dw_t, db_t, _ = twin.bwd_main(*args, u=u)
+    for got, want, what in ((dw, dw_t, "B2 dW"), (db, db_t, "B2 db")):
+        m = want.abs().max()  # relative to their own magnitude (assert_close floors at 1e-2)
+        assert 0 < m < float("inf")
+        assert_close(got / m, want / m, torch.float32, what)
+
+
+def test_b2_on_tensor_cores_repeats_and_keeps_non_finite_du():
+    """Bitwise-identical gradients run after run (fixed-order sums, no atomics); a
+    non-finite dout reaches dx and dW as the CUDA-core kernel's does."""
+    g = torch.Generator().manual_seed(13)
+    x, dout, w, b, gamma, _ = _b2_inputs((1, 2, 16, 24, 5), torch.bfloat16, g)
+    tc, cc = _impls()
+    u = twin.conv_u(x, w, b, None).contiguous()
+    C = x.shape[1]
+    mean, rstd = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+    z = torch.zeros(C, device=DEVICE)
+
+    def run(impl, d):
+        return impl.bwd_main(d, x, w, b, mean, rstd, gamma, z, z, False, "gelu", None, u=u)
+    first, again = run(tc, dout), run(tc, dout)
+    for a, b_ in zip(first[:3], again[:3]):
+        assert torch.equal(a, b_)
+    dout[0, 1, 7, 9] = float("inf")
+    (dx, dw, _, _), (dx_c, dw_c, _, _) = run(tc, dout), run(cc, dout)
+    assert not torch.isfinite(dx_c[0, 1]).all() and not torch.isfinite(dw_c[1]).all()
+    assert (~torch.isfinite(dx[~torch.isfinite(dx_c)])).all()
+    assert not torch.isfinite(dw[1]).all()
+    assert torch.isfinite(dx[0, 0]).all() and torch.isfinite(dw[0]).all()  # the other channel
