@@ -180,8 +180,8 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
 def test_the_switch_reaches_the_layer(monkeypatch):
     """A ConvMixerLayer's eval forward runs on the tensor-core kernel by default (the shape
     the library gets asks for it; the result within one unit in the last place of the
-    CUDA-core one); CONVMIXER_EXT_CUDA_TC=0: nothing asks, =1 as unset; other values are
-    refused with the variable's name."""
+    CUDA-core one); CONVMIXER_EXT_CUDA_TC=0: nothing asks, =1 as unset, =all asks for B2
+    too; other values are refused with the variable's name."""
     from convmixer_ext import cuda_kernels
     asked = []
     real = cuda_kernels.shape_of
@@ -209,8 +209,23 @@ def test_the_switch_reaches_the_layer(monkeypatch):
         assert asked and all(asked), on
     err = (out.double() - ref.double()).abs().max().item()
     assert err <= ULP[torch.bfloat16] * ref.double().abs().max().item()
+    # training at k = 9 saves u: its B2 asks for tensor cores at "all" (level 2) alone, and
+    # its gradients are the CUDA-core B2's up to the split's rounding
+    layer.train()
+    grads = {}
+    for level in ("1", " all "):
+        monkeypatch.setenv(_env.CUDA_TC_VAR, level)
+        asked.clear()
+        xs = x.clone().requires_grad_()
+        layer.zero_grad()
+        layer(xs).float().square().sum().backward()
+        assert set(asked) == ({1} if level == "1" else {2}), (level, asked)
+        grads[level] = [xs.grad, layer[0].fn[0].weight.grad]
+    for a, b_ in zip(*grads.values()):
+        assert_close(a, b_, torch.bfloat16, "B2 on tensor cores against CUDA cores")
     monkeypatch.setenv(_env.CUDA_TC_VAR, "yes")
-    with pytest.raises(ValueError, match=_env.CUDA_TC_VAR), torch.no_grad():
+    with pytest.raises(ValueError, match=f"{_env.CUDA_TC_VAR} must be 0, 1 or all"), \
+            torch.no_grad():
         layer(x)
 
 
