@@ -65,11 +65,11 @@
 #                                      # default tiling "2", #15's k = 9 / k = 3 ratio), then
 #                                      # Nsight Compute on the CUDA tensor-core F2 (k = 3,
 #                                      # both dtypes)
-#   bash benchmarks/gpu_session.sh 16  # the CUDA library's B2 on tensor cores (opt-in:
-#                                      # cuda-tcall, CONVMIXER_EXT_CUDA_TC=all), in ~5
-#                                      # minutes: its tests, then bf16 and fp16 NCHW training
-#                                      # blocks (cuda, cuda-tcall, triton_tc, eager) at k = 7,
-#                                      # 9, 15 (B2 reads the saved u there) and Nsight Compute
+#   bash benchmarks/gpu_session.sh 16  # the CUDA library's F1 and B2 on tensor cores
+#                                      # (opt-in: cuda-tcall, CONVMIXER_EXT_CUDA_TC=all), in
+#                                      # ~5 minutes: their tests, then bf16 and fp16 NCHW
+#                                      # training blocks (cuda, cuda-tcall, triton_tc, eager)
+#                                      # at k = 7, 9, 15 (u is saved there) and Nsight Compute
 #                                      # on bwd_mma_kernel (k = 9): #15's k = 9 / k = 3 ratio,
 #                                      # and fp16 triton_tc training with du stored split
 #

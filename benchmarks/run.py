@@ -82,8 +82,9 @@ RECOMPUTE = "-recompute"
 # plain provider takes the library's default, NCHW only (docs/DESIGN.md, "L2 prefetch").
 # "<backend>-tc" / "<backend>-notc": the CUDA library with F2 / eval on tensor cores where its
 # kernel takes the shape (the default) / on CUDA cores (CONVMIXER_EXT_CUDA_TC=1 / 0;
-# docs/DESIGN.md, "CUDA tensor cores"); "<backend>-tcall": B2 too, where it reads the saved
-# convolution output (CONVMIXER_EXT_CUDA_TC=all: opt-in until a GPU has timed it).
+# docs/DESIGN.md, "CUDA tensor cores"); "<backend>-tcall": training's F1 saving the
+# convolution output and B2 reading it too (CONVMIXER_EXT_CUDA_TC=all: opt-in until a GPU
+# has timed them).
 PROVIDER_ENV = {"-noprefetch": (_env.PREFETCH_VAR, "0"), "-prefetch": (_env.PREFETCH_VAR, "1"),
                 "-tc": (_env.CUDA_TC_VAR, "1"), "-notc": (_env.CUDA_TC_VAR, "0"),
                 "-tcall": (_env.CUDA_TC_VAR, "all")}

@@ -52,8 +52,8 @@ def _libraries():
         tc = [f"off ({_env.CUDA_TC_VAR}=0)",
               f"on (the default: F2 / eval of 16-bit NCHW, k <= {TC_MAX_KERNEL_SIZE}; "
               f"{_env.CUDA_TC_VAR}=0 turns it off, =all adds B2)",
-              f"F2 and B2 ({_env.CUDA_TC_VAR}=all: B2 of 16-bit NCHW reading the saved "
-              f"convolution output, no input affine, k <= {TC_MAX_KERNEL_SIZE})"][level]
+              f"F2, F1 and B2 ({_env.CUDA_TC_VAR}=all: training's F1 saving the "
+              f"convolution output and B2 reading it, 16-bit NCHW)"][level]
     except ValueError as e:
         tc = str(e)
     lines.append(f"kernel library tensor cores: {tc}")

@@ -12,8 +12,9 @@
 - ``CONVMIXER_EXT_CUDA_TC``: ``1`` or unset: the CUDA library's F2 / eval pass convolves
   float16 / bfloat16 NCHW on tensor cores where its kernel takes the shape (measured faster
   than its CUDA-core kernel at every k it takes; docs/DESIGN.md, "CUDA tensor cores");
-  ``all``: its B2 too where it reads the saved convolution output (no input affine; not
-  yet timed on a GPU, so asked for only); ``0``: every pass on CUDA cores.
+  ``all``: its F1 saving the convolution output and its B2 reading it too (training from
+  k = 7; B2 without an input affine; not yet timed on a GPU, so asked for only); ``0``:
+  every pass on CUDA cores.
 """
 from __future__ import annotations
 

@@ -48,8 +48,8 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     ``prefetch``: the kernels prefetch what they stage into L2 (a hint: same results);
     ``tensor_cores``: the passes that may run on tensor cores where their kernels take the
     shape (16-bit x, NCHW, 16-byte path, k <= TC_MAX_KERNEL_SIZE; the plan's ``mma`` says
-    where): False / 0 none, True / 1 (``_cmx_lib.TC_F2``) F2, 2 (``TC_ALL``) B2 too, where
-    it reads the saved u and has no input affine."""
+    where): False / 0 none, True / 1 (``_cmx_lib.TC_F2``) F2, 2 (``TC_ALL``) F1 saving u
+    and B2 reading it too (B2: k <= 16, no input affine)."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):

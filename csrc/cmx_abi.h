@@ -69,7 +69,8 @@ typedef struct {
   int32_t tensor_cores; /* passes on tensor cores (mma.sync) where their kernels take the
                          * shape (16-bit x in NCHW on the 16-byte path, k <= 17; cmx_plan.mma
                          * says which passes do): 0 none; CMX_TC_F2 F2 without saved_u;
-                         * CMX_TC_ALL also B2 with saved_u and no input affine */
+                         * CMX_TC_ALL also F1 saving u and B2 reading it (B2: k <= 16, no
+                         * input affine) */
 } cmx_shape;
 
 /* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the
@@ -82,8 +83,8 @@ typedef struct {
   int32_t direct;               /* bit i: pass i loads global memory directly, no staged
                                  * tiles (F2, B1 reading the saved u: their own kernels) */
   int32_t mma;                  /* bit i: pass i convolves on tensor cores (F2 with
-                                 * shape.tensor_cores: apply_mma_kernel; B2:
-                                 * bwd_mma_kernel) */
+                                 * shape.tensor_cores: apply_mma_kernel; F1:
+                                 * stats_mma_kernel; B2: bwd_mma_kernel) */
   int64_t partial_rows[4];
   int64_t blocks[4];
   int32_t threads[4];

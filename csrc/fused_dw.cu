@@ -257,6 +257,14 @@ bool mma_b2_takes(const cmx_shape* s, const Geom& g) {
          s->saved_u != 0 && s->k <= kMmaB2MaxK && s->has_in_affine == 0;
 }
 
+// Whether F1 takes stats_mma_kernel: asked for all passes (CMX_TC_ALL), 16-bit x in NCHW on
+// the 16-byte path, k <= kMmaMaxK, saving u (training's F1 where B2 then reads it; F1 without
+// saving keeps stats_kernel).
+bool mma_f1_takes(const cmx_shape* s, const Geom& g) {
+  return s->tensor_cores >= CMX_TC_ALL && s->dtype != CMX_FLOAT32 && g.layout == kNCHW &&
+         g.vec && s->saved_u != 0 && s->k <= kMmaMaxK;
+}
+
 // The plan of a tensor-core kernel: a block of kMmaWarps warps per 32 x 32 tile of a plane.
 int32_t mma_plan(const cmx_shape* s, const Geom& g, size_t smem, int64_t rows, Plan& p) {
   p.mma = true;
@@ -299,6 +307,11 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
   if (pass == kF2 && mma_takes(s, g))
     return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).elements(s->has_in_affine != 0)) * 2,
                     0, p);
+  if (pass == kF1 && mma_f1_takes(s, g))  // a partial row per image and tile; 4 floats of sums
+    return mma_plan(s, g,
+                    static_cast<size_t>(round_up(MmaShape(g.K).elements(s->has_in_affine != 0),
+                                                 8)) * 2 + 16,
+                    s->n * cdiv(g.W, kMmaTile) * cdiv(g.H, kMmaTile), p);
   if (pass == kB2 && mma_b2_takes(s, g))  // a partial row per image and tile
     return mma_plan(s, g, static_cast<size_t>(MmaB2Layout(g.K).bytes(s->dtype == CMX_FLOAT16)),
                     s->n * cdiv(g.W, kMmaTile) * cdiv(g.H, kMmaTile), p);
@@ -551,6 +564,15 @@ CMX_API int32_t cmx_stats(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
                         {out->mean_p, "mean_p"}, {out->m2_p, "m2_p"}, {out->count_p, "count_p"}},
                        "stats_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
                          using T = decltype(tag);
+                         constexpr int KT = decltype(kc)::value;
+                         if constexpr (!std::is_same_v<T, float> && decltype(su)::value)
+                           if (p.mma)
+                             return launch(s->has_in_affine ? stats_mma_kernel<T, KT, true>
+                                                            : stats_mma_kernel<T, KT, false>,
+                                           p, in, as<T>(in->x), as<T>(in->weight),
+                                           as<T>(in->bias), out->mean_p, out->m2_p,
+                                           out->count_p, out->u, in_affine_of(s, in, nullptr),
+                                           p.geo);
                          return launch(stats_kernel<T, decltype(kc)::value, decltype(su)::value>,
                                        p, in,
                                        as<T>(in->x), as<T>(in->weight), as<T>(in->bias),

@@ -868,6 +868,9 @@ constexpr int kMmaTile = 32;    // output rows and columns of a block
 constexpr int kMmaWarps = 2;    // a warp per 16 output rows, all 32 columns (4 MMA columns)
 constexpr int kMmaMaxK = 17;    // the halo starts 8 columns (16 bytes) left of the tile
 constexpr int kMmaLead = 8;
+// F1's and B2's tensor-core kernels: up to 128 registers (2 warps a block: 8 blocks of 64
+// threads fill an SM's registers; shared memory limits them to about that anyway)
+constexpr int kMmaMaxRegs = 128;
 
 // Shared-memory rows of `chunks` 16-byte chunks: `stride` elements apart, an odd number of
 // 4-word groups (the 8 rows of an operand load fall in different banks).
@@ -997,6 +1000,36 @@ __device__ __forceinline__ void mma_correlate(const T* plane0, const T* plane1, 
   }
 }
 
+// x's halo of a tile (h0, w0) in shared memory: `rows` rows from h0 - pb, `chunks` 16-byte
+// chunks from column w0 - 8, `stride` elements a row, each chunk wholly inside or outside the
+// image (W and w0 multiples of 8), copied as raw bytes (zeros outside); AFF: the in-image
+// mask plane beside it. A thread takes chunk m of rows r0, r0 + 8, ... (chunks <= 8), its
+// addresses advancing by additions. A barrier must follow before it is read.
+template <typename T, bool AFF>
+__device__ __forceinline__ void stage_mma_halo(T* halo, T* mask, const T* __restrict__ x,
+                                               const Geom& geo, int64_t base, int h0, int w0,
+                                               int pb, int rows, int chunks, int stride) {
+  constexpr int V = Blk<T>::VEC;
+  const uint32_t one = pack2(cmx_from_float(1.f, T{}), cmx_from_float(1.f, T{}));
+  const int tid = static_cast<int>(threadIdx.x), m = tid % 8, r0 = tid / 8;
+  const int gw = w0 - kMmaLead + m * V;
+  if (m >= chunks) return;
+  const bool col_in = gw >= 0 && gw < geo.W;
+  int64_t off = offset_of(geo, base, h0 - pb + r0, gw);
+  const int64_t step = 8 * geo.sH;
+  for (int r = r0; r < rows; r += 8, off += step) {
+    const int gh = h0 - pb + r;
+    const bool in = col_in && gh >= 0 && gh < geo.H;
+    Raw16 v{{0u, 0u, 0u, 0u}};
+    if (in) v = *reinterpret_cast<const Raw16*>(x + off);
+    *reinterpret_cast<Raw16*>(halo + r * stride + m * V) = v;
+    if (AFF) {
+      const uint32_t mv = in ? one : 0u;
+      *reinterpret_cast<Raw16*>(mask + r * stride + m * V) = Raw16{{mv, mv, mv, mv}};
+    }
+  }
+}
+
 // AFF: with the input affine (its mask MMAs and accumulators: an instantiation of its own,
 // so that the plain one keeps its registers).
 template <typename T, int KT, bool AFF>
@@ -1005,7 +1038,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                      const float* __restrict__ mean, const float* __restrict__ rstd,
                      const float* __restrict__ gamma, const float* __restrict__ beta,
                      T* __restrict__ out, InAffine in_aff, Geom geo) {
-  constexpr int V = Blk<T>::VEC;  // 8
   const MmaShape S(KT > 0 ? KT : geo.K);
   const int K = S.K;
   constexpr bool affine = AFF;
@@ -1019,31 +1051,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const int w0 = static_cast<int>(blockIdx.y) * kMmaTile, h0 = static_cast<int>(blockIdx.z) * kMmaTile;
   const int64_t base = plane_base(geo, n, c);
   const int tid = static_cast<int>(threadIdx.x);
-  // The halo: rows h0 - PB .., columns w0 - 8 .. in 16-byte chunks, each wholly inside or
-  // outside the image (W and w0 multiples of 8), copied as raw bytes (zeros outside); the
-  // mask plane beside it. A thread takes chunk m of rows r0, r0 + 8, ... (chunks <= 8:
-  // kMmaMaxK), its addresses advancing by additions.
-  {
-    const uint32_t one = pack2(cmx_from_float(1.f, T{}), cmx_from_float(1.f, T{}));
-    const int m = tid % 8, r0 = tid / 8;
-    const int gw = w0 - kMmaLead + m * V;
-    if (m < S.chunks) {
-      const bool col_in = gw >= 0 && gw < geo.W;
-      int64_t off = offset_of(geo, base, h0 - S.PB + r0, gw);
-      const int64_t step = 8 * geo.sH;
-      for (int r = r0; r < S.rows; r += 8, off += step) {
-        const int gh = h0 - S.PB + r;
-        const bool in = col_in && gh >= 0 && gh < geo.H;
-        Raw16 v{{0u, 0u, 0u, 0u}};
-        if (in) v = *reinterpret_cast<const Raw16*>(x + off);
-        *reinterpret_cast<Raw16*>(halo + r * S.stride + m * V) = v;
-        if (affine) {
-          const uint32_t mv = in ? one : 0u;
-          *reinterpret_cast<Raw16*>(mask + r * S.stride + m * V) = Raw16{{mv, mv, mv, mv}};
-        }
-      }
-    }
-  }
+  stage_mma_halo<T, affine>(halo, mask, x, geo, base, h0, w0, S.PB, S.rows, S.chunks,
+                            S.stride);
   constexpr int KS = KT > 0 ? MmaShape(KT).ks : 2;  // k-steps (at most 2: kMmaMaxK)
   T* sw = halo + S.weights_at(affine);
   stage_mma_weights<T, false>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
@@ -1078,6 +1087,98 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
       }
       *reinterpret_cast<uint32_t*>(orow + 8 * nb) = pack2(y[0], y[1]);
     }
+  }
+}
+
+// ---------------------------------------------------------------- F1 on tensor cores
+// stats_kernel's results saving u (SU), with the convolution on tensor cores (asked for with
+// B2's, CMX_TC_ALL: the training passes' kernels, not yet timed on a GPU): apply_mma_kernel's
+// halo and MMAs (AFF: the input affine's mask MMAs), then per block (one 32 x 32 tile of one
+// channel of one image: a partial row of its own) u + b saved in fp32 and the mean and
+// centred M2 of g = act(u) over the tile's outputs inside the image (block sums by warp
+// shuffles in a fixed order), merged across rows by the usual Chan formula in Python.
+template <typename T, int KT, bool AFF>
+__global__ void __maxnreg__(kMmaMaxRegs)  // (as bwd_mma_kernel: without, a stack frame)
+    stats_mma_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                     float* __restrict__ mean_p, float* __restrict__ m2_p,
+                     float* __restrict__ count_p, float* __restrict__ u_out, InAffine in_aff,
+                     Geom geo) {
+  const MmaShape S(KT > 0 ? KT : geo.K);
+  const int K = S.K;
+  constexpr bool affine = AFF;
+  CMX_DYN_SMEM(smem);
+  T* halo = reinterpret_cast<T*>(smem);
+  T* mask = halo + S.halo();
+  T* sw = halo + S.weights_at(affine);
+  float* red = smem + round_up(S.elements(affine), 8) / 2;
+  const unsigned plane = blockIdx.x;
+  const int c = static_cast<int>(plane % static_cast<unsigned>(geo.C));
+  const int n = static_cast<int>(plane / static_cast<unsigned>(geo.C));
+  const int w0 = static_cast<int>(blockIdx.y) * kMmaTile, h0 = static_cast<int>(blockIdx.z) * kMmaTile;
+  const int64_t base = plane_base(geo, n, c);
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  stage_mma_halo<T, affine>(halo, mask, x, geo, base, h0, w0, S.PB, S.rows, S.chunks,
+                            S.stride);
+  constexpr int KS = KT > 0 ? MmaShape(KT).ks : 2;
+  stage_mma_weights<T, false>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
+  __syncthreads();
+  float acc[4][4], accm[4][4];
+  mma_correlate<T, KT, KS, affine ? 2 : 1, affine ? 2 : 1>(halo, mask, sw, S, warp, acc, accm);
+  // u = acc + b (affine: a acc + c accm + b) to u_out, pairs (rows g, g + 8 of the warp's 16;
+  // columns 8 nb + 2t, + 1: wholly inside or outside the image); g = act(u) summed
+  const float bias = ld(b, c);
+  const float as = affine ? in_aff.scale[c] : 1.f, ac = affine ? in_aff.shift[c] : 0.f;
+  float gv[2][4][2];
+  bool in[2][4];
+  float sum = 0.f;
+  CMX_UNROLL
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = 16 * warp + g + 8 * hr;
+    float* urow = u_out + offset_of(geo, base, h0 + r, w0 + 2 * t);
+    CMX_UNROLL
+    for (int nb = 0; nb < 4; ++nb) {
+      in[hr][nb] = h0 + r < geo.H && w0 + 8 * nb < geo.W;
+      CMX_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const float a = acc[nb][2 * hr + e];
+        const float u = (affine ? as * a + ac * accm[nb][2 * hr + e] : a) + bias;
+        if (in[hr][nb]) urow[8 * nb + e] = u;
+        gv[hr][nb][e] = act_fwd(u, geo.act);
+        if (in[hr][nb]) sum += gv[hr][nb][e];
+      }
+    }
+  }
+  const int th = geo.H - h0 < kMmaTile ? geo.H - h0 : kMmaTile;
+  const int tw = geo.W - w0 < kMmaTile ? geo.W - w0 : kMmaTile;
+  const float cnt = static_cast<float>(th * tw);
+  CMX_UNROLL
+  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) red[warp] = sum;
+  __syncthreads();
+  const float mean = (red[0] + red[1]) / cnt;
+  float m2 = 0.f;
+  CMX_UNROLL
+  for (int hr = 0; hr < 2; ++hr)
+    CMX_UNROLL
+    for (int nb = 0; nb < 4; ++nb)
+      CMX_UNROLL
+      for (int e = 0; e < 2; ++e)
+        if (in[hr][nb]) {
+          const float d = gv[hr][nb][e] - mean;
+          m2 += d * d;
+        }
+  CMX_UNROLL
+  for (int o = 16; o > 0; o /= 2) m2 += __shfl_xor_sync(0xffffffffu, m2, o);
+  if (lane == 0) red[2 + warp] = m2;
+  __syncthreads();
+  if (tid == 0) {
+    // the partial row: image n's tile (blockIdx.z, blockIdx.y) of gridDim.y * gridDim.z
+    const int64_t row = (static_cast<int64_t>(n) * gridDim.z + blockIdx.z) * gridDim.y +
+                        blockIdx.y;
+    mean_p[row * geo.C + c] = mean;
+    m2_p[row * geo.C + c] = red[2] + red[3];
+    if (c == 0) count_p[row] = cnt;  // (every channel's tile has the same count)
   }
 }
 
@@ -1618,11 +1719,11 @@ __device__ __forceinline__ void store_terms(T* hi, T* lo, int at, const float (&
   st16(lo + at, l);
 }
 
-// (__maxnreg__(96) rather than __launch_bounds__(64), which cannot go with it: under that
-// bound ptxas took 72 registers on sm_80 and kept pointers on the stack across du's unrolled
-// activations; at 2 warps a block, occupancy is shared memory's to limit)
+// (__maxnreg__(kMmaMaxRegs) rather than __launch_bounds__(64), which cannot go with it:
+// under that bound ptxas took 72 registers on sm_80 and kept pointers on the stack across
+// du's unrolled activations)
 template <typename T, int KT>
-__global__ void __maxnreg__(96)
+__global__ void __maxnreg__(kMmaMaxRegs)
     bwd_mma_kernel(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
                    const float* __restrict__ u_saved, const float* __restrict__ mean,
                    const float* __restrict__ rstd, const float* __restrict__ gamma,
@@ -1657,15 +1758,9 @@ __global__ void __maxnreg__(96)
   const bool col_in = gw >= 0 && gw < geo.W;  // (W, w0 multiples of 8: whole chunks)
   constexpr int KS = KT > 0 ? MmaShape(KT, KT - 1 - pad_before(KT)).ks : 2;
   stage_mma_weights<T, true>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
-  // 1. x's halo, rows h0 - PB .., as raw bytes (zeros outside the image)
-  if (m < L.xchunks)
-    for (int r = r0; r < L.xrows; r += 8) {
-      const int gh = h0 - PB + r;
-      Raw16 v{{0u, 0u, 0u, 0u}};
-      if (col_in && gh >= 0 && gh < geo.H)
-        v = *reinterpret_cast<const Raw16*>(x + offset_of(geo, base, gh, gw));
-      *reinterpret_cast<Raw16*>(xh0 + r * L.xstride + m * V) = v;
-    }
+  // 1. x's halo, rows h0 - PB ..
+  stage_mma_halo<T, false>(xh0, nullptr, x, geo, base, h0, w0, PB, L.xrows, L.xchunks,
+                           L.xstride);
   //    du on dx's halo, rows h0 - PA ..: its terms (bfloat16), or (float16) its fp32 values
   //    until the halo's largest |du| is known; db over the tile's chunks (1 to 4)
   const DuCoef kd = du_coef_of(gamma, rstd, mean, dbeta, dgamma, batch_stats, geo.inv_n, c);

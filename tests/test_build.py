@@ -60,22 +60,24 @@ def test_cuda_library_has_no_spills():
     convolution output, F1 and B2 x k in {7, 9, generic}, F2 (tiled, for other strides) and
     B1 (channels_last, ...) x 1, F2 element by element and B1's direct loads in NCHW), and
     F2 on tensor cores for the 2 16-bit dtypes x k in {3, 5, 7, 9, generic} x with and
-    without the input affine, and B2 on tensor cores (reading the saved u) for the 2 16-bit
-    dtypes x k in {7, 9, generic}."""
+    without the input affine, F1 on tensor cores (saving u) for the 2 16-bit dtypes x k in
+    {7, 9, generic} x with and without it, and B2 on tensor cores (reading the saved u) for
+    the 2 16-bit dtypes x k in {7, 9, generic}."""
     from benchmarks.targets import resource_usage
     rows = resource_usage(_lib_path("cuda"))
     for arch in (80, 90):
         mine = [r for r in rows if r["arch"] == arch]
-        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 2 + 2 * 3, (arch, len(mine))
+        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 2 + 2 * 3 * 2 + 2 * 3, \
+            (arch, len(mine))
         bad = [r for r in mine if r["local"] or r["stack"]]
         assert not bad, f"spills / stack frames on sm_{arch}: {bad}"
 
 
 def test_tensor_core_kernel_is_on_tensor_cores():
-    """F2's and B2's tensor-core kernels run their convolutions as HMMA instructions in the
-    sm_80 and the sm_90 code of every instantiation (the emulator runs its arithmetic, not this
-    instruction): for the unrolled k (one MMA k-step up to k = 9) K * 4 of them, twice that
-    with the input affine's mask MMAs; the CUDA-core kernels have none."""
+    """F2's, F1's and B2's tensor-core kernels run their convolutions as HMMA instructions in
+    the sm_80 and the sm_90 code of every instantiation (the emulator runs its arithmetic,
+    not this instruction): for the unrolled k (one MMA k-step up to k = 9) K * 4 of them,
+    twice that with the input affine's mask MMAs; the CUDA-core kernels have none."""
     from benchmarks.static import cuda_kernel_facts
     facts = cuda_kernel_facts(_lib_path("cuda"))
     for arch in (80, 90):
@@ -100,8 +102,16 @@ def test_tensor_core_kernel_is_on_tensor_cores():
             if kt:
                 dw = f["hmma"] - kt * 4 * 2
                 assert dw > 0 and dw % (2 * -(-kt // 8) * 2) == 0, (arch, kt, f["hmma"])
-        others = [key for key, f in facts.items() if key[0] == arch and
-                  key[1] not in ("apply_mma_kernel", "bwd_mma_kernel") and f["hmma"]]
+        # F1's: F2's MMAs (its epilogue saves u and sums g instead)
+        f1 = {key: f for key, f in facts.items() if key[0] == arch and
+              key[1] == "stats_mma_kernel"}
+        assert sorted(k[2:] for k in f1) == [
+            (dt, kt, aff) for dt in ("bfloat16", "float16") for kt in (0, 7, 9)
+            for aff in (False, True)]
+        for (_, _, _, kt, aff), f in f1.items():
+            assert f["hmma"] > 0 and (not kt or f["hmma"] == (2 if aff else 1) * kt * 4)
+        others = [key for key, f in facts.items() if key[0] == arch and key[1] not in
+                  ("apply_mma_kernel", "stats_mma_kernel", "bwd_mma_kernel") and f["hmma"]]
         assert not others, others
 
 

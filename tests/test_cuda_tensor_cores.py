@@ -22,7 +22,7 @@ BACKEND = "cuda" if DEVICE == "cuda" else "cuda_emu"
 pytestmark = pytest.mark.skipif(backend_reason(BACKEND, DEVICE) is not None,
                                 reason=f"{BACKEND} unavailable here")
 
-F2, B2 = 1 << 1, 1 << 3  # the plan's mma bits of F2 and B2
+F1, F2, B2 = 1 << 0, 1 << 1, 1 << 3  # the plan's mma bits of F1, F2 and B2
 # one unit in the last place, relative to the largest output (8 / 11 significant bits)
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
@@ -133,9 +133,10 @@ def test_f2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, affine, act
 
 
 def test_tensor_cores_only_where_the_kernel_takes_the_shape():
-    """The planner takes apply_mma_kernel for F2 and bwd_mma_kernel for B2 only for 16-bit x
-    in NCHW on the 16-byte path, k <= 17, and only when asked: F2 without a saved u, B2
-    with one (it reads u) and without the input affine; F1 and B1 keep their kernels."""
+    """The planner takes apply_mma_kernel for F2, stats_mma_kernel for F1 and bwd_mma_kernel
+    for B2 only for 16-bit x in NCHW on the 16-byte path, k <= 17, and only when asked: F2
+    without a saved u (at the default level), F1 saving it and B2 reading it (at "all"), B2
+    only to k = 16 and without the input affine; B1 keeps its kernels."""
     tc, cc = _impls()
     bf = torch.bfloat16
 
@@ -148,13 +149,15 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     assert mma(x, 18) == 0 and mma(x, 19) == 0                         # halo beyond 8 columns
     # the largest k it takes is the one "auto" sends to the library for 16-bit NCHW eval
     assert mma(x, TC_MAX_KERNEL_SIZE) == F2 and mma(x, TC_MAX_KERNEL_SIZE + 1) == 0
-    assert mma(x, 9, saved_u=True) == B2                               # F2 reads u: no conv
-    assert mma(x, 16, saved_u=True) == B2 and mma(x, 17, saved_u=True) == 0  # dW: 16 taps
-    assert mma(x, 9, saved_u=True, affine=True) == 0                   # B2: no input affine
+    assert mma(x, 9, saved_u=True) == F1 | B2                          # F2 reads u: no conv
+    assert mma(x, 16, saved_u=True) == F1 | B2
+    assert mma(x, 17, saved_u=True) == F1 and mma(x, 18, saved_u=True) == 0  # dW: 16 taps
+    assert mma(x, 9, saved_u=True, affine=True) == F1                  # B2: no input affine
     assert mma(x, 9, affine=True) == F2
     assert mma(x, 9, saved_u=True, impl=cc) == 0
     f2_only = _impls(TC_F2)[0]                                         # the default level
     assert mma(x, 9, saved_u=True, impl=f2_only) == 0 and mma(x, impl=f2_only) == F2
+    assert mma(x, 9, impl=f2_only) == F2 and mma(x, 9) == F2              # F1 saving u only
     assert mma(x, impl=_impls(True)[0]) == F2                          # True: that level
     for bad in (x.float(), x.to(memory_format=torch.channels_last),
                 torch.zeros(2, 4, 16, 12, dtype=bf, device=DEVICE)):
@@ -170,11 +173,11 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     assert mma(off) == 0                                               # misaligned
     plan = tc.k.plan(x, 3, 0, False)
     assert plan.blocks[1] == 2 * 4 * 1 and plan.threads[1] == 64       # a block per plane tile
-    # B2: a block and a partial row per image and 32 x 32 tile
     plan = tc.k.plan(torch.zeros(3, 4, 40, 72, dtype=bf, device=DEVICE), 9, 0, False,
                      saved_u=True)
-    assert plan.blocks[3] == 3 * 4 * 2 * 3 and plan.threads[3] == 64
-    assert plan.partial_rows[3] == 3 * 2 * 3
+    for i in (0, 3):  # F1 and B2: a block and a partial row per image and 32 x 32 tile
+        assert plan.blocks[i] == 3 * 4 * 2 * 3 and plan.threads[i] == 64
+        assert plan.partial_rows[i] == 3 * 2 * 3
 
 
 def test_the_switch_reaches_the_layer(monkeypatch):
@@ -281,7 +284,7 @@ def test_b2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, act):
     x, dout, w, b, gamma, beta = _b2_inputs(case, dtype, g)
     k = case[-1]
     tc, cc = _impls()
-    assert tc.k.plan(x, k, 0, False, saved_u=True).mma == B2, "B2 must take bwd_mma_kernel"
+    assert tc.k.plan(x, k, 0, False, saved_u=True).mma == F1 | B2, "F1 and B2 on tensor cores"
     assert cc.k.plan(x, k, 0, False, saved_u=True).mma == 0
     compare_passes(tc, x, dout, w, b, gamma, beta, act, None, dtype, saved_u=True)
     u = torch.empty_like(x, dtype=torch.float32)
@@ -299,6 +302,35 @@ def test_b2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, act):
     assert differ <= 0.01, differ
     assert_close(dw, dw_c, torch.float32, "dW against CUDA cores")
     assert_close(db, db_c, torch.float32, "db against CUDA cores")
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "in_affine"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "{}x{}x{}x{}-k{}".format(*c))
+def test_f1_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, affine):
+    """stats_mma_kernel (F1 saving u): the saved u and the statistics against the twin and
+    the CUDA-core kernel (products exact, fp32 sums in another order: fp32's tolerance),
+    every element of u written (the buffer starts as NaN), a partial row per image and tile
+    whose counts sum to the batch's."""
+    N, C, H, W, k = case
+    g = torch.Generator().manual_seed(14)
+    x, w, b, aff = _inputs(N, C, H, W, k, dtype, affine, g)
+    tc, cc = _impls()
+    assert tc.k.plan(x, k, 0, affine, saved_u=True).mma & F1
+    u = torch.full(x.shape, float("nan"), device=DEVICE)
+    u_c = torch.full(x.shape, float("nan"), device=DEVICE)
+    mean_p, m2_p, count_p = tc.k.k_stats(x, w, b, *(aff or (None, None)), 0, u=u)
+    assert count_p.sum().item() == N * H * W
+    mean, var = tc.stats(x, w, b, "gelu", aff, u=u)
+    mean_c, var_c = cc.stats(x, w, b, "gelu", aff, u=u_c)
+    mean_t, var_t = twin.stats(x, w, b, "gelu", aff)
+    assert torch.isfinite(u).all()
+    assert_close(u, twin.conv_u(x, w, b, aff), torch.float32, "F1 saved u")
+    assert_close(u, u_c, torch.float32, "F1 saved u against CUDA cores")
+    for got, want, what in ((mean, mean_t, "mean"), (var, var_t, "var"),
+                            (mean, mean_c, "mean against CUDA cores"),
+                            (var, var_c, "var against CUDA cores")):
+        assert_close(got, want, torch.float32, f"F1 {what}")
 
 
 @pytest.mark.parametrize("gamma_scale", [1e-7, 1e6], ids=["tiny-du", "huge-du"])
@@ -320,7 +352,7 @@ def test_b2_on_tensor_cores_keeps_fp32_range_in_float16(gamma_scale):
     dbeta, dgamma = twin.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", None)
     # (no batch-statistics terms: they would mix the images)
     args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, "gelu", None)
-    assert tc.k.plan(x, 7, 0, False, saved_u=True).mma == B2
+    assert tc.k.plan(x, 7, 0, False, saved_u=True).mma & B2
     _, dw, db, _ = tc.bwd_main(*args, u=u)
     _, dw_t, db_t, _ = twin.bwd_main(*args, u=u)
     for got, want, what in ((dw, dw_t, "B2 dW"), (db, db_t, "B2 db")):
