@@ -75,8 +75,11 @@ class FusedBlock(nn.Module):
 
 
 # "<backend>-recompute": the backend with save_conv=False (every pass recomputes the
-# convolution: the memory-lean setting, beside the default that saves it from k = 7 up)
+# convolution: the memory-lean setting, beside the default that saves it from k = 7 up);
+# "<provider>-save": save_conv=True, at every k, after any other suffix (e.g. cuda-tcall-save:
+# the CUDA library's tensor-core F1 and B2, which need the saved output, at k < 7 too)
 RECOMPUTE = "-recompute"
+SAVE = "-save"
 # "<backend>-noprefetch" / "<backend>-prefetch": the CUDA library without / with its L2
 # prefetches in either layout (CONVMIXER_EXT_CUDA_PREFETCH=0 / 1 around every call); the
 # plain provider takes the library's default, NCHW only (docs/DESIGN.md, "L2 prefetch").
@@ -92,6 +95,7 @@ PROVIDER_ENV = {"-noprefetch": (_env.PREFETCH_VAR, "0"), "-prefetch": (_env.PREF
 
 def provider_env(name):
     """{variable: value} a provider name asks for around every call (empty: the defaults)."""
+    name = name[:-len(SAVE)] if name.endswith(SAVE) else name
     return dict(v for suf, v in PROVIDER_ENV.items() if name.endswith(suf))
 
 
@@ -123,6 +127,12 @@ def make_provider(name, ref):
         return torch.compile(ref, mode=mode)
     if name.endswith(RECOMPUTE):
         return FusedBlock(ref, name[:-len(RECOMPUTE)], save_conv=False)
+    if name.endswith(SAVE):
+        block = make_provider(name[:-len(SAVE)], ref)
+        if not isinstance(block, FusedBlock):
+            raise ValueError(f"provider {name!r}: {SAVE!r} applies to the package's backends")
+        block.save_conv = True
+        return block
     for suffix in PROVIDER_ENV:
         if name.endswith(suffix):
             return FusedBlock(ref, name[:-len(suffix)])
@@ -626,7 +636,8 @@ def parse(argv):
                         "with save_conv=False; cuda-noprefetch, cuda-prefetch: the CUDA library "
                         "without / with its L2 prefetches in both layouts (plain: NCHW only); "
                         "cuda-tc, cuda-notc: the CUDA library's F2 / eval on tensor cores "
-                        "(16-bit NCHW; plain: the same) / on CUDA cores")
+                        "(16-bit NCHW; plain: the same) / on CUDA cores; cuda-tcall: its "
+                        "training F1 and B2 too; <provider>-save: save_conv=True")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")

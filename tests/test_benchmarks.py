@@ -229,6 +229,22 @@ def test_the_cuda_library_timed_on_tensor_cores(tmp_path, monkeypatch):
     assert all("error" not in r and r["ms"] > 0 for r in recs), recs
 
 
+def test_save_suffix_saves_the_convolution_output_after_any_other():
+    """"<provider>-save" runs the provider with save_conv=True, its other suffix (an
+    environment setting) kept; on what is not the package's op it is refused."""
+    from benchmarks.run import FusedBlock, make_provider, provider_env
+    from convmixer_ext.reference import conv_mixer_layer
+    ref = conv_mixer_layer(4, 3, "gelu")[0]
+    block = make_provider("cuda_emu-tcall-save", ref)
+    assert isinstance(block, FusedBlock) and block.save_conv is True
+    assert block.backend == "cuda_emu"
+    assert provider_env("cuda_emu-tcall-save") == {"CONVMIXER_EXT_CUDA_TC": "all"}
+    assert make_provider("triton-save", ref).save_conv is True
+    assert make_provider("triton", ref).save_conv is None
+    with pytest.raises(ValueError, match="applies to the package's backends"):
+        make_provider("eager-save", ref)
+
+
 def test_gpu_state_is_sampled_while_a_case_is_timed():
     """GpuMonitor reads the GPU when a timing starts and when it ends (and in between, on
     its thread) and keeps each quantity's range, readings it lacks (None) or that fail left
