@@ -51,7 +51,7 @@ def _libraries():
         level = _env.cuda_tensor_cores()
         tc = [f"off ({_env.CUDA_TC_VAR}=0)",
               f"on (the default: F2 / eval of 16-bit NCHW, k <= {TC_MAX_KERNEL_SIZE}; "
-              f"{_env.CUDA_TC_VAR}=0 turns it off, =all adds B2)",
+              f"{_env.CUDA_TC_VAR}=0 turns it off, =all adds training's F1 and B2)",
               f"F2, F1 and B2 ({_env.CUDA_TC_VAR}=all: training's F1 saving the "
               f"convolution output and B2 reading it, 16-bit NCHW)"][level]
     except ValueError as e:
