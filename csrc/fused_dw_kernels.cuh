@@ -1000,6 +1000,23 @@ __device__ __forceinline__ void mma_correlate(const T* plane0, const T* plane1, 
   }
 }
 
+// A tensor-core kernel's block: its 3-D grid's x the plane (image n, channel c), y and z the
+// tile's column and row (origin h0, w0), and its partial row, image n's tile of gridDim.y *
+// gridDim.z (the planner's rows: N x tiles).
+struct MmaBlock {
+  int c, n, h0, w0;
+  int64_t base, row;
+  __device__ __forceinline__ explicit MmaBlock(const Geom& geo) {
+    const unsigned plane = blockIdx.x;
+    c = static_cast<int>(plane % static_cast<unsigned>(geo.C));
+    n = static_cast<int>(plane / static_cast<unsigned>(geo.C));
+    w0 = static_cast<int>(blockIdx.y) * kMmaTile;
+    h0 = static_cast<int>(blockIdx.z) * kMmaTile;
+    base = plane_base(geo, n, c);
+    row = (static_cast<int64_t>(n) * gridDim.z + blockIdx.z) * gridDim.y + blockIdx.y;
+  }
+};
+
 // x's halo of a tile (h0, w0) in shared memory: `rows` rows from h0 - pb, `chunks` 16-byte
 // chunks from column w0 - 8, `stride` elements a row, each chunk wholly inside or outside the
 // image (W and w0 multiples of 8), copied as raw bytes (zeros outside); AFF: the in-image
@@ -1030,6 +1047,27 @@ __device__ __forceinline__ void stage_mma_halo(T* halo, T* mask, const T* __rest
   }
 }
 
+// The forward's convolution on tensor cores for one block (F2's and F1's kernels): the halo
+// (and AFF's mask plane) and the weights staged at `halo`, a barrier, then the warp's MMAs
+// into acc (AFF: the mask's into accm); the halo stays for the epilogue.
+template <typename T, int KT, bool AFF>
+__device__ __forceinline__ void mma_forward(T* halo, const T* __restrict__ x,
+                                            const T* __restrict__ w, const Geom& geo,
+                                            const MmaShape& S, const MmaBlock& blk,
+                                            float (&acc)[4][4], float (&accm)[4][4]) {
+  const int K = KT > 0 ? KT : S.K;
+  T* mask = halo + S.halo();
+  stage_mma_halo<T, AFF>(halo, mask, x, geo, blk.base, blk.h0, blk.w0, S.PB, S.rows, S.chunks,
+                         S.stride);
+  constexpr int KS = KT > 0 ? MmaShape(KT).ks : 2;  // k-steps (at most 2: kMmaMaxK)
+  T* sw = halo + S.weights_at(AFF);
+  stage_mma_weights<T, false>(sw, w + static_cast<int64_t>(blk.c) * K * K, K, KS);
+  __syncthreads();
+  mma_correlate<T, KT, KS, AFF ? 2 : 1, AFF ? 2 : 1>(halo, mask, sw, S,
+                                                     static_cast<int>(threadIdx.x) / 32, acc,
+                                                     accm);
+}
+
 // AFF: with the input affine (its mask MMAs and accumulators: an instantiation of its own,
 // so that the plain one keeps its registers).
 template <typename T, int KT, bool AFF>
@@ -1039,27 +1077,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                      const float* __restrict__ gamma, const float* __restrict__ beta,
                      T* __restrict__ out, InAffine in_aff, Geom geo) {
   const MmaShape S(KT > 0 ? KT : geo.K);
-  const int K = S.K;
   constexpr bool affine = AFF;
   CMX_DYN_SMEM(smem);
   T* halo = reinterpret_cast<T*>(smem);
-  T* mask = halo + S.halo();
-  // grid: x the plane (image n, channel c), y and z the tile's column and row
-  const unsigned plane = blockIdx.x;
-  const int c = static_cast<int>(plane % static_cast<unsigned>(geo.C));
-  const int n = static_cast<int>(plane / static_cast<unsigned>(geo.C));
-  const int w0 = static_cast<int>(blockIdx.y) * kMmaTile, h0 = static_cast<int>(blockIdx.z) * kMmaTile;
-  const int64_t base = plane_base(geo, n, c);
+  const MmaBlock blk(geo);
+  const int c = blk.c, h0 = blk.h0, w0 = blk.w0;
+  const int64_t base = blk.base;
   const int tid = static_cast<int>(threadIdx.x);
-  stage_mma_halo<T, affine>(halo, mask, x, geo, base, h0, w0, S.PB, S.rows, S.chunks,
-                            S.stride);
-  constexpr int KS = KT > 0 ? MmaShape(KT).ks : 2;  // k-steps (at most 2: kMmaMaxK)
-  T* sw = halo + S.weights_at(affine);
-  stage_mma_weights<T, false>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
-  __syncthreads();
   const int warp = tid / 32, g = (tid % 32) / 4, t = tid % 4;
   float acc[4][4], accm[4][4];  // accm: the mask's (affine)
-  mma_correlate<T, KT, KS, affine ? 2 : 1, affine ? 2 : 1>(halo, mask, sw, S, warp, acc, accm);
+  mma_forward<T, KT, AFF>(halo, x, w, geo, S, blk, acc, accm);
   // Epilogue: accumulator pairs (rows g, g + 8; columns 8 nb + 2t, + 1) with the residual
   // from the halo's centre; two outputs per 4-byte store (an output column pair lies wholly
   // inside or outside the image).
@@ -1104,27 +1131,17 @@ __global__ void __maxnreg__(kMmaMaxRegs)  // (as bwd_mma_kernel: without, a stac
                      float* __restrict__ count_p, float* __restrict__ u_out, InAffine in_aff,
                      Geom geo) {
   const MmaShape S(KT > 0 ? KT : geo.K);
-  const int K = S.K;
   constexpr bool affine = AFF;
   CMX_DYN_SMEM(smem);
   T* halo = reinterpret_cast<T*>(smem);
-  T* mask = halo + S.halo();
-  T* sw = halo + S.weights_at(affine);
   float* red = smem + round_up(S.elements(affine), 8) / 2;
-  const unsigned plane = blockIdx.x;
-  const int c = static_cast<int>(plane % static_cast<unsigned>(geo.C));
-  const int n = static_cast<int>(plane / static_cast<unsigned>(geo.C));
-  const int w0 = static_cast<int>(blockIdx.y) * kMmaTile, h0 = static_cast<int>(blockIdx.z) * kMmaTile;
-  const int64_t base = plane_base(geo, n, c);
+  const MmaBlock blk(geo);
+  const int c = blk.c, h0 = blk.h0, w0 = blk.w0;
+  const int64_t base = blk.base;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  stage_mma_halo<T, affine>(halo, mask, x, geo, base, h0, w0, S.PB, S.rows, S.chunks,
-                            S.stride);
-  constexpr int KS = KT > 0 ? MmaShape(KT).ks : 2;
-  stage_mma_weights<T, false>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
-  __syncthreads();
   float acc[4][4], accm[4][4];
-  mma_correlate<T, KT, KS, affine ? 2 : 1, affine ? 2 : 1>(halo, mask, sw, S, warp, acc, accm);
+  mma_forward<T, KT, AFF>(halo, x, w, geo, S, blk, acc, accm);
   // u = acc + b (affine: a acc + c accm + b) to u_out, pairs (rows g, g + 8 of the warp's 16;
   // columns 8 nb + 2t, + 1: wholly inside or outside the image); g = act(u) summed
   const float bias = ld(b, c);
@@ -1173,12 +1190,9 @@ __global__ void __maxnreg__(kMmaMaxRegs)  // (as bwd_mma_kernel: without, a stac
   if (lane == 0) red[2 + warp] = m2;
   __syncthreads();
   if (tid == 0) {
-    // the partial row: image n's tile (blockIdx.z, blockIdx.y) of gridDim.y * gridDim.z
-    const int64_t row = (static_cast<int64_t>(n) * gridDim.z + blockIdx.z) * gridDim.y +
-                        blockIdx.y;
-    mean_p[row * geo.C + c] = mean;
-    m2_p[row * geo.C + c] = red[2] + red[3];
-    if (c == 0) count_p[row] = cnt;  // (every channel's tile has the same count)
+    mean_p[blk.row * geo.C + c] = mean;
+    m2_p[blk.row * geo.C + c] = red[2] + red[3];
+    if (c == 0) count_p[blk.row] = cnt;  // (every channel's tile has the same count)
   }
 }
 
@@ -1743,13 +1757,9 @@ __global__ void __maxnreg__(kMmaMaxRegs)
   T* const sw = dhi + L.wts();
   float* const dsc = smem + L.scratch();
   float* const red = smem + L.red(half);
-  // grid: x the plane (image n, channel c), y and z the tile's column and row
-  const unsigned plane = blockIdx.x;
-  const int c = static_cast<int>(plane % static_cast<unsigned>(geo.C));
-  const int n = static_cast<int>(plane / static_cast<unsigned>(geo.C));
-  const int w0 = static_cast<int>(blockIdx.y) * kMmaTile;
-  const int h0 = static_cast<int>(blockIdx.z) * kMmaTile;
-  const int64_t base = plane_base(geo, n, c);
+  const MmaBlock blk(geo);
+  const int c = blk.c, h0 = blk.h0, w0 = blk.w0;
+  const int64_t base = blk.base;
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   // a thread's 16-byte chunk column m (from w0 - 8) and rows r0, r0 + 8, ... (chunks <= 8)
@@ -1892,10 +1902,7 @@ __global__ void __maxnreg__(kMmaMaxRegs)
       for (int q = 0; q < 4; ++q) ex[(nt * 4 + q) * 32 + lane] = aw[nt][q];
   __syncthreads();
   if (warp == 0) {
-    // the partial row: image n's tile (blockIdx.z, blockIdx.y) of gridDim.y * gridDim.z
-    const int64_t prow =
-        ((static_cast<int64_t>(n) * gridDim.z + blockIdx.z) * gridDim.y + blockIdx.y) * geo.C +
-        c;
+    const int64_t prow = blk.row * geo.C + c;
     float* const out = dw_p + prow * K * K;
     CMX_UNROLL
     for (int nt = 0; nt < NTX; ++nt)

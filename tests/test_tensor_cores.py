@@ -121,6 +121,16 @@ def _b2_splits(x):
     return tk._split_du(x, True, tile)
 
 
+def _b2_args(x, dout, w, b, gamma, aff, batch_stats):
+    """bwd_main's arguments with the twin's statistics and B1 sums."""
+    from convmixer_ext import torch_backend as twin
+    from convmixer_ext.semantics import rstd_from_var
+    mean, var = twin.stats(x, w, b, "gelu", aff)
+    rstd = rstd_from_var(var, 1e-5)
+    dbeta, dgamma = twin.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", aff)
+    return (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, batch_stats, "gelu", aff)
+
+
 @pytest.mark.parametrize("tiling", ["1", "2"])
 @pytest.mark.parametrize("gamma_scale", [1e-7, 1e6], ids=["tiny-du", "huge-du"])
 @pytest.mark.parametrize("H, split", [(33, False), (20, True)], ids=["b2b-scales", "b2a-scales"])
@@ -134,18 +144,14 @@ def test_tensor_core_b2_keeps_fp32_range_in_float16(H, split, gamma_scale, tilin
     tiles per image (H = 33): B2b scales each halo of the fp32 scratch; one (H = 20): B2a
     scales its tile, which is B2b's whole halo, and stores the terms."""
     from convmixer_ext import torch_backend as twin
-    from convmixer_ext.semantics import rstd_from_var
     x, dout, w, b, gamma, beta, _ = _tensors(2, 2, H, 17, 7, f16, False, False)
     with tk.tensor_core_tiling(tiling):
         assert _b2_splits(x) == split
     gamma = gamma * gamma_scale
     dout[0] *= 2.0**-8
     dout[1] *= 2.0**8
-    mean, var = twin.stats(x, w, b, "gelu", None)
-    rstd = rstd_from_var(var, 1e-5)
-    dbeta, dgamma = twin.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", None)
     # du = gamma rstd dout act'(u) (no batch-statistics terms: they would mix the images)
-    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, "gelu", None)
+    args = _b2_args(x, dout, w, b, gamma, None, False)
     with tk.tensor_core_tiling(tiling):
         _, dw, db, _ = get_impl("triton_tc").bwd_main(*args)
     _, dw_t, db_t, _ = twin.bwd_main(*args)
@@ -165,12 +171,7 @@ def test_tensor_core_float16_b2_is_the_same_split_or_not(tiling, monkeypatch):
     x, dout, w, b, gamma, beta, aff = _tensors(3, 2, 20, 17, 7, f16, False, True)
     dout[0] *= 2.0**-12
     dout[2] *= 2.0**10
-    from convmixer_ext import torch_backend as twin
-    from convmixer_ext.semantics import rstd_from_var
-    mean, var = twin.stats(x, w, b, "gelu", aff)
-    rstd = rstd_from_var(var, 1e-5)
-    dbeta, dgamma = twin.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", aff)
-    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, True, "gelu", aff)
+    args = _b2_args(x, dout, w, b, gamma, aff, True)
     impl = get_impl("triton_tc")
     with tk.tensor_core_tiling(tiling):
         assert _b2_splits(x)
