@@ -23,8 +23,8 @@ OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
 # element type ids of cmx_abi.h, by dtype name
 DTYPE_IDS = {"float32": 0, "float16": 1, "bfloat16": 2}
 
-# cmx_shape.tensor_cores of cmx_abi.h: the passes that may run on tensor cores (none, F2,
-# F2 and B2)
+# cmx_shape.tensor_cores of cmx_abi.h: the passes that may run on tensor cores (none; F2;
+# F2, and F1 and B2 where training saves u)
 TC_NONE, TC_F2, TC_ALL = 0, 1, 2
 
 LIBRARY_FILES = {"cuda": "_cmx_cuda.so", "emulation": "_cmx_emu.so"}

@@ -54,8 +54,8 @@ def cuda_prefetch():
 
 
 def cuda_tensor_cores() -> int:
-    """CONVMIXER_EXT_CUDA_TC: "0" (0: none), "1", unset or empty (1: F2), "all" (2: F2 and
-    B2): the C ABI's cmx_shape.tensor_cores levels (_cmx_lib.TC_*)."""
+    """CONVMIXER_EXT_CUDA_TC: "0" (0: none), "1", unset or empty (1: F2), "all" (2: F2, F1
+    and B2): the C ABI's cmx_shape.tensor_cores levels (_cmx_lib.TC_*)."""
     v = os.environ.get(CUDA_TC_VAR, "").strip()
     if v not in ("", "0", "1", "all"):
         raise ValueError(f"environment variable {CUDA_TC_VAR} must be 0, 1 or all, got {v!r}")

@@ -659,8 +659,7 @@ def _bwd_reduce_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_pt
 @triton.jit
 def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, mean_ptr, rstd_ptr,
                    gamma_ptr, dbeta_ptr, dgamma_ptr, du_ptr, dulo_ptr, dus_p, db_p, inv_n, N, C, H,
-                   W, sN,
-                   sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
+                   W, sN, sC, sH, sW, tiles_w, tiles_per_img, tiles_total, K: tl.constexpr,
                    PB: tl.constexpr, ACT: tl.constexpr, IN_AFFINE: tl.constexpr,
                    BATCH_STATS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TC: tl.constexpr,

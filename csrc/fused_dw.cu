@@ -240,39 +240,43 @@ bool dense_rows(const Geom& g) {
          is(g.N, g.sN, HW * C);
 }
 
-// Whether F2 takes apply_mma_kernel: asked for (shape.tensor_cores), 16-bit x in NCHW on the
-// 16-byte path (W a multiple of 8: every 16-byte chunk of a halo row wholly inside or outside
-// the image), a kernel whose halo fits 8 columns either side (k <= kMmaMaxK) and nothing
-// saved (F2 reading u convolves nothing).
-bool mma_takes(const cmx_shape* s, const Geom& g) {
-  return s->tensor_cores >= CMX_TC_F2 && s->dtype != CMX_FLOAT32 && g.layout == kNCHW && g.vec &&
-         s->saved_u == 0 && s->k <= kMmaMaxK;
+// Whether a tensor-core kernel takes the shape: asked for at `level` (shape.tensor_cores),
+// 16-bit x in NCHW on the 16-byte path (W a multiple of 8: every 16-byte chunk of a halo row
+// wholly inside or outside the image), k <= max_k.
+bool mma_shape_takes(const cmx_shape* s, const Geom& g, int level, int max_k) {
+  return s->tensor_cores >= level && s->dtype != CMX_FLOAT32 && g.layout == kNCHW && g.vec &&
+         s->k <= max_k;
 }
 
-// Whether B2 takes bwd_mma_kernel: asked for all passes (CMX_TC_ALL), as F2's otherwise, but
-// reading the saved u (it computes du from u on dx's halo) and without the input affine
+// Whether F2 takes apply_mma_kernel: asked for (CMX_TC_F2), a kernel whose halo fits 8
+// columns either side (k <= kMmaMaxK) and nothing saved (F2 reading u convolves nothing).
+bool mma_takes(const cmx_shape* s, const Geom& g) {
+  return mma_shape_takes(s, g, CMX_TC_F2, kMmaMaxK) && s->saved_u == 0;
+}
+
+// Whether B2 takes bwd_mma_kernel: asked for all passes (CMX_TC_ALL), reading the saved u (it
+// computes du from u on dx's halo), k <= kMmaB2MaxK and without the input affine
 // (bwd_main_kernel takes that).
 bool mma_b2_takes(const cmx_shape* s, const Geom& g) {
-  return s->tensor_cores >= CMX_TC_ALL && s->dtype != CMX_FLOAT32 && g.layout == kNCHW && g.vec &&
-         s->saved_u != 0 && s->k <= kMmaB2MaxK && s->has_in_affine == 0;
+  return mma_shape_takes(s, g, CMX_TC_ALL, kMmaB2MaxK) && s->saved_u != 0 &&
+         s->has_in_affine == 0;
 }
 
-// Whether F1 takes stats_mma_kernel: asked for all passes (CMX_TC_ALL), 16-bit x in NCHW on
-// the 16-byte path, k <= kMmaMaxK, saving u (training's F1 where B2 then reads it; F1 without
-// saving keeps stats_kernel).
+// Whether F1 takes stats_mma_kernel: asked for all passes (CMX_TC_ALL), saving u (training's
+// F1 where B2 then reads it; F1 without saving keeps stats_kernel).
 bool mma_f1_takes(const cmx_shape* s, const Geom& g) {
-  return s->tensor_cores >= CMX_TC_ALL && s->dtype != CMX_FLOAT32 && g.layout == kNCHW &&
-         g.vec && s->saved_u != 0 && s->k <= kMmaMaxK;
+  return mma_shape_takes(s, g, CMX_TC_ALL, kMmaMaxK) && s->saved_u != 0;
 }
 
-// The plan of a tensor-core kernel: a block of kMmaWarps warps per 32 x 32 tile of a plane.
-int32_t mma_plan(const cmx_shape* s, const Geom& g, size_t smem, int64_t rows, Plan& p) {
+// The plan of a tensor-core kernel: a block of kMmaWarps warps per 32 x 32 tile of a plane;
+// `partials`: a partial row per image and tile (F1, B2), else none (F2).
+int32_t mma_plan(const cmx_shape* s, const Geom& g, size_t smem, bool partials, Plan& p) {
   p.mma = true;
-  p.rows = rows;
   p.threads = kMmaWarps * 32;
   p.blocks = s->n * g.C;
   p.gy = cdiv(g.W, kMmaTile);
   p.gz = cdiv(g.H, kMmaTile);
+  p.rows = partials ? s->n * p.gy * p.gz : 0;
   p.smem = smem;
   if (p.blocks > kMaxBlocks || p.gy > kMaxGridYZ || p.gz > kMaxGridYZ)
     return fail(CMX_E_LIMIT,
@@ -304,17 +308,14 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
     return CMX_OK;
   }
   // (the tensor-core kernels' grids place the tiles: geo's tiling is not read)
+  const bool affine = s->has_in_affine != 0;
   if (pass == kF2 && mma_takes(s, g))
-    return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).elements(s->has_in_affine != 0)) * 2,
-                    0, p);
-  if (pass == kF1 && mma_f1_takes(s, g))  // a partial row per image and tile; 4 floats of sums
-    return mma_plan(s, g,
-                    static_cast<size_t>(round_up(MmaShape(g.K).elements(s->has_in_affine != 0),
-                                                 8)) * 2 + 16,
-                    s->n * cdiv(g.W, kMmaTile) * cdiv(g.H, kMmaTile), p);
-  if (pass == kB2 && mma_b2_takes(s, g))  // a partial row per image and tile
+    return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).elements(affine)) * 2, false, p);
+  if (pass == kF1 && mma_f1_takes(s, g))
+    return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).stats_bytes(affine)), true, p);
+  if (pass == kB2 && mma_b2_takes(s, g))
     return mma_plan(s, g, static_cast<size_t>(MmaB2Layout(g.K).bytes(s->dtype == CMX_FLOAT16)),
-                    s->n * cdiv(g.W, kMmaTile) * cdiv(g.H, kMmaTile), p);
+                    true, p);
   p.rows = s->n > 0 ? g.parts : 0;
   p.blocks = p.rows * g.cblocks;
   p.threads = g.CB * g.GH * g.GW;

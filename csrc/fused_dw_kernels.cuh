@@ -909,6 +909,13 @@ struct MmaShape {
   __host__ __device__ constexpr int elements(bool affine) const {
     return weights_at(affine) + K * mma_wrow(2);
   }
+  // F1's (stats_mma_kernel): then 4 floats of block sums, at this float offset
+  __host__ __device__ constexpr int sums_at(bool affine) const {
+    return round_up(elements(affine), 8) / 2;
+  }
+  __host__ __device__ constexpr int stats_bytes(bool affine) const {
+    return (sums_at(affine) + 4) * 4;
+  }
 };
 
 // 16 bytes moved as they are (a halo chunk).
@@ -998,6 +1005,14 @@ __device__ __forceinline__ void mma_correlate(const T* plane0, const T* plane1, 
       }
     }
   }
+}
+
+// The sum of v over the warp, in a fixed order (a butterfly of shuffles: every lane gets it).
+// Every thread of the block calls it (the emulator's shuffle is the block's).
+__device__ __forceinline__ float warp_sum(float v) {
+  CMX_UNROLL
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
 }
 
 // A tensor-core kernel's block: its 3-D grid's x the plane (image n, channel c), y and z the
@@ -1134,7 +1149,7 @@ __global__ void __maxnreg__(kMmaMaxRegs)  // (as bwd_mma_kernel: without, a stac
   constexpr bool affine = AFF;
   CMX_DYN_SMEM(smem);
   T* halo = reinterpret_cast<T*>(smem);
-  float* red = smem + round_up(S.elements(affine), 8) / 2;
+  float* red = smem + S.sums_at(affine);
   const MmaBlock blk(geo);
   const int c = blk.c, h0 = blk.h0, w0 = blk.w0;
   const int64_t base = blk.base;
@@ -1169,8 +1184,7 @@ __global__ void __maxnreg__(kMmaMaxRegs)  // (as bwd_mma_kernel: without, a stac
   const int th = geo.H - h0 < kMmaTile ? geo.H - h0 : kMmaTile;
   const int tw = geo.W - w0 < kMmaTile ? geo.W - w0 : kMmaTile;
   const float cnt = static_cast<float>(th * tw);
-  CMX_UNROLL
-  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  sum = warp_sum(sum);
   if (lane == 0) red[warp] = sum;
   __syncthreads();
   const float mean = (red[0] + red[1]) / cnt;
@@ -1185,8 +1199,7 @@ __global__ void __maxnreg__(kMmaMaxRegs)  // (as bwd_mma_kernel: without, a stac
           const float d = gv[hr][nb][e] - mean;
           m2 += d * d;
         }
-  CMX_UNROLL
-  for (int o = 16; o > 0; o /= 2) m2 += __shfl_xor_sync(0xffffffffu, m2, o);
+  m2 = warp_sum(m2);
   if (lane == 0) red[2 + warp] = m2;
   __syncthreads();
   if (tid == 0) {
@@ -1766,7 +1779,7 @@ __global__ void __maxnreg__(kMmaMaxRegs)
   const int m = tid % 8, r0 = tid / 8;
   const int gw = w0 - kMmaLead + m * V;
   const bool col_in = gw >= 0 && gw < geo.W;  // (W, w0 multiples of 8: whole chunks)
-  constexpr int KS = KT > 0 ? MmaShape(KT, KT - 1 - pad_before(KT)).ks : 2;
+  constexpr int KS = KT > 0 ? MmaB2Layout(KT).D.ks : 2;
   stage_mma_weights<T, true>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
   // 1. x's halo, rows h0 - PB ..
   stage_mma_halo<T, false>(xh0, nullptr, x, geo, base, h0, w0, PB, L.xrows, L.xchunks,
@@ -1805,11 +1818,10 @@ __global__ void __maxnreg__(kMmaMaxRegs)
       }
     }
   }
-  CMX_UNROLL
-  for (int o = 16; o > 0; o /= 2) {  // the warp's sums, in a fixed order
-    dbs += __shfl_xor_sync(0xffffffffu, dbs, o);
-    if constexpr (half) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  }
+  dbs = warp_sum(dbs);
+  if constexpr (half)
+    CMX_UNROLL
+    for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   if (lane == 0) {
     red[warp] = dbs;
     red[2 + warp] = mx;
