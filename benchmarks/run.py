@@ -87,10 +87,11 @@ SAVE = "-save"
 # kernel takes the shape (the default) / on CUDA cores (CONVMIXER_EXT_CUDA_TC=1 / 0;
 # docs/DESIGN.md, "CUDA tensor cores"); "<backend>-tcall": training's F1 saving the
 # convolution output and B2 reading it too (CONVMIXER_EXT_CUDA_TC=all: opt-in until a GPU
-# has timed them).
+# has timed them; B2's du by a pass of its own where an image has several tiles);
+# "<backend>-tcfused": the same with B2 computing du on every tile's halo (=all-fused).
 PROVIDER_ENV = {"-noprefetch": (_env.PREFETCH_VAR, "0"), "-prefetch": (_env.PREFETCH_VAR, "1"),
                 "-tc": (_env.CUDA_TC_VAR, "1"), "-notc": (_env.CUDA_TC_VAR, "0"),
-                "-tcall": (_env.CUDA_TC_VAR, "all")}
+                "-tcall": (_env.CUDA_TC_VAR, "all"), "-tcfused": (_env.CUDA_TC_VAR, "all-fused")}
 
 
 def provider_env(name):
@@ -637,7 +638,8 @@ def parse(argv):
                         "without / with its L2 prefetches in both layouts (plain: NCHW only); "
                         "cuda-tc, cuda-notc: the CUDA library's F2 / eval on tensor cores "
                         "(16-bit NCHW; plain: the same) / on CUDA cores; cuda-tcall: its "
-                        "training F1 and B2 too; <provider>-save: save_conv=True")
+                        "training F1 and B2 too; cuda-tcfused: B2 computing du on every "
+                        "tile's halo; <provider>-save: save_conv=True")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")

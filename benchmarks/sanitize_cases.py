@@ -1,6 +1,7 @@
 """Exercise every CUDA kernel (forward train/eval, backward; templated and generic k;
 fp32/bf16; NCHW and channels_last; ragged tiles; training with the convolution output saved
-and recomputed) — run under compute-sanitizer by benchmarks/gpu_run.sh."""
+and recomputed; the tensor-core kernels at each CONVMIXER_EXT_CUDA_TC level) — run under
+compute-sanitizer by benchmarks/gpu_run.sh."""
 import os
 
 import torch
@@ -30,5 +31,23 @@ for k in ((3, 9, 4, 13) if QUICK else (3, 5, 7, 9, 4, 13, 17)):
                 out = fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=training,
                                          backend="cuda", save_conv=save)
                 out.backward(torch.randn_like(out))
+# the tensor-core kernels (16-bit NCHW, W a multiple of 8): F2 at the default level, F1 and
+# B2 at "all" (B2's du pass: planes of two by two tiles) and at "all-fused"
+for level in ("1", "all", "all-fused"):
+    os.environ["CONVMIXER_EXT_CUDA_TC"] = level
+    for k in ((9,) if QUICK else (3, 9)):
+        for training, save in ((True, True), (False, None)):
+            torch.manual_seed(k)
+            C = 3
+            x = torch.randn(2, C, 40, 48, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.randn(C, 1, k, k, device=dev, dtype=x.dtype, requires_grad=True)
+            b = torch.randn(C, device=dev, dtype=x.dtype, requires_grad=True)
+            g = torch.ones(C, device=dev, requires_grad=True)
+            be = torch.zeros(C, device=dev, requires_grad=True)
+            rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+            out = fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=training,
+                                     backend="cuda", save_conv=save)
+            out.backward(torch.randn_like(out))
+del os.environ["CONVMIXER_EXT_CUDA_TC"]
 torch.cuda.synchronize()
 print("sanitize cases done")

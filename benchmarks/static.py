@@ -178,8 +178,9 @@ def dynamic_instructions(fact, trips):
 def cuda_kernel_facts(lib_path):
     """{(arch, kernel, dtype, KT, SU): {regs, stack, local, shared, sass widths, instrs}} of
     the built CUDA library (SU: the instantiation that saves or reads the saved u; a kernel
-    templated on T alone, apply_u_kernel and bwd_reduce_u_kernel: KT 0, SU False; for
-    apply_mma_kernel the bool is its AFF, the input affine's instantiation)."""
+    templated on T alone, apply_u_kernel, bwd_reduce_u_kernel and du_kernel: KT 0, SU False;
+    for apply_mma_kernel and stats_mma_kernel the bool is their AFF, the input affine's
+    instantiation, for bwd_mma_kernel its DU, du read from du_kernel's buffer)."""
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],

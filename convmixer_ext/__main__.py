@@ -53,7 +53,10 @@ def _libraries():
               f"on (the default: F2 / eval of 16-bit NCHW, k <= {TC_MAX_KERNEL_SIZE}; "
               f"{_env.CUDA_TC_VAR}=0 turns it off, =all adds training's F1 and B2)",
               f"F2, F1 and B2 ({_env.CUDA_TC_VAR}=all: training's F1 saving the "
-              f"convolution output and B2 reading it, 16-bit NCHW)"][level]
+              f"convolution output and B2 reading it, 16-bit NCHW; B2's du by a pass of its "
+              f"own where an image has several tiles)",
+              f"F2, F1 and B2, B2 computing du on every tile's halo "
+              f"({_env.CUDA_TC_VAR}=all-fused)"][level]
     except ValueError as e:
         tc = str(e)
     lines.append(f"kernel library tensor cores: {tc}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 # error codes of cmx_abi.h
 OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
@@ -24,8 +24,9 @@ OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
 DTYPE_IDS = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 # cmx_shape.tensor_cores of cmx_abi.h: the passes that may run on tensor cores (none; F2;
-# F2, and F1 and B2 where training saves u)
-TC_NONE, TC_F2, TC_ALL = 0, 1, 2
+# F2, and F1 and B2 where training saves u, B2's du by a pass of its own where an image has
+# several tiles; the same with B2 computing du on every tile's halo always)
+TC_NONE, TC_F2, TC_ALL, TC_ALL_FUSED = 0, 1, 2, 3
 
 LIBRARY_FILES = {"cuda": "_cmx_cuda.so", "emulation": "_cmx_emu.so"}
 
@@ -45,9 +46,10 @@ PASSES = ("F1", "F2", "B1", "B2")  # index of the per-pass arrays of Plan
 class Plan(ctypes.Structure):
     """Per pass (index: PASSES): partial rows of its reduction, blocks, threads, channels
     per block, bytes of dynamic shared memory; bit masks over the passes: ``direct`` (no
-    staged tiles) and ``mma`` (the convolution on tensor cores)."""
+    staged tiles) and ``mma`` (the convolution on tensor cores); ``du``: B2 needs
+    ``Outputs.du`` (float32, x's shape and strides) for its du pass."""
     _fields_ = [("tile_h", _i32), ("tile_w", _i32), ("vec", _i32), ("direct", _i32),
-                ("mma", _i32), ("partial_rows", _i64 * 4), ("blocks", _i64 * 4),
+                ("mma", _i32), ("du", _i32), ("partial_rows", _i64 * 4), ("blocks", _i64 * 4),
                 ("threads", _i32 * 4),
                 ("channels_per_block", _i32 * 4), ("smem", _i32 * 4)]
 
@@ -62,7 +64,7 @@ class Inputs(ctypes.Structure):
 class Outputs(ctypes.Structure):
     _fields_ = [("y", _ptr), ("mean_p", _ptr), ("m2_p", _ptr), ("count_p", _ptr),
                 ("dbeta_p", _ptr), ("dgamma_p", _ptr), ("dw_p", _ptr), ("db_p", _ptr),
-                ("dscale_p", _ptr), ("dshift_p", _ptr), ("u", _ptr)]
+                ("dscale_p", _ptr), ("dshift_p", _ptr), ("u", _ptr), ("du", _ptr)]
 
 
 class LibraryError(RuntimeError):

@@ -53,13 +53,19 @@ def cuda_prefetch():
     return _switch(PREFETCH_VAR)
 
 
+# CONVMIXER_EXT_CUDA_TC's values: the C ABI's cmx_shape.tensor_cores levels (_cmx_lib.TC_*)
+CUDA_TC_LEVELS = {"0": 0, "1": 1, "": 1, "all": 2, "all-fused": 3}
+
+
 def cuda_tensor_cores() -> int:
     """CONVMIXER_EXT_CUDA_TC: "0" (0: none), "1", unset or empty (1: F2), "all" (2: F2, F1
-    and B2): the C ABI's cmx_shape.tensor_cores levels (_cmx_lib.TC_*)."""
+    and B2; where an image has several tiles, B2's du computed once by a pass of its own),
+    "all-fused" (3: the same, B2 computing du on every tile's halo always)."""
     v = os.environ.get(CUDA_TC_VAR, "").strip()
-    if v not in ("", "0", "1", "all"):
-        raise ValueError(f"environment variable {CUDA_TC_VAR} must be 0, 1 or all, got {v!r}")
-    return {"0": 0, "all": 2}.get(v, 1)
+    if v not in CUDA_TC_LEVELS:
+        raise ValueError(f"environment variable {CUDA_TC_VAR} must be 0, 1, all or all-fused, "
+                         f"got {v!r}")
+    return CUDA_TC_LEVELS[v]
 
 
 def emu_lib_override():

@@ -49,7 +49,9 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     ``tensor_cores``: the passes that may run on tensor cores where their kernels take the
     shape (16-bit x, NCHW, 16-byte path, k <= TC_MAX_KERNEL_SIZE; the plan's ``mma`` says
     where): False / 0 none, True / 1 (``_cmx_lib.TC_F2``) F2, 2 (``TC_ALL``) F1 saving u
-    and B2 reading it too (B2: k <= 16, no input affine)."""
+    and B2 reading it too (B2: k <= 16, no input affine; where an image has several 32 x 32
+    tiles, du by a pass of its own into a buffer of u's size: the plan's ``du``), 3
+    (``TC_ALL_FUSED``) the same with B2 computing du on every tile's halo always."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):
@@ -61,8 +63,8 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     s.saved_u = int(saved_u)
     s.prefetch = int(prefetch)
     s.tensor_cores = int(tensor_cores)
-    if s.tensor_cores not in (abi.TC_NONE, abi.TC_F2, abi.TC_ALL):
-        raise ValueError(f"tensor_cores must be a bool, 0, 1 or 2, got {tensor_cores!r}")
+    if s.tensor_cores not in (abi.TC_NONE, abi.TC_F2, abi.TC_ALL, abi.TC_ALL_FUSED):
+        raise ValueError(f"tensor_cores must be a bool, 0, 1, 2 or 3, got {tensor_cores!r}")
     return s
 
 
@@ -129,8 +131,8 @@ class Launchers:
             raise _PASS_CODES.get(e.code, RuntimeError)(f"convmixer_ext: {e}") from None
 
     def _setup(self, x, weight, bias, in_scale, in_shift, act, pass_, dout=None, u=None):
-        """(shape, partial rows of ``pass_`` (a name of abi.PASSES), inputs); ``u``: the saved
-        convolution output (inputs.u, which F2, B1 and B2 read; F1 writes outputs.u)."""
+        """(shape, partial rows of ``pass_`` (a name of abi.PASSES), inputs, plan); ``u``: the
+        saved convolution output (inputs.u, which F2, B1 and B2 read; F1 writes outputs.u)."""
         # outputs are allocated by torch (16-byte aligned); dout and u may be views
         if u is not None:
             check_saved_u(u, x)
@@ -141,10 +143,11 @@ class Launchers:
         plan = self._plan(shape)
         inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
                             in_shift=_p(in_shift), u=_p(u))
-        return shape, plan.partial_rows[abi.PASSES.index(pass_)], inputs
+        return shape, plan.partial_rows[abi.PASSES.index(pass_)], inputs, plan
 
     def k_stats(self, x, weight, bias, in_scale, in_shift, act, u=None):
-        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "F1", u=u)
+        shape, rows, inputs, _ = self._setup(x, weight, bias, in_scale, in_shift, act, "F1",
+                                             u=u)
         C = x.shape[1]
         mean_p, m2_p, count_p = _f32(x, rows, C), _f32(x, rows, C), _f32(x, rows)
         self._run("cmx_stats", x, shape, inputs,
@@ -153,15 +156,15 @@ class Launchers:
 
     def k_apply(self, x, weight, bias, mean, rstd, gamma, beta, in_scale, in_shift, act,
                 u=None):
-        shape, _, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "F2", u=u)
+        shape, _, inputs, _ = self._setup(x, weight, bias, in_scale, in_shift, act, "F2", u=u)
         inputs.mean, inputs.rstd, inputs.gamma, inputs.beta = map(_p, (mean, rstd, gamma, beta))
         out = torch.empty_like(x)
         self._run("cmx_apply", x, shape, inputs, abi.Outputs(y=_p(out)))
         return out
 
     def k_bwd_reduce(self, dout, x, weight, bias, mean, rstd, in_scale, in_shift, act, u=None):
-        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "B1", dout,
-                                          u)
+        shape, rows, inputs, _ = self._setup(x, weight, bias, in_scale, in_shift, act, "B1",
+                                             dout, u)
         inputs.dout, inputs.mean, inputs.rstd = _p(dout), _p(mean), _p(rstd)
         C = x.shape[1]
         dbeta_p, dgamma_p = _f32(x, rows, C), _f32(x, rows, C)
@@ -171,8 +174,8 @@ class Launchers:
 
     def k_bwd_main(self, dout, x, weight, bias, mean, rstd, gamma, dbeta, dgamma, batch_stats,
                    in_scale, in_shift, act, u=None):
-        shape, rows, inputs = self._setup(x, weight, bias, in_scale, in_shift, act, "B2", dout,
-                                          u)
+        shape, rows, inputs, plan = self._setup(x, weight, bias, in_scale, in_shift, act, "B2",
+                                                dout, u)
         inputs.dout, inputs.mean, inputs.rstd, inputs.gamma = map(_p, (dout, mean, rstd, gamma))
         inputs.dbeta, inputs.dgamma = _p(dbeta), _p(dgamma)
         inputs.batch_stats = int(bool(batch_stats))
@@ -181,8 +184,11 @@ class Launchers:
         dw_p, db_p = _f32(x, rows, C, k * k), _f32(x, rows, C)
         n_aff = rows if in_scale is not None else 0
         dscale_p, dshift_p = _f32(x, n_aff, C), _f32(x, n_aff, C)
+        # B2's du pass on tensor cores (plan.du): du in float32, laid out as u
+        du = torch.empty_strided(x.shape, x.stride(), device=x.device, dtype=torch.float32) \
+            if plan.du else None
         self._run("cmx_bwd_main", x, shape, inputs,
                   abi.Outputs(y=_p(dx), dw_p=_p(dw_p), db_p=_p(db_p),
                               dscale_p=_p(dscale_p) if n_aff else None,
-                              dshift_p=_p(dshift_p) if n_aff else None))
+                              dshift_p=_p(dshift_p) if n_aff else None, du=_p(du)))
         return dx, dw_p, db_p, dscale_p, dshift_p

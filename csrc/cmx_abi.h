@@ -15,11 +15,13 @@
 
 #include <stdint.h>
 
-#define CMX_ABI_VERSION 7
+#define CMX_ABI_VERSION 8
 
 /* cmx_shape.tensor_cores: the passes that may run on tensor cores */
 #define CMX_TC_F2 1
-#define CMX_TC_ALL 2
+#define CMX_TC_ALL 2       /* B2 in two launches where an image has several tiles: du
+                            * element by element, then the MMAs */
+#define CMX_TC_ALL_FUSED 3 /* B2 in one: each tile computes du on its halo */
 
 #if defined(_WIN32)
 #define CMX_API __declspec(dllexport)
@@ -69,8 +71,8 @@ typedef struct {
   int32_t tensor_cores; /* passes on tensor cores (mma.sync) where their kernels take the
                          * shape (16-bit x in NCHW on the 16-byte path, k <= 17; cmx_plan.mma
                          * says which passes do): 0 none; CMX_TC_F2 F2 without saved_u;
-                         * CMX_TC_ALL also F1 saving u and B2 reading it (B2: k <= 16, no
-                         * input affine) */
+                         * CMX_TC_ALL (or CMX_TC_ALL_FUSED) also F1 saving u and B2 reading
+                         * it (B2: k <= 16, no input affine) */
 } cmx_shape;
 
 /* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the
@@ -85,6 +87,9 @@ typedef struct {
   int32_t mma;                  /* bit i: pass i convolves on tensor cores (F2 with
                                  * shape.tensor_cores: apply_mma_kernel; F1:
                                  * stats_mma_kernel; B2: bwd_mma_kernel) */
+  int32_t du;                   /* 1: B2 first writes du to cmx_outputs.du (du_kernel), then
+                                 * its MMAs read it (CMX_TC_ALL, images of several 32 x 32
+                                 * tiles); 0: no du buffer */
   int64_t partial_rows[4];
   int64_t blocks[4];
   int32_t threads[4];
@@ -126,6 +131,8 @@ typedef struct {
   float* dscale_p;        /* B2 with in_affine: sum(dL/dinput * x) */
   float* dshift_p;        /* B2 with in_affine: sum(dL/dinput) */
   float* u;               /* F1 with shape.saved_u: u = conv(input) + b, float32 */
+  float* du;              /* B2 with cmx_plan.du: scratch for du = dL/du, float32, x's shape
+                           * and element strides (as u), 16-byte aligned */
 } cmx_outputs;
 
 CMX_API int32_t cmx_abi_version(void);

@@ -111,6 +111,10 @@ struct Plan {
   // F2 or B2 on tensor cores (apply_mma_kernel, bwd_mma_kernel): 32 x 32 tiles of one
   // channel, a block each, on a 3-D grid (blocks planes x gy tile columns x gz tile rows)
   bool mma = false;
+  // B2 on tensor cores in two launches (CMX_TC_ALL, planes of several tiles): du_kernel
+  // writes du to outputs.du, then bwd_mma_kernel<T, KT, true> reads it (else one launch,
+  // each tile computing du on its halo)
+  bool du = false;
   int64_t gy = 1, gz = 1;
 };
 
@@ -128,6 +132,9 @@ int32_t check_shape(const cmx_shape* s) {
     return fail(CMX_E_INVALID, "kernel size must be in [1, %d], got %d", kMaxK, s->k);
   if (s->act < 0 || s->act >= CMX_NUM_ACTIVATIONS)
     return fail(CMX_E_INVALID, "unknown activation id %d", s->act);
+  if (s->tensor_cores < 0 || s->tensor_cores > CMX_TC_ALL_FUSED)
+    return fail(CMX_E_INVALID, "tensor_cores must be 0 .. %d, got %d", CMX_TC_ALL_FUSED,
+                s->tensor_cores);
   return CMX_OK;
 }
 
@@ -254,8 +261,8 @@ bool mma_takes(const cmx_shape* s, const Geom& g) {
   return mma_shape_takes(s, g, CMX_TC_F2, kMmaMaxK) && s->saved_u == 0;
 }
 
-// Whether B2 takes bwd_mma_kernel: asked for all passes (CMX_TC_ALL), reading the saved u (it
-// computes du from u on dx's halo), k <= kMmaB2MaxK and without the input affine
+// Whether B2 takes bwd_mma_kernel: asked for all passes (CMX_TC_ALL or CMX_TC_ALL_FUSED),
+// reading the saved u (du comes from u), k <= kMmaB2MaxK and without the input affine
 // (bwd_main_kernel takes that).
 bool mma_b2_takes(const cmx_shape* s, const Geom& g) {
   return mma_shape_takes(s, g, CMX_TC_ALL, kMmaB2MaxK) && s->saved_u != 0 &&
@@ -313,9 +320,14 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
     return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).elements(affine)) * 2, false, p);
   if (pass == kF1 && mma_f1_takes(s, g))
     return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).stats_bytes(affine)), true, p);
-  if (pass == kB2 && mma_b2_takes(s, g))
-    return mma_plan(s, g, static_cast<size_t>(MmaB2Layout(g.K).bytes(s->dtype == CMX_FLOAT16)),
-                    true, p);
+  if (pass == kB2 && mma_b2_takes(s, g)) {
+    const int32_t e = mma_plan(
+        s, g, static_cast<size_t>(MmaB2Layout(g.K).bytes(s->dtype == CMX_FLOAT16)), true, p);
+    // du's own pass where a plane has several tiles, whose halos overlap (each would
+    // recompute its neighbours' du); a plane of one tile computes each du once either way
+    p.du = s->tensor_cores != CMX_TC_ALL_FUSED && p.gy * p.gz > 1;
+    return e;
+  }
   p.rows = s->n > 0 ? g.parts : 0;
   p.blocks = p.rows * g.cblocks;
   p.threads = g.CB * g.GH * g.GW;
@@ -425,7 +437,7 @@ using Required = std::initializer_list<std::pair<const void*, const char*>>;
 template <Pass P, class LaunchFor>
 int32_t run_pass(const cmx_shape* s, const cmx_inputs* in, const void* u,
                  std::initializer_list<const void*> aligned_ptrs, Required required,
-                 const char* what, LaunchFor&& launch_for) {
+                 const char* what, LaunchFor&& launch_for, const void* du = nullptr) {
   Plan p;
   const bool su = s && s->saved_u != 0;
   if (int32_t e = make_plan(s, P, s && s->aligned && aligned16(aligned_ptrs) &&
@@ -436,6 +448,8 @@ int32_t run_pass(const cmx_shape* s, const cmx_inputs* in, const void* u,
     if (int32_t e = need(ptr, name)) return e;
   if (su)
     if (int32_t e = need(u, "u")) return e;
+  if (p.du)  // (a misaligned du left the 16-byte path, and the tensor cores with it)
+    if (int32_t e = need(du, "du")) return e;
   if (int32_t e = check_in_affine(s, in)) return e;
   cmx_error_t err = cmx_success;
   const int kt = unrolled(s->k, P, su);
@@ -546,6 +560,7 @@ CMX_API int32_t cmx_make_plan(const cmx_shape* shape, cmx_plan* plan) {
   plan->vec = ps[0].geo.vec;
   plan->direct = 0;
   plan->mma = 0;
+  plan->du = ps[kB2].du ? 1 : 0;
   for (int i = 0; i < 4; ++i) {
     plan->partial_rows[i] = i == kF2 ? 0 : ps[i].rows;
     plan->blocks[i] = ps[i].blocks * ps[i].gy * ps[i].gz;
@@ -645,24 +660,39 @@ CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx
         if (int32_t e = need(ptr, name)) return e;
   }
   return run_pass<kB2>(
-      s, in, in->u, {in->x, in->dout, out->y},
+      s, in, in->u, {in->x, in->dout, out->y, out->du},
       {{in->x, "x"}, {in->dout, "dout"}, {in->weight, "weight"}, {in->bias, "bias"},
        {in->mean, "mean"}, {in->rstd, "rstd"}, {in->gamma, "gamma"}, {out->y, "dx"},
        {out->dw_p, "dw_p"}, {out->db_p, "db_p"}},
       "bwd_main_kernel", [&](auto tag, auto kc, auto su, const Plan& p) {
         using T = decltype(tag);
         if constexpr (!std::is_same_v<T, float> && decltype(su)::value)
-          if (p.mma)
-            return launch(bwd_mma_kernel<T, decltype(kc)::value>, p, in, as<T>(in->dout),
-                          as<T>(in->x), as<T>(in->weight), in->u, in->mean, in->rstd,
-                          in->gamma, in->dbeta, in->dgamma, in->batch_stats != 0,
-                          static_cast<T*>(out->y), out->dw_p, out->db_p, p.geo);
+          if (p.mma) {
+            constexpr int KT = decltype(kc)::value;
+            const bool bs = in->batch_stats != 0;
+            if (!p.du)
+              return launch(bwd_mma_kernel<T, KT, false>, p, in, as<T>(in->dout),
+                            as<T>(in->x), as<T>(in->weight), in->u, nullptr, in->mean,
+                            in->rstd, in->gamma, in->dbeta, in->dgamma, bs,
+                            static_cast<T*>(out->y), out->dw_p, out->db_p, p.geo);
+            Plan pd = p;  // du_kernel: the same grid and blocks, no shared memory
+            pd.smem = 0;
+            if (cmx_error_t e = launch(du_kernel<T>, pd, in, as<T>(in->dout), in->u, in->mean,
+                                       in->rstd, in->gamma, in->dbeta, in->dgamma, bs, out->du,
+                                       p.geo))
+              return e;
+            return launch(bwd_mma_kernel<T, KT, true>, p, in, as<T>(in->dout), as<T>(in->x),
+                          as<T>(in->weight), in->u, out->du, in->mean, in->rstd, in->gamma,
+                          in->dbeta, in->dgamma, bs, static_cast<T*>(out->y), out->dw_p,
+                          out->db_p, p.geo);
+          }
         return launch(bwd_main_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
                       as<T>(in->dout), as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u,
                       in->mean, in->rstd, in->gamma, in->dbeta, in->dgamma,
                       in->batch_stats != 0, static_cast<T*>(out->y), out->dw_p, out->db_p,
                       in_affine_of(s, in, out), p.geo);
-      });
+      },
+      out->du);
 }
 
 CMX_API int64_t cmx_index_probe(const int64_t* strides, int64_t n, int64_t c, int64_t h,

@@ -1675,9 +1675,10 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
 // x in NCHW on the 16-byte path, k <= kMmaB2MaxK and no input affine (docs/DESIGN.md, "CUDA
 // tensor cores"). A block takes one 32 x 32 tile of one channel in one image, 2 warps:
 //  1. du on dx's halo (32 + K - 1 rows from PA = K - 1 - PB above the tile, 16-byte chunks
-//     from 8 columns left of it; zero outside the image), from the saved u and dout, as two
-//     16-bit terms in two planes, hi = rn(s du) and lo = rn(s du - hi): s = 1 in bfloat16;
-//     float16, whose range is not fp32's, takes the power of two that brings the halo's
+//     from 8 columns left of it; zero outside the image), from the saved u and dout (DU:
+//     read, du_kernel's, computed once per element), as two 16-bit terms in two planes,
+//     hi = rn(s du) and lo = rn(s du - hi): s = 1 in bfloat16; float16, whose range is
+//     not fp32's, takes the power of two that brings the halo's
 //     largest |du| into [1, 2), undone on the fp32 results (the Triton kernels' split and
 //     scale, docs/DESIGN.md, "Numerics of B2"). The tile's db from the fp32 values. Beside
 //     them x's forward halo (PB above the tile) and a copy of it one column on.
@@ -1746,17 +1747,49 @@ __device__ __forceinline__ void store_terms(T* hi, T* lo, int at, const float (&
   st16(lo + at, l);
 }
 
+// B2's du pass (CMX_TC_ALL; bwd_mma_kernel<T, KT, true> then reads it): du = du_of(dout, u)
+// once per element, in fp32 at u's offsets, where the fused kernel (DU false) recomputes it
+// on every tile's halo, (32 + k - 1) x 48 values for 32 x 32 outputs (1.9x at k = 9), at
+// about 60 instructions each. bwd_mma_kernel's grid and block: a 32 x 32 tile of one
+// channel in one image, the 64 threads taking its 16-byte chunks (4 a row) in turn.
+template <typename T>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    du_kernel(const T* __restrict__ dout, const float* __restrict__ u_saved,
+              const float* __restrict__ mean, const float* __restrict__ rstd,
+              const float* __restrict__ gamma, const float* __restrict__ dbeta,
+              const float* __restrict__ dgamma, bool batch_stats, float* __restrict__ du_out,
+              Geom geo) {
+  constexpr int V = Blk<T>::VEC;  // 8
+  constexpr int kRowChunks = kMmaTile / V;
+  const MmaBlock blk(geo);
+  const DuCoef kd = du_coef_of(gamma, rstd, mean, dbeta, dgamma, batch_stats, geo.inv_n, blk.c);
+  for (int q = static_cast<int>(threadIdx.x); q < kMmaTile * kRowChunks;
+       q += static_cast<int>(blockDim.x)) {
+    const int h = blk.h0 + q / kRowChunks, w = blk.w0 + (q % kRowChunks) * V;
+    if (h >= geo.H || w >= geo.W) continue;  // (W a multiple of 8: whole chunks)
+    const int64_t off = offset_of(geo, blk.base, h, w);
+    const Vec16<T> dv = ld16(dout + off);
+    float u[V];
+    ld16_floats<V>(u_saved + off, u);
+    Vec16<float> d[V / 4];
+    CMX_UNROLL
+    for (int e = 0; e < V; ++e) d[e / 4].v[e % 4] = du_of(cmx_to_float(dv.v[e]), u[e], kd, geo.act);
+    CMX_UNROLL
+    for (int q4 = 0; q4 < V / 4; ++q4) st16(du_out + off + 4 * q4, d[q4]);
+  }
+}
+
 // (__maxnreg__(kMmaMaxRegs) rather than __launch_bounds__(64), which cannot go with it:
 // under that bound ptxas took 72 registers on sm_80 and kept pointers on the stack across
-// du's unrolled activations)
-template <typename T, int KT>
+// du's unrolled activations). DU: du read from du_in (du_kernel's) instead of computed.
+template <typename T, int KT, bool DU>
 __global__ void __maxnreg__(kMmaMaxRegs)
     bwd_mma_kernel(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
-                   const float* __restrict__ u_saved, const float* __restrict__ mean,
-                   const float* __restrict__ rstd, const float* __restrict__ gamma,
-                   const float* __restrict__ dbeta, const float* __restrict__ dgamma,
-                   bool batch_stats, T* __restrict__ dx, float* __restrict__ dw_p,
-                   float* __restrict__ db_p, Geom geo) {
+                   const float* __restrict__ u_saved, const float* __restrict__ du_in,
+                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                   const float* __restrict__ gamma, const float* __restrict__ dbeta,
+                   const float* __restrict__ dgamma, bool batch_stats, T* __restrict__ dx,
+                   float* __restrict__ dw_p, float* __restrict__ db_p, Geom geo) {
   constexpr int V = Blk<T>::VEC;  // 8
   constexpr bool half = std::is_same_v<T, cmx_half>;
   const MmaB2Layout L(KT > 0 ? KT : geo.K);
@@ -1795,11 +1828,15 @@ __global__ void __maxnreg__(kMmaMaxRegs)
       float du[V];
       if (col_in && gh >= 0 && gh < geo.H) {
         const int64_t off = offset_of(geo, base, gh, gw);
-        const Vec16<T> dv = ld16(dout + off);
-        float u[V];
-        ld16_floats<V>(u_saved + off, u);
-        CMX_UNROLL
-        for (int e = 0; e < V; ++e) du[e] = du_of(cmx_to_float(dv.v[e]), u[e], kd, geo.act);
+        if constexpr (DU) {
+          ld16_floats<V>(du_in + off, du);
+        } else {
+          const Vec16<T> dv = ld16(dout + off);
+          float u[V];
+          ld16_floats<V>(u_saved + off, u);
+          CMX_UNROLL
+          for (int e = 0; e < V; ++e) du[e] = du_of(cmx_to_float(dv.v[e]), u[e], kd, geo.act);
+        }
       } else {
         CMX_UNROLL
         for (int e = 0; e < V; ++e) du[e] = 0.f;

@@ -198,9 +198,10 @@ def test_the_cuda_library_timed_with_and_without_its_prefetches(tmp_path, monkey
 
 
 def test_the_cuda_library_timed_on_tensor_cores(tmp_path, monkeypatch):
-    """The "-tc" / "-notc" / "-tcall" providers run the CUDA library with
-    CONVMIXER_EXT_CUDA_TC=1 / 0 / all around every call (its F2 / eval then asks for tensor
-    cores / not, B2 too with "all"; the plain provider asks as the default does), check their
+    """The "-tc" / "-notc" / "-tcall" / "-tcfused" providers run the CUDA library with
+    CONVMIXER_EXT_CUDA_TC=1 / 0 / all / all-fused around every call (its F2 / eval then asks
+    for tensor cores / not, B2 too with the last two; the plain provider asks as the default
+    does), check their
     result against the fp32 reference like every provider, and leave the variable as they
     found it."""
     from conftest import kernel_backends
@@ -218,14 +219,15 @@ def test_the_cuda_library_timed_on_tensor_cores(tmp_path, monkeypatch):
     out = tmp_path / "blocks"
     rc = main(["--quick", "--device", "cpu", "--ks", "3", "--modes", "eval", "--dtypes",
                "bfloat16", "--layouts", "nchw", "--providers", "cuda_emu", "cuda_emu-tc",
-               "cuda_emu-notc", "cuda_emu-tcall", "--reps", "1", "--out", str(out)])
+               "cuda_emu-notc", "cuda_emu-tcall", "cuda_emu-tcfused", "--reps", "1", "--out",
+               str(out)])
     assert rc == 0
-    assert seen == {(None, 1), ("1", 1), ("0", 0), ("all", 2)}, seen
+    assert seen == {(None, 1), ("1", 1), ("0", 0), ("all", 2), ("all-fused", 3)}, seen
     assert "CONVMIXER_EXT_CUDA_TC" not in os.environ
     recs = [r for f in out.glob("*.json") for r in json.load(open(f))["records"]
             if r.get("kind") == "block"]
     assert {r["provider"] for r in recs} == {"cuda_emu", "cuda_emu-tc", "cuda_emu-notc",
-                                             "cuda_emu-tcall"}
+                                             "cuda_emu-tcall", "cuda_emu-tcfused"}
     assert all("error" not in r and r["ms"] > 0 for r in recs), recs
 
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import DEVICE
 from convmixer_ext import ConvMixerLayer, _env
-from convmixer_ext._cmx_lib import TC_ALL, TC_F2
+from convmixer_ext._cmx_lib import TC_ALL, TC_ALL_FUSED, TC_F2
 from convmixer_ext import torch_backend as twin
 from convmixer_ext.backends import KernelBackend, backend_reason, library
 from convmixer_ext.cuda_kernels import TC_MAX_KERNEL_SIZE, Launchers, tc_takes_width
@@ -178,6 +178,21 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     for i in (0, 3):  # F1 and B2: a block and a partial row per image and 32 x 32 tile
         assert plan.blocks[i] == 3 * 4 * 2 * 3 and plan.threads[i] == 64
         assert plan.partial_rows[i] == 3 * 2 * 3
+    # B2's du pass (its buffer) where B2 is on tensor cores at "all" and an image has
+    # several tiles (2 x 3 here; one row or column of them is enough); none at "all-fused",
+    # on an image of one tile, nor where B2 runs on CUDA cores
+    fused = _impls(TC_ALL_FUSED)[0]
+    assert plan.du == 1
+    for H, W in ((33, 32), (32, 40)):
+        xt = torch.zeros(1, 2, H, W, dtype=bf, device=DEVICE)
+        assert tc.k.plan(xt, 9, 0, False, saved_u=True).du == 1
+        assert mma(xt, 9, saved_u=True, impl=fused) == F1 | B2
+        assert fused.k.plan(xt, 9, 0, False, saved_u=True).du == 0
+    assert tc.k.plan(torch.zeros(1, 2, 32, 32, dtype=bf, device=DEVICE), 9, 0, False,
+                     saved_u=True).du == 0
+    xt = torch.zeros(1, 2, 40, 40, dtype=bf, device=DEVICE)
+    for impl, k, affine in ((tc, 17, False), (tc, 9, True), (cc, 9, False), (f2_only, 9, False)):
+        assert impl.k.plan(xt, k, 0, affine, saved_u=True).du == 0, (k, affine)
 
 
 def test_the_switch_reaches_the_layer(monkeypatch):
@@ -196,7 +211,7 @@ def test_the_switch_reaches_the_layer(monkeypatch):
     torch.manual_seed(0)
     layer = ConvMixerLayer(8, 9, backend=BACKEND).to(DEVICE, torch.bfloat16).eval()
     randomize_bn(layer)
-    x = torch.randn(2, 8, 16, 24, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(2, 8, 16, 40, device=DEVICE, dtype=torch.bfloat16)  # 2 tiles a plane
     monkeypatch.setenv(_env.CUDA_TC_VAR, "0")
     with torch.no_grad():
         ref = layer(x)
@@ -212,23 +227,26 @@ def test_the_switch_reaches_the_layer(monkeypatch):
         assert asked and all(asked), on
     err = (out.double() - ref.double()).abs().max().item()
     assert err <= ULP[torch.bfloat16] * ref.double().abs().max().item()
-    # training at k = 9 saves u: its B2 asks for tensor cores at "all" (level 2) alone, and
-    # its gradients are the CUDA-core B2's up to the split's rounding
+    # training at k = 9 saves u: its B2 asks for tensor cores at "all" (level 2) and
+    # "all-fused" (3) alone, and its gradients are the CUDA-core B2's up to the split's
+    # rounding (and the two levels' bit for bit: du's own pass, two tiles a plane here,
+    # against du on each tile's halo)
     layer.train()
     grads = {}
-    for level in ("1", " all "):
+    for level, want in (("1", 1), (" all ", 2), ("all-fused", 3)):
         monkeypatch.setenv(_env.CUDA_TC_VAR, level)
         asked.clear()
         xs = x.clone().requires_grad_()
         layer.zero_grad()
         layer(xs).float().square().sum().backward()
-        assert set(asked) == ({1} if level == "1" else {2}), (level, asked)
+        assert set(asked) == {want}, (level, asked)
         grads[level] = [xs.grad, layer[0].fn[0].weight.grad]
-    for a, b_ in zip(*grads.values()):
+    for a, b_, c_ in zip(*grads.values()):
         assert_close(a, b_, torch.bfloat16, "B2 on tensor cores against CUDA cores")
+        assert torch.equal(b_, c_)
     monkeypatch.setenv(_env.CUDA_TC_VAR, "yes")
-    with pytest.raises(ValueError, match=f"{_env.CUDA_TC_VAR} must be 0, 1 or all"), \
-            torch.no_grad():
+    with pytest.raises(ValueError, match=f"{_env.CUDA_TC_VAR} must be 0, 1, all or "
+                                         "all-fused"), torch.no_grad():
         layer(x)
 
 
@@ -294,6 +312,13 @@ def test_b2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, act):
     args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, act, None)
     dx, dw, db, _ = tc.bwd_main(*args, u=u)
     dx_c, dw_c, db_c, _ = cc.bwd_main(*args, u=u)
+    # B2 computing du on every tile's halo ("all-fused") stages the same fp32 du as its du
+    # pass (taken where an image has several tiles) stores: the same gradients, bit for bit
+    fused = _impls(TC_ALL_FUSED)[0]
+    assert fused.k.plan(x, k, 0, False, saved_u=True).du == 0
+    assert tc.k.plan(x, k, 0, False, saved_u=True).du == int(case[2] > 32 or case[3] > 32)
+    for got, want in zip(fused.bwd_main(*args, u=u)[:3], (dx, dw, db)):
+        assert torch.equal(got, want)
     err = (dx.double() - dx_c.double()).abs().max().item()
     assert err <= ULP[dtype] * dx_c.double().abs().max().item(), err
     # ... and rounds to the same 16-bit value almost everywhere: only where the fp32 sums sit
@@ -383,3 +408,25 @@ def test_b2_on_tensor_cores_repeats_and_keeps_non_finite_du():
     assert (~torch.isfinite(dx[~torch.isfinite(dx_c)])).all()
     assert not torch.isfinite(dw[1]).all()
     assert torch.isfinite(dx[0, 0]).all() and torch.isfinite(dw[0]).all()  # the other channel
+
+
+def test_b2_du_pass_refuses_a_missing_buffer():
+    """Where the plan asks for B2's du pass (plan.du), a launch without its buffer is refused
+    with an error naming it, nothing written: the library never stores through NULL."""
+    from convmixer_ext import _cmx_lib as abi
+    g = torch.Generator().manual_seed(15)
+    x, dout, w, b, gamma, _ = _b2_inputs((1, 2, 40, 16, 5), torch.bfloat16, g)
+    tc, _ = _impls()
+    u = twin.conv_u(x, w, b, None).contiguous()
+    C = x.shape[1]
+    mean, rstd = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+    shape, rows, inputs, plan = tc.k._setup(x, w, b, None, None, 0, "B2", dout, u)
+    assert plan.du == 1
+    inputs.dout, inputs.mean, inputs.rstd, inputs.gamma = (
+        t.data_ptr() for t in (dout, mean, rstd, gamma))
+    dx = torch.full_like(x, 7.0)
+    dw_p, db_p = torch.empty(rows, C, 25, device=DEVICE), torch.empty(rows, C, device=DEVICE)
+    outputs = abi.Outputs(y=dx.data_ptr(), dw_p=dw_p.data_ptr(), db_p=db_p.data_ptr())
+    with pytest.raises(ValueError, match="du is NULL"):
+        tc.k._run("cmx_bwd_main", x, shape, inputs, outputs)
+    assert (dx == 7.0).all()
