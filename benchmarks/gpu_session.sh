@@ -71,10 +71,12 @@
 #                                      # training blocks (cuda, cuda-tcall, cuda-tcfused,
 #                                      # cuda-tcall-save, triton_tc, eager) at k = 3, 7, 9, 15
 #                                      # (u saved from k = 7, and by -save at k = 3) and
-#                                      # Nsight Compute on B2's du_kernel and bwd_mma_kernel
-#                                      # (k = 9): #15's k = 9 / k = 3 ratio, B2's du pass
-#                                      # against recomputing du on every halo (-tcfused), and
-#                                      # fp16 triton_tc training with du stored split
+#                                      # Nsight Compute on bwd_mma_kernel (k = 9): #15's
+#                                      # k = 9 / k = 3 ratio, and fp16 triton_tc training with
+#                                      # du stored split; then on cm768-448 (2 x 2 tiles a
+#                                      # plane) B2's du pass against du on every tile's halo
+#                                      # (cuda-tcall against cuda-tcfused, k = 9, 15) and
+#                                      # Nsight Compute on du_kernel and bwd_mma_kernel there
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -225,11 +227,17 @@ cuda triton_tc eager --dtypes float16 bfloat16 --layouts nchw" \
   16)
     TEST_PATHS="$PWD/tests/test_cuda_tensor_cores.py $PWD/tests/test_tensor_cores.py" \
     TEST_WORKERS=12 T_TEST=60 T_BENCH=170 BENCH_ARGS="--shapes cm1536 --ks 3 7 9 15 --modes \
-train_fwdbwd --providers cuda cuda-tcall cuda-tcfused cuda-tcall-save triton_tc eager --dtypes \
-bfloat16 float16 --layouts nchw" \
-      timeout -k 5 300 bash benchmarks/gpu_run.sh build test bench || status=$?
+train_fwdbwd --providers cuda cuda-tcall cuda-tcall-save triton_tc eager --dtypes bfloat16 \
+float16 --layouts nchw" \
+      timeout -k 5 280 bash benchmarks/gpu_run.sh build test bench || status=$?
     CONVMIXER_EXT_CUDA_TC=all NCU_LAUNCHES=2 NCU_TAG=b2-k9 NCU_PASSES="--ks 9 --dtypes \
-bfloat16 float16 --layouts nchw --backends cuda" nsight du_kernel bwd_mma_kernel
+bfloat16 float16 --layouts nchw --backends cuda" nsight bwd_mma_kernel
+    mkdir -p "$RES/multi-tile"
+    OUT="$RES/multi-tile" T_BENCH=60 BENCH_ARGS="--shapes cm768-448 --ks 9 15 --modes \
+train_fwdbwd --providers cuda-tcall cuda-tcfused triton_tc --dtypes bfloat16 float16 \
+--layouts nchw" timeout -k 5 80 bash benchmarks/gpu_run.sh bench || status=$?
+    CONVMIXER_EXT_CUDA_TC=all NCU_LAUNCHES=1 NCU_TAG=du-k9 NCU_PASSES="--shapes cm768-448 \
+--ks 9 --dtypes bfloat16 --layouts nchw --backends cuda" nsight du_kernel bwd_mma_kernel
     ;;
   *) echo "call must be 1 to 16"; exit 2 ;;
 esac

@@ -42,6 +42,9 @@ GPU_SHAPES = {
     "cm768": (64, 768, 32, 32),     # ConvMixer-768/32
     "cifar256": (128, 256, 16, 16),  # CIFAR ConvMixer-256/8, patch 2
     "cifar256-32": (128, 256, 32, 32),  # CIFAR ConvMixer-256/8, patch 1
+    # ConvMixer-768/32 at 448px / patch 7: 2 x 2 tiles of 32 x 32 a plane (where the CUDA
+    # tensor-core B2 takes its du pass)
+    "cm768-448": (16, 768, 64, 64),
 }
 CPU_SHAPES = {"cpu-small": (8, 128, 32, 32)}
 MODES = ("eval", "train_fwd", "train_fwdbwd")
