@@ -259,7 +259,7 @@ def _dot_split(a, b, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def _pow2_scale(m):
-    """(s, 1/s): the power of two s that takes the magnitude ``m`` (fp32, >= 0) into [1, 4)
+    """(s, 1/s): the power of two s that takes the magnitude ``m`` (fp32, >= 0) into [1, 2)
     ([0, 1) for m below the smallest normal number); applying and undoing it is exact."""
     e = tl.minimum(tl.maximum((m.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 1), 253)
     return ((254 - e) << 23).to(tl.float32, bitcast=True), (e << 23).to(tl.float32, bitcast=True)
@@ -382,7 +382,7 @@ def _bwd_tc(x_ptr, w_ptr, scale_ptr, shift_ptr, du_ptr, dulo_ptr, dus_p, dw_p, p
     16-column blocks of a 32-wide tile: their GEMMs accumulate into the same P
     (:func:`_band_sums`). With the input affine,
     ``dW = a (du * x) + c (du * M)``, M the in-image mask. For float16 (whose range is not
-    fp32's) du is scaled by the power of two that takes the halo's largest |du| into [1, 4),
+    fp32's) du is scaled by the power of two that takes the halo's largest |du| into [1, 2),
     undone on the fp32 results (SPLIT: B2a scaled it, and stored 1 / s at ``dus_p + prow``:
     its tile is this program's whole halo)."""
     _, _, n, h0, w0 = _tile_origin(tiles_w, tiles_per_img, tiles_total, TH, TW, IMG)
@@ -669,7 +669,7 @@ def _bwd_du_kernel(dout_ptr, x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u_ptr, m
     :func:`_split_du`) as its two 16-bit terms (:func:`_split16`), high at du_ptr and low at
     dulo_ptr, with the tile's db partial taken here from the fp32 values (B2b never sees
     them). float16: the terms of ``s * du``, s the power of two that takes the tile's largest
-    |du| into [1, 4) (:func:`_pow2_scale`; the tile is B2b's whole halo, as each image is one
+    |du| into [1, 2) (:func:`_pow2_scale`; the tile is B2b's whole halo, as each image is one
     tile), and 1 / s stored at ``dus_p`` per partial row and channel for B2b to undo."""
     row, cb, base, c, cmask, h, w, valid = _tile(N, C, H, W, tiles_w, tiles_per_img,
                                                  tiles_total, sN, TH, TW, BLOCK_C, BLOCK_S, IMG)
