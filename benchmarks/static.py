@@ -87,7 +87,8 @@ def occupancy(arch: int, threads: int, regs: int, smem: int) -> dict:
 # --------------------------------------------------------------------------- SASS facts
 # kernel, element type, KT and SU: whether it saves (F1) or reads (F2, B1, B2) the saved u
 _MANGLED = re.compile(
-    r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)(?:Li(\d+)E)?(?:Lb([01])E)?")
+    r"_ZN3cmx\d+(\w+?_kernel)I(f|6__half|13__nv_bfloat16)(?:Li(\d+)E)?(?:Lb([01])E)?"
+    r"(?:Lb([01])E)?")
 _DTYPE_OF = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
 # one SASS instruction: (address, opcode, operands)
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)")
@@ -180,7 +181,8 @@ def cuda_kernel_facts(lib_path):
     the built CUDA library (SU: the instantiation that saves or reads the saved u; a kernel
     templated on T alone, apply_u_kernel, bwd_reduce_u_kernel and du_kernel: KT 0, SU False;
     for apply_mma_kernel and stats_mma_kernel the bool is their AFF, the input affine's
-    instantiation, for bwd_mma_kernel its DU, du read from du_kernel's buffer)."""
+    instantiation; bwd_mma_kernel's key has two, its DU (du read from du_kernel's buffer)
+    and its AFF)."""
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],
@@ -192,7 +194,7 @@ def cuda_kernel_facts(lib_path):
             continue
         ops = sass.get((r["arch"], r["function"]), [])
         key = (r["arch"], m.group(1), _DTYPE_OF[m.group(2)], int(m.group(3) or 0),
-               m.group(4) == "1")
+               m.group(4) == "1") + ((m.group(5) == "1",) if m.group(5) else ())
         facts[key] = dict(r, **sass_facts(ops))
     return facts
 

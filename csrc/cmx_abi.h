@@ -72,7 +72,7 @@ typedef struct {
                          * shape (16-bit x in NCHW on the 16-byte path, k <= 17; cmx_plan.mma
                          * says which passes do): 0 none; CMX_TC_F2 F2 without saved_u;
                          * CMX_TC_ALL (or CMX_TC_ALL_FUSED) also F1 saving u and B2 reading
-                         * it (B2: k <= 16, no input affine) */
+                         * it (B2: k <= 16) */
 } cmx_shape;
 
 /* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the

@@ -262,11 +262,9 @@ bool mma_takes(const cmx_shape* s, const Geom& g) {
 }
 
 // Whether B2 takes bwd_mma_kernel: asked for all passes (CMX_TC_ALL or CMX_TC_ALL_FUSED),
-// reading the saved u (du comes from u), k <= kMmaB2MaxK and without the input affine
-// (bwd_main_kernel takes that).
+// reading the saved u (du comes from u), k <= kMmaB2MaxK.
 bool mma_b2_takes(const cmx_shape* s, const Geom& g) {
-  return mma_shape_takes(s, g, CMX_TC_ALL, kMmaB2MaxK) && s->saved_u != 0 &&
-         s->has_in_affine == 0;
+  return mma_shape_takes(s, g, CMX_TC_ALL, kMmaB2MaxK) && s->saved_u != 0;
 }
 
 // Whether F1 takes stats_mma_kernel: asked for all passes (CMX_TC_ALL), saving u (training's
@@ -322,7 +320,8 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
     return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).stats_bytes(affine)), true, p);
   if (pass == kB2 && mma_b2_takes(s, g)) {
     const int32_t e = mma_plan(
-        s, g, static_cast<size_t>(MmaB2Layout(g.K).bytes(s->dtype == CMX_FLOAT16)), true, p);
+        s, g, static_cast<size_t>(MmaB2Layout(g.K, affine).bytes(s->dtype == CMX_FLOAT16)),
+        true, p);
     // du's own pass where a plane has several tiles, whose halos overlap (each would
     // recompute its neighbours' du); a plane of one tile computes each du once either way
     p.du = s->tensor_cores != CMX_TC_ALL_FUSED && p.gy * p.gz > 1;
@@ -670,21 +669,23 @@ CMX_API int32_t cmx_bwd_main(const cmx_shape* s, const cmx_inputs* in, const cmx
           if (p.mma) {
             constexpr int KT = decltype(kc)::value;
             const bool bs = in->batch_stats != 0;
-            if (!p.du)
-              return launch(bwd_mma_kernel<T, KT, false>, p, in, as<T>(in->dout),
-                            as<T>(in->x), as<T>(in->weight), in->u, nullptr, in->mean,
-                            in->rstd, in->gamma, in->dbeta, in->dgamma, bs,
-                            static_cast<T*>(out->y), out->dw_p, out->db_p, p.geo);
-            Plan pd = p;  // du_kernel: the same grid and blocks, no shared memory
-            pd.smem = 0;
-            if (cmx_error_t e = launch(du_kernel<T>, pd, in, as<T>(in->dout), in->u, in->mean,
-                                       in->rstd, in->gamma, in->dbeta, in->dgamma, bs, out->du,
-                                       p.geo))
-              return e;
-            return launch(bwd_mma_kernel<T, KT, true>, p, in, as<T>(in->dout), as<T>(in->x),
-                          as<T>(in->weight), in->u, out->du, in->mean, in->rstd, in->gamma,
+            if (p.du) {  // du_kernel: the same grid and blocks, no shared memory
+              Plan pd = p;
+              pd.smem = 0;
+              if (cmx_error_t e = launch(du_kernel<T>, pd, in, as<T>(in->dout), in->u,
+                                         in->mean, in->rstd, in->gamma, in->dbeta, in->dgamma,
+                                         bs, out->du, p.geo))
+                return e;
+            }
+            const bool aff = s->has_in_affine != 0;
+            auto kernel = p.du ? (aff ? bwd_mma_kernel<T, KT, true, true>
+                                      : bwd_mma_kernel<T, KT, true, false>)
+                               : (aff ? bwd_mma_kernel<T, KT, false, true>
+                                      : bwd_mma_kernel<T, KT, false, false>);
+            return launch(kernel, p, in, as<T>(in->dout), as<T>(in->x), as<T>(in->weight),
+                          in->u, p.du ? out->du : nullptr, in->mean, in->rstd, in->gamma,
                           in->dbeta, in->dgamma, bs, static_cast<T*>(out->y), out->dw_p,
-                          out->db_p, p.geo);
+                          out->db_p, in_affine_of(s, in, out), p.geo);
           }
         return launch(bwd_main_kernel<T, decltype(kc)::value, decltype(su)::value>, p, in,
                       as<T>(in->dout), as<T>(in->x), as<T>(in->weight), as<T>(in->bias), in->u,

@@ -1701,24 +1701,32 @@ struct MmaB2Layout {
   MmaShape D;          // du's halo: dx's correlation, the rotated kernel, PA before
   int NT;              // dW's MMA tiles along its taps i, 8 each
   int xchunks, xstride, xrows;
-  __host__ __device__ constexpr MmaB2Layout(int k)
+  bool aff;            // with the input affine: the in-image mask's plane and its copy too
+  __host__ __device__ constexpr MmaB2Layout(int k, bool affine = false)
       : D(k, k - 1 - pad_before(k)), NT(cdiv(k, 8)), xchunks(cdiv(55 - pad_before(k), 8)),
-        xstride(0), xrows(kMmaTile + k - 1) {
+        xstride(0), xrows(kMmaTile + k - 1), aff(affine) {
     xstride = mma_stride(xchunks);
   }
   __host__ __device__ constexpr int lo() const { return D.halo(); }
   __host__ __device__ constexpr int x0() const { return 2 * D.halo(); }
   __host__ __device__ constexpr int x1() const { return x0() + xrows * xstride; }
+  // (aff) the mask's plane and its copy one column on
+  __host__ __device__ constexpr int m0() const { return x1() + xrows * xstride; }
+  __host__ __device__ constexpr int m1() const { return m0() + xrows * xstride; }
   // the rotated kernel's staged weights (stage_mma_weights)
-  __host__ __device__ constexpr int wts() const { return x1() + xrows * xstride; }
+  __host__ __device__ constexpr int wts() const { return x1() + (aff ? 3 : 1) * xrows * xstride; }
   // float offsets, 16-byte aligned
   __host__ __device__ constexpr int scratch() const {
     return round_up(wts() + D.K * mma_wrow(2), 8) / 2;
   }
+  // the block's sums: db and float16's |du| maximum per warp (aff: then the input affine's
+  // two sums per warp)
   __host__ __device__ constexpr int red(bool half) const {
     return scratch() + (half ? D.halo() : 0);
   }
-  __host__ __device__ constexpr int bytes(bool half) const { return (red(half) + 4) * 4; }
+  __host__ __device__ constexpr int bytes(bool half) const {
+    return (red(half) + (aff ? 8 : 4)) * 4;
+  }
 };
 
 // (s, 1/s): the power of two s that takes mag (>= 0) into [1, 2) ([0, 1) below the smallest
@@ -1782,17 +1790,22 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 // (__maxnreg__(kMmaMaxRegs) rather than __launch_bounds__(64), which cannot go with it:
 // under that bound ptxas took 72 registers on sm_80 and kept pointers on the stack across
 // du's unrolled activations). DU: du read from du_in (du_kernel's) instead of computed.
-template <typename T, int KT, bool DU>
+// AFF: with the input affine a x + c (the block input; zero outside the image): dx = a
+// (dout + the correlation), the tile's sums of that times x and of it (dscale, dshift), and
+// dW = a (du * X) + c (du * M), M the in-image mask, its MMAs beside x's (no rounding of
+// a x + c to 16 bits, as F2's).
+template <typename T, int KT, bool DU, bool AFF>
 __global__ void __maxnreg__(kMmaMaxRegs)
     bwd_mma_kernel(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
                    const float* __restrict__ u_saved, const float* __restrict__ du_in,
                    const float* __restrict__ mean, const float* __restrict__ rstd,
                    const float* __restrict__ gamma, const float* __restrict__ dbeta,
                    const float* __restrict__ dgamma, bool batch_stats, T* __restrict__ dx,
-                   float* __restrict__ dw_p, float* __restrict__ db_p, Geom geo) {
+                   float* __restrict__ dw_p, float* __restrict__ db_p, InAffine in_aff,
+                   Geom geo) {
   constexpr int V = Blk<T>::VEC;  // 8
   constexpr bool half = std::is_same_v<T, cmx_half>;
-  const MmaB2Layout L(KT > 0 ? KT : geo.K);
+  const MmaB2Layout L(KT > 0 ? KT : geo.K, AFF);
   const MmaShape& D = L.D;
   const int K = D.K, PA = D.PB, PB = K - 1 - PA;
   CMX_DYN_SMEM(smem);
@@ -1800,6 +1813,8 @@ __global__ void __maxnreg__(kMmaMaxRegs)
   T* const dlo = dhi + L.lo();
   T* const xh0 = dhi + L.x0();
   T* const xh1 = dhi + L.x1();
+  T* const mk0 = dhi + L.m0();  // (AFF)
+  T* const mk1 = dhi + L.m1();
   T* const sw = dhi + L.wts();
   float* const dsc = smem + L.scratch();
   float* const red = smem + L.red(half);
@@ -1814,9 +1829,8 @@ __global__ void __maxnreg__(kMmaMaxRegs)
   const bool col_in = gw >= 0 && gw < geo.W;  // (W, w0 multiples of 8: whole chunks)
   constexpr int KS = KT > 0 ? MmaB2Layout(KT).D.ks : 2;
   stage_mma_weights<T, true>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
-  // 1. x's halo, rows h0 - PB ..
-  stage_mma_halo<T, false>(xh0, nullptr, x, geo, base, h0, w0, PB, L.xrows, L.xchunks,
-                           L.xstride);
+  // 1. x's halo, rows h0 - PB .. (AFF: and the mask's)
+  stage_mma_halo<T, AFF>(xh0, mk0, x, geo, base, h0, w0, PB, L.xrows, L.xchunks, L.xstride);
   //    du on dx's halo, rows h0 - PA ..: its terms (bfloat16), or (float16) its fp32 values
   //    until the halo's largest |du| is known; db over the tile's chunks (1 to 4)
   const DuCoef kd = du_coef_of(gamma, rstd, mean, dbeta, dgamma, batch_stats, geo.inv_n, c);
@@ -1875,20 +1889,26 @@ __global__ void __maxnreg__(kMmaMaxRegs)
         store_terms(dhi, dlo, r * D.stride + m * V, v, s);
       }
   }
-  //    x's halo one column on (its last column is never read)
+  //    x's halo one column on (its last column is never read); AFF: the mask's too
   if (m < L.xchunks)
     for (int r = r0; r < L.xrows; r += 8)
       CMX_UNROLL
       for (int e = 0; e < V; ++e) {
         const int q = r * L.xstride + m * V + e;
-        xh1[q] = m * V + e + 1 < L.xchunks * V ? xh0[q + 1] : cmx_from_float(0.f, T{});
+        const bool in_row = m * V + e + 1 < L.xchunks * V;
+        xh1[q] = in_row ? xh0[q + 1] : cmx_from_float(0.f, T{});
+        if constexpr (AFF) mk1[q] = in_row ? mk0[q + 1] : cmx_from_float(0.f, T{});
       }
   __syncthreads();
+  const float as = AFF ? in_aff.scale[c] : 1.f, ac = AFF ? in_aff.shift[c] : 0.f;
   // 2. dx: accumulator pairs (rows g, g + 8 of the warp's 16; columns 8 nb + 2t, + 1) plus
-  //    dout, two outputs per 4-byte access (a column pair lies wholly inside or outside)
+  //    dout, two outputs per 4-byte access (a column pair lies wholly inside or outside);
+  //    AFF: that is the block input's gradient din, dx = a din, and the tile sums din x
+  //    (x from the halo's centre) and din
   {
     float acc[4][4], unused[4][4];
     mma_correlate<T, KT, KS, 2, 1>(dhi, dlo, sw, D, warp, acc, unused);
+    float sds = 0.f, sdh = 0.f;
     CMX_UNROLL
     for (int hr = 0; hr < 2; ++hr) {
       const int r = 16 * warp + g + 8 * hr;
@@ -1899,9 +1919,24 @@ __global__ void __maxnreg__(kMmaMaxRegs)
         if (w0 + 8 * nb >= geo.W) break;
         float dv[2];
         unpack2<T>(cmx_ld_pair(dout + orow + 8 * nb), dv);
-        const T y0 = cmx_from_float(dv[0] + acc[nb][2 * hr] * inv_s, T{});
-        const T y1 = cmx_from_float(dv[1] + acc[nb][2 * hr + 1] * inv_s, T{});
-        *reinterpret_cast<uint32_t*>(dx + orow + 8 * nb) = pack2(y0, y1);
+        const float din0 = dv[0] + acc[nb][2 * hr] * inv_s;
+        const float din1 = dv[1] + acc[nb][2 * hr + 1] * inv_s;
+        if constexpr (AFF) {
+          float xv[2];
+          unpack2<T>(cmx_ld_pair(xh0 + (r + PB) * L.xstride + kMmaLead + 2 * t + 8 * nb), xv);
+          sds += din0 * xv[0] + din1 * xv[1];
+          sdh += din0 + din1;
+        }
+        *reinterpret_cast<uint32_t*>(dx + orow + 8 * nb) =
+            pack2(cmx_from_float(din0 * as, T{}), cmx_from_float(din1 * as, T{}));
+      }
+    }
+    if constexpr (AFF) {
+      sds = warp_sum(sds);
+      sdh = warp_sum(sdh);
+      if (lane == 0) {
+        red[4 + warp] = sds;
+        red[6 + warp] = sdh;
       }
     }
   }
@@ -1909,14 +1944,17 @@ __global__ void __maxnreg__(kMmaMaxRegs)
   //    col0 on, or from the copy one column on where col0 is odd); B from du's terms at plane
   //    row rr - i + PA, columns 8 + c. Every thread runs every row pair (the MMAs are the
   //    warp's together: the emulator's, the block's); a warp's rows past the halo add zeros.
+  //    AFF: the same MMAs with A from the mask's planes, into awm
   constexpr int NTX = KT > 0 ? cdiv(KT, 8) : 2;
-  float aw[NTX][4];
+  constexpr int NM = AFF ? NTX : 1;
+  float aw[NTX][4], awm[NM][4];
   CMX_UNROLL
   for (int nt = 0; nt < NTX; ++nt)
     CMX_UNROLL
-    for (int q = 0; q < 4; ++q) aw[nt][q] = 0.f;
+    for (int q = 0; q < 4; ++q) aw[nt][q] = awm[nt % NM][q] = 0.f;
   const int col0 = g + 2 * t + kMmaLead - PB;
   const T* const xa = (col0 & 1) ? xh1 + col0 - 1 : xh0 + col0;
+  const T* const ma = (col0 & 1) ? mk1 + col0 - 1 : mk0 + col0;  // (AFF)
   for (int rp = 0; rp < cdiv(L.xrows, kMmaWarps); ++rp) {
     const int rr = kMmaWarps * rp + warp;
     const bool row_ok = rr < L.xrows;
@@ -1926,6 +1964,13 @@ __global__ void __maxnreg__(kMmaMaxRegs)
       const uint32_t a1 = row_ok ? cmx_ld_pair(p + 8) : 0u;
       const uint32_t a[4] = {row_ok ? cmx_ld_pair(p) : 0u, a1, a1,
                              row_ok ? cmx_ld_pair(p + 16) : 0u};
+      uint32_t am[4] = {0u, 0u, 0u, 0u};
+      if constexpr (AFF) {
+        const T* pm = ma + rr * L.xstride + 16 * kk;
+        am[0] = row_ok ? cmx_ld_pair(pm) : 0u;
+        am[1] = am[2] = row_ok ? cmx_ld_pair(pm + 8) : 0u;
+        am[3] = row_ok ? cmx_ld_pair(pm + 16) : 0u;
+      }
       CMX_UNROLL
       for (int nt = 0; nt < NTX; ++nt) {
         if (nt >= L.NT) break;
@@ -1938,17 +1983,22 @@ __global__ void __maxnreg__(kMmaMaxRegs)
           const uint32_t bf[2] = {ok ? cmx_ld_pair(du + o) : 0u,
                                   ok ? cmx_ld_pair(du + o + 8) : 0u};
           cmx_mma_16816(aw[nt], a, bf, T{});
+          if constexpr (AFF) cmx_mma_16816(awm[nt % NM], am, bf, T{});
         }
       }
     }
   }
   __syncthreads();  // the x planes are free: warp 1's sums go there, warp 0 adds its own
   float* const ex = smem + L.x0() / 2;
+  float* const exm = ex + NTX * 4 * 32;  // (AFF)
   if (warp == 1)
     CMX_UNROLL
     for (int nt = 0; nt < NTX; ++nt)
       CMX_UNROLL
-      for (int q = 0; q < 4; ++q) ex[(nt * 4 + q) * 32 + lane] = aw[nt][q];
+      for (int q = 0; q < 4; ++q) {
+        ex[(nt * 4 + q) * 32 + lane] = aw[nt][q];
+        if constexpr (AFF) exm[(nt * 4 + q) * 32 + lane] = awm[nt % NM][q];
+      }
   __syncthreads();
   if (warp == 0) {
     const int64_t prow = blk.row * geo.C + c;
@@ -1958,9 +2008,18 @@ __global__ void __maxnreg__(kMmaMaxRegs)
       CMX_UNROLL
       for (int q = 0; q < 4; ++q) {
         const int j = g + 8 * (q / 2), i = 8 * nt + 2 * t + q % 2;
-        if (i < K && j < K) out[i * K + j] = (aw[nt][q] + ex[(nt * 4 + q) * 32 + lane]) * inv_s;
+        const int at = (nt * 4 + q) * 32 + lane;
+        float v = aw[nt][q] + ex[at];
+        if constexpr (AFF) v = as * v + ac * (awm[nt % NM][q] + exm[at]);
+        if (i < K && j < K) out[i * K + j] = v * inv_s;
       }
-    if (tid == 0) db_p[prow] = red[0] + red[1];
+    if (tid == 0) {
+      db_p[prow] = red[0] + red[1];
+      if constexpr (AFF) {
+        in_aff.dscale_p[prow] = red[4] + red[5];
+        in_aff.dshift_p[prow] = red[6] + red[7];
+      }
+    }
   }
 }
 

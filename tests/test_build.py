@@ -63,13 +63,13 @@ def test_cuda_library_has_no_spills():
     without the input affine, F1 on tensor cores (saving u) for the 2 16-bit dtypes x k in
     {7, 9, generic} x with and without it, and B2 on tensor cores (reading the saved u) for
     the 2 16-bit dtypes x k in {7, 9, generic} x du recomputed or read (its du pass,
-    du_kernel, for the 2 16-bit dtypes)."""
+    du_kernel, for the 2 16-bit dtypes) x with and without the input affine."""
     from benchmarks.targets import resource_usage
     rows = resource_usage(_lib_path("cuda"))
     for arch in (80, 90):
         mine = [r for r in rows if r["arch"] == arch]
-        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 2 + 2 * 3 * 2 + 2 * 3 * 2 \
-            + 2, (arch, len(mine))
+        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 2 + 2 * 3 * 2 \
+            + 2 * 3 * 2 * 2 + 2, (arch, len(mine))
         bad = [r for r in mine if r["local"] or r["stack"]]
         assert not bad, f"spills / stack frames on sm_{arch}: {bad}"
 
@@ -93,14 +93,19 @@ def test_tensor_core_kernel_is_on_tensor_cores():
                 assert f["hmma"] == (2 if aff else 1) * kt * 4, (arch, kt, aff, f["hmma"])
         # B2's: dx as F2's over du's two terms (K * ks * 4 * 2, ks = 1 up to k = 9) and dW's
         # loop body (2 k-steps x ceil(k / 8) tiles x 2 terms), as many times as the compiler
-        # unrolled it; with du recomputed on the halo or read (du_kernel's), the same
+        # unrolled it; with du recomputed on the halo or read (du_kernel's), the same; with
+        # the input affine, dW's twice (the mask's MMAs beside x's)
         b2 = {key: f for key, f in facts.items() if key[0] == arch and
               key[1] == "bwd_mma_kernel"}
-        assert sorted(k[2:] for k in b2) == [(dt, kt, du) for dt in ("bfloat16", "float16")
-                                             for kt in (0, 7, 9) for du in (False, True)]
-        for (_, _, dt, kt, du), f in b2.items():
-            assert f["hmma"] == b2[(arch, "bwd_mma_kernel", dt, kt, not du)]["hmma"]
-        for (_, _, _, kt, _), f in b2.items():
+        assert sorted(k[2:] for k in b2) == [
+            (dt, kt, du, aff) for dt in ("bfloat16", "float16") for kt in (0, 7, 9)
+            for du in (False, True) for aff in (False, True)]
+        for (_, _, dt, kt, du, aff), f in b2.items():
+            assert f["hmma"] == b2[(arch, "bwd_mma_kernel", dt, kt, not du, aff)]["hmma"]
+            if kt and aff:
+                plain = b2[(arch, "bwd_mma_kernel", dt, kt, du, False)]["hmma"]
+                assert f["hmma"] - plain == plain - kt * 4 * 2, (arch, kt, f["hmma"], plain)
+        for (_, _, _, kt, _, _), f in b2.items():
             assert f["hmma"] > 0, (arch, kt)
             if kt:
                 dw = f["hmma"] - kt * 4 * 2

@@ -136,7 +136,7 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     """The planner takes apply_mma_kernel for F2, stats_mma_kernel for F1 and bwd_mma_kernel
     for B2 only for 16-bit x in NCHW on the 16-byte path, k <= 17, and only when asked: F2
     without a saved u (at the default level), F1 saving it and B2 reading it (at "all"), B2
-    only to k = 16 and without the input affine; B1 keeps its kernels."""
+    only to k = 16; B1 keeps its kernels."""
     tc, cc = _impls()
     bf = torch.bfloat16
 
@@ -152,7 +152,7 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     assert mma(x, 9, saved_u=True) == F1 | B2                          # F2 reads u: no conv
     assert mma(x, 16, saved_u=True) == F1 | B2
     assert mma(x, 17, saved_u=True) == F1 and mma(x, 18, saved_u=True) == 0  # dW: 16 taps
-    assert mma(x, 9, saved_u=True, affine=True) == F1                  # B2: no input affine
+    assert mma(x, 9, saved_u=True, affine=True) == F1 | B2
     assert mma(x, 9, affine=True) == F2
     assert mma(x, 9, saved_u=True, impl=cc) == 0
     f2_only = _impls(TC_F2)[0]                                         # the default level
@@ -191,8 +191,9 @@ def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     assert tc.k.plan(torch.zeros(1, 2, 32, 32, dtype=bf, device=DEVICE), 9, 0, False,
                      saved_u=True).du == 0
     xt = torch.zeros(1, 2, 40, 40, dtype=bf, device=DEVICE)
-    for impl, k, affine in ((tc, 17, False), (tc, 9, True), (cc, 9, False), (f2_only, 9, False)):
-        assert impl.k.plan(xt, k, 0, affine, saved_u=True).du == 0, (k, affine)
+    assert tc.k.plan(xt, 9, 0, True, saved_u=True).du == 1            # with the input affine
+    for impl, k in ((tc, 17), (cc, 9), (f2_only, 9)):
+        assert impl.k.plan(xt, k, 0, False, saved_u=True).du == 0, k
 
 
 def test_the_switch_reaches_the_layer(monkeypatch):
@@ -430,3 +431,43 @@ def test_b2_du_pass_refuses_a_missing_buffer():
     with pytest.raises(ValueError, match="du is NULL"):
         tc.k._run("cmx_bwd_main", x, shape, inputs, outputs)
     assert (dx == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [(2, 3, 32, 32, 3), (1, 2, 40, 24, 9), (1, 3, 33, 40, 5),
+                                  (1, 2, 20, 24, 16)],
+                         ids=lambda c: "{}x{}x{}x{}-k{}".format(*c))
+def test_b2_on_tensor_cores_with_the_input_affine(case, dtype):
+    """bwd_mma_kernel with the folded input a x + c: dW = a (du * X) + c (du * M) with the
+    in-image mask M's MMAs beside x's, dx = a (dout + the correlation), and the tile's sums
+    for d(in_scale) and d(in_shift): every pass against the twin (compare_passes, batch
+    statistics and not), against the CUDA-core kernel (dx within one unit in the last place,
+    dW, db and the affine's gradients in fp32's tolerance: the same sums in another order),
+    and images of several tiles (du's own pass) bitwise the single launch's."""
+    from helpers import compare_passes
+    g = torch.Generator().manual_seed(16)
+    N, C, H, W, k = case
+    x, w, b, aff = _inputs(N, C, H, W, k, dtype, True, g)
+    dout = torch.randn(N, C, H, W, generator=g).to(DEVICE, dtype)
+    gamma = (1 + 0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    beta = (0.2 * torch.randn(C, generator=g)).to(DEVICE)
+    tc, cc = _impls()
+    assert tc.k.plan(x, k, 0, True, saved_u=True).mma & B2
+    compare_passes(tc, x, dout, w, b, gamma, beta, "gelu", aff, dtype, saved_u=True)
+    u = torch.empty_like(x, dtype=torch.float32)
+    mean, var = cc.stats(x, w, b, "gelu", aff, u=u)
+    rstd = rstd_from_var(var, 1e-5)
+    dbeta, dgamma = cc.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", aff, u=u)
+    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, "gelu", aff)
+    dx, dw, db, (dsc, dsh) = tc.bwd_main(*args, u=u)
+    dx_c, dw_c, db_c, (dsc_c, dsh_c) = cc.bwd_main(*args, u=u)
+    err = (dx.double() - dx_c.double()).abs().max().item()
+    assert err <= ULP[dtype] * dx_c.double().abs().max().item(), err
+    for got, want, what in ((dw, dw_c, "dW"), (db, db_c, "db"), (dsc, dsc_c, "d(in_scale)"),
+                            (dsh, dsh_c, "d(in_shift)")):
+        assert_close(got, want, torch.float32, f"{what} against CUDA cores")
+    fused = _impls(TC_ALL_FUSED)[0]
+    assert tc.k.plan(x, k, 0, True, saved_u=True).du == int(H > 32 or W > 32)
+    got = fused.bwd_main(*args, u=u)
+    for a, b_ in zip(got[:3] + tuple(got[3]), (dx, dw, db, dsc, dsh)):
+        assert torch.equal(a, b_)
