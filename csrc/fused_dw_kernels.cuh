@@ -1825,47 +1825,67 @@ __global__ void __maxnreg__(kMmaMaxRegs)
   const int g = lane / 4, t = lane % 4;
   // a thread's 16-byte chunk column m (from w0 - 8) and rows r0, r0 + 8, ... (chunks <= 8)
   const int m = tid % 8, r0 = tid / 8;
-  const int gw = w0 - kMmaLead + m * V;
-  const bool col_in = gw >= 0 && gw < geo.W;  // (W, w0 multiples of 8: whole chunks)
   constexpr int KS = KT > 0 ? MmaB2Layout(KT).D.ks : 2;
   stage_mma_weights<T, true>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
   // 1. x's halo, rows h0 - PB .. (AFF: and the mask's)
   stage_mma_halo<T, AFF>(xh0, mk0, x, geo, base, h0, w0, PB, L.xrows, L.xchunks, L.xstride);
   //    du on dx's halo, rows h0 - PA ..: its terms (bfloat16), or (float16) its fp32 values
-  //    until the halo's largest |du| is known; db over the tile's chunks (1 to 4)
+  //    until the halo's largest |du| is known; db over the tile's chunks (1 to 4). The
+  //    image's part of the halo is rows [r_lo, r_hi) and chunks [c_lo, c_hi) (W, w0 multiples of 8:
+  //    whole chunks); zeros go everywhere else, then that part's chunks are numbered across
+  //    the block, so that every lane of a warp takes one (a lane per chunk column, as the
+  //    staging loops take them, left 2 to 4 of a warp's 8 idle at du's activation, most of
+  //    what B2 issues: half a warp's width on an image of one tile)
   const DuCoef kd = du_coef_of(gamma, rstd, mean, dbeta, dgamma, batch_stats, geo.inv_n, c);
-  float dbs = 0.f, mx = 0.f;
-  if (m < D.chunks) {
-    const bool col_tile = m >= 1 && m <= kMmaTile / V;
-    for (int r = r0; r < D.rows; r += 8) {
-      const int gh = h0 - PA + r;
-      float du[V];
-      if (col_in && gh >= 0 && gh < geo.H) {
-        const int64_t off = offset_of(geo, base, gh, gw);
-        if constexpr (DU) {
-          ld16_floats<V>(du_in + off, du);
-        } else {
-          const Vec16<T> dv = ld16(dout + off);
-          float u[V];
-          ld16_floats<V>(u_saved + off, u);
+  const int r_lo = PA - h0 > 0 ? PA - h0 : 0, r_hi = min(D.rows, geo.H - h0 + PA);
+  const int c_lo = w0 == 0 ? 1 : 0, c_hi = min(D.chunks, (geo.W - w0) / V + 1);
+  if (m < D.chunks)
+    for (int r = r0; r < D.rows; r += 8)
+      if (r < r_lo || r >= r_hi || m < c_lo || m >= c_hi) {
+        if constexpr (half) {
           CMX_UNROLL
-          for (int e = 0; e < V; ++e) du[e] = du_of(cmx_to_float(dv.v[e]), u[e], kd, geo.act);
+          for (int e = 0; e < V; ++e) dsc[r * D.stride + m * V + e] = 0.f;
+        } else {
+          const float zero[V] = {};
+          store_terms(dhi, dlo, r * D.stride + m * V, zero, 1.f);
         }
-      } else {
-        CMX_UNROLL
-        for (int e = 0; e < V; ++e) du[e] = 0.f;
       }
-      if (col_tile && r >= PA && r < PA + kMmaTile)
+  float dbs = 0.f, mx = 0.f;
+  {
+    constexpr int kThreads = kMmaWarps * 32;
+    const int mw = c_hi - c_lo;  // (>= 1, r_hi > r_lo: the tile's first chunk is in the image)
+    const int dr = kThreads / mw, dm = kThreads % mw;
+    int qr = tid / mw, qm = tid % mw;  // chunk q = tid, tid + 64, ..: r_lo + qr, c_lo + qm
+    for (int q = tid; q < (r_hi - r_lo) * mw; q += kThreads) {
+      const int r = r_lo + qr, mc = c_lo + qm;
+      const int64_t off = offset_of(geo, base, h0 - PA + r, w0 - kMmaLead + mc * V);
+      float du[V];
+      if constexpr (DU) {
+        ld16_floats<V>(du_in + off, du);
+      } else {
+        const Vec16<T> dv = ld16(dout + off);
+        float u[V];
+        ld16_floats<V>(u_saved + off, u);
+        CMX_UNROLL
+        for (int e = 0; e < V; ++e) du[e] = du_of(cmx_to_float(dv.v[e]), u[e], kd, geo.act);
+      }
+      if (mc >= 1 && mc <= kMmaTile / V && r >= PA && r < PA + kMmaTile)
         CMX_UNROLL
         for (int e = 0; e < V; ++e) dbs += du[e];
       if constexpr (half) {
         CMX_UNROLL
         for (int e = 0; e < V; ++e) {
           mx = fmaxf(mx, fabsf(du[e]));
-          dsc[r * D.stride + m * V + e] = du[e];
+          dsc[r * D.stride + mc * V + e] = du[e];
         }
       } else {
-        store_terms(dhi, dlo, r * D.stride + m * V, du, 1.f);
+        store_terms(dhi, dlo, r * D.stride + mc * V, du, 1.f);
+      }
+      qm += dm;
+      qr += dr;
+      if (qm >= mw) {
+        qm -= mw;
+        ++qr;
       }
     }
   }
