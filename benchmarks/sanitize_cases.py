@@ -13,24 +13,32 @@ dev = "cuda"
 # SANITIZE_QUICK=1 (racecheck, which is slow): one kernel size per code path and one dtype
 # (the shared-memory schedule does not depend on the dtype)
 QUICK = os.environ.get("SANITIZE_QUICK") == "1"
+
+
+def block(x, k, training, save):
+    """One forward (and backward) of the fused block on x with random weights."""
+    torch.manual_seed(k)
+    C, dtype = x.shape[1], x.dtype
+    x.requires_grad_()
+    w = torch.randn(C, 1, k, k, device=dev, dtype=dtype, requires_grad=True)
+    b = torch.randn(C, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.ones(C, device=dev, requires_grad=True)
+    be = torch.zeros(C, device=dev, requires_grad=True)
+    rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+    out = fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=training, backend="cuda",
+                             save_conv=save)
+    out.backward(torch.randn_like(out))
+
+
 for k in ((3, 9, 4, 13) if QUICK else (3, 5, 7, 9, 4, 13, 17)):
     for dtype in ((torch.float32,) if QUICK else (torch.float32, torch.bfloat16)):
         for cl in (False, True):
             for training, save in ((True, False), (True, True), (False, None)):
                 torch.manual_seed(k)
-                C = 5
-                x = torch.randn(2, C, 37, 35, device=dev, dtype=dtype)
+                x = torch.randn(2, 5, 37, 35, device=dev, dtype=dtype)
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)
-                x.requires_grad_()
-                w = torch.randn(C, 1, k, k, device=dev, dtype=dtype, requires_grad=True)
-                b = torch.randn(C, device=dev, dtype=dtype, requires_grad=True)
-                g = torch.ones(C, device=dev, requires_grad=True)
-                be = torch.zeros(C, device=dev, requires_grad=True)
-                rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
-                out = fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=training,
-                                         backend="cuda", save_conv=save)
-                out.backward(torch.randn_like(out))
+                block(x, k, training, save)
 # the tensor-core kernels (16-bit NCHW, W a multiple of 8): F2 at the default level, F1 and
 # B2 at "all" (B2's du pass: planes of two by two tiles) and at "all-fused"
 for level in ("1", "all", "all-fused"):
@@ -38,16 +46,7 @@ for level in ("1", "all", "all-fused"):
     for k in ((9,) if QUICK else (3, 9)):
         for training, save in ((True, True), (False, None)):
             torch.manual_seed(k)
-            C = 3
-            x = torch.randn(2, C, 40, 48, device=dev, dtype=torch.bfloat16, requires_grad=True)
-            w = torch.randn(C, 1, k, k, device=dev, dtype=x.dtype, requires_grad=True)
-            b = torch.randn(C, device=dev, dtype=x.dtype, requires_grad=True)
-            g = torch.ones(C, device=dev, requires_grad=True)
-            be = torch.zeros(C, device=dev, requires_grad=True)
-            rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
-            out = fused_dwconv_block(x, w, b, g, be, rm, rv, None, training=training,
-                                     backend="cuda", save_conv=save)
-            out.backward(torch.randn_like(out))
+            block(torch.randn(2, 3, 40, 48, device=dev, dtype=torch.bfloat16), k, training, save)
 del os.environ["CONVMIXER_EXT_CUDA_TC"]
 torch.cuda.synchronize()
 print("sanitize cases done")

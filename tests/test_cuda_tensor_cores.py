@@ -387,16 +387,22 @@ def test_b2_on_tensor_cores_keeps_fp32_range_in_float16(gamma_scale):
         assert_close(got / m, want / m, torch.float32, what)
 
 
+def _b2_unit(case, seed):
+    """bf16 B2 inputs for ``case`` with the twin's saved u and unit statistics (mean 0, rstd
+    1): (x, dout, w, b, gamma, u, mean, rstd)."""
+    g = torch.Generator().manual_seed(seed)
+    x, dout, w, b, gamma, _ = _b2_inputs(case, torch.bfloat16, g)
+    C = x.shape[1]
+    return (x, dout, w, b, gamma, twin.conv_u(x, w, b, None).contiguous(),
+            torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE))
+
+
 def test_b2_on_tensor_cores_repeats_and_keeps_non_finite_du():
     """Bitwise-identical gradients run after run (fixed-order sums, no atomics); a
     non-finite dout reaches dx and dW as the CUDA-core kernel's does."""
-    g = torch.Generator().manual_seed(13)
-    x, dout, w, b, gamma, _ = _b2_inputs((1, 2, 16, 24, 5), torch.bfloat16, g)
+    x, dout, w, b, gamma, u, mean, rstd = _b2_unit((1, 2, 16, 24, 5), 13)
     tc, cc = _impls()
-    u = twin.conv_u(x, w, b, None).contiguous()
-    C = x.shape[1]
-    mean, rstd = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
-    z = torch.zeros(C, device=DEVICE)
+    z = torch.zeros(x.shape[1], device=DEVICE)
 
     def run(impl, d):
         return impl.bwd_main(d, x, w, b, mean, rstd, gamma, z, z, False, "gelu", None, u=u)
@@ -415,12 +421,9 @@ def test_b2_du_pass_refuses_a_missing_buffer():
     """Where the plan asks for B2's du pass (plan.du), a launch without its buffer is refused
     with an error naming it, nothing written: the library never stores through NULL."""
     from convmixer_ext import _cmx_lib as abi
-    g = torch.Generator().manual_seed(15)
-    x, dout, w, b, gamma, _ = _b2_inputs((1, 2, 40, 16, 5), torch.bfloat16, g)
-    tc, _ = _impls()
-    u = twin.conv_u(x, w, b, None).contiguous()
+    x, dout, w, b, gamma, u, mean, rstd = _b2_unit((1, 2, 40, 16, 5), 15)
     C = x.shape[1]
-    mean, rstd = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+    tc, _ = _impls()
     shape, rows, inputs, plan = tc.k._setup(x, w, b, None, None, 0, "B2", dout, u)
     assert plan.du == 1
     inputs.dout, inputs.mean, inputs.rstd, inputs.gamma = (
