@@ -1976,6 +1976,10 @@ __global__ void __maxnreg__(kMmaMaxRegs)
   const T* const xa = (col0 & 1) ? xh1 + col0 - 1 : xh0 + col0;
   const T* const ma = (col0 & 1) ? mk1 + col0 - 1 : mk0 + col0;  // (AFF)
   for (int rp = 0; rp < cdiv(L.xrows, kMmaWarps); ++rp) {
+    // a pair of halo rows wholly outside the image (the padding: x and the mask zero) adds
+    // nothing; the test is the block's, as the emulator's MMAs are the block's together
+    const int gh = h0 - PB + kMmaWarps * rp;
+    if (gh + kMmaWarps - 1 < 0 || gh >= geo.H) continue;
     const int rr = kMmaWarps * rp + warp;
     const bool row_ok = rr < L.xrows;
     CMX_UNROLL
