@@ -13,8 +13,8 @@
   float16 / bfloat16 NCHW on tensor cores where its kernel takes the shape (measured faster
   than its CUDA-core kernel at every k it takes; docs/DESIGN.md, "CUDA tensor cores");
   ``all``: its F1 saving the convolution output and its B2 reading it too (training from
-  k = 7; B2 without an input affine; not yet timed on a GPU, so asked for only); ``0``:
-  every pass on CUDA cores.
+  k = 7; not yet timed on a GPU, so asked for only); ``all-fused``: the same with B2
+  computing du on every tile's halo; ``0``: every pass on CUDA cores.
 """
 from __future__ import annotations
 

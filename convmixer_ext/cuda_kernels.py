@@ -49,7 +49,7 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     ``tensor_cores``: the passes that may run on tensor cores where their kernels take the
     shape (16-bit x, NCHW, 16-byte path, k <= TC_MAX_KERNEL_SIZE; the plan's ``mma`` says
     where): False / 0 none, True / 1 (``_cmx_lib.TC_F2``) F2, 2 (``TC_ALL``) F1 saving u
-    and B2 reading it too (B2: k <= 16, no input affine; where an image has several 32 x 32
+    and B2 reading it too (B2: k <= 16; where an image has several 32 x 32
     tiles, du by a pass of its own into a buffer of u's size: the plan's ``du``), 3
     (``TC_ALL_FUSED``) the same with B2 computing du on every tile's halo always."""
     s = abi.Shape()

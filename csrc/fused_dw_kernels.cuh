@@ -1672,8 +1672,9 @@ __global__ void __launch_bounds__(kMaxThreads) __maxnreg__(b2_max_registers<T>()
 
 // ---------------------------------------------------------------- B2 on tensor cores
 // bwd_main_kernel's results with the saved u (SU), with dx and dW on tensor cores, for 16-bit
-// x in NCHW on the 16-byte path, k <= kMmaB2MaxK and no input affine (docs/DESIGN.md, "CUDA
-// tensor cores"). A block takes one 32 x 32 tile of one channel in one image, 2 warps:
+// x in NCHW on the 16-byte path, k <= kMmaB2MaxK, with or without the input affine (AFF,
+// below; docs/DESIGN.md, "CUDA tensor cores"). A block takes one 32 x 32 tile of one channel
+// in one image, 2 warps:
 //  1. du on dx's halo (32 + K - 1 rows from PA = K - 1 - PB above the tile, 16-byte chunks
 //     from 8 columns left of it; zero outside the image), from the saved u and dout (DU:
 //     read, du_kernel's, computed once per element), as two 16-bit terms in two planes,
