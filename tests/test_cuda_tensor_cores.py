@@ -287,6 +287,34 @@ def _b2_inputs(case, dtype, g):
     return x, dout, w, b, gamma, beta
 
 
+def _b2_three_ways(tc, cc, x, dout, w, b, gamma, act, aff, dtype):
+    """B2 of the tensor-core launchers ``tc``, of the CUDA-core ones ``cc`` and of the single
+    launch ("all-fused") on one set of inputs (statistics and sums from the CUDA-core F1 and
+    B1, no batch-statistics terms): the single launch stages the same fp32 du as du's own
+    pass (taken where an image has several tiles) stores, so its gradients are ``tc``'s bit
+    for bit; dx within one unit in the last place of the CUDA-core one. Returns ``tc``'s and
+    ``cc``'s (dx, dW, db, input affine's gradients)."""
+    k, (H, W) = w.shape[-1], x.shape[-2:]
+    u = torch.empty_like(x, dtype=torch.float32)
+    mean, var = cc.stats(x, w, b, act, aff, u=u)
+    rstd = rstd_from_var(var, 1e-5)
+    dbeta, dgamma = cc.bwd_reduce(dout, x, w, b, mean, rstd, act, aff, u=u)
+    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, act, aff)
+    got, want = tc.bwd_main(*args, u=u), cc.bwd_main(*args, u=u)
+    fused = _impls(TC_ALL_FUSED)[0]
+    affine = aff is not None
+    assert fused.k.plan(x, k, 0, affine, saved_u=True).du == 0
+    assert tc.k.plan(x, k, 0, affine, saved_u=True).du == int(H > 32 or W > 32)
+
+    def flat(r):
+        return r[:3] + (tuple(r[3]) if affine else ())
+    for a, b_ in zip(flat(fused.bwd_main(*args, u=u)), flat(got), strict=True):
+        assert torch.equal(a, b_)
+    err = (got[0].double() - want[0].double()).abs().max().item()
+    assert err <= ULP[dtype] * want[0].double().abs().max().item(), err
+    return got, want
+
+
 @pytest.mark.parametrize("dtype, act", [(torch.bfloat16, "gelu"), (torch.float16, "gelu"),
                                         (torch.bfloat16, "relu")], ids=["bf16", "fp16", "relu"])
 @pytest.mark.parametrize("case", B2_CASES, ids=lambda c: "{}x{}x{}x{}-k{}".format(*c))
@@ -306,22 +334,8 @@ def test_b2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, act):
     assert tc.k.plan(x, k, 0, False, saved_u=True).mma == F1 | B2, "F1 and B2 on tensor cores"
     assert cc.k.plan(x, k, 0, False, saved_u=True).mma == 0
     compare_passes(tc, x, dout, w, b, gamma, beta, act, None, dtype, saved_u=True)
-    u = torch.empty_like(x, dtype=torch.float32)
-    mean, var = cc.stats(x, w, b, act, None, u=u)
-    rstd = rstd_from_var(var, 1e-5)
-    dbeta, dgamma = cc.bwd_reduce(dout, x, w, b, mean, rstd, act, None, u=u)
-    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, act, None)
-    dx, dw, db, _ = tc.bwd_main(*args, u=u)
-    dx_c, dw_c, db_c, _ = cc.bwd_main(*args, u=u)
-    # B2 computing du on every tile's halo ("all-fused") stages the same fp32 du as its du
-    # pass (taken where an image has several tiles) stores: the same gradients, bit for bit
-    fused = _impls(TC_ALL_FUSED)[0]
-    assert fused.k.plan(x, k, 0, False, saved_u=True).du == 0
-    assert tc.k.plan(x, k, 0, False, saved_u=True).du == int(case[2] > 32 or case[3] > 32)
-    for got, want in zip(fused.bwd_main(*args, u=u)[:3], (dx, dw, db)):
-        assert torch.equal(got, want)
-    err = (dx.double() - dx_c.double()).abs().max().item()
-    assert err <= ULP[dtype] * dx_c.double().abs().max().item(), err
+    (dx, dw, db, _), (dx_c, dw_c, db_c, _) = _b2_three_ways(tc, cc, x, dout, w, b, gamma, act,
+                                                            None, dtype)
     # ... and rounds to the same 16-bit value almost everywhere: only where the fp32 sums sit
     # at a rounding boundary (du's high term alone would move ~half of them by an ulp)
     differ = (dx != dx_c).double().mean().item()
@@ -457,20 +471,8 @@ def test_b2_on_tensor_cores_with_the_input_affine(case, dtype):
     tc, cc = _impls()
     assert tc.k.plan(x, k, 0, True, saved_u=True).mma & B2
     compare_passes(tc, x, dout, w, b, gamma, beta, "gelu", aff, dtype, saved_u=True)
-    u = torch.empty_like(x, dtype=torch.float32)
-    mean, var = cc.stats(x, w, b, "gelu", aff, u=u)
-    rstd = rstd_from_var(var, 1e-5)
-    dbeta, dgamma = cc.bwd_reduce(dout, x, w, b, mean, rstd, "gelu", aff, u=u)
-    args = (dout, x, w, b, mean, rstd, gamma, dbeta, dgamma, False, "gelu", aff)
-    dx, dw, db, (dsc, dsh) = tc.bwd_main(*args, u=u)
-    dx_c, dw_c, db_c, (dsc_c, dsh_c) = cc.bwd_main(*args, u=u)
-    err = (dx.double() - dx_c.double()).abs().max().item()
-    assert err <= ULP[dtype] * dx_c.double().abs().max().item(), err
+    (_, dw, db, (dsc, dsh)), (_, dw_c, db_c, (dsc_c, dsh_c)) = _b2_three_ways(
+        tc, cc, x, dout, w, b, gamma, "gelu", aff, dtype)
     for got, want, what in ((dw, dw_c, "dW"), (db, db_c, "db"), (dsc, dsc_c, "d(in_scale)"),
                             (dsh, dsh_c, "d(in_shift)")):
         assert_close(got, want, torch.float32, f"{what} against CUDA cores")
-    fused = _impls(TC_ALL_FUSED)[0]
-    assert tc.k.plan(x, k, 0, True, saved_u=True).du == int(H > 32 or W > 32)
-    got = fused.bwd_main(*args, u=u)
-    for a, b_ in zip(got[:3] + tuple(got[3]), (dx, dw, db, dsc, dsh)):
-        assert torch.equal(a, b_)
