@@ -19,12 +19,19 @@ COMPAT_TESTS := tests/test_passes.py tests/test_errors.py tests/test_build.py \
 # nvcc on PATH may be a wrapper script: point the build at the real toolkit root.
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
+# Compiled libraries kept under a key of their compile command, compiler and sources
+# (setup.py): `make wheel` after `make build` copies them instead of compiling the same
+# source again. BUILD_CACHE= turns it off.
+BUILD_CACHE ?= $(CURDIR)/build/lib-cache
+export CONVMIXER_EXT_BUILD_CACHE := $(BUILD_CACHE)
 # Kernel backends whose absence fails the tests instead of skipping them.
 REQUIRE ?= all-kernels
 # `make test` runs the suite in this many processes (one core each; a test file stays in
-# one process, so its module fixtures run once); 1: serially.
+# one process, so its module fixtures run once; files in the order tests/conftest.py sets);
+# 1: serially.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,)
+XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile \
+         --no-loadscope-reorder,)
 
 .PHONY: setup build test test-asan wheel test-compat bench clean
 

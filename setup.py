@@ -12,9 +12,15 @@ C-ABI kernel library compiled from ``csrc/`` (no torch header, no torch at build
   (tests). Built with ``CONVMIXER_EXT_BUILD_EMU=1`` (``make test`` sets it); needs a C++20
   compiler (``CXX``, default g++). ``CONVMIXER_EXT_EMU_SANITIZE=1``: with ASan/UBSan.
 
+``CONVMIXER_EXT_BUILD_CACHE=<dir>`` keeps each library compiled there under a key of its
+whole compile command (output path aside), the compiler's ``--version`` and every file in
+``csrc/``, and copies it from there when the key recurs (the Makefile's builds share one, so
+that ``make wheel`` after ``make build`` does not compile the same source twice).
+
 The libraries are loaded with ctypes, so the wheel does not depend on the Python or torch
 version: it is tagged ``py3-none-<platform>``.
 """
+import hashlib
 import os
 import shutil
 import subprocess
@@ -108,6 +114,39 @@ def _emu_command(out):
     return [cxx, *flags, os.path.join(HERE, "csrc", "fused_dw_emu.cpp"), "-o", out]
 
 
+def _cache_key(cmd, out):
+    """What a library's bytes depend on: its compile command (output path aside, the source
+    tree's location left out), the compiler's version and every file in csrc/."""
+    h = hashlib.sha256()
+    for arg in cmd:
+        h.update(("<out>" if arg == out else arg.replace(HERE, "<src>")).encode() + b"\0")
+    h.update(subprocess.run([cmd[0], "--version"], capture_output=True, text=True).stdout.encode())
+    csrc = os.path.join(HERE, "csrc")
+    for name in sorted(os.listdir(csrc)):
+        with open(os.path.join(csrc, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:24]
+
+
+def _compile(cmd, out, name):
+    """Runs cmd, or copies its earlier output from CONVMIXER_EXT_BUILD_CACHE; returns
+    (returncode, message)."""
+    cache = os.environ.get("CONVMIXER_EXT_BUILD_CACHE", "").strip()
+    hit = os.path.join(cache, f"{name}-{_cache_key(cmd, out)}.so") if cache else None
+    if hit and os.path.isfile(hit):
+        print(f"convmixer-ext: {name} from the build cache ({hit})", file=sys.stderr)
+        shutil.copyfile(hit, out)
+        return 0, ""
+    print("convmixer-ext: " + " ".join(cmd), file=sys.stderr)
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    if r.returncode == 0 and hit:
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{hit}.{os.getpid()}.tmp"
+        shutil.copyfile(out, tmp)
+        os.replace(tmp, hit)  # whole or absent, for a concurrent build
+    return r.returncode, (r.stderr or r.stdout).strip()
+
+
 class BuildLibraries(build_ext):
     """Compiles the CmxLibrary entries with nvcc / the host compiler; a CUDA build that
     fails is dropped with a notice unless CONVMIXER_EXT_BUILD_CUDA=1."""
@@ -131,11 +170,10 @@ class BuildLibraries(build_ext):
                 cmd = _cuda_command(_find_cuda_home(), out)
             else:
                 cmd = _emu_command(out)
-            print("convmixer-ext: " + " ".join(cmd), file=sys.stderr)
-            r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-            if r.returncode == 0:
+            rc, msg = _compile(cmd, out, ext.name.rsplit(".", 1)[-1])
+            if rc == 0:
                 continue
-            why = f"{cmd[0]} failed: {(r.stderr or r.stdout).strip()[-2000:]}"
+            why = f"{cmd[0]} failed: {msg[-2000:]}"
             if ext.kind == "emulation" or _env_flag("CONVMIXER_EXT_BUILD_CUDA"):
                 raise RuntimeError(f"building {ext.name} failed:\n{why}")
             _notice(f"the CUDA kernels did not build, installing without them: {why}")

@@ -34,6 +34,7 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <set>
@@ -71,6 +72,17 @@ struct PrefetchAudit {
   int64_t prefetches = 0, missed = 0;
 };
 inline PrefetchAudit g_audit;
+
+// The sanitizer tier's planted bug (tests/asan.sh): with CMX_TEST_PLANT_MISALIGNMENT=1 in the
+// environment the planner takes the 16-byte path on misaligned pointers too, which the
+// undefined-behaviour sanitizer must report. Emulation builds only; read once.
+inline bool planted_misalignment() {
+  static const bool on = [] {
+    const char* v = std::getenv("CMX_TEST_PLANT_MISALIGNMENT");
+    return v && v[0] == '1' && v[1] == 0;
+  }();
+  return on;
+}
 }  // namespace cmx_emu
 
 #define __global__

@@ -204,8 +204,8 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
     }
     if (fits || last) break;
   }
-#ifdef CMX_TEST_IGNORE_ALIGNMENT  // the sanitizer tier's planted bug (tests/asan.sh)
-  aligned = true;
+#ifdef CMX_HOST_EMULATION
+  if (cmx_emu::planted_misalignment()) aligned = true;  // tests/asan.sh's planted bug
 #endif
   g.vec = chunks && aligned ? 1 : 0;
   const int tpc = g.GH * g.GW;

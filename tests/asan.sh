@@ -34,12 +34,10 @@ if compgen -G "$OUTDIR/report.*" > /dev/null; then
 fi
 # The tier must catch what it is for: a planted bug that takes the 16-byte path on a
 # misaligned tensor has to be reported as a misaligned access.
-echo "planted misalignment (CMX_TEST_IGNORE_ALIGNMENT) must be reported"
-g++ -std=c++20 -O1 -g -fPIC -shared -pthread -fsanitize=address,undefined \
-  -fno-omit-frame-pointer -fvisibility=hidden -DCMX_TEST_IGNORE_ALIGNMENT \
-  csrc/fused_dw_emu.cpp -o "$OUTDIR/_cmx_emu_planted.so"
+echo "planted misalignment (CMX_TEST_PLANT_MISALIGNMENT=1) must be reported"
 planted=$(LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
-  ASAN_OPTIONS="detect_leaks=0" CONVMIXER_EXT_EMU_LIB="$OUTDIR/_cmx_emu_planted.so" \
+  ASAN_OPTIONS="detect_leaks=0" CMX_TEST_PLANT_MISALIGNMENT=1 \
+  CONVMIXER_EXT_EMU_LIB="$OUTDIR/_cmx_emu_asan.so" \
   CONVMIXER_EXT_NO_TRITON=1 $PY -c "
 import torch
 from convmixer_ext.backends import get_impl

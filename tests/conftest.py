@@ -67,3 +67,22 @@ def pytest_runtest_logreport(report):
 
 def pytest_report_header(config):
     return [f"convmixer_ext device={DEVICE} backends={convmixer_ext.available_backends()}"]
+
+
+# Under `make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder) a file's tests run
+# on one worker, files handed out in this order: the real-target compiles first (their module
+# fixture compiles every Triton kernel for two targets, the longest single piece of work, so it
+# does not start last and hold the run's end), then files by test count (xdist's own default
+# order), the static report last, when those compiles are in the shared Triton cache.
+_FIRST, _LAST = ("test_targets.py",), ("test_static.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    count = {}
+    for item in items:
+        count[item.path.name] = count.get(item.path.name, 0) + 1
+
+    def rank(item):
+        name = item.path.name
+        return (0 if name in _FIRST else 2 if name in _LAST else 1, -count[name], name)
+    items.sort(key=rank)  # stable: a file's own order is kept

@@ -147,7 +147,8 @@ def test_emulation_build_is_the_same_source():
 @pytest.fixture
 def clean_env(monkeypatch):
     for k in ("CONVMIXER_EXT_BUILD_CUDA", "CONVMIXER_EXT_BUILD_EMU", "TORCH_CUDA_ARCH_LIST",
-              "CONVMIXER_EXT_CUDA_ARCHS", "CONVMIXER_EXT_EMU_SANITIZE"):
+              "CONVMIXER_EXT_CUDA_ARCHS", "CONVMIXER_EXT_EMU_SANITIZE",
+              "CONVMIXER_EXT_BUILD_CACHE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(_setup, "BUILD_INFO", {"SKIPPED": {}})
     return monkeypatch
@@ -201,6 +202,35 @@ def test_failed_cuda_build_leaves_no_stale_library(clean_env, tmp_path):
     clean_env.setenv("CONVMIXER_EXT_BUILD_CUDA", "1")
     with pytest.raises(RuntimeError, match="failed"):
         build()
+
+
+def test_build_cache_reuses_only_the_same_compile(clean_env, tmp_path):
+    """CONVMIXER_EXT_BUILD_CACHE: a library compiled once is copied when the same command
+    recurs (another output path, as the wheel's build after the in-place one); a changed
+    command or a changed file in csrc/ compiles again; a failed compile is not kept."""
+    runs = tmp_path / "runs"
+    src = tmp_path / "src"
+    (src / "csrc").mkdir(parents=True)
+    (src / "csrc" / "k.cu").write_text("one")
+    clean_env.setattr(_setup, "HERE", str(src))
+    clean_env.setenv("CONVMIXER_EXT_BUILD_CACHE", str(tmp_path / "cache"))
+
+    def compile_(out, flag="-O3", rc=0):
+        prog = (f"import sys; open({str(runs)!r}, 'a').write('x'); "
+                f"open(sys.argv[-1], 'w').write({flag!r}); sys.exit({rc})")
+        return _setup._compile([sys.executable, "-c", prog, flag, str(out)], str(out), "lib")
+    assert compile_(tmp_path / "a.so") == (0, "")
+    assert compile_(tmp_path / "b.so") == (0, "")             # a hit: copied, not run
+    assert runs.read_text() == "x" and (tmp_path / "b.so").read_text() == "-O3"
+    assert compile_(tmp_path / "c.so", flag="-O2")[0] == 0    # another command
+    assert runs.read_text() == "xx" and (tmp_path / "c.so").read_text() == "-O2"
+    (src / "csrc" / "k.cu").write_text("two")
+    compile_(tmp_path / "d.so")                               # another source
+    assert runs.read_text() == "xxx"
+    assert compile_(tmp_path / "e.so", flag="-bad", rc=1)[0] == 1
+    assert compile_(tmp_path / "e.so", flag="-bad", rc=1)[0] == 1  # not kept: run again
+    assert runs.read_text() == "xxxxx"
+    assert len(os.listdir(tmp_path / "cache")) == 3
 
 
 @pytest.mark.parametrize("spec, names", [
