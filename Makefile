@@ -12,7 +12,7 @@ COMPAT_VENV ?= .venv-compat
 CPY := $(COMPAT_VENV)/bin/python
 COMPAT_SPEC ?= torch==2.11.0 triton==3.6.0
 # triton 3.6's interpreter needs numpy < 2.4 (see backends._interpreter_problem)
-COMPAT_DEPS := "numpy<2.4" pytest hypothesis
+COMPAT_DEPS := "numpy<2.4" pytest pytest-xdist hypothesis
 COMPAT_TESTS := tests/test_passes.py tests/test_errors.py tests/test_build.py \
                 tests/test_limits.py tests/test_dispatch.py tests/test_opcheck.py \
                 tests/test_selfcheck.py tests/test_pointwise.py
@@ -66,8 +66,9 @@ wheel: setup
 
 # That one wheel installed next to the oldest supported torch + triton: the kernel tests
 # run against the installed wheel (from build/, so the source tree does not shadow it),
-# then every Triton kernel of the benchmark shapes and of the covering set (every value of
-# every constexpr) is compiled for sm_90 by that triton: the GPU image's version.
+# then every Triton kernel of the benchmark shapes and of the covering set's code paths (every
+# value of every constexpr, five kernel sizes: benchmarks/targets.py, PATHS_KS) is compiled
+# for sm_90 by that triton: the GPU image's version.
 $(COMPAT_VENV)/.deps-stamp: Makefile
 	test -x $(CPY) || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(CPY) -m pip install -q $(COMPAT_SPEC) $(COMPAT_DEPS)
@@ -75,10 +76,10 @@ $(COMPAT_VENV)/.deps-stamp: Makefile
 
 test-compat: wheel $(COMPAT_VENV)/.deps-stamp
 	$(CPY) -m pip install -q --force-reinstall --no-deps build/wheel/*.whl
-	cd build && CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) ../$(CPY) -m pytest -q \
-	  -p no:cacheprovider --rootdir=.. -c ../pyproject.toml $(addprefix ../,$(COMPAT_TESTS)) \
-	  -k "not timm and not folded_model"
-	PYTHONPATH=. $(CPY) -m benchmarks.targets --set bench cover --arch 90 \
+	cd build && $(if $(XDIST),OMP_NUM_THREADS=1) CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) \
+	  ../$(CPY) -m pytest -q -p no:cacheprovider $(XDIST) --rootdir=.. -c ../pyproject.toml \
+	  $(addprefix ../,$(COMPAT_TESTS)) -k "not timm and not folded_model"
+	PYTHONPATH=. $(CPY) -m benchmarks.targets --set bench paths --arch 90 \
 	  --json build/targets-compat.json
 
 bench: build

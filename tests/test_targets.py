@@ -173,3 +173,15 @@ def test_python_number_global_fails_the_real_target_compile(tmp_path):
     r = _run(["-c", code], TRITON_CACHE_DIR=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ERROR" in r.stdout and "_PDF_A" in r.stdout, r.stdout[-3000:]
+
+
+def test_paths_set_meets_every_constexpr_value_but_the_kernel_sizes():
+    """``--set paths`` (what ``make test-compat`` compiles with the oldest supported triton)
+    gives every kernel every value of every constexpr the covering set gives it, except the
+    kernel size and its padding (K, PB: unrolling and the halo, not which code runs)."""
+    from benchmarks.targets import specializations
+
+    def values(s):
+        return {(name, key, v) for name, _, kw in specializations((s,)) for key, v in kw.items()
+                if key not in ("K", "PB")}
+    assert values("paths") == values("cover")
