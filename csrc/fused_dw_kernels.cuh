@@ -69,46 +69,62 @@ struct InAffine {
 
 // ---------------------------------------------------------------- activations (CMX_ACT_*)
 // Phi(u), the standard normal CDF, in fp32: the Triton kernels' _cdf (docs/DESIGN.md,
-// "Activation"), the same degree-10 polynomial t and the same 2^x, so both backends compute
+// "Activation"), the same degree-9 polynomial t and the same 2^x, so both backends compute
 // GELU alike: Phi(-a) = 2^(a t(a) - 1) for a = |u| (t's argument clamped to [0, 6]),
-// Phi(u) = 1 - Phi(-u) for u >= 0 (a Phi below 2^-126, u < -25, flushed to 0). Fifteen
-// instructions where erff's two pieces took about thirty. The coefficients are kNormalCdfPoly (tests/test_reliability.py checks them
-// against triton_kernels._cdf's).
+// Phi(u) = 1 - Phi(-u) for u >= 0 (a Phi below 2^-126, u < -25, flushed to 0). Fourteen
+// instructions where erff's two pieces took about thirty. The coefficients are
+// kNormalCdfPoly (tests/test_reliability.py checks them against triton_kernels._cdf's).
 __device__ __forceinline__ float normal_cdf(float u) {
-  constexpr float kNormalCdfPoly[11] = {
-      2.0813755163828773e-09f, -8.049305222357361e-08f, 1.3783111398879555e-06f,
-      -1.3629657587443944e-05f, 8.335785241797566e-05f, -0.00028527918038889766f,
-      -1.3915718227508478e-05f, 0.006986461579799652f, -0.05247931554913521f,
-      -0.4592057466506958f, -1.1511061191558838f};
+  constexpr float kNormalCdfPoly[10] = {
+      -2.2947066469214406e-08f, 7.153334991016891e-07f, -9.517782018519938e-06f,
+      6.858746201032773e-05f, -0.00025471733533777297f, -4.7056732000783086e-05f,
+      0.006998583674430847f, -0.052472248673439026f, -0.4592120349407196f,
+      -1.1511050462722778f};
   const float a = fabsf(u), c = fminf(a, 6.f);
   float t = kNormalCdfPoly[0];
   CMX_UNROLL
-  for (int i = 1; i < 11; ++i) t = fmaf(t, c, kNormalCdfPoly[i]);
+  for (int i = 1; i < 10; ++i) t = fmaf(t, c, kNormalCdfPoly[i]);
   const float e = cmx_exp2(fmaf(a, t, -1.f));
   return u < 0.f ? e : 1.f - e;
 }
 
-__device__ __forceinline__ float act_fwd(float u, int act) {
-  if (act == CMX_ACT_GELU) return u * normal_cdf(u);
-  if (act == CMX_ACT_GELU_TANH) {
-    const float t = tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u));
-    return 0.5f * u * (1.f + t);
-  }
-  return u > 0.f ? u : 0.f;
+// phi(u), the standard normal density, as one 2^x: exp(-u^2 / 2) / sqrt(2 pi) =
+// 2^(u^2 A + B), A = -1 / (2 ln 2), B = log2(1 / sqrt(2 pi)) (as the Triton kernels).
+__device__ __forceinline__ float normal_pdf(float u) {
+  return cmx_exp2(fmaf(u * u, -0.72134752044448170f, -1.3257480647361593f));
 }
 
-// GELU's derivative Phi(u) + u phi(u), the density as one 2^x: exp(-u^2 / 2) / sqrt(2 pi) =
-// 2^(u^2 A + B), A = -1 / (2 ln 2), B = log2(1 / sqrt(2 pi)) (as the Triton kernels).
-__device__ __forceinline__ float act_grad(float u, int act) {
-  if (act == CMX_ACT_GELU)
-    return fmaf(u, cmx_exp2(fmaf(u * u, -0.72134752044448170f, -1.3257480647361593f)),
-                normal_cdf(u));
+// act(u), and act'(u) into grad, from one evaluation of what the two share (GELU's Phi: its
+// derivative is Phi(u) + u phi(u); the tanh form's tanh). du_of needs both: called apart, with
+// act(u) under its batch-statistics branch, the compiler evaluated Phi twice wherever it did
+// not unswitch the loop on that branch (three 2^x per element of du where two do: B2 on CUDA
+// cores and the fused tensor-core B2, sm_90 [C]). act_fwd and act_grad are this function with
+// the other result unused (its arithmetic removed as dead code).
+__device__ __forceinline__ float act_fwd_grad(float u, int act, float& grad) {
+  if (act == CMX_ACT_GELU) {
+    const float p = normal_cdf(u);
+    grad = fmaf(u, normal_pdf(u), p);
+    return u * p;
+  }
   if (act == CMX_ACT_GELU_TANH) {
     const float t = tanhf(0.79788456080286536f * (u + 0.044715f * u * u * u));
     const float dt = 0.79788456080286536f * (1.f + 3.f * 0.044715f * u * u);
-    return 0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * dt;
+    grad = 0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * dt;
+    return 0.5f * u * (1.f + t);
   }
-  return u > 0.f ? 1.f : 0.f;
+  grad = u > 0.f ? 1.f : 0.f;
+  return u > 0.f ? u : 0.f;
+}
+
+__device__ __forceinline__ float act_fwd(float u, int act) {
+  float unused;
+  return act_fwd_grad(u, act, unused);
+}
+
+__device__ __forceinline__ float act_grad(float u, int act) {
+  float grad;
+  act_fwd_grad(u, act, grad);
+  return grad;
 }
 
 template <typename T>
@@ -1440,8 +1456,10 @@ __device__ __forceinline__ DuCoef du_coef_of(const float* __restrict__ gamma,
 }
 
 __device__ __forceinline__ float du_of(float dv, float u, const DuCoef& k, int act) {
-  if (k.batch) dv = dv - k.mb - (act_fwd(u, act) - k.mean) * k.rstd * k.mg;
-  return k.scale * dv * act_grad(u, act);
+  float grad;
+  const float g = act_fwd_grad(u, act, grad);
+  if (k.batch) dv = dv - k.mb - (g - k.mean) * k.rstd * k.mg;
+  return k.scale * dv * grad;
 }
 
 // B2 holds the most live values (the extended du correlation's and dx's accumulators): with
