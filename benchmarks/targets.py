@@ -14,7 +14,8 @@ compiled for its real targets and the facts of the compiled code are recorded:
     python -m benchmarks.targets [--set bench cover] [--arch 80 90] [--jobs 2] [--json PATH]
 
 The benchmark set is compiled for every arch given, the covering set for the last one
-(and its GEMMs for every arch: mma and wgmma differ); exits 1 if any specialization fails
+(and its GEMMs for every arch: mma and wgmma differ; ``paths`` is the covering set with
+fewer kernel sizes, PATHS_KS); exits 1 if any specialization fails
 to compile. Compiles are cached by Triton under
 ``TRITON_CACHE_DIR`` (default ``build/triton-cache``), keyed by the kernel source hash,
 the specialization and the target, so only changed kernels are compiled again.
@@ -164,9 +165,9 @@ COVER_KS = (1, 2, 3, 4, 5, 7, 9, 11, 15, 16, 31)
 
 def cover_set(ks=COVER_KS):
     """Every kernel meets every value of each of its constexprs at least once: the kernel
-    sizes of ``ks`` (COVER_KS), every activation, fp16, with and without the input affine and batch
-    statistics, the NCHW tile shapes and channel blocks of 1..32 channels, and the pointwise
-    GEMM for every dtype and activation."""
+    sizes of ``ks`` (COVER_KS), every activation, fp16, with and without the input affine
+    and batch statistics, the NCHW tile shapes and channel blocks of 1..32 channels, and the
+    pointwise GEMM for every dtype and activation."""
     import torch
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     for k in ks:
@@ -228,9 +229,10 @@ def cover_set(ks=COVER_KS):
 PATHS_KS = (1, 2, 3, 16, 31)
 
 SETS = {"bench": bench_set, "cover": cover_set, "paths": lambda: cover_set(PATHS_KS)}
+DEFAULT_SETS = ("bench", "cover")  # ("paths" is within "cover")
 
 
-def specializations(sets=("bench", "cover")):
+def specializations(sets=DEFAULT_SETS):
     """Unique Triton specializations the launchers pick on a GPU for the given sets:
     [(kernel name, args, kwargs)], recorded on meta tensors (nothing runs)."""
     from convmixer_ext import triton_kernels as tk
@@ -354,7 +356,7 @@ def mma_gemms(ttgir: str):
 COVER_ALL_ARCHS = ("_pw_gemm_kernel", "_pw_bwd_du_kernel")
 
 
-def compile_all(sets=("bench", "cover"), archs=(80, 90), jobs=None, progress=None):
+def compile_all(sets=DEFAULT_SETS, archs=(80, 90), jobs=None, progress=None):
     """Compile every specialization for every arch; returns the list of facts."""
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, "build", "triton-cache"))
     bench = specializations(tuple(s for s in sets if s == "bench"))
@@ -393,7 +395,7 @@ def cuda_facts(lib_path=None):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.targets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", nargs="+", choices=list(SETS), default=["bench", "cover"],
+    p.add_argument("--set", nargs="+", choices=list(SETS), default=list(DEFAULT_SETS),
                    help="paths: the covering set with the kernel sizes PATHS_KS only")
     p.add_argument("--arch", nargs="+", type=int, default=[80, 90])
     p.add_argument("--jobs", type=int, default=None)

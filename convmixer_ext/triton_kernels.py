@@ -86,9 +86,9 @@ def _cdf(u):
     (weighted so that the absolute error of ``Phi(-a)`` stays under 1e-8, a sixth of an
     ulp of Phi near 1, and its relative error under 2.3e-6 in exact arithmetic; 4.1e-6 in
     fp32), and ``Phi(u) = 1 - Phi(-u)`` for u >= 0 (within 1.4 ulp); beyond |u| = 6 the
-    exponent keeps t(6)'s slope (``Phi(u) < 1e-9`` off by less than that, then 0; 1 above). The erf route,
-    ``fma(erf(u / sqrt 2), 0.5, 0.5)``, took two degree-6 pieces, both evaluated and one
-    selected, and lost every bit of Phi below -4 to cancellation."""
+    exponent keeps t(6)'s slope (``Phi(u) < 1e-9`` off by less than that, then 0; 1 above).
+    The erf route, ``fma(erf(u / sqrt 2), 0.5, 0.5)``, took two degree-6 pieces, both
+    evaluated and one selected, and lost every bit of Phi below -4 to cancellation."""
     a = tl.abs(u)
     c = tl.minimum(a, 6.0)
     t = tl.fma(c, -2.2947066469214406e-08, 7.153334991016891e-07)

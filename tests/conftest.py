@@ -7,6 +7,7 @@ before triton is first imported, so it is set here, at collection time.
 backends of this device) names backends that must be available: a missing one fails the
 session instead of silently skipping its tests.
 """
+import collections
 import os
 
 import torch
@@ -78,9 +79,7 @@ _FIRST, _LAST = ("test_targets.py",), ("test_static.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    count = {}
-    for item in items:
-        count[item.path.name] = count.get(item.path.name, 0) + 1
+    count = collections.Counter(item.path.name for item in items)
 
     def rank(item):
         name = item.path.name
