@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 OUTDIR=build/asan
 mkdir -p "$OUTDIR"
-echo "building the sanitized emulation library (ASan + UBSan)"
-g++ -std=c++20 -O1 -g -fPIC -shared -pthread -fsanitize=address,undefined \
+echo "building the sanitized emulation library (ASan + UBSan; -g1: the line tables its reports need)"
+g++ -std=c++20 -O1 -g1 -fPIC -shared -pthread -fsanitize=address,undefined \
   -fno-sanitize-recover=undefined -fno-omit-frame-pointer -fvisibility=hidden \
   csrc/fused_dw_emu.cpp -o "$OUTDIR/_cmx_emu_asan.so"
 echo "running the emulated-kernel tests under the sanitizers"

@@ -40,6 +40,16 @@ def kernel_backends():
     return [n for n in names if backend_reason(n, DEVICE) is None]
 
 
+def model_kernel_size(*backends):
+    """The kernel size of the whole-model and torch.compile tests: 3 where Triton's
+    interpreter runs one of ``backends`` (its time grows with k * k: a tap is interpreted
+    operations on whole blocks), 5 elsewhere. What those tests check (autocast's casts, the
+    folded BN2 chain, tracing) does not depend on k; the pass and layer tests cover the
+    kernel sizes."""
+    interpreted = DEVICE == "cpu" and any(b.startswith("triton") for b in backends)
+    return 3 if interpreted else 5
+
+
 def all_backends():
     """The twin ("torch"), PyTorch's own ops ("eager", auto's choice without kernels) and
     every kernel backend available on DEVICE."""

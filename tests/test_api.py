@@ -7,7 +7,7 @@ import timm.models.convmixer as timm_convmixer
 import torch
 
 import convmixer_ext
-from conftest import DEVICE, all_backends, kernel_backends
+from conftest import DEVICE, all_backends, kernel_backends, model_kernel_size
 from convmixer_ext import ConvMixer, ConvMixerLayer, convert, fused_dwconv_block
 from convmixer_ext.reference import ConvMixer as RefConvMixer, conv_mixer_layer
 from helpers import assert_close, layer_pair, randomize_bn
@@ -145,7 +145,8 @@ def test_torch_compile_fullgraph_matches_eager(backend, save_conv):
     compiled graph, guarded by x's device, dtype and layout); save_conv=True: the saved
     convolution output passes from the forward op to the backward one."""
     torch._dynamo.reset()
-    ref, fused = layer_pair(4, 5, "gelu", backend, torch.float32, DEVICE)
+    ref, fused = layer_pair(4, model_kernel_size(backend), "gelu", backend, torch.float32,
+                            DEVICE)
     fused.save_conv = save_conv
     eager = copy.deepcopy(fused)
     compiled = torch.compile(fused, fullgraph=True)
@@ -172,7 +173,8 @@ def test_torch_compile_dynamic_fullgraph_matches_eager(backend):
     backend choice takes the width's divisibility as a guarded constant (a width of the
     other kind recompiles, it does not reuse the choice)."""
     torch._dynamo.reset()
-    ref, fused = layer_pair(4, 5, "gelu", backend, torch.float32, DEVICE)
+    ref, fused = layer_pair(4, model_kernel_size(backend), "gelu", backend, torch.float32,
+                            DEVICE)
     eager = copy.deepcopy(fused)
     compiled = torch.compile(fused, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(1)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import DEVICE, all_backends
+from conftest import DEVICE, all_backends, model_kernel_size
 from convmixer_ext import convert
 from convmixer_ext.reference import ConvMixer as RefConvMixer
 from helpers import _maxerr, assert_close, randomize_bn
@@ -55,7 +55,7 @@ def test_autocast_matches_reference_under_autocast(backend, dtype, pointwise):
     whose terms carry the dtype's rounding and cancel (GELU then BatchNorm follow): it is
     held to TOL relative to the sum of the terms' magnitudes, from the float64 model (an
     H200 run saw 4e-4 on a 1.2e-2 fp16 bias gradient whose terms summed to larger)."""
-    ref, fused = _pair(backend, pointwise=pointwise)
+    ref, fused = _pair(backend, k=model_kernel_size(backend), pointwise=pointwise)
     ref64 = copy.deepcopy(ref).double().cpu().train()
     terms = {}  # conv name -> max over channels of sum over positions of |d out|
 
@@ -98,7 +98,7 @@ def test_autocast_matches_reference_under_autocast(backend, dtype, pointwise):
 def test_channels_last_end_to_end(backend, pointwise):
     """channels_last in, channels_last through every block, no layout conversion in the
     fused op (the kernels read it natively), same values as NCHW."""
-    ref, fused = _pair(backend, pointwise=pointwise)
+    ref, fused = _pair(backend, k=model_kernel_size(backend), pointwise=pointwise)
     fused.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 12, 10, device=DEVICE).to(memory_format=torch.channels_last)
     fused.train()

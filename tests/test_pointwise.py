@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import DEVICE, all_backends
+from conftest import DEVICE, all_backends, model_kernel_size
 from convmixer_ext import ConvMixer, ConvMixerLayer, FusedBlocks, convert
 from convmixer_ext.backends import backend_reason
 from convmixer_ext.pointwise import fused_pointwise_block
@@ -131,7 +131,8 @@ def test_folded_model_matches_reference(backend, pointwise):
     """BN2 folded into the next layer's depthwise load (FusedBlocks chain): logits, input
     and every parameter gradient, running statistics after two training steps, then eval."""
     # the interpreter is slow: two layers (one hand-off) there, three elsewhere
-    ref, fused = _model_pair(backend, pointwise, depth=2 if "triton" in (backend, pointwise) else 3)
+    ref, fused = _model_pair(backend, pointwise, k=model_kernel_size(backend, pointwise),
+                             depth=2 if "triton" in (backend, pointwise) else 3)
     assert isinstance(fused.blocks, FusedBlocks)
     assert all(layer.folds_bn2() for layer in fused.blocks)
     x = torch.randn(2, 3, 10, 12, device=DEVICE)
