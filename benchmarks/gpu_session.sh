@@ -77,6 +77,15 @@
 #                                      # plane) B2's du pass against du on every tile's halo
 #                                      # (cuda-tcall against cuda-tcfused, k = 9, 15) and
 #                                      # Nsight Compute on du_kernel and bwd_mma_kernel there
+#   bash benchmarks/gpu_session.sh 17  # the CUDA library's tensor-core F2 taking its tile in
+#                                      # several images a block (cp.async: the next image's
+#                                      # halo loads while one convolves; opt-in:
+#                                      # CONVMIXER_EXT_CUDA_TC_IMAGES, providers cuda-img2,
+#                                      # cuda-img4), in ~4 minutes: its tests, then fp16 and
+#                                      # bf16 NCHW eval blocks (cuda, cuda-img2, cuda-img4,
+#                                      # eager) at k = 3, 7, 9, 15 (#15's eval target), and
+#                                      # Nsight Compute on apply_mma_kernel at k = 3 (fp16),
+#                                      # one image and four
 #
 # Timings of the first session (H200, 2026-11-26): machine start ~30 s, install and
 # self-check ~40 s, the suite ~170 s on 12 workers, memcheck ~30 s, racecheck ~40 s (its
@@ -84,7 +93,7 @@
 # case more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?"which call: 1 to 16"}
+CALL=${1:?"which call: 1 to 17"}
 DEST=${OUT:?"OUT must name the folder that comes back"}
 RES=$(mktemp -d)
 export OUT=$RES PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -239,7 +248,17 @@ train_fwdbwd --providers cuda-tcall cuda-tcfused triton_tc --dtypes bfloat16 flo
     CONVMIXER_EXT_CUDA_TC=all NCU_LAUNCHES=1 NCU_TAG=du-k9 NCU_PASSES="--shapes cm768-448 \
 --ks 9 --dtypes bfloat16 --layouts nchw --backends cuda" nsight du_kernel bwd_mma_kernel
     ;;
-  *) echo "call must be 1 to 16"; exit 2 ;;
+  17)
+    TEST_PATHS="$PWD/tests/test_cuda_tensor_cores.py" \
+    TEST_WORKERS=12 T_TEST=50 T_BENCH=150 BENCH_ARGS="--shapes cm1536 --ks 3 7 9 15 --modes \
+eval --providers cuda cuda-img2 cuda-img4 eager --dtypes float16 bfloat16 --layouts nchw" \
+      timeout -k 5 240 bash benchmarks/gpu_run.sh build test bench || status=$?
+    for img in 1 4; do
+      CONVMIXER_EXT_CUDA_TC_IMAGES=$img NCU_LAUNCHES=1 NCU_TAG=k3-img$img NCU_PASSES="--ks 3 \
+--dtypes float16 --layouts nchw --backends cuda" nsight apply_mma_kernel
+    done
+    ;;
+  *) echo "call must be 1 to 17"; exit 2 ;;
 esac
 tar czf "$DEST/results.tgz" -C "$RES" .
 ls -la "$RES"

@@ -92,9 +92,13 @@ SAVE = "-save"
 # convolution output and B2 reading it too (CONVMIXER_EXT_CUDA_TC=all: opt-in until a GPU
 # has timed them; B2's du by a pass of its own where an image has several tiles);
 # "<backend>-tcfused": the same with B2 computing du on every tile's halo (=all-fused).
+# "<backend>-img2" / "-img4": the tensor-core F2 taking its tile in 2 / 4 images a block, the
+# next one's halo loading while one convolves (CONVMIXER_EXT_CUDA_TC_IMAGES; opt-in until a
+# GPU has timed it).
 PROVIDER_ENV = {"-noprefetch": (_env.PREFETCH_VAR, "0"), "-prefetch": (_env.PREFETCH_VAR, "1"),
                 "-tc": (_env.CUDA_TC_VAR, "1"), "-notc": (_env.CUDA_TC_VAR, "0"),
-                "-tcall": (_env.CUDA_TC_VAR, "all"), "-tcfused": (_env.CUDA_TC_VAR, "all-fused")}
+                "-tcall": (_env.CUDA_TC_VAR, "all"), "-tcfused": (_env.CUDA_TC_VAR, "all-fused"),
+                "-img2": (_env.CUDA_TC_IMAGES_VAR, "2"), "-img4": (_env.CUDA_TC_IMAGES_VAR, "4")}
 
 
 def provider_env(name):
@@ -642,7 +646,8 @@ def parse(argv):
                         "cuda-tc, cuda-notc: the CUDA library's F2 / eval on tensor cores "
                         "(16-bit NCHW; plain: the same) / on CUDA cores; cuda-tcall: its "
                         "training F1 and B2 too; cuda-tcfused: B2 computing du on every "
-                        "tile's halo; <provider>-save: save_conv=True")
+                        "tile's halo; cuda-img2, cuda-img4: its tensor-core F2 taking a "
+                        "tile in 2 / 4 images a block; <provider>-save: save_conv=True")
     p.add_argument("--model", action="store_true", help="also time whole-model steps")
     p.add_argument("--no-blocks", action="store_true", help="skip the block benchmark")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")

@@ -180,9 +180,9 @@ def cuda_kernel_facts(lib_path):
     """{(arch, kernel, dtype, KT, SU): {regs, stack, local, shared, sass widths, instrs}} of
     the built CUDA library (SU: the instantiation that saves or reads the saved u; a kernel
     templated on T alone, apply_u_kernel, bwd_reduce_u_kernel and du_kernel: KT 0, SU False;
-    for apply_mma_kernel and stats_mma_kernel the bool is their AFF, the input affine's
-    instantiation; bwd_mma_kernel's key has two, its DU (du read from du_kernel's buffer)
-    and its AFF)."""
+    for stats_mma_kernel the bool is its AFF, the input affine's instantiation;
+    apply_mma_kernel's key has two, its AFF and its PIPE (several images a block);
+    bwd_mma_kernel's two are its DU (du read from du_kernel's buffer) and its AFF)."""
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 # error codes of cmx_abi.h
 OK, E_INVALID, E_LIMIT, E_CUDA, E_NO_DEVICE = 0, 1, 2, 3, 4
@@ -37,7 +37,7 @@ class Shape(ctypes.Structure):
     _fields_ = [("n", _i64), ("c", _i64), ("h", _i64), ("w", _i64), ("stride", _i64 * 4),
                 ("dtype", _i32), ("k", _i32), ("act", _i32), ("has_in_affine", _i32),
                 ("aligned", _i32), ("target_blocks", _i32), ("saved_u", _i32),
-                ("prefetch", _i32), ("tensor_cores", _i32)]
+                ("prefetch", _i32), ("tensor_cores", _i32), ("images_per_block", _i32)]
 
 
 PASSES = ("F1", "F2", "B1", "B2")  # index of the per-pass arrays of Plan

@@ -14,7 +14,10 @@
   than its CUDA-core kernel at every k it takes; docs/DESIGN.md, "CUDA tensor cores");
   ``all``: its F1 saving the convolution output and its B2 reading it too (training from
   k = 7; not yet timed on a GPU, so asked for only); ``all-fused``: the same with B2
-  computing du on every tile's halo; ``0``: every pass on CUDA cores.
+  computing du on every tile's halo; ``0``: every pass on CUDA cores;
+- ``CONVMIXER_EXT_CUDA_TC_IMAGES``: an integer >= 1, the images whose tile one block of the
+  CUDA library's tensor-core F2 takes one after another, loading the next one's halo while
+  it convolves one (docs/DESIGN.md, "CUDA tensor cores"); unset: 1 (not yet timed on a GPU).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ BACKEND_VAR = "CONVMIXER_EXT_BACKEND"
 EMU_LIB_VAR = "CONVMIXER_EXT_EMU_LIB"
 PREFETCH_VAR = "CONVMIXER_EXT_CUDA_PREFETCH"
 CUDA_TC_VAR = "CONVMIXER_EXT_CUDA_TC"
+CUDA_TC_IMAGES_VAR = "CONVMIXER_EXT_CUDA_TC_IMAGES"
 
 
 def triton_interpreter() -> bool:
@@ -70,3 +74,14 @@ def cuda_tensor_cores() -> int:
 
 def emu_lib_override():
     return os.environ.get(EMU_LIB_VAR) or None
+
+
+def cuda_tc_images() -> int:
+    """CONVMIXER_EXT_CUDA_TC_IMAGES: an integer >= 1; unset or empty: 1."""
+    v = os.environ.get(CUDA_TC_IMAGES_VAR, "").strip()
+    if not v:
+        return 1
+    if not v.isdigit() or int(v) < 1 or int(v) >= 2**31:
+        raise ValueError(f"environment variable {CUDA_TC_IMAGES_VAR} must be an integer >= 1, "
+                         f"got {v!r}")
+    return int(v)

@@ -39,7 +39,7 @@ def tc_takes_width(width) -> bool:
 
 def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
              target_blocks: int = 0, saved_u: bool = False, prefetch: bool = True,
-             tensor_cores: bool = False) -> abi.Shape:
+             tensor_cores: bool = False, images_per_block: int = 1) -> abi.Shape:
     """The C ABI's shape of x; ``aligned`` says whether x and ``others`` (the tensors that
     share its strides: dout, the outputs, the saved u) start 16-byte aligned (meta tensors:
     as torch's allocator gives); ``target_blocks`` (0: the library's default) sets how finely
@@ -51,7 +51,9 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     where): False / 0 none, True / 1 (``_cmx_lib.TC_F2``) F2, 2 (``TC_ALL``) F1 saving u
     and B2 reading it too (B2: k <= 16; where an image has several 32 x 32
     tiles, du by a pass of its own into a buffer of u's size: the plan's ``du``), 3
-    (``TC_ALL_FUSED``) the same with B2 computing du on every tile's halo always."""
+    (``TC_ALL_FUSED``) the same with B2 computing du on every tile's halo always;
+    ``images_per_block``: F2 on tensor cores takes a tile in this many images per block,
+    loading the next one's halo while it convolves one (>= 1; a schedule: same results)."""
     s = abi.Shape()
     s.n, s.c, s.h, s.w = x.shape
     for i, v in enumerate(x.stride()):
@@ -65,6 +67,10 @@ def shape_of(x: torch.Tensor, k: int, act: int, has_in_affine: bool, *others,
     s.tensor_cores = int(tensor_cores)
     if s.tensor_cores not in (abi.TC_NONE, abi.TC_F2, abi.TC_ALL, abi.TC_ALL_FUSED):
         raise ValueError(f"tensor_cores must be a bool, 0, 1, 2 or 3, got {tensor_cores!r}")
+    if isinstance(images_per_block, bool) or not isinstance(images_per_block, int) \
+            or not 1 <= images_per_block < 2**31:
+        raise ValueError(f"images_per_block must be an int >= 1, got {images_per_block!r}")
+    s.images_per_block = images_per_block
     return s
 
 
@@ -91,14 +97,18 @@ class Launchers:
     """The four passes of one library build on tensors of its device type."""
 
     def __init__(self, lib: abi.Library, device_type: str, target_blocks: int = 0,
-                 prefetch: bool | None = None, tensor_cores: bool | None = None):
+                 prefetch: bool | None = None, tensor_cores: bool | None = None,
+                 images_per_block: int | None = None):
         """``prefetch``: L2 prefetch in the kernels; None: as CONVMIXER_EXT_CUDA_PREFETCH says
         at each launch, and where it is unset as :func:`default_prefetch` says for x.
         ``tensor_cores``: the passes on tensor cores where their kernels take the shape
         (:func:`shape_of`); None: as CONVMIXER_EXT_CUDA_TC says at each launch (F2 where
-        unset)."""
+        unset). ``images_per_block``: F2 on tensor cores takes its tile in that many images
+        per block (:func:`shape_of`); None: as CONVMIXER_EXT_CUDA_TC_IMAGES says at each
+        launch (1 where unset)."""
         self.lib, self.device_type, self.target_blocks = lib, device_type, target_blocks
         self.prefetch, self.tensor_cores = prefetch, tensor_cores
+        self.images_per_block = images_per_block
 
     def _prefetch(self, x) -> bool:
         p = _env.cuda_prefetch() if self.prefetch is None else self.prefetch
@@ -107,12 +117,17 @@ class Launchers:
     def _tc(self) -> int:
         return _env.cuda_tensor_cores() if self.tensor_cores is None else self.tensor_cores
 
+    def _images(self) -> int:
+        return (_env.cuda_tc_images() if self.images_per_block is None
+                else self.images_per_block)
+
     def plan(self, x, k, act=0, has_in_affine=False, *others, saved_u=False) -> abi.Plan:
         """The library's launch plan for x (shape-only: nothing is read or launched);
         ValueError for a shape beyond a hardware limit."""
         return self._plan(shape_of(x, k, act, has_in_affine, *others,
                                    target_blocks=self.target_blocks, saved_u=saved_u,
-                                   tensor_cores=self._tc()))
+                                   tensor_cores=self._tc(),
+                                   images_per_block=self._images()))
 
     def _plan(self, shape):
         try:
@@ -139,7 +154,8 @@ class Launchers:
         others = tuple(t for t in (dout, u) if t is not None)
         shape = shape_of(x, weight.shape[-1], act, in_scale is not None, *others,
                          target_blocks=self.target_blocks, saved_u=u is not None,
-                         prefetch=self._prefetch(x), tensor_cores=self._tc())
+                         prefetch=self._prefetch(x), tensor_cores=self._tc(),
+                         images_per_block=self._images())
         plan = self._plan(shape)
         inputs = abi.Inputs(x=_p(x), weight=_p(weight), bias=_p(bias), in_scale=_p(in_scale),
                             in_shift=_p(in_shift), u=_p(u))

@@ -15,7 +15,7 @@
 
 #include <stdint.h>
 
-#define CMX_ABI_VERSION 8
+#define CMX_ABI_VERSION 9
 
 /* cmx_shape.tensor_cores: the passes that may run on tensor cores */
 #define CMX_TC_F2 1
@@ -73,6 +73,11 @@ typedef struct {
                          * says which passes do): 0 none; CMX_TC_F2 F2 without saved_u;
                          * CMX_TC_ALL (or CMX_TC_ALL_FUSED) also F1 saving u and B2 reading
                          * it (B2: k <= 16) */
+  int32_t images_per_block;/* F2 on tensor cores (cmx_plan.mma bit 1) without the input
+                         * affine: a block takes its tile in this many images one after
+                         * another, the next one's halo loaded while it convolves one (cut
+                         * to n); 0 or 1: one image. A schedule: results do not depend on
+                         * it */
 } cmx_shape;
 
 /* What the launches over this shape need, per pass (0: F1, 1: F2, 2: B1, 3: B2): the

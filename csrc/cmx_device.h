@@ -13,6 +13,10 @@
 //    A and B fragment registers, and each computes its accumulator elements from its warp's
 //    fragments as the PTX ISA lays them out (mma.m16n8k16 .row.col, 16-bit inputs, fp32
 //    accumulators), products exact and summed in fp32;
+//  - cp.async copies (cmx_cp_async16) wait in their thread's committed groups until a
+//    cmx_cp_async_wait lets them land, so a read before the wait sees the old bytes, and a
+//    block left with copies pending fails the launch (the latest a GPU may land them; one
+//    landing early, into a buffer other threads still read, is a race this cannot show);
 //  - launches are serialised by a mutex (statics are process-wide);
 //  - an L2 prefetch reads one byte of its address (so the address sanitizer checks it) and,
 //    while an audit runs (cmx_prefetch_audit), is recorded per block with every staged
@@ -62,6 +66,19 @@ inline std::vector<float> g_dyn_smem;
 inline std::vector<float> g_shfl;  // one slot per thread of the block
 inline std::vector<uint32_t> g_mma;  // cmx_mma_16816: 6 fragment registers per thread
 inline std::mutex g_launch_mutex;
+
+// cp.async (cmx_cp_async16): each thread's copies wait in its groups until a wait lets them
+// land, as on the GPU, where a read before the wait may see the old bytes: here it always
+// does, so a missing wait shows up as wrong results. Copies still pending when the thread
+// leaves its block fail the launch (g_async_left).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool valid;  // false: 16 zero bytes
+};
+inline thread_local std::vector<AsyncCopy> t_async_open;
+inline thread_local std::vector<std::vector<AsyncCopy>> t_async_groups;
+inline std::atomic<bool> g_async_left{false};
 
 // The prefetch audit: (block, 128-byte line) pairs prefetched and loaded, and the loads that
 // found their line not prefetched yet.
@@ -131,6 +148,29 @@ inline void cmx_note_staged_load(const void* p) {
   const std::pair<unsigned, uintptr_t> key(blockIdx.x, reinterpret_cast<uintptr_t>(p) >> 7);
   if (!a.prefetched.count(key)) ++a.missed;
   a.loaded.insert(key);
+}
+
+// A 16-byte global -> shared copy that does not wait (valid == false: 16 zero bytes); it lands
+// at a cmx_cp_async_wait<n>() that leaves at most n later committed groups in flight.
+inline void cmx_cp_async16(void* dst, const void* src, bool valid) {
+  cmx_emu::t_async_open.push_back({dst, src, valid});
+}
+inline void cmx_cp_async_commit() {
+  cmx_emu::t_async_groups.push_back(std::move(cmx_emu::t_async_open));
+  cmx_emu::t_async_open.clear();
+}
+template <int N>
+inline void cmx_cp_async_wait() {
+  auto& groups = cmx_emu::t_async_groups;
+  while (groups.size() > static_cast<size_t>(N)) {
+    for (const auto& c : groups.front()) {
+      if (c.valid)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    }
+    groups.erase(groups.begin());
+  }
 }
 
 struct alignas(16) float4 {
@@ -250,6 +290,7 @@ inline float cmx_exp2(float v) {
 
 using cmx_error_t = int;
 constexpr cmx_error_t cmx_success = 0;
+constexpr cmx_error_t kCmxAsyncLeft = 2;  // a thread left its block with cp.async copies pending
 
 // Runs kernel(args...) over the grid: one host thread per CUDA thread, blocks in order,
 // a barrier after each block so no thread starts the next block while another is
@@ -276,13 +317,18 @@ cmx_error_t cmx_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, 
           for (unsigned x = 0; x < grid.x; ++x) {
             blockIdx = dim3(x, y, z);
             kernel(args...);
+            if (!cmx_emu::t_async_open.empty() || !cmx_emu::t_async_groups.empty()) {
+              cmx_emu::g_async_left = true;  // copies never waited for: a kernel bug
+              cmx_emu::t_async_open.clear();
+              cmx_emu::t_async_groups.clear();
+            }
             bar.arrive_and_wait();
           }
     });
   }
   for (auto& th : pool) th.join();
   cmx_emu::g_barrier = nullptr;
-  return cmx_success;
+  return cmx_emu::g_async_left.exchange(false) ? kCmxAsyncLeft : cmx_success;
 }
 
 #else  // real CUDA
@@ -299,6 +345,21 @@ __device__ __forceinline__ void cmx_prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
 }
 __device__ __forceinline__ void cmx_note_staged_load(const void*) {}
+
+// cp.async.cg (sm_80+): 16 bytes global -> shared without a register or a wait (SASS LDGSTS);
+// valid == false: 16 zero bytes (src-size 0, nothing read). A commit closes this thread's
+// group; cmx_cp_async_wait<n>() waits until at most n of its later groups are in flight (a
+// barrier must follow before other threads read what landed).
+__device__ __forceinline__ void cmx_cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cmx_cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cmx_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
 #define CMX_DYN_SMEM(name)                                   \
   extern __shared__ __align__(16) float cmx_dyn_smem_raw[]; \
   float* name = cmx_dyn_smem_raw

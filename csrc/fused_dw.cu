@@ -56,6 +56,9 @@ int32_t fail(int32_t code, const char* fmt, ...) {
 int32_t check_launch(cmx_error_t e, const char* what) {
   if (e == cmx_success) return CMX_OK;
 #ifdef CMX_HOST_EMULATION
+  if (e == kCmxAsyncLeft)
+    return fail(CMX_E_CUDA, "%s: emulated launch failed: a thread left its block with "
+                "cp.async copies never waited for", what);
   return fail(CMX_E_CUDA, "%s: emulated launch failed (%d)", what, e);
 #else
   return fail(CMX_E_CUDA, "%s: %s", what, cudaGetErrorString(e));
@@ -135,6 +138,9 @@ int32_t check_shape(const cmx_shape* s) {
   if (s->tensor_cores < 0 || s->tensor_cores > CMX_TC_ALL_FUSED)
     return fail(CMX_E_INVALID, "tensor_cores must be 0 .. %d, got %d", CMX_TC_ALL_FUSED,
                 s->tensor_cores);
+  if (s->images_per_block < 0)
+    return fail(CMX_E_INVALID, "images_per_block must be >= 0 (0: one image), got %d",
+                s->images_per_block);
   return CMX_OK;
 }
 
@@ -155,6 +161,7 @@ void choose(const cmx_shape* s, Pass pass, bool aligned, Geom& g) {
   g.K = s->k;
   g.PB = pad_before(s->k);
   g.act = s->act;
+  g.ipb = 1;
   g.sN = s->stride[0];
   g.sC = s->stride[1];
   g.sH = s->stride[2];
@@ -273,12 +280,13 @@ bool mma_f1_takes(const cmx_shape* s, const Geom& g) {
   return mma_shape_takes(s, g, CMX_TC_ALL, kMmaMaxK) && s->saved_u != 0;
 }
 
-// The plan of a tensor-core kernel: a block of kMmaWarps warps per 32 x 32 tile of a plane;
-// `partials`: a partial row per image and tile (F1, B2), else none (F2).
+// The plan of a tensor-core kernel: a block of kMmaWarps warps per 32 x 32 tile of a plane
+// (of g.ipb images' planes one after another: F2); `partials`: a partial row per image and
+// tile (F1, B2), else none (F2).
 int32_t mma_plan(const cmx_shape* s, const Geom& g, size_t smem, bool partials, Plan& p) {
   p.mma = true;
   p.threads = kMmaWarps * 32;
-  p.blocks = s->n * g.C;
+  p.blocks = (s->n + g.ipb - 1) / g.ipb * g.C;
   p.gy = cdiv(g.W, kMmaTile);
   p.gz = cdiv(g.H, kMmaTile);
   p.rows = partials ? s->n * p.gy * p.gz : 0;
@@ -314,8 +322,17 @@ int32_t make_plan(const cmx_shape* s, Pass pass, bool aligned, Plan& p) {
   }
   // (the tensor-core kernels' grids place the tiles: geo's tiling is not read)
   const bool affine = s->has_in_affine != 0;
-  if (pass == kF2 && mma_takes(s, g))
-    return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).elements(affine)) * 2, false, p);
+  if (pass == kF2 && mma_takes(s, g)) {
+    // several images a block: the plain input's kernel only (apply_mma_kernel's PIPE)
+    g.ipb = affine ? 1
+                   : static_cast<int>(std::clamp<int64_t>(s->images_per_block, 1,
+                                                          std::max<int64_t>(s->n, 1)));
+    const MmaShape S(g.K);
+    return mma_plan(s, g,
+                    static_cast<size_t>(g.ipb > 1 ? S.pipelined_elements(affine)
+                                                  : S.elements(affine)) * 2,
+                    false, p);
+  }
   if (pass == kF1 && mma_f1_takes(s, g))
     return mma_plan(s, g, static_cast<size_t>(MmaShape(g.K).stats_bytes(affine)), true, p);
   if (pass == kB2 && mma_b2_takes(s, g)) {
@@ -613,6 +630,7 @@ CMX_API int32_t cmx_apply(const cmx_shape* s, const cmx_inputs* in, const cmx_ou
           if (p.mma) {
             constexpr int KT = decltype(kc)::value;
             auto kernel = s->has_in_affine ? apply_mma_kernel<T, KT, true>
+                          : p.geo.ipb > 1  ? apply_mma_kernel<T, KT, false, true>
                                            : apply_mma_kernel<T, KT, false>;
             return launch(kernel, p, in, as<T>(in->x), as<T>(in->weight), as<T>(in->bias),
                           in->mean, in->rstd, in->gamma, in->beta, static_cast<T*>(out->y),

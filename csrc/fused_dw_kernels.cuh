@@ -53,6 +53,7 @@ struct Geom {
   int layout;                    // kNCHW (W contiguous) or kChannelsLast (C contiguous)
   int vec;                       // 16-byte global accesses along the contiguous dimension
   int prefetch;                  // L2 prefetch of the staged rectangles (16-byte path only)
+  int ipb;                       // images per block of apply_mma_kernel (1 for every other)
   float inv_n;                   // 1 / (N*H*W)
   int64_t sN, sC, sH, sW;        // strides of x (and of out/dout/dx, which share x's layout)
 };
@@ -925,6 +926,14 @@ struct MmaShape {
   __host__ __device__ constexpr int elements(bool affine) const {
     return weights_at(affine) + K * mma_wrow(2);
   }
+  // apply_mma_kernel taking several images: the second halo buffer (16-byte aligned) after
+  // the weights, and the elements in all
+  __host__ __device__ constexpr int second_halo_at(bool affine) const {
+    return round_up(elements(affine), 8);
+  }
+  __host__ __device__ constexpr int pipelined_elements(bool affine) const {
+    return second_halo_at(affine) + halo();
+  }
   // F1's (stats_mma_kernel): then 4 floats of block sums, at this float offset
   __host__ __device__ constexpr int sums_at(bool affine) const {
     return round_up(elements(affine), 8) / 2;
@@ -1051,9 +1060,11 @@ struct MmaBlock {
 // x's halo of a tile (h0, w0) in shared memory: `rows` rows from h0 - pb, `chunks` 16-byte
 // chunks from column w0 - 8, `stride` elements a row, each chunk wholly inside or outside the
 // image (W and w0 multiples of 8), copied as raw bytes (zeros outside); AFF: the in-image
-// mask plane beside it. A thread takes chunk m of rows r0, r0 + 8, ... (chunks <= 8), its
-// addresses advancing by additions. A barrier must follow before it is read.
-template <typename T, bool AFF>
+// mask plane beside it (ASYNC: only where mask is not null). A thread takes chunk m of rows
+// r0, r0 + 8, ... (chunks <= 8), its addresses advancing by additions. A barrier must follow
+// before it is read; ASYNC: the chunks are cp.async copies, which a commit and a wait must
+// land first.
+template <typename T, bool AFF, bool ASYNC = false>
 __device__ __forceinline__ void stage_mma_halo(T* halo, T* mask, const T* __restrict__ x,
                                                const Geom& geo, int64_t base, int h0, int w0,
                                                int pb, int rows, int chunks, int stride) {
@@ -1068,19 +1079,23 @@ __device__ __forceinline__ void stage_mma_halo(T* halo, T* mask, const T* __rest
   for (int r = r0; r < rows; r += 8, off += step) {
     const int gh = h0 - pb + r;
     const bool in = col_in && gh >= 0 && gh < geo.H;
-    Raw16 v{{0u, 0u, 0u, 0u}};
-    if (in) v = *reinterpret_cast<const Raw16*>(x + off);
-    *reinterpret_cast<Raw16*>(halo + r * stride + m * V) = v;
-    if (AFF) {
+    if constexpr (ASYNC) {
+      cmx_cp_async16(halo + r * stride + m * V, x + (in ? off : 0), in);
+    } else {
+      Raw16 v{{0u, 0u, 0u, 0u}};
+      if (in) v = *reinterpret_cast<const Raw16*>(x + off);
+      *reinterpret_cast<Raw16*>(halo + r * stride + m * V) = v;
+    }
+    if (AFF && (!ASYNC || mask != nullptr)) {
       const uint32_t mv = in ? one : 0u;
       *reinterpret_cast<Raw16*>(mask + r * stride + m * V) = Raw16{{mv, mv, mv, mv}};
     }
   }
 }
 
-// The forward's convolution on tensor cores for one block (F2's and F1's kernels): the halo
-// (and AFF's mask plane) and the weights staged at `halo`, a barrier, then the warp's MMAs
-// into acc (AFF: the mask's into accm); the halo stays for the epilogue.
+// The forward's convolution on tensor cores for one block of one image (F2's and F1's
+// kernels): the halo (and AFF's mask plane) and the weights staged at `halo`, a barrier, then
+// the warp's MMAs into acc (AFF: the mask's into accm); the halo stays for the epilogue.
 template <typename T, int KT, bool AFF>
 __device__ __forceinline__ void mma_forward(T* halo, const T* __restrict__ x,
                                             const T* __restrict__ w, const Geom& geo,
@@ -1099,28 +1114,19 @@ __device__ __forceinline__ void mma_forward(T* halo, const T* __restrict__ x,
                                                      accm);
 }
 
-// AFF: with the input affine (its mask MMAs and accumulators: an instantiation of its own,
-// so that the plain one keeps its registers).
-template <typename T, int KT, bool AFF>
-__global__ void __launch_bounds__(kMmaWarps * 32)
-    apply_mma_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                     const float* __restrict__ mean, const float* __restrict__ rstd,
-                     const float* __restrict__ gamma, const float* __restrict__ beta,
-                     T* __restrict__ out, InAffine in_aff, Geom geo) {
-  const MmaShape S(KT > 0 ? KT : geo.K);
+// apply_mma_kernel's epilogue for one image: accumulator pairs (rows g, g + 8; columns
+// 8 nb + 2t, + 1) with the residual from the halo's centre; two outputs per 4-byte store (an
+// output column pair lies wholly inside or outside the image).
+template <typename T, bool AFF>
+__device__ __forceinline__ void apply_mma_epilogue(
+    const T* halo, const float (&acc)[4][4], const float (&accm)[4][4],
+    const T* __restrict__ b, const float* __restrict__ mean, const float* __restrict__ rstd,
+    const float* __restrict__ gamma, const float* __restrict__ beta, T* __restrict__ out,
+    const InAffine& in_aff, const Geom& geo, const MmaShape& S, int c, int64_t base, int h0,
+    int w0) {
   constexpr bool affine = AFF;
-  CMX_DYN_SMEM(smem);
-  T* halo = reinterpret_cast<T*>(smem);
-  const MmaBlock blk(geo);
-  const int c = blk.c, h0 = blk.h0, w0 = blk.w0;
-  const int64_t base = blk.base;
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, g = (tid % 32) / 4, t = tid % 4;
-  float acc[4][4], accm[4][4];  // accm: the mask's (affine)
-  mma_forward<T, KT, AFF>(halo, x, w, geo, S, blk, acc, accm);
-  // Epilogue: accumulator pairs (rows g, g + 8; columns 8 nb + 2t, + 1) with the residual
-  // from the halo's centre; two outputs per 4-byte store (an output column pair lies wholly
-  // inside or outside the image).
   const BnApply bn = bn_apply_of(gamma, rstd, beta, mean, c);
   const float bias = ld(b, c);
   const float as = affine ? in_aff.scale[c] : 1.f, ac = affine ? in_aff.shift[c] : 0.f;
@@ -1144,6 +1150,61 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         y[e] = cmx_from_float(bn_apply(input, u, bn, geo.act), T{});
       }
       *reinterpret_cast<uint32_t*>(orow + 8 * nb) = pack2(y[0], y[1]);
+    }
+  }
+}
+
+// AFF: with the input affine (its mask MMAs and accumulators: an instantiation of its own,
+// so that the plain one keeps its registers). PIPE (plain input only: geo.ipb > 1): a block
+// takes its tile in geo.ipb images one after another (its grid x's plane index counts groups
+// of images), the channel's weights staged once; while it convolves one image, the next
+// one's halo is on its way into a second buffer (cp.async; shared memory:
+// MmaShape::pipelined_elements). An instantiation of its own: with the loop over images the
+// one-image kernel took 8-24 more registers (sm_80, sm_90 [C]), and it is not yet timed.
+template <typename T, int KT, bool AFF, bool PIPE = false>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    apply_mma_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                     const float* __restrict__ mean, const float* __restrict__ rstd,
+                     const float* __restrict__ gamma, const float* __restrict__ beta,
+                     T* __restrict__ out, InAffine in_aff, Geom geo) {
+  static_assert(!(PIPE && AFF), "several images per block: the plain input only");
+  const MmaShape S(KT > 0 ? KT : geo.K);
+  CMX_DYN_SMEM(smem);
+  T* const halo0 = reinterpret_cast<T*>(smem);
+  const MmaBlock blk(geo);
+  float acc[4][4], accm[4][4];  // accm: the mask's (affine)
+  if constexpr (!PIPE) {
+    mma_forward<T, KT, AFF>(halo0, x, w, geo, S, blk, acc, accm);
+    apply_mma_epilogue<T, AFF>(halo0, acc, accm, b, mean, rstd, gamma, beta, out, in_aff, geo,
+                               S, blk.c, blk.base, blk.h0, blk.w0);
+  } else {
+    const int K = KT > 0 ? KT : S.K;
+    constexpr int KS = KT > 0 ? MmaShape(KT).ks : 2;  // k-steps (at most 2: kMmaMaxK)
+    T* const halo1 = halo0 + S.second_halo_at(false);
+    T* const sw = halo0 + S.weights_at(false);
+    const int c = blk.c, n0 = blk.n * geo.ipb, n1 = min(geo.N, n0 + geo.ipb);
+    stage_mma_halo<T, false, true>(halo0, nullptr, x, geo, plane_base(geo, n0, c), blk.h0,
+                                   blk.w0, S.PB, S.rows, S.chunks, S.stride);
+    cmx_cp_async_commit();
+    stage_mma_weights<T, false>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
+    CMX_NO_UNROLL
+    for (int n = n0; n < n1; ++n) {
+      T* const halo = (n - n0) % 2 ? halo1 : halo0;
+      if (n + 1 < n1) {  // the next image's halo into the other buffer; this one's landed
+        stage_mma_halo<T, false, true>((n - n0) % 2 ? halo0 : halo1, nullptr, x, geo,
+                                       plane_base(geo, n + 1, c), blk.h0, blk.w0, S.PB,
+                                       S.rows, S.chunks, S.stride);
+        cmx_cp_async_commit();
+        cmx_cp_async_wait<1>();
+      } else {
+        cmx_cp_async_wait<0>();
+      }
+      __syncthreads();
+      mma_correlate<T, KT, KS, 1, 1>(halo, halo, sw, S, static_cast<int>(threadIdx.x) / 32,
+                                     acc, accm);
+      apply_mma_epilogue<T, false>(halo, acc, accm, b, mean, rstd, gamma, beta, out, in_aff,
+                                   geo, S, c, plane_base(geo, n, c), blk.h0, blk.w0);
+      if (n + 2 < n1) __syncthreads();  // this buffer is read no more: the next copies land
     }
   }
 }

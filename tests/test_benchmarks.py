@@ -241,6 +241,8 @@ def test_save_suffix_saves_the_convolution_output_after_any_other():
     assert isinstance(block, FusedBlock) and block.save_conv is True
     assert block.backend == "cuda_emu"
     assert provider_env("cuda_emu-tcall-save") == {"CONVMIXER_EXT_CUDA_TC": "all"}
+    assert provider_env("cuda-img4") == {"CONVMIXER_EXT_CUDA_TC_IMAGES": "4"}
+    assert make_provider("cuda_emu-img2", ref).backend == "cuda_emu"
     assert make_provider("triton-save", ref).save_conv is True
     assert make_provider("triton", ref).save_conv is None
     with pytest.raises(ValueError, match="applies to the package's backends"):

@@ -59,8 +59,8 @@ def test_cuda_library_has_no_spills():
     stack frame. 3 dtypes x (4 kernels x k in {3, 5, 7, 9, generic}; with the saved
     convolution output, F1 and B2 x k in {7, 9, generic}, F2 (tiled, for other strides) and
     B1 (channels_last, ...) x 1, F2 element by element and B1's direct loads in NCHW), and
-    F2 on tensor cores for the 2 16-bit dtypes x k in {3, 5, 7, 9, generic} x with and
-    without the input affine, F1 on tensor cores (saving u) for the 2 16-bit dtypes x k in
+    F2 on tensor cores for the 2 16-bit dtypes x k in {3, 5, 7, 9, generic} x with the
+    input affine, without it, and without it taking several images a block, F1 on tensor cores (saving u) for the 2 16-bit dtypes x k in
     {7, 9, generic} x with and without it, and B2 on tensor cores (reading the saved u) for
     the 2 16-bit dtypes x k in {7, 9, generic} x du recomputed or read (its du pass,
     du_kernel, for the 2 16-bit dtypes) x with and without the input affine."""
@@ -68,7 +68,7 @@ def test_cuda_library_has_no_spills():
     rows = resource_usage(_lib_path("cuda"))
     for arch in (80, 90):
         mine = [r for r in rows if r["arch"] == arch]
-        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 2 + 2 * 3 * 2 \
+        assert len(mine) == 3 * (4 * 5 + 2 * 3 + 2 + 2) + 2 * 5 * 3 + 2 * 3 * 2 \
             + 2 * 3 * 2 * 2 + 2, (arch, len(mine))
         bad = [r for r in mine if r["local"] or r["stack"]]
         assert not bad, f"spills / stack frames on sm_{arch}: {bad}"
@@ -82,15 +82,19 @@ def test_tensor_core_kernel_is_on_tensor_cores():
     from benchmarks.static import cuda_kernel_facts
     facts = cuda_kernel_facts(_lib_path("cuda"))
     for arch in (80, 90):
+        # F2's: its AFF and PIPE (several images a block: the plain input only, its loop's
+        # body the one-image kernel's MMAs)
         mma = {key: f for key, f in facts.items() if key[0] == arch and
                key[1] == "apply_mma_kernel"}
         assert sorted(k[2:] for k in mma) == [
-            (dt, kt, aff) for dt in ("bfloat16", "float16") for kt in (0, 3, 5, 7, 9)
-            for aff in (False, True)]
-        for (_, _, _, kt, aff), f in mma.items():
+            (dt, kt, aff, pipe) for dt in ("bfloat16", "float16") for kt in (0, 3, 5, 7, 9)
+            for aff, pipe in ((False, False), (False, True), (True, False))]
+        for (_, _, _, kt, aff, pipe), f in mma.items():
             assert f["hmma"] > 0, (arch, kt, aff)
             if kt:
                 assert f["hmma"] == (2 if aff else 1) * kt * 4, (arch, kt, aff, f["hmma"])
+            # the pipelined kernel's halo copies are cp.async (LDGSTS), the others' not
+            assert bool(f["widths"].get("LDGSTS")) == pipe, (arch, kt, aff, f["widths"])
         # B2's: dx as F2's over du's two terms (K * ks * 4 * 2, ks = 1 up to k = 9) and dW's
         # loop body (2 k-steps x ceil(k / 8) tiles x 2 terms), as many times as the compiler
         # unrolled it; with du recomputed on the halo or read (du_kernel's), the same; with

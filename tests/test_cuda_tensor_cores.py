@@ -132,6 +132,66 @@ def test_f2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, affine, act
     assert err <= ULP[dtype] * ref.double().abs().max().item(), err
 
 
+# (N, C, H, W, k): image counts that are and are not multiples of the images per block, a
+# ragged edge tile (H 40, W 24), the generic k
+IMG_CASES = [(5, 2, 32, 32, 3), (4, 2, 40, 24, 9), (3, 1, 20, 16, 13)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", IMG_CASES, ids=lambda c: "{}x{}x{}x{}-k{}".format(*c))
+def test_f2_taking_several_images_a_block_changes_no_bit(case, dtype, monkeypatch):
+    """images_per_block (CONVMIXER_EXT_CUDA_TC_IMAGES): a block takes its tile in several
+    images one after another, the next one's halo on its way (cp.async, which the emulator
+    lands only at the kernel's wait: a missing wait reads the other image's halo) while it
+    convolves one. Every output is the one-image kernel's, bit for bit; the grid has a block
+    per group of images, and the second halo buffer more shared memory; with the input
+    affine it keeps one image a block."""
+    N, C, H, W, k = case
+    g = torch.Generator().manual_seed(11)
+    x, w, b, _ = _inputs(N, C, H, W, k, dtype, False, g)
+    mean = (0.1 * torch.randn(C, generator=g)).to(DEVICE)
+    rstd = (1 + torch.rand(C, generator=g)).to(DEVICE)
+    gamma = (1 + 0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    beta = (0.2 * torch.randn(C, generator=g)).to(DEVICE)
+    lib, tiles = _lib(), -(-H // 32) * -(-W // 32)
+
+    def impl(images):
+        return KernelBackend(Launchers(lib, DEVICE, tensor_cores=TC_F2, images_per_block=images),
+                             saves_u=True)
+    one = impl(1)
+    ref = one.apply(x, w, b, mean, rstd, gamma, beta, "gelu")
+    plan1 = one.k.plan(x, k, 0, False)
+    assert plan1.mma == F2 and plan1.blocks[1] == N * C * tiles
+    for images in (2, 3, N + 4):
+        many = impl(images)
+        plan = many.k.plan(x, k, 0, False)
+        groups = -(-N // min(images, N))
+        assert plan.mma == F2 and plan.blocks[1] == groups * C * tiles, images
+        assert plan.smem[1] > plan1.smem[1] if groups < N else plan.smem[1] == plan1.smem[1]
+        out = many.apply(x, w, b, mean, rstd, gamma, beta, "gelu")
+        assert torch.equal(_bits(out), _bits(ref)), images
+        assert many.k.plan(x, k, 0, True).blocks[1] == N * C * tiles  # the input affine
+    monkeypatch.setenv(_env.CUDA_TC_IMAGES_VAR, "2")  # what a Launchers without a value reads
+    default = KernelBackend(Launchers(lib, DEVICE, tensor_cores=TC_F2), saves_u=True)
+    assert default.k.plan(x, k, 0, False).blocks[1] == -(-N // 2) * C * tiles
+    assert torch.equal(_bits(default.apply(x, w, b, mean, rstd, gamma, beta, "gelu")),
+                       _bits(ref))
+
+
+def test_images_per_block_refuses_what_is_not_a_count(monkeypatch):
+    from convmixer_ext.cuda_kernels import shape_of
+    x = torch.zeros(2, 4, 16, 16, dtype=torch.bfloat16)
+    for bad in (0, -1, 1.5, True, 2**31):
+        with pytest.raises(ValueError, match="images_per_block must be an int >= 1"):
+            shape_of(x, 3, 0, False, images_per_block=bad)
+    for bad in ("0", "-2", "two", "1.5"):
+        monkeypatch.setenv(_env.CUDA_TC_IMAGES_VAR, bad)
+        with pytest.raises(ValueError, match="CONVMIXER_EXT_CUDA_TC_IMAGES must be an integer"):
+            _env.cuda_tc_images()
+    monkeypatch.setenv(_env.CUDA_TC_IMAGES_VAR, "")
+    assert _env.cuda_tc_images() == 1
+
+
 def test_tensor_cores_only_where_the_kernel_takes_the_shape():
     """The planner takes apply_mma_kernel for F2, stats_mma_kernel for F1 and bwd_mma_kernel
     for B2 only for 16-bit x in NCHW on the 16-byte path, k <= 17, and only when asked: F2
