@@ -1,7 +1,7 @@
 """Exercise every CUDA kernel (forward train/eval, backward; templated and generic k;
 fp32/bf16; NCHW and channels_last; ragged tiles; training with the convolution output saved
-and recomputed; the tensor-core kernels at each CONVMIXER_EXT_CUDA_TC level) — run under
-compute-sanitizer by benchmarks/gpu_run.sh."""
+and recomputed; the tensor-core kernels at each CONVMIXER_EXT_CUDA_TC level, F2's taking
+several images a block) — run under compute-sanitizer by benchmarks/gpu_run.sh."""
 import os
 
 import torch
@@ -48,5 +48,12 @@ for level in ("1", "all", "all-fused"):
             torch.manual_seed(k)
             block(torch.randn(2, 3, 40, 48, device=dev, dtype=torch.bfloat16), k, training, save)
 del os.environ["CONVMIXER_EXT_CUDA_TC"]
+# F2 taking its tile in several images a block (cp.async into two halo buffers: racecheck
+# sees a refill that no barrier orders after the reads of the image before)
+os.environ["CONVMIXER_EXT_CUDA_TC_IMAGES"] = "2"
+for k in ((9,) if QUICK else (3, 9)):
+    torch.manual_seed(k)
+    block(torch.randn(5, 3, 40, 48, device=dev, dtype=torch.bfloat16), k, False, None)
+del os.environ["CONVMIXER_EXT_CUDA_TC_IMAGES"]
 torch.cuda.synchronize()
 print("sanitize cases done")
