@@ -431,9 +431,9 @@ def main(argv=None):
     by_kernel = {}
     for f in facts:
         by_kernel.setdefault((f["kernel"], f["arch"]), []).append(f)
-    print(f"triton {triton.__version__}: {len(facts)} compiles (the benchmark set for "
-          f"{', '.join(f'sm_{x}' for x in a.arch)}, the covering set for sm_{a.arch[-1]} and, "
-          "for the GEMMs, every target)")
+    print(f"triton {triton.__version__}: {len(facts)} compiles (the sets {', '.join(a.set)} "
+          f"for sm_{a.arch[-1]}, their GEMMs for "
+          f"{', '.join(f'sm_{x}' for x in a.arch)})")
     for (kern, arch), fs in sorted(by_kernel.items()):
         ok = [f for f in fs if "error" not in f]
         if ok:
