@@ -610,7 +610,8 @@ def eager_estimate(shape, k, dtype, mode):
 
 
 # --------------------------------------------------------------------------- report
-def report(shapes, ks, dtypes, layouts, backends, lib_path):
+def report(shapes, ks, dtypes, layouts, backends, lib_path, tc_shapes=None):
+    """The cases' rows; ``tc_shapes``: the shapes that get triton_tc rows (None: all)."""
     from benchmarks.run import GPU_SHAPES
     out = []
     for sname in shapes:
@@ -625,7 +626,8 @@ def report(shapes, ks, dtypes, layouts, backends, lib_path):
                         kernels += cuda_passes(shape, k, dtype, layout, lib_path)
                     if "triton" in backends:
                         kernels += triton_passes(shape, k, dtype, layout)
-                    if "triton_tc" in backends and dtype != "float32":
+                    if "triton_tc" in backends and dtype != "float32" and (
+                            tc_shapes is None or sname in tc_shapes):
                         kernels += triton_passes(shape, k, dtype, layout, tc=True)
                     minimum = {m: sum(MIN_TRAFFIC[p] for p in ps) * math.prod(shape) *
                                _elem(dtype) / H100["hbm"] * 1e3 for m, ps in MODES.items()}
@@ -821,6 +823,8 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"])
     p.add_argument("--backends", nargs="+", default=["cuda", "triton", "triton_tc"])
+    p.add_argument("--tc-shapes", nargs="+", default=None,
+                   help="triton_tc rows for these shapes only (default: every shape)")
     p.add_argument("--json", default=os.path.join(ROOT, "build", "static.json"))
     p.add_argument("--md", default=None)
     p.add_argument("--png", default=None)
@@ -836,7 +840,7 @@ def main(argv=None):
     lib_path = _cmx_lib.library_path("cuda")
     backends = [b for b in a.backends if b != "cuda" or os.path.exists(lib_path)]
     ks = sorted(set(a.ks + (list(range(3, 32, 2)) if a.sweep else [])))
-    rows = report(a.shapes, ks, a.dtypes, a.layouts, backends, lib_path)
+    rows = report(a.shapes, ks, a.dtypes, a.layouts, backends, lib_path, a.tc_shapes)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     pairs = compare(rows, _measured(a.measured)) if a.measured else None
     extra = {}

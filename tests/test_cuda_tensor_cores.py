@@ -132,21 +132,21 @@ def test_f2_on_tensor_cores_matches_twin_and_cuda_cores(case, dtype, affine, act
     assert err <= ULP[dtype] * ref.double().abs().max().item(), err
 
 
-# (N, C, H, W, k): image counts that are and are not multiples of the images per block, a
-# ragged edge tile (H 40, W 24), the generic k
-IMG_CASES = [(5, 2, 32, 32, 3), (4, 2, 40, 24, 9), (3, 1, 20, 16, 13)]
+# (N, C, H, W, k, dtype): image counts that are and are not multiples of the images per
+# block, a ragged edge tile (H 40, W 24), the generic k, both dtypes
+IMG_CASES = [(5, 2, 32, 32, 3, torch.bfloat16), (4, 2, 40, 24, 9, torch.float16),
+             (3, 1, 20, 16, 13, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", IMG_CASES, ids=lambda c: "{}x{}x{}x{}-k{}".format(*c))
-def test_f2_taking_several_images_a_block_changes_no_bit(case, dtype, monkeypatch):
+def test_f2_taking_several_images_a_block_changes_no_bit(case, monkeypatch):
     """images_per_block (CONVMIXER_EXT_CUDA_TC_IMAGES): a block takes its tile in several
     images one after another, the next one's halo on its way (cp.async, which the emulator
     lands only at the kernel's wait: a missing wait reads the other image's halo) while it
     convolves one. Every output is the one-image kernel's, bit for bit; the grid has a block
     per group of images, and the second halo buffer more shared memory; with the input
     affine it keeps one image a block."""
-    N, C, H, W, k = case
+    N, C, H, W, k, dtype = case
     g = torch.Generator().manual_seed(11)
     x, w, b, _ = _inputs(N, C, H, W, k, dtype, False, g)
     mean = (0.1 * torch.randn(C, generator=g)).to(DEVICE)
