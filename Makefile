@@ -15,7 +15,7 @@ COMPAT_SPEC ?= torch==2.11.0 triton==3.6.0
 COMPAT_DEPS := "numpy<2.4" pytest pytest-xdist hypothesis
 COMPAT_TESTS := tests/test_passes.py tests/test_errors.py tests/test_build.py \
                 tests/test_limits.py tests/test_dispatch.py tests/test_opcheck.py \
-                tests/test_selfcheck.py tests/test_pointwise.py
+                tests/test_selfcheck.py
 # nvcc on PATH may be a wrapper script: point the build at the real toolkit root.
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
