@@ -16,8 +16,8 @@ compiled for its real targets and the facts of the compiled code are recorded:
 Every specialization is compiled for the last arch given, and those whose code differs by
 target (``every_target``: the GEMMs of the pointwise and tensor-core kernels, mma on sm_80,
 wgmma on sm_90) for every arch given (``paths`` is the covering set with fewer kernel
-sizes, PATHS_KS); exits 1 if any specialization fails to compile. Compiles are cached by Triton under
-``TRITON_CACHE_DIR`` (default ``build/triton-cache``), keyed by the kernel source hash,
+sizes, PATHS_KS); exits 1 if any specialization fails to compile. Compiles are cached by
+Triton under ``TRITON_CACHE_DIR`` (default ``build/triton-cache``), keyed by the kernel source hash,
 the specialization and the target, so only changed kernels are compiled again.
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces the jit functions).
 """
@@ -356,14 +356,14 @@ def mma_gemms(ttgir: str):
 # kernels and the depthwise kernels on tensor cores (TC > 0). The other kernels are the same
 # FMA and load arithmetic on every target; their sm_80 compiles took a fifth of the test
 # suite's time.
-COVER_ALL_ARCHS = ("_pw_gemm_kernel", "_pw_bwd_du_kernel")
+GEMM_KERNELS = ("_pw_gemm_kernel", "_pw_bwd_du_kernel")  # (and TC > 0 below)
 
 
 def every_target(spec) -> bool:
     """Whether a specialization is compiled for every target (its code differs by target:
     tl.dot), not only the newest."""
     name, _, kwargs = spec
-    return name in COVER_ALL_ARCHS or kwargs.get("TC", 0) > 0
+    return name in GEMM_KERNELS or kwargs.get("TC", 0) > 0
 
 
 def compile_all(sets=DEFAULT_SETS, archs=(80, 90), jobs=None, progress=None):

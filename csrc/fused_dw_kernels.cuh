@@ -926,17 +926,21 @@ struct MmaShape {
   __host__ __device__ constexpr int elements(bool affine) const {
     return weights_at(affine) + K * mma_wrow(2);
   }
-  // apply_mma_kernel taking several images: the second halo buffer (16-byte aligned) after
-  // the weights, and the elements in all
-  __host__ __device__ constexpr int second_halo_at(bool affine) const {
+  // the end of that layout, 16-byte aligned: where what a kernel adds to it starts
+  __host__ __device__ constexpr int aligned_end(bool affine) const {
     return round_up(elements(affine), 8);
+  }
+  // apply_mma_kernel taking several images: then the second halo buffer, and the elements
+  // in all
+  __host__ __device__ constexpr int second_halo_at(bool affine) const {
+    return aligned_end(affine);
   }
   __host__ __device__ constexpr int pipelined_elements(bool affine) const {
     return second_halo_at(affine) + halo();
   }
   // F1's (stats_mma_kernel): then 4 floats of block sums, at this float offset
   __host__ __device__ constexpr int sums_at(bool affine) const {
-    return round_up(elements(affine), 8) / 2;
+    return aligned_end(affine) / 2;
   }
   __host__ __device__ constexpr int stats_bytes(bool affine) const {
     return (sums_at(affine) + 4) * 4;
@@ -1060,14 +1064,15 @@ struct MmaBlock {
 // x's halo of a tile (h0, w0) in shared memory: `rows` rows from h0 - pb, `chunks` 16-byte
 // chunks from column w0 - 8, `stride` elements a row, each chunk wholly inside or outside the
 // image (W and w0 multiples of 8), copied as raw bytes (zeros outside); AFF: the in-image
-// mask plane beside it (ASYNC: only where mask is not null). A thread takes chunk m of rows
-// r0, r0 + 8, ... (chunks <= 8), its addresses advancing by additions. A barrier must follow
-// before it is read; ASYNC: the chunks are cp.async copies, which a commit and a wait must
-// land first.
+// mask plane beside it. A thread takes chunk m of rows r0, r0 + 8, ... (chunks <= 8), its
+// addresses advancing by additions. A barrier must follow before it is read; ASYNC (the
+// plain input only): the chunks are cp.async copies, which a commit and a wait must land
+// first.
 template <typename T, bool AFF, bool ASYNC = false>
 __device__ __forceinline__ void stage_mma_halo(T* halo, T* mask, const T* __restrict__ x,
                                                const Geom& geo, int64_t base, int h0, int w0,
                                                int pb, int rows, int chunks, int stride) {
+  static_assert(!(AFF && ASYNC), "the mask plane is staged by plain stores");
   constexpr int V = Blk<T>::VEC;
   const uint32_t one = pack2(cmx_from_float(1.f, T{}), cmx_from_float(1.f, T{}));
   const int tid = static_cast<int>(threadIdx.x), m = tid % 8, r0 = tid / 8;
@@ -1086,7 +1091,7 @@ __device__ __forceinline__ void stage_mma_halo(T* halo, T* mask, const T* __rest
       if (in) v = *reinterpret_cast<const Raw16*>(x + off);
       *reinterpret_cast<Raw16*>(halo + r * stride + m * V) = v;
     }
-    if (AFF && (!ASYNC || mask != nullptr)) {
+    if (AFF) {
       const uint32_t mv = in ? one : 0u;
       *reinterpret_cast<Raw16*>(mask + r * stride + m * V) = Raw16{{mv, mv, mv, mv}};
     }
@@ -1189,9 +1194,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     stage_mma_weights<T, false>(sw, w + static_cast<int64_t>(c) * K * K, K, KS);
     CMX_NO_UNROLL
     for (int n = n0; n < n1; ++n) {
-      T* const halo = (n - n0) % 2 ? halo1 : halo0;
+      const bool odd = (n - n0) % 2;
+      T* const halo = odd ? halo1 : halo0;
       if (n + 1 < n1) {  // the next image's halo into the other buffer; this one's landed
-        stage_mma_halo<T, false, true>((n - n0) % 2 ? halo0 : halo1, nullptr, x, geo,
+        stage_mma_halo<T, false, true>(odd ? halo0 : halo1, nullptr, x, geo,
                                        plane_base(geo, n + 1, c), blk.h0, blk.w0, S.PB,
                                        S.rows, S.chunks, S.stride);
         cmx_cp_async_commit();
