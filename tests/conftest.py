@@ -80,11 +80,18 @@ def pytest_report_header(config):
     return [f"convmixer_ext device={DEVICE} backends={convmixer_ext.available_backends()}"]
 
 
-# Under `make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder) a file's tests run
-# on one worker, files handed out in this order: the real-target compiles first (their module
-# fixture compiles every Triton kernel for two targets, the longest single piece of work, so it
-# does not start last and hold the run's end), then files by test count (xdist's own default
-# order), the static report last, when those compiles are in the shared Triton cache.
+# Under `make test` (pytest-xdist, --dist loadscope --no-loadscope-reorder) tests are handed
+# out one by one in this order: the real-target compiles first (their module fixture compiles
+# every Triton kernel for two targets, the longest single piece of work, so it does not start
+# last and hold the run's end), then files by test count, the static report last. Two sets
+# of files are each one scope (pytest_xdist_make_scheduler below), run by one process:
+# - the real-target compiles and the static report: their module fixtures run once, and
+#   the report's compiles find that process's Triton cache filled;
+# - the files of emulated CUDA blocks: the emulator runs a block's threads as OS threads, so
+#   two processes running them at once oversubscribed the cores (those files took 2.6x
+#   their time).
+# Whole files handed out (--dist loadfile) left a process idle for a minute at the end,
+# waiting on the longest file.
 _FIRST, _LAST = ("test_targets.py",), ("test_static.py",)
 
 
@@ -95,3 +102,29 @@ def pytest_collection_modifyitems(config, items):
         name = item.path.name
         return (0 if name in _FIRST else 2 if name in _LAST else 1, -count[name], name)
     items.sort(key=rank)  # stable: a file's own order is kept
+
+
+# The files run by one process each (above).
+_ONE_SCOPE = {"test_targets.py": "real-target-compiles",
+              "test_static.py": "real-target-compiles",
+              "test_cuda_paths.py": "emulated-blocks",
+              "test_cuda_tensor_cores.py": "emulated-blocks"}
+
+
+def _scope(nodeid):
+    return _ONE_SCOPE.get(nodeid.split("::")[0].rsplit("/", 1)[-1], nodeid)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadscope's scopes as drawn above: each test its own, but _ONE_SCOPE's sets of
+    files (pytest-xdist's loadgroup would do it with a mark; with pytest 9 it ignored the
+    mark here)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return _scope(nodeid)
+    return Scheduling(config, log)
