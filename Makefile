@@ -27,9 +27,9 @@ export CONVMIXER_EXT_BUILD_CACHE := $(BUILD_CACHE)
 # Kernel backends whose absence fails the tests instead of skipping them.
 REQUIRE ?= all-kernels
 # `make test` runs the suite in this many processes (one core each), test by test in the
-# order tests/conftest.py sets, but for the real-target compiles and the static report, which
-# one process runs (their module fixtures run once, and the report's compiles find the
-# Triton cache filled): --dist loadscope with the scopes tests/conftest.py draws; 1: serially.
+# order tests/conftest.py sets, but for the two sets of files it keeps in one process each
+# (the real-target compiles with the static report; the emulated CUDA blocks): --dist
+# loadscope with the scopes tests/conftest.py draws; 1: serially.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope \
          --no-loadscope-reorder,)

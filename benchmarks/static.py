@@ -834,6 +834,9 @@ def main(argv=None):
                    help="also the tensor-core kernels in these tilings (1, 2, 4, 2w, 4w: "
                         "triton_kernels.tensor_core_tiling), bf16 NCHW")
     a = p.parse_args(argv)
+    if a.tc_shapes is not None and set(a.tc_shapes) - set(a.shapes):
+        p.error(f"--tc-shapes {sorted(set(a.tc_shapes) - set(a.shapes))}: not among --shapes "
+                f"{a.shapes}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run without TRITON_INTERPRET: the interpreter compiles nothing")
     from convmixer_ext import _cmx_lib

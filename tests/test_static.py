@@ -192,3 +192,13 @@ def test_issue_rate_grows_with_resident_warps():
     assert t[0] > t[1] > t[2]
     full = 1e12 / (H100["sms"] * H100["schedulers"] * 32 * H100["clock"])
     assert t[2] > full
+
+
+def test_tc_shapes_outside_the_shapes_are_refused(capsys):
+    """A --tc-shapes name that is not a reported shape (a typo) would drop the tensor-core
+    rows without a word: it is refused before anything compiles."""
+    from benchmarks.static import main
+    with pytest.raises(SystemExit) as e:
+        main(["--tc-shapes", "cm1563"])
+    assert e.value.code == 2
+    assert "--tc-shapes ['cm1563']: not among --shapes" in capsys.readouterr().err
