@@ -9,6 +9,7 @@ session instead of silently skipping its tests.
 """
 import collections
 import os
+import sys
 
 import torch
 
@@ -17,8 +18,53 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def _patch_language_once_per_launch():
+    """Triton's interpreter (3.6 to 3.8) maps the triton.language modules a function's
+    globals hold onto its interpreted builtins when a kernel's grid starts (undone when it
+    ends), and again at every call of a @jit device function. For a device function whose
+    module the grid's mapping already covers, that second time finds every builtin mapped (a
+    mapped one is no longer marked builtin) but still scans the modules for them: a sixth of
+    the interpreter's time where a helper is called per tap. This skips the scan for a module
+    already mapped in the running grid; the first call from another module's globals (e.g.
+    triton.language.standard's, which maps triton.language.core) is mapped as Triton does.
+    Where the interpreter is not shaped like this (another Triton), nothing is changed."""
+    if "triton" not in sys.modules:  # (not installed, or CONVMIXER_EXT_NO_TRITON)
+        return
+    from triton.runtime import interpreter as ti
+    patch = getattr(ti, "_patch_lang", None)
+    grid_cls = getattr(ti, "GridExecutor", None)
+    scope_cls = getattr(ti, "_LangPatchScope", None)
+    if None in (patch, grid_cls, scope_cls) or getattr(patch, "_once_per_launch", False):
+        return
+    mapped = []  # per running grid: the ids of the globals whose modules it mapped
+
+    def once_per_launch(fn):
+        key = id(fn.__globals__)
+        if not isinstance(sys._getframe(1).f_locals.get("self"), grid_cls):
+            if mapped and key in mapped[-1]:  # a device function's call, module mapped
+                return scope_cls()
+            if mapped:
+                mapped[-1].add(key)
+            return patch(fn)
+        scope = patch(fn)
+        restore = scope.restore
+
+        def restore_and_end():
+            mapped.pop()
+            restore()
+        scope.restore = restore_and_end
+        mapped.append({key})
+        return scope
+    once_per_launch._once_per_launch = True
+    ti._patch_lang = once_per_launch
+
+
 import convmixer_ext  # noqa: E402
 from convmixer_ext.backends import backend_reason  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _patch_language_once_per_launch()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

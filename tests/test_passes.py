@@ -144,3 +144,18 @@ def test_triton_dw_partials_per_image(cl):
     dw_p = launches[names.index("_bwd_dw_kernel" if cl else "_bwd_dx_kernel")][1][
         4 if cl else 9]
     assert tuple(dw_p.shape) == (N, C, k * k)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or "triton" not in kernel_backends(),
+                    reason="Triton's interpreter (tests/conftest.py's shortcut)")
+def test_interpreter_shortcut_is_installed_and_undone_per_grid():
+    """tests/conftest.py skips the interpreter's repeated mapping of triton.language at each
+    device-function call inside a grid. It is installed (a Triton whose interpreter changed
+    shape would drop it silently: the suite's time, not its results), the results of a pass
+    through it match the twin (above), and a launch still undoes its grid's mapping."""
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+    assert getattr(ti._patch_lang, "_once_per_launch", False)
+    x = torch.randn(1, 2, 5, 6)
+    get_impl("triton").stats(x, torch.randn(2, 1, 3, 3), torch.randn(2), "gelu")
+    assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.tensor.__add__)
