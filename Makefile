@@ -34,7 +34,11 @@ TEST_WORKERS ?= 2
 XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope \
          --no-loadscope-reorder,)
 
-.PHONY: setup build test test-asan wheel test-compat bench clean
+# The build's switches: the emulation library always, a CUDA build that fails stops here when
+# a toolkit is found (a user's `pip install .` drops it with a notice instead).
+BUILD_FLAGS := CONVMIXER_EXT_BUILD_EMU=1 $(if $(CUDA_HOME),CONVMIXER_EXT_BUILD_CUDA=1)
+
+.PHONY: setup libraries build test asan-lib test-asan wheel compat-setup test-compat bench clean
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -43,11 +47,14 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 
 setup: $(VENV)/.deps-stamp
 
-# With a toolkit found, a CUDA build that fails stops here (a user's `pip install .` drops it
-# with a notice instead).
-build: setup
-	CONVMIXER_EXT_BUILD_EMU=1 $(if $(CUDA_HOME),CONVMIXER_EXT_BUILD_CUDA=1) \
-	  $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+# The kernel libraries compiled into the build cache (setup.py's compile_libraries: no
+# torch, no setuptools, so `make -j2 build` runs it beside the venv's install); the install
+# then copies them.
+libraries:
+	$(BUILD_FLAGS) $(PYTHON) -c "import setup, sys; sys.exit(setup.compile_libraries())"
+
+build: setup libraries
+	$(BUILD_FLAGS) $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
 	$(if $(XDIST),OMP_NUM_THREADS=1) CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) \
@@ -55,12 +62,15 @@ test: build
 
 # The CUDA kernels' host-emulation build under AddressSanitizer + UBSan (memory safety of
 # global and shared-memory accesses without a GPU).
+asan-lib:
+	bash tests/asan.sh --build
+
 test-asan: build
 	bash tests/asan.sh $(VPY)
 
 # The wheel a user's `pip install .` builds: isolated (setuptools only, no torch in the
 # build environment), py3-none-<platform>, CUDA kernels for sm_80/sm_90 + PTX.
-wheel: setup
+wheel: setup libraries
 	rm -rf build/wheel
 	CONVMIXER_EXT_BUILD_EMU=1 $(VPY) -m pip wheel -q --no-deps -w build/wheel .
 	$(VPY) tests/check_wheel.py build/wheel/*.whl
@@ -75,7 +85,9 @@ $(COMPAT_VENV)/.deps-stamp: Makefile
 	$(CPY) -m pip install -q $(COMPAT_SPEC) $(COMPAT_DEPS)
 	touch $@
 
-test-compat: wheel $(COMPAT_VENV)/.deps-stamp
+compat-setup: $(COMPAT_VENV)/.deps-stamp
+
+test-compat: wheel compat-setup
 	$(CPY) -m pip install -q --force-reinstall --no-deps build/wheel/*.whl
 	cd build && $(if $(XDIST),OMP_NUM_THREADS=1) CONVMIXER_EXT_REQUIRE_BACKENDS=$(REQUIRE) \
 	  ../$(CPY) -m pytest -q -p no:cacheprovider $(XDIST) --rootdir=.. -c ../pyproject.toml \

@@ -16,18 +16,27 @@ C-ABI kernel library compiled from ``csrc/`` (no torch header, no torch at build
 whole compile command (output path aside), the compiler's ``--version`` and every file in
 ``csrc/``, and copies it from there when the key recurs (the Makefile's builds share one, so
 that ``make wheel`` after ``make build`` does not compile the same source twice).
+``compile_libraries()`` fills that cache ahead of the install, needing neither torch nor
+setuptools (the Makefile's ``libraries``, beside the venv's install).
 
 The libraries are loaded with ctypes, so the wheel does not depend on the Python or torch
 version: it is tagged ``py3-none-<platform>``.
 """
+import concurrent.futures
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
-from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext
+try:
+    from setuptools import Extension, setup
+    from setuptools.command.build_ext import build_ext
+except ImportError:  # compile_libraries() alone needs the standard library only
+    if __name__ == "__main__":
+        raise
+    Extension = build_ext = object
 
 try:  # setuptools >= 70.1 ships bdist_wheel; older ones need the wheel package
     from setuptools.command.bdist_wheel import bdist_wheel
@@ -222,6 +231,12 @@ def _write_build_info(pkg_dir):
 
 
 def _libraries():
+    """The CmxLibrary entries to build, as the environment asks (module docstring)."""
+    return [CmxLibrary(name, kind, source) for name, kind, source in _wanted()]
+
+
+def _wanted():
+    """[(module name, kind, source)] of the libraries to build; records why one is not."""
     libs = []
     want_cuda = _env_flag("CONVMIXER_EXT_BUILD_CUDA")
     cuda_home = _find_cuda_home()
@@ -235,13 +250,37 @@ def _libraries():
         _notice("nvcc not found (set CUDA_HOME): installing without the CUDA kernels; "
                 "CUDA tensors will run on Triton or PyTorch")
     else:
-        libs.append(CmxLibrary("convmixer_ext._cmx_cuda", "cuda", "csrc/fused_dw.cu"))
+        libs.append(("convmixer_ext._cmx_cuda", "cuda", "csrc/fused_dw.cu"))
     if _env_flag("CONVMIXER_EXT_BUILD_EMU"):
-        libs.append(CmxLibrary("convmixer_ext._cmx_emu", "emulation", "csrc/fused_dw_emu.cpp"))
+        libs.append(("convmixer_ext._cmx_emu", "emulation", "csrc/fused_dw_emu.cpp"))
     else:
         BUILD_INFO["SKIPPED"]["emulation"] = \
             "the host emulation is built only with CONVMIXER_EXT_BUILD_EMU=1"
     return libs
+
+
+def compile_libraries():
+    """Compiles the libraries the environment asks for (as ``pip install`` would) into
+    CONVMIXER_EXT_BUILD_CACHE, all at once, where the install then copies them from. Needs
+    neither torch nor setuptools, so the Makefile runs it beside the venv's install (pip
+    keeps one core busy, the compilers the other). Returns 1 if one fails (the install
+    would fail the same way, or drop the CUDA library with a notice)."""
+    if not os.environ.get("CONVMIXER_EXT_BUILD_CACHE", "").strip():
+        _notice("CONVMIXER_EXT_BUILD_CACHE is not set: nothing to compile ahead of the install")
+        return 0
+    libs = _wanted()
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
+        for name, kind, _ in libs:
+            out = os.path.join(tmp, name.rsplit(".", 1)[-1] + ".so")
+            cmd = _cuda_command(_find_cuda_home(), out) if kind == "cuda" else _emu_command(out)
+            jobs.append((cmd, out, name.rsplit(".", 1)[-1]))
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
+            results = list(pool.map(lambda job: _compile(*job), jobs))
+    failed = [(name, msg) for (name, _, _), (rc, msg) in zip(libs, results) if rc]
+    for name, msg in failed:
+        _notice(f"building {name} failed: {msg[-2000:]}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # (tests import the helpers above from here)

@@ -237,6 +237,36 @@ def test_build_cache_reuses_only_the_same_compile(clean_env, tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 3
 
 
+def test_libraries_compiled_ahead_are_the_installs(clean_env, tmp_path):
+    """compile_libraries() (the Makefile's ``libraries``, beside the venv's install) fills the
+    build cache with exactly what the install then looks up: the install's compile of the
+    same library, to its own output path, is copied, not run. A failed compile returns 1;
+    without a cache it compiles nothing. setup.py imports without setuptools for it."""
+    runs = tmp_path / "runs"
+
+    def emu_command(out, rc=0):
+        prog = (f"import sys; open({str(runs)!r}, 'a').write('x'); "
+                f"open(sys.argv[-1], 'w').write('emu'); sys.exit({rc})")
+        return [sys.executable, "-c", prog, str(out)]
+    clean_env.setattr(_setup, "_emu_command", emu_command)
+    clean_env.setattr(_setup, "_find_cuda_home", lambda: None)
+    clean_env.setenv("CONVMIXER_EXT_BUILD_EMU", "1")
+    assert _setup.compile_libraries() == 0 and not runs.exists()   # no cache: nothing
+    clean_env.setenv("CONVMIXER_EXT_BUILD_CACHE", str(tmp_path / "cache"))
+    assert _setup.compile_libraries() == 0 and runs.read_text() == "x"
+    out = tmp_path / "installed.so"
+    assert _setup._compile(emu_command(str(out)), str(out), "_cmx_emu") == (0, "")
+    assert runs.read_text() == "x" and out.read_text() == "emu"       # copied
+    clean_env.setattr(_setup, "_emu_command", lambda out: emu_command(out, rc=1) + ["-bad"])
+    assert _setup.compile_libraries() == 1
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['setuptools'] = None; "
+                        "import setup; print(setup._wanted())"], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ,
+                                                            "CONVMIXER_EXT_BUILD_CUDA": "0",
+                                                            "CONVMIXER_EXT_BUILD_EMU": "0"})
+    assert r.returncode == 0 and "[]" in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("spec, names", [
     ("8.0;9.0+PTX", ["sm_80", "sm_90", "compute_90"]),
     ("8.0 8.6", ["sm_80", "sm_86"]),
