@@ -175,6 +175,9 @@ def dynamic_instructions(fact, trips):
     return fact["instructions"] + sum(b * (t - 1) for b, t in zip(loops, trips))
 
 
+FACTS_CACHE = os.path.join(ROOT, "build", "facts-cache")
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_kernel_facts(lib_path):
     """{(arch, kernel, dtype, KT, SU): {regs, stack, local, shared, sass widths, instrs}} of
@@ -182,7 +185,33 @@ def cuda_kernel_facts(lib_path):
     templated on T alone, apply_u_kernel, bwd_reduce_u_kernel and du_kernel: KT 0, SU False;
     for stats_mma_kernel the bool is its AFF, the input affine's instantiation;
     apply_mma_kernel's key has two, its AFF and its PIPE (several images a block);
-    bwd_mma_kernel's two are its DU (du read from du_kernel's buffer) and its AFF)."""
+    bwd_mma_kernel's two are its DU (du read from du_kernel's buffer) and its AFF).
+    Disassembling the library takes about 25 s on a CI core, so the facts are kept in
+    FACTS_CACHE under a hash of the library's bytes and of the code that reads them (the
+    tests of the build, the static report and the installed wheel's tests read the same)."""
+    import hashlib
+    import pickle
+    h = hashlib.sha256()
+    for path in (lib_path, __file__, os.path.join(HERE, "targets.py")):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    cached = os.path.join(FACTS_CACHE, f"cuda-{h.hexdigest()[:24]}.pickle")
+    if os.path.isfile(cached):
+        with open(cached, "rb") as f:
+            return pickle.load(f)
+    facts = _read_cuda_kernel_facts(lib_path)
+    try:
+        os.makedirs(FACTS_CACHE, exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(facts, f)
+        os.replace(tmp, cached)  # whole or absent, for a concurrent reader
+    except OSError:  # (a read-only tree: computed each time)
+        pass
+    return facts
+
+
+def _read_cuda_kernel_facts(lib_path):
     from benchmarks.targets import resource_usage
     res = resource_usage(lib_path)
     sass = parse_sass(subprocess.run([tool("cuobjdump"), "-sass", lib_path],

@@ -202,3 +202,29 @@ def test_tc_shapes_outside_the_shapes_are_refused(capsys):
         main(["--tc-shapes", "cm1563"])
     assert e.value.code == 2
     assert "--tc-shapes ['cm1563']: not among --shapes" in capsys.readouterr().err
+
+
+def test_cuda_facts_are_kept_per_library_bytes(monkeypatch, tmp_path):
+    """The CUDA library's facts (about 25 s of disassembly) are read once per library: kept
+    under a hash of its bytes, read back for the same bytes at another path (the installed
+    wheel's copy), read again for other bytes."""
+    from benchmarks import static
+    reads = []
+    monkeypatch.setattr(static, "FACTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(static, "_read_cuda_kernel_facts",
+                        lambda path: reads.append(path) or {(90, "k", "bfloat16", 9, False):
+                                                            {"regs": len(reads)}})
+    lib, copy = tmp_path / "a.so", tmp_path / "copy.so"
+    lib.write_bytes(b"one")
+    copy.write_bytes(b"one")
+    try:
+        static.cuda_kernel_facts.cache_clear()
+        first = static.cuda_kernel_facts(str(lib))
+        static.cuda_kernel_facts.cache_clear()
+        assert static.cuda_kernel_facts(str(copy)) == first and len(reads) == 1
+        lib.write_bytes(b"two")
+        static.cuda_kernel_facts.cache_clear()
+        assert static.cuda_kernel_facts(str(lib))[(90, "k", "bfloat16", 9, False)] == \
+            {"regs": 2}
+    finally:
+        static.cuda_kernel_facts.cache_clear()
