@@ -19,52 +19,75 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-def _patch_language_once_per_launch():
-    """Triton's interpreter (3.6 to 3.8) maps the triton.language modules a function's
-    globals hold onto its interpreted builtins when a kernel's grid starts (undone when it
-    ends), and again at every call of a @jit device function. For a device function whose
-    module the grid's mapping already covers, that second time finds every builtin mapped (a
-    mapped one is no longer marked builtin) but still scans the modules for them: a sixth of
-    the interpreter's time where a helper is called per tap. This skips the scan for a module
-    already mapped in the running grid; the first call from another module's globals (e.g.
-    triton.language.standard's, which maps triton.language.core) is mapped as Triton does.
-    Where the interpreter is not shaped like this (another Triton), nothing is changed."""
+def _interpreter_shortcuts():
+    """Two pieces of Triton's interpreter (3.6 to 3.8) redo the same work at every call;
+    both are answered once here (the suite's time, not its results: every kernel test still
+    compares the interpreter's results with the twin). Where the interpreter is not shaped
+    like this (another Triton), nothing is changed.
+
+    - It maps the triton.language modules a function's globals hold onto its interpreted
+      builtins when a kernel's grid starts (undone when it ends), and again at every call of
+      a @jit device function. For a device function whose module the grid's mapping already
+      covers, that second time finds every builtin mapped (a mapped one is no longer marked
+      builtin) but still scans the modules for them: a sixth of the interpreter's time where
+      a helper is called per tap. The scan is skipped for a module already mapped in the
+      running grid; the first call from another module's globals (e.g.
+      triton.language.standard's, which maps triton.language.core) is mapped as Triton does.
+    - It builds a table of numpy dtypes at every lookup of a type's (about once per
+      interpreted operation); the answer depends on the element type alone, and is kept.
+    """
     if "triton" not in sys.modules:  # (not installed, or CONVMIXER_EXT_NO_TRITON)
         return
     from triton.runtime import interpreter as ti
     patch = getattr(ti, "_patch_lang", None)
     grid_cls = getattr(ti, "GridExecutor", None)
     scope_cls = getattr(ti, "_LangPatchScope", None)
-    if None in (patch, grid_cls, scope_cls) or getattr(patch, "_once_per_launch", False):
-        return
-    mapped = []  # per running grid: the ids of the globals whose modules it mapped
+    if None not in (patch, grid_cls, scope_cls) and not hasattr(patch, "_shortcut"):
+        mapped = []  # per running grid: the ids of the globals whose modules it mapped
 
-    def once_per_launch(fn):
-        key = id(fn.__globals__)
-        if not isinstance(sys._getframe(1).f_locals.get("self"), grid_cls):
-            if mapped and key in mapped[-1]:  # a device function's call, module mapped
-                return scope_cls()
-            if mapped:
-                mapped[-1].add(key)
-            return patch(fn)
-        scope = patch(fn)
-        restore = scope.restore
+        def once_per_launch(fn):
+            key = id(fn.__globals__)
+            if not isinstance(sys._getframe(1).f_locals.get("self"), grid_cls):
+                if mapped and key in mapped[-1]:  # a device function's call, module mapped
+                    return scope_cls()
+                if mapped:
+                    mapped[-1].add(key)
+                return patch(fn)
+            scope = patch(fn)
+            restore = scope.restore
 
-        def restore_and_end():
-            mapped.pop()
-            restore()
-        scope.restore = restore_and_end
-        mapped.append({key})
-        return scope
-    once_per_launch._once_per_launch = True
-    ti._patch_lang = once_per_launch
+            def restore_and_end():
+                mapped.pop()
+                restore()
+            scope.restore = restore_and_end
+            mapped.append({key})
+            return scope
+        once_per_launch._shortcut = True
+        ti._patch_lang = once_per_launch
+
+    np_dtype = getattr(ti, "_get_np_dtype", None)
+    tl = ti.tl
+    if np_dtype is not None and not hasattr(np_dtype, "_shortcut") and \
+            hasattr(tl, "block_type") and hasattr(tl, "pointer_type"):
+        table = {}
+
+        def np_dtype_of(tt_dtype):
+            elem = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+            if isinstance(elem, tl.pointer_type):  # (unhashable)
+                return np_dtype(elem)
+            got = table.get(elem)
+            if got is None:
+                got = table[elem] = np_dtype(elem)
+            return got
+        np_dtype_of._shortcut = True
+        ti._get_np_dtype = np_dtype_of
 
 
 import convmixer_ext  # noqa: E402
 from convmixer_ext.backends import backend_reason  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _patch_language_once_per_launch()
+    _interpreter_shortcuts()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -148,14 +148,21 @@ def test_triton_dw_partials_per_image(cl):
 
 @pytest.mark.skipif(DEVICE != "cpu" or "triton" not in kernel_backends(),
                     reason="Triton's interpreter (tests/conftest.py's shortcut)")
-def test_interpreter_shortcut_is_installed_and_undone_per_grid():
-    """tests/conftest.py skips the interpreter's repeated mapping of triton.language at each
-    device-function call inside a grid. It is installed (a Triton whose interpreter changed
-    shape would drop it silently: the suite's time, not its results), the results of a pass
-    through it match the twin (above), and a launch still undoes its grid's mapping."""
+def test_interpreter_shortcuts_are_installed_and_undone_per_grid():
+    """tests/conftest.py's shortcuts of Triton's interpreter (the mapping of triton.language
+    once per grid and module, the numpy dtype of a type kept) are installed (a Triton whose
+    interpreter changed shape would drop them silently: the suite's time, not its results),
+    the results of a pass through them match the twin (above), a launch still undoes its
+    grid's mapping, and a type's numpy dtype is the interpreter's own."""
+    import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter as ti
-    assert getattr(ti._patch_lang, "_once_per_launch", False)
+    assert ti._patch_lang._shortcut and ti._get_np_dtype._shortcut
     x = torch.randn(1, 2, 5, 6)
     get_impl("triton").stats(x, torch.randn(2, 1, 3, 3), torch.randn(2), "gelu")
     assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.tensor.__add__)
+    for ty, want in ((tl.float32, np.float32), (tl.bfloat16, np.uint16), (tl.int1, bool),
+                     (tl.block_type(tl.float16, [4, 8]), np.float16),
+                     (tl.pointer_type(tl.float32), np.uint64),
+                     (tl.block_type(tl.pointer_type(tl.bfloat16), [4]), np.uint64)):
+        assert ti._get_np_dtype(ty) == np.dtype(want), ty
