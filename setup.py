@@ -123,6 +123,11 @@ def _emu_command(out):
     return [cxx, *flags, os.path.join(HERE, "csrc", "fused_dw_emu.cpp"), "-o", out]
 
 
+def _command(kind, out):
+    """The compile command of a library of this kind ("cuda" or "emulation") to ``out``."""
+    return _cuda_command(_find_cuda_home(), out) if kind == "cuda" else _emu_command(out)
+
+
 def _cache_key(cmd, out):
     """What a library's bytes depend on: its compile command (output path aside, the source
     tree's location left out), the compiler's version and every file in csrc/."""
@@ -175,10 +180,7 @@ class BuildLibraries(build_ext):
                 continue
             out = self.get_ext_fullpath(ext.name)
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            if ext.kind == "cuda":
-                cmd = _cuda_command(_find_cuda_home(), out)
-            else:
-                cmd = _emu_command(out)
+            cmd = _command(ext.kind, out)
             rc, msg = _compile(cmd, out, ext.name.rsplit(".", 1)[-1])
             if rc == 0:
                 continue
@@ -272,9 +274,9 @@ def compile_libraries():
     with tempfile.TemporaryDirectory() as tmp:
         jobs = []
         for name, kind, _ in libs:
-            out = os.path.join(tmp, name.rsplit(".", 1)[-1] + ".so")
-            cmd = _cuda_command(_find_cuda_home(), out) if kind == "cuda" else _emu_command(out)
-            jobs.append((cmd, out, name.rsplit(".", 1)[-1]))
+            short = name.rsplit(".", 1)[-1]
+            out = os.path.join(tmp, short + ".so")
+            jobs.append((_command(kind, out), out, short))
         with concurrent.futures.ThreadPoolExecutor(max(1, len(jobs))) as pool:
             results = list(pool.map(lambda job: _compile(*job), jobs))
     failed = [(name, msg) for (name, _, _), (rc, msg) in zip(libs, results) if rc]

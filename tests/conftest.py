@@ -84,9 +84,10 @@ def _interpreter_shortcuts():
 
 
 import convmixer_ext  # noqa: E402
+from convmixer_ext._env import triton_interpreter  # noqa: E402
 from convmixer_ext.backends import backend_reason  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if triton_interpreter():
     _interpreter_shortcuts()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
