@@ -257,7 +257,7 @@ def test_libraries_compiled_ahead_are_the_installs(clean_env, tmp_path):
     out = tmp_path / "installed.so"
     assert _setup._compile(emu_command(str(out)), str(out), "_cmx_emu") == (0, "")
     assert runs.read_text() == "x" and out.read_text() == "emu"       # copied
-    clean_env.setattr(_setup, "_emu_command", lambda out: emu_command(out, rc=1) + ["-bad"])
+    clean_env.setattr(_setup, "_emu_command", lambda out: emu_command(out, rc=1))
     assert _setup.compile_libraries() == 1
     r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['setuptools'] = None; "
                         "import setup; print(setup._wanted())"], cwd=ROOT,
